@@ -1,0 +1,538 @@
+"""Environments: the embedded `push` task, its scripted demonstrator and dataset writer, a gymnasium adapter, the
+LIBERO hook, and open-loop execution of action chunks in vectorised environments.
+
+Every environment here is a vectorised `VecEnv` over `num_envs` copies with the shared observation format
+
+    obs = {"state": float32[E, S], "prompt_id": int32[E], "images": {camera: uint8[E, h, w, 3]}}
+
+(`images` may be empty; `prompt_id` indexes `env.prompts`) and float32 actions [E, A] in the env's units.
+`step` never autoresets: the caller resets ended envs with `reset_where`. `step(actions, active=mask)` advances only
+the envs where `mask` is True (the others keep their state and report reward 0, no termination/truncation);
+`execute_chunk` relies on it so that an env whose episode ended inside a chunk is never stepped again.
+`info` of `step` holds bool[E] `success` and `subgoal`, and the running `episode_return` / `episode_length`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import gymnasium as gym
+import h5py
+import numpy as np
+
+Obs = dict[str, Any]
+
+PUSH_PROMPTS = [
+    "push the block to the red target",
+    "push the block to the green target",
+    "push the block to the blue target",
+]
+PUSH_CAMERA = "base_0_rgb"
+MIXED_NOISES = (0.3, 0.6, 1.0)
+
+
+class VecEnv(Protocol):
+    """The interface shared by `PushEnv`, `GymVecEnv` and the LIBERO adapter (see the module docstring)."""
+
+    num_envs: int
+    action_dim: int
+    state_dim: int
+    prompts: list[str]
+    camera_names: list[str]
+    action_low: np.ndarray
+    action_high: np.ndarray
+
+    def reset(self, seed: int | None = None) -> tuple[Obs, dict]: ...
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple: ...
+
+    def reset_where(self, mask: np.ndarray) -> Obs: ...
+
+
+def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
+    """`new` where mask[e] else `old`, recursively over obs dicts (mask over the leading env axis)."""
+    if isinstance(new, dict):
+        return {k: _select(mask, new[k], old[k]) for k in new}
+    m = mask.reshape(mask.shape + (1,) * (np.ndim(new) - 1))
+    return np.where(m, new, old)
+
+
+def _copy_obs(obs: Obs) -> Obs:
+    return {k: _copy_obs(v) if isinstance(v, dict) else np.array(v, copy=True) for k, v in obs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------- push task
+class PushEnv:
+    """The embedded `push` task, vectorised in numpy.
+
+    A disc agent (radius 0.05) moves in [-1, 1]^2 with velocity `speed * clip(action, -1, 1)` per step and pushes a
+    round block (radius 0.08, starting within 0.45 of the centre) kinematically: after the agent moves, an overlapping block is moved out along the
+    contact normal. Three targets (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
+    rotation; the prompt names one. Reward 1 and termination when the block centre is within 0.12 of the named
+    target; truncation after `max_episode_steps`. State (10): agent xy, block xy, red xy, green xy, blue xy.
+    """
+
+    agent_radius = 0.05
+    block_radius = 0.08
+    target_radius = 0.65
+    success_radius = 0.12
+    speed = 0.07
+
+    def __init__(self, num_envs: int, image_size: int = 0, max_episode_steps: int = 80, seed: int = 0):
+        self.num_envs, self.image_size, self.max_episode_steps = num_envs, image_size, max_episode_steps
+        self.action_dim, self.state_dim = 2, 10
+        self.prompts = list(PUSH_PROMPTS)
+        self.camera_names = [PUSH_CAMERA] if image_size > 0 else []
+        self.action_low, self.action_high = -np.ones(2, np.float32), np.ones(2, np.float32)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        images = {c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.camera_names}
+        self.single_observation_space = gym.spaces.Dict(
+            {
+                "state": gym.spaces.Box(-1.0, 1.0, (10,), np.float32),
+                "prompt_id": gym.spaces.Discrete(len(self.prompts)),
+                "images": gym.spaces.Dict(images),
+            }
+        )
+        self._rng = np.random.default_rng(seed)
+        e = num_envs
+        self.agent, self.block = np.zeros((e, 2)), np.zeros((e, 2))
+        self.targets, self.prompt_id = np.zeros((e, 3, 2)), np.zeros(e, np.int32)
+        self.elapsed, self.moved = np.zeros(e, np.int64), np.zeros(e, bool)
+        self.episode_return = np.zeros(e, np.float32)
+        self.reset_where(np.ones(e, bool))
+
+    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
+        """Reset all envs (re-seeding the env's generator when `seed` is given)."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        return self.reset_where(np.ones(self.num_envs, bool)), {}
+
+    def reset_where(self, mask: np.ndarray) -> Obs:
+        """Start new episodes in the envs where `mask` is True; returns the observation of all envs."""
+        idx = np.flatnonzero(mask)
+        n, rng = len(idx), self._rng
+        angle = rng.uniform(0, 2 * np.pi, n)[:, None] + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
+        self.targets[idx] = self.target_radius * np.stack([np.cos(angle), np.sin(angle)], -1)
+        r, phi = 0.45 * np.sqrt(rng.uniform(size=n)), rng.uniform(0, 2 * np.pi, n)
+        block = np.stack([r * np.cos(phi), r * np.sin(phi)], -1)
+        agent = rng.uniform(-0.9, 0.9, (n, 2))
+        gap = agent - block  # keep the agent clear of the block at the start
+        dist = np.linalg.norm(gap, axis=-1, keepdims=True)
+        clear = self.agent_radius + self.block_radius + 0.05
+        agent = np.where(dist < clear, block + gap / np.maximum(dist, 1e-6) * clear, agent)
+        self.agent[idx], self.block[idx] = agent, block
+        self.prompt_id[idx] = rng.integers(0, len(self.prompts), n)
+        self.elapsed[idx], self.moved[idx], self.episode_return[idx] = 0, False, 0.0
+        return self._obs()
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
+        """Advance the envs where `active` (default all) with actions [E, 2]; no autoreset."""
+        act = np.ones(self.num_envs, bool) if active is None else np.asarray(active, bool)
+        a = np.clip(np.asarray(actions, np.float64).reshape(self.num_envs, 2), -1.0, 1.0)
+        ra, rb = self.agent_radius, self.block_radius
+        agent = np.clip(self.agent + self.speed * a, -1 + ra, 1 - ra)
+        gap = self.block - agent
+        dist = np.linalg.norm(gap, axis=-1, keepdims=True)
+        normal = np.where(dist > 1e-9, gap / np.maximum(dist, 1e-9), np.array([1.0, 0.0]))
+        touch = dist[:, 0] < ra + rb
+        block = np.where(touch[:, None], agent + normal * (ra + rb), self.block)
+        block = np.clip(block, -1 + rb, 1 - rb)
+        # A block stuck against a wall stops the agent: push the agent back out of the block.
+        gap = block - agent
+        dist = np.linalg.norm(gap, axis=-1, keepdims=True)
+        agent = np.where(dist < ra + rb - 1e-9, block - normal * (ra + rb), agent)
+        moved = np.linalg.norm(block - self.block, axis=-1) > 1e-9
+        self.agent = np.where(act[:, None], agent, self.agent)
+        self.block = np.where(act[:, None], block, self.block)
+        self.moved |= act & moved
+        self.elapsed += act
+        goal = self.targets[np.arange(self.num_envs), self.prompt_id]
+        success = act & (np.linalg.norm(self.block - goal, axis=-1) < self.success_radius)
+        truncated = act & ~success & (self.elapsed >= self.max_episode_steps)
+        reward = success.astype(np.float32)
+        self.episode_return += reward
+        info = {
+            "success": success,
+            "subgoal": act & (self.moved | touch),
+            "episode_return": self.episode_return.copy(),
+            "episode_length": self.elapsed.copy(),
+        }
+        return self._obs(), reward, success, truncated, info
+
+    def _obs(self) -> Obs:
+        state = np.concatenate([self.agent, self.block, self.targets.reshape(-1, 6)], -1).astype(np.float32)
+        images = {PUSH_CAMERA: self.render()} if self.image_size > 0 else {}
+        return {"state": state, "prompt_id": self.prompt_id.copy(), "images": images}
+
+    def render(self) -> np.ndarray:
+        """Draw all envs as uint8 [E, s, s, 3] (y up): targets, then the brown block, then the dark agent."""
+        s = self.image_size or 64
+        c = (np.arange(s) + 0.5) / s * 2 - 1
+        xs, ys = c[None, None, :], -c[None, :, None]
+        img = np.full((self.num_envs, s, s, 3), 235, np.uint8)
+        colours = [(220, 40, 40), (40, 170, 40), (40, 80, 230)]
+        shapes = [(self.targets[:, i], self.success_radius, colours[i]) for i in range(3)]
+        shapes += [(self.block, self.block_radius, (140, 90, 40)), (self.agent, self.agent_radius, (30, 30, 30))]
+        half_pixel = 1.0 / s  # keep small discs visible at low resolution
+        for pos, radius, colour in shapes:
+            d2 = (xs - pos[:, 0, None, None]) ** 2 + (ys - pos[:, 1, None, None]) ** 2
+            img[d2 < max(radius, half_pixel) ** 2] = colour
+        return img
+
+
+class PushDemonstrator:
+    """Scripted expert for `push`: go behind the block (seen from the named target) around it, then push.
+
+    `noise` is the std of Gaussian noise added to each action before clipping to [-1, 1].
+    """
+
+    def __init__(self, noise: float, seed: int = 0):
+        self.noise, self._rng = noise, np.random.default_rng(seed)
+
+    def act(self, obs: Obs) -> np.ndarray:
+        """Actions [E, 2] for a batch of push observations."""
+        s = np.asarray(obs["state"], np.float64)
+        agent, block, targets = s[:, 0:2], s[:, 2:4], s[:, 4:10].reshape(-1, 3, 2)
+        goal = targets[np.arange(len(s)), obs["prompt_id"]]
+        c = PushEnv.agent_radius + PushEnv.block_radius
+        u = _unit(goal - block)
+        rel = agent - block
+        along = np.sum(rel * u, -1, keepdims=True)  # < 0: the agent is behind the block
+        side = rel - along * u
+        perp = np.linalg.norm(side, axis=-1, keepdims=True)
+        behind = block - u * (c + 0.03)
+        # Aligned behind the block: push towards the goal, steering back onto the block-goal line.
+        aligned = (along < -0.5 * c) & (perp < 0.5 * c)
+        push = _unit(u - 3.0 * side / c)
+        # Otherwise walk to the point behind the block; if the block is in the way, go round it by its side first.
+        to_behind = behind - agent
+        frac = np.clip(
+            np.sum((block - agent) * to_behind, -1, keepdims=True) / np.sum(to_behind**2, -1, keepdims=True).clip(1e-9),
+            0,
+            1,
+        )
+        blocked = np.linalg.norm(agent + frac * to_behind - block, axis=-1, keepdims=True) < c + 0.01
+        side_dir = np.where(perp > 1e-6, side / np.maximum(perp, 1e-6), np.stack([-u[:, 1], u[:, 0]], -1))
+        around = block + side_dir * (c + 0.08) - u * 0.06
+        waypoint = np.where(blocked, around, behind)
+        step = waypoint - agent
+        approach = step / max(PushEnv.speed, 1e-6)
+        approach = approach / np.maximum(1.0, np.linalg.norm(approach, axis=-1, keepdims=True))
+        action = np.where(aligned, push, approach)
+        action = action + self.noise * self._rng.standard_normal(action.shape)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+def make_dataset(
+    path: str | os.PathLike,
+    env: str = "push",
+    episodes: int = 1000,
+    noise: float | str = 0.6,
+    seed: int = 0,
+    image_size: int = 0,
+    num_envs: int = 250,
+) -> str:
+    """Roll out the push demonstrator and write the episodes as robomimic/LIBERO-layout HDF5; returns the path.
+
+    `noise="mixed"` splits `episodes` evenly over noise 0.3, 0.6 and 1.0. Per demo: `actions` (the clipped actions
+    applied), `rewards`, `dones` (1 only at a true termination), `obs/state`, `obs/subgoal` (the flag returned by the
+    step, aligned with rewards), `obs/base_0_rgb` with images; attrs `num_samples`, `language_instruction`,
+    `truncated`, `success`, `noise`. Episodes are truncated (not terminated) at the time limit.
+    """
+    if env != "push":
+        raise ValueError(f"make_dataset only knows env='push' (got {env!r}); LIBERO demos come as HDF5 files already.")
+    noises = list(MIXED_NOISES) if noise == "mixed" else [float(noise)]
+    counts = [episodes // len(noises) + (i < episodes % len(noises)) for i in range(len(noises))]
+    path = str(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    n_written, successes = 0, 0
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for j, (nz, count) in enumerate(zip(noises, counts, strict=True)):
+            pusher = PushEnv(min(num_envs, max(count, 1)), image_size=image_size, seed=seed * 1000 + j)
+            expert = PushDemonstrator(nz, seed=seed * 1000 + j + 1)
+            done_eps = 0
+            while done_eps < count:
+                for ep in _rollout_batch(pusher, expert, min(pusher.num_envs, count - done_eps)):
+                    g = data.create_group(f"demo_{n_written}")
+                    g.create_dataset("actions", data=ep["actions"])
+                    g.create_dataset("rewards", data=ep["rewards"])
+                    g.create_dataset("dones", data=ep["dones"])
+                    g.create_dataset("obs/state", data=ep["state"])
+                    g.create_dataset("obs/subgoal", data=ep["subgoal"])
+                    if image_size > 0:
+                        g.create_dataset(f"obs/{PUSH_CAMERA}", data=ep["images"], compression="lzf", chunks=True)
+                    g.attrs.update(num_samples=len(ep["actions"]), truncated=ep["truncated"], noise=nz)
+                    g.attrs.update(success=ep["success"], language_instruction=PUSH_PROMPTS[ep["prompt_id"]])
+                    n_written, successes, done_eps = n_written + 1, successes + ep["success"], done_eps + 1
+        info = {
+            "language_instruction": PUSH_PROMPTS[0] if n_written == 0 else data["demo_0"].attrs["language_instruction"]
+        }
+        info["prompts"] = PUSH_PROMPTS
+        env_kwargs = {"image_size": image_size, "max_episode_steps": 80, "noise": noise, "seed": seed}
+        data.attrs["problem_info"] = json.dumps(info)
+        data.attrs["env_args"] = json.dumps({"env_name": "push", "type": "pi0rl", "env_kwargs": env_kwargs})
+        data.attrs["total"] = int(sum(data[d].attrs["num_samples"] for d in data))
+        data.attrs["success_rate"] = successes / max(n_written, 1)
+    return path
+
+
+def _rollout_batch(env: PushEnv, expert: PushDemonstrator, n: int) -> list[dict]:
+    """Run one episode in each of the first `n` envs of `env`; returns per-episode arrays."""
+    obs, _ = env.reset(seed=int(env._rng.integers(2**31)))
+    active = np.arange(env.num_envs) < n
+    steps: list[dict] = []
+    end = np.full(env.num_envs, -1)
+    truncated = np.zeros(env.num_envs, bool)
+    while active.any():
+        actions = expert.act(obs)
+        nxt, reward, term, trunc, info = env.step(actions, active=active)
+        steps.append({"obs": obs, "actions": actions, "reward": reward, "term": term, "subgoal": info["subgoal"]})
+        ended = active & (term | trunc)
+        end[ended], truncated[ended] = len(steps), trunc[ended]
+        active, obs = active & ~ended, nxt
+    stack = {k: np.stack([s[k] for s in steps], 1) for k in ("actions", "reward", "term", "subgoal")}  # [E, T, ...]
+    state = np.stack([s["obs"]["state"] for s in steps], 1)
+    images = np.stack([s["obs"]["images"][PUSH_CAMERA] for s in steps], 1) if env.image_size > 0 else None
+    episodes = []
+    for e in range(n):
+        t = end[e]
+        ep = {
+            "actions": stack["actions"][e, :t].astype(np.float32),
+            "rewards": stack["reward"][e, :t].astype(np.float32),
+            "dones": stack["term"][e, :t].astype(np.uint8),
+            "state": state[e, :t],
+            "subgoal": stack["subgoal"][e, :t].astype(np.uint8),
+            "truncated": bool(truncated[e]),
+            "prompt_id": int(steps[0]["obs"]["prompt_id"][e]),
+            "success": bool(stack["term"][e, t - 1]),
+        }
+        if images is not None:
+            ep["images"] = images[e, :t]
+        episodes.append(ep)
+    return episodes
+
+
+def default_dataset(env: str = "push", noise: float | str = 0.6, episodes: int = 1000, image_size: int = 0) -> str:
+    """Path of a cached demonstrator dataset under `$PI0RL_DATA` (default `~/.cache/pi0rl`), generated once."""
+    root = Path(os.environ.get("PI0RL_DATA", Path.home() / ".cache" / "pi0rl"))
+    path = root / f"{env}_noise{noise}_episodes{episodes}_image{image_size}_seed0.h5"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}.h5")
+        start = time.time()
+        make_dataset(tmp, env=env, episodes=episodes, noise=noise, image_size=image_size)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
+        print(f"generated {episodes} {env} demos (noise {noise}) in {time.time() - start:.1f}s -> {path}")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------- gymnasium
+class GymVecEnv:
+    """Any registered gymnasium id (also "module:EnvId") with Box observations and actions, state-only.
+
+    Sub-envs are stepped one by one (like gymnasium's SyncVectorEnv) but managed here, so that ended envs can be
+    frozen (`active`) and reset individually without autoreset. Env i is first reset with seed `seed + i`.
+    """
+
+    def __init__(self, env_id: str, num_envs: int, seed: int = 0):
+        try:
+            self.envs = [gym.make(env_id) for _ in range(num_envs)]
+        except (gym.error.Error, ModuleNotFoundError) as err:
+            raise ValueError(
+                f"unknown environment {env_id!r} ({err}). Use 'push', 'libero', or any gymnasium id registered in "
+                "this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import my_module first)."
+            ) from err
+        obs_space, act_space = self.envs[0].observation_space, self.envs[0].action_space
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise ValueError(
+                f"{env_id!r} has observation space {obs_space}; only Box observations are supported. Wrap the env "
+                "(e.g. gymnasium.wrappers.FlattenObservation) and register the wrapped env under a new id."
+            )
+        if not isinstance(act_space, gym.spaces.Box):
+            raise ValueError(
+                f"{env_id!r} has action space {act_space}; only continuous Box actions are supported (action chunks "
+                "are float vectors). Pick a continuous-control env."
+            )
+        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
+        self.state_dim, self.action_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
+        self.prompts, self.camera_names = [""], []
+        self.action_low = np.broadcast_to(act_space.low, act_space.shape).reshape(-1).astype(np.float32)
+        self.action_high = np.broadcast_to(act_space.high, act_space.shape).reshape(-1).astype(np.float32)
+        self.single_action_space = gym.spaces.Box(self.action_low, self.action_high, dtype=np.float32)
+        self.single_observation_space = gym.spaces.Dict(
+            {
+                "state": gym.spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32),
+                "prompt_id": gym.spaces.Discrete(1),
+                "images": gym.spaces.Dict({}),
+            }
+        )
+        self.max_episode_steps = self.envs[0].spec.max_episode_steps if self.envs[0].spec else None
+        self._state = np.zeros((num_envs, self.state_dim), np.float32)
+        self._return, self._length = np.zeros(num_envs, np.float32), np.zeros(num_envs, np.int64)
+        self._seeded = False
+
+    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
+        """Reset all envs; the first reset (or one with `seed`) seeds env i with `seed + i`."""
+        if seed is not None:
+            self.seed, self._seeded = seed, False
+        return self.reset_where(np.ones(self.num_envs, bool)), {}
+
+    def reset_where(self, mask: np.ndarray) -> Obs:
+        """Reset the envs where `mask` is True; returns the observation of all envs."""
+        for i in np.flatnonzero(mask):
+            obs, _ = self.envs[i].reset(seed=None if self._seeded else self.seed + int(i))
+            self._state[i] = np.asarray(obs, np.float32).reshape(-1)
+            self._return[i], self._length[i] = 0.0, 0
+        self._seeded = self._seeded or bool(np.all(mask))
+        return self._obs()
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
+        """Step the envs where `active` (default all) with actions [E, A], clipped to the action bounds."""
+        e = self.num_envs
+        act = np.ones(e, bool) if active is None else np.asarray(active, bool)
+        actions = np.clip(np.asarray(actions, np.float32).reshape(e, -1), self.action_low, self.action_high)
+        reward, term, trunc, success = np.zeros(e, np.float32), np.zeros(e, bool), np.zeros(e, bool), np.zeros(e, bool)
+        shape = self.envs[0].action_space.shape
+        for i in np.flatnonzero(act):
+            obs, r, te, tr, info = self.envs[i].step(actions[i].reshape(shape))
+            self._state[i] = np.asarray(obs, np.float32).reshape(-1)
+            reward[i], term[i], trunc[i] = r, te, tr and not te
+            success[i] = bool(info.get("success", info.get("is_success", False)))
+        self._return += reward
+        self._length += act
+        info = {"success": success, "subgoal": np.zeros(e, bool)}
+        info.update(episode_return=self._return.copy(), episode_length=self._length.copy())
+        return self._obs(), reward, term, trunc, info
+
+    def _obs(self) -> Obs:
+        return {"state": self._state.copy(), "prompt_id": np.zeros(self.num_envs, np.int32), "images": {}}
+
+
+def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw: Any) -> Any:
+    """'push' -> `PushEnv`; 'libero' -> `common.libero.make_libero_env`; anything else -> `GymVecEnv`."""
+    if name == "push":
+        return PushEnv(num_envs, image_size=image_size, seed=seed, **kw)
+    if name == "libero":
+        try:
+            libero = importlib.import_module("common.libero")
+        except ModuleNotFoundError as err:
+            if err.name != "common.libero":
+                raise
+            raise ImportError("--env libero needs common/libero.py (the LIBERO adapter), which is missing.") from err
+        if image_size:
+            kw["image_size"] = image_size
+        return libero.make_libero_env(num_envs=num_envs, seed=seed, **kw)
+    if image_size:
+        raise ValueError(f"image_size={image_size}: gymnasium envs ({name!r}) are state-only; use image_size=0.")
+    return GymVecEnv(name, num_envs, seed=seed, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------- chunks
+@dataclass
+class ChunkStep:
+    """What executing one action chunk [E, H, A] open loop did (numpy arrays; see `execute_chunk`)."""
+
+    rewards: np.ndarray  # [E, H] float32, 0 after the episode ended
+    discounted_return: np.ndarray  # [E] sum_k gamma^k r_k over executed steps
+    valid: np.ndarray  # [E, H] bool, step k was executed
+    terminated: np.ndarray  # [E] bool, the episode terminated inside this chunk
+    truncated: np.ndarray  # [E] bool, the episode hit its time limit inside this chunk
+    step_terminated: np.ndarray  # [E, H] bool
+    step_truncated: np.ndarray  # [E, H] bool
+    success: np.ndarray  # [E] bool
+    subgoal: np.ndarray  # [E, H] bool, per-step subgoal flags (False where not executed)
+    final_obs: Obs  # obs at t+H, or the last obs of an ended episode (before any reset)
+    episode_return: np.ndarray  # [E] float32, nan unless the episode ended in this chunk
+    episode_length: np.ndarray  # [E] int64, 0 unless the episode ended in this chunk
+
+
+def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tuple[Obs, ChunkStep]:
+    """Execute actions [E, H, A] open loop; an env whose episode ends at step k is not stepped after k.
+
+    Envs that ended are reset at the chunk boundary: `next_obs` holds their fresh obs, `step.final_obs` their last.
+    """
+    e, h = actions.shape[:2]
+    maskable = "active" in inspect.signature(env.step).parameters
+    active = np.ones(e, bool)
+    out = {
+        "rewards": np.zeros((e, h), np.float32),
+        "valid": np.zeros((e, h), bool),
+        "step_terminated": np.zeros((e, h), bool),
+        "step_truncated": np.zeros((e, h), bool),
+        "subgoal": np.zeros((e, h), bool),
+    }
+    success = np.zeros(e, bool)
+    ep_return, ep_length = np.full(e, np.nan, np.float32), np.zeros(e, np.int64)
+    final_obs = _copy_obs(obs)
+    for k in range(h):
+        if not active.any():
+            break
+        result = env.step(actions[:, k], active=active) if maskable else env.step(actions[:, k])
+        o, r, term, trunc, info = result
+        term, trunc = active & np.asarray(term, bool), active & np.asarray(trunc, bool) & ~np.asarray(term, bool)
+        out["rewards"][:, k] = np.where(active, r, 0.0)
+        out["valid"][:, k] = active
+        out["step_terminated"][:, k], out["step_truncated"][:, k] = term, trunc
+        out["subgoal"][:, k] = active & np.asarray(info.get("subgoal", np.zeros(e, bool)), bool)
+        success |= active & np.asarray(info.get("success", np.zeros(e, bool)), bool)
+        final_obs = _select(active, o, final_obs)
+        ended = term | trunc
+        if ended.any():
+            ep_return = np.where(ended, info.get("episode_return", np.nan), ep_return).astype(np.float32)
+            ep_length = np.where(ended, info.get("episode_length", 0), ep_length)
+        active = active & ~ended
+    terminated, truncated = out["step_terminated"].any(1), out["step_truncated"].any(1)
+    discounted = (out["rewards"] * gamma ** np.arange(h, dtype=np.float32)).sum(1)
+    step = ChunkStep(
+        discounted_return=discounted.astype(np.float32),
+        terminated=terminated,
+        truncated=truncated,
+        success=success,
+        final_obs=final_obs,
+        episode_return=ep_return,
+        episode_length=ep_length,
+        **out,
+    )
+    ended = terminated | truncated
+    next_obs = env.reset_where(ended) if ended.any() else _copy_obs(final_obs)
+    return next_obs, step
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    """`python -m common.envs make-dataset --env push --episodes N --noise X --out FILE.h5 [--image-size 0]`."""
+    parser = argparse.ArgumentParser(prog="python -m common.envs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make-dataset", help="write demonstrator episodes as HDF5")
+    mk.add_argument("--env", default="push")
+    mk.add_argument("--episodes", type=int, default=1000)
+    mk.add_argument("--noise", default="0.6", help="action noise std, or 'mixed' (0.3/0.6/1.0 in equal parts)")
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--image-size", type=int, default=0)
+    mk.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    noise = args.noise if args.noise == "mixed" else float(args.noise)
+    start = time.time()
+    path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)
+    with h5py.File(path, "r") as f:
+        rate, total = f["data"].attrs["success_rate"], f["data"].attrs["total"]
+    print(
+        f"{args.episodes} episodes, {total} steps, demonstrator success {rate:.1%}, {time.time() - start:.1f}s -> {path}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,813 @@
+"""The π₀ / π₀.₅ backbone in Flax, numerically the same as openpi's JAX models, and what the scripts need of it.
+
+Architecture (Black et al., "π₀: A Vision-Language-Action Flow Model", 2024; openpi):
+  prefix = [SigLIP tokens of each camera (masked cameras stay in the sequence) | prompt embeddings * sqrt(W)]
+  suffix = [state token (π₀ only) | action tokens at flow time t]
+  Two Gemma experts (the VLM for the prefix, the small action expert for the suffix) run the same layers side by side
+  and attend jointly over the concatenated tokens; the prefix-LM mask comes from the cumulative autoregressive mask
+  and RoPE positions from the cumulative input mask. π₀.₅ conditions the action expert on t through adaRMS norms.
+
+The parameter tree is openpi's (`PaliGemma/llm/layers/attn/q_einsum/w`, ...), so `load_openpi_params` restores an
+openpi checkpoint with no renaming. Shape letters: B batch, N candidates, H chunk length, A action dim, P prefix
+tokens, S suffix tokens, L prompt tokens, W width, D depth, K kv heads, G query heads per kv head, E head dim.
+
+Performance: `prefix()` runs the VLM once per observation and returns its KV cache and pooled features; every
+denoising step and every one of N candidates attends to that cache by broadcasting (the cache is never tiled or
+recomputed), and the critic/value heads read the pooled features instead of running the VLM again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's camera order
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SigLIPConfig:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Pi0Config:
+    vlm: GemmaConfig
+    expert: GemmaConfig
+    vit: SigLIPConfig
+    pi05: bool = False
+    vocab_size: int = 257_152
+    action_dim: int = 32
+    action_horizon: int = 50
+    max_token_len: int = 48
+    cameras: tuple[str, ...] = CAMERAS  # empty: state and prompt only (no SigLIP parameters at all)
+    dtype: str = "float32"  # activations; "bfloat16" end to end with bfloat16 parameters
+    remat: bool = False  # rematerialise each layer in the backward pass (large models)
+
+    def __post_init__(self):
+        for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self.vlm, f) != getattr(self.expert, f):
+                raise ValueError(f"the two experts share attention, so their {f} must match: "
+                                 f"VLM {getattr(self.vlm, f)} vs action expert {getattr(self.expert, f)}")
+        if self.vlm.num_heads % self.vlm.num_kv_heads:
+            raise ValueError(f"num_heads {self.vlm.num_heads} is not a multiple of num_kv_heads {self.vlm.num_kv_heads}")
+
+
+_GEMMA_2B = GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256)
+_GEMMA_300M = GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
+_SO400M = SigLIPConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14, image_size=224)
+
+PRESETS: dict[str, Pi0Config] = {
+    "pi0": Pi0Config(vlm=_GEMMA_2B, expert=_GEMMA_300M, vit=_SO400M, pi05=False, max_token_len=48),
+    "pi05": Pi0Config(vlm=_GEMMA_2B, expert=_GEMMA_300M, vit=_SO400M, pi05=True, max_token_len=200),
+    # The CPU preset: the same code paths at a size that trains in minutes on 2 cores (see README for its speed).
+    "cpu": Pi0Config(
+        vlm=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
+        expert=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
+        vit=SigLIPConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, image_size=32),
+        vocab_size=128, action_dim=2, action_horizon=5, max_token_len=12, cameras=(),
+    ),
+}
+
+
+def make_config(preset: str, **overrides: Any) -> Pi0Config:
+    """A preset with fields replaced, e.g. `make_config("cpu", action_dim=7, cameras=("base_0_rgb",))`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown π₀ preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------- Gemma
+def _name(name: str, i: int) -> str:
+    return name if i == 0 else f"{name}_{i}"  # openpi names the action expert's parameters `<name>_1`
+
+
+def _init(in_axis, out_axis, batch_axis=()):
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis, out_axis, batch_axis)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm `x * (1 + scale)`; with a condition (π₀.₅'s action expert) adaRMS: scale, shift and a residual gate."""
+
+    @nn.compact
+    def __call__(self, x, cond):
+        dtype = x.dtype
+        var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        normed = x * jnp.reciprocal(jnp.sqrt(var + 1e-6))  # float32
+        if cond is None:
+            scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+            return (normed * (1 + scale)).astype(dtype), None
+        mod = nn.Dense(x.shape[-1] * 3, kernel_init=nn.initializers.zeros, dtype=dtype, name="Dense_0")(cond)
+        scale, shift, gate = jnp.split(mod[..., None, :], 3, axis=-1)  # [B,1,W] each
+        return (normed * (1 + scale) + shift).astype(dtype), gate
+
+
+def rope(x, positions, max_wavelength: float = 10_000.0):
+    """Rotary embedding on split halves. x [B,T,N,E], positions [B,T]."""
+    freq = (2.0 / x.shape[-1]) * jnp.arange(x.shape[-1] // 2, dtype=jnp.float32)
+    radians = positions[..., None] / (max_wavelength**freq)[None, None, :]
+    radians = radians[..., None, :]  # [B,T,1,E/2]
+    sin, cos = jnp.sin(radians), jnp.cos(radians)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+    """A weight `w` applied with an einsum equation (openpi's gemma stores attention weights this way)."""
+
+    shape: tuple[int, ...]
+    init: Any
+
+    @nn.compact
+    def __call__(self, eqn: str, x):
+        return jnp.einsum(eqn, x, self.param("w", self.init, self.shape).astype(x.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-query attention computed jointly over the token groups of all experts (each with its own projections).
+
+    Without a cache: `mask` [B,T,T] over the concatenated tokens. With `cache=(k, v, prefix_mask)` from a prefix
+    pass ([Bc,P,K,E], [Bc,P,K,E], [Bc,P]): the tokens here belong to Bc·N rows (N candidates per cached row); each
+    attends to its row's prefix (broadcast, never tiled) and to its own tokens through `mask` [Bc·N,T,T].
+    """
+
+    configs: Sequence[GemmaConfig]
+
+    @nn.compact
+    def __call__(self, xs, positions, mask, cache):
+        c0 = self.configs[0]
+        dtype = next(x.dtype for x in xs if x is not None)
+        qs, ks, vs = [], [], []
+        for i, (x, c) in enumerate(zip(xs, self.configs, strict=True)):
+            if x is None:
+                continue
+            if c.num_kv_heads == c.num_heads:
+                qkv = Einsum((3, c.num_heads, c.width, c.head_dim), _init(2, (1, 3), 0), name=_name("qkv_einsum", i))
+                q, k, v = qkv("BTD,SNDH->SBTNH", x)
+            else:
+                q = Einsum((c.num_heads, c.width, c.head_dim), _init(1, (0, 2)), name=_name("q_einsum", i))(
+                    "BTD,NDH->BTNH", x)
+                kv = Einsum((2, c.num_kv_heads, c.width, c.head_dim), _init(2, (1, 3), 0), name=_name("kv_einsum", i))
+                k, v = kv("BSD,2KDH->2BSKH", x)
+            qs.append(q), ks.append(k), vs.append(v)
+        q, k, v = (jnp.concatenate(t, axis=1) for t in (qs, ks, vs))
+        q = rope(q, positions) * c0.head_dim**-0.5
+        k = rope(k, positions)
+        new_kv = (k, v)
+
+        B, T, _, E = q.shape
+        K, G = c0.num_kv_heads, c0.num_heads // c0.num_kv_heads
+        big_neg = -2.3819763e38
+        if cache is None:
+            q = q.reshape(B, T, K, G, E)
+            logits = jnp.einsum("BTKGE,BSKE->BKGTS", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(mask[:, None, None], logits, big_neg)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            out = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v)
+        else:
+            ck, cv, cmask = cache
+            Bc, P = cmask.shape
+            N = B // Bc
+            qn = q.reshape(Bc, N, T, K, G, E)
+            lp = jnp.einsum("BNTKGE,BPKE->BNKGTP", qn, ck, preferred_element_type=jnp.float32)
+            ls = jnp.einsum("BNTKGE,BNSKE->BNKGTS", qn, k.reshape(Bc, N, T, K, E), preferred_element_type=jnp.float32)
+            lp = jnp.where(cmask[:, None, None, None, None, :], lp, big_neg)
+            ls = jnp.where(mask.reshape(Bc, N, 1, 1, T, T), ls, big_neg)
+            probs = jax.nn.softmax(jnp.concatenate([lp, ls], axis=-1), axis=-1).astype(dtype)
+            out = jnp.einsum("BNKGTP,BPKE->BNTKGE", probs[..., :P], cv)
+            out = out + jnp.einsum("BNKGTS,BNSKE->BNTKGE", probs[..., P:], v.reshape(Bc, N, T, K, E))
+        out = out.reshape(B, T, K * G, E)
+
+        outs, start = [], 0
+        for i, (x, c) in enumerate(zip(xs, self.configs, strict=True)):
+            if x is None:
+                outs.append(None)
+                continue
+            proj = Einsum((c.num_heads, c.head_dim, c.width), _init((0, 1), 2), name=_name("attn_vec_einsum", i))
+            outs.append(proj("BTNH,NHD->BTD", out[:, start : start + x.shape[1]]))
+            start += x.shape[1]
+        return outs, new_kv
+
+
+class FeedForward(nn.Module):
+    """GeGLU MLP (tanh GELU), openpi's `gating_einsum` [2,W,F] and `linear` [F,W]."""
+
+    width: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        w_gate = self.param("gating_einsum", _init(1, 2, 0), (2, self.width, self.hidden)).astype(x.dtype)
+        w_out = self.param("linear", _init(0, 1), (self.hidden, self.width)).astype(x.dtype)
+        return jnp.dot(nn.gelu(jnp.dot(x, w_gate[0])) * jnp.dot(x, w_gate[1]), w_out)
+
+
+def _gated_residual(x, y, gate):
+    if x is None:
+        return None
+    return x + y if gate is None else x + y * gate
+
+
+class Block(nn.Module):
+    """One transformer layer for both experts: pre-norm attention (shared) and pre-norm MLPs (per expert)."""
+
+    configs: Sequence[GemmaConfig]
+
+    @nn.compact
+    def __call__(self, xs, cache, positions, mask, adarms_cond):
+        normed, gates = [], []
+        for i, x in enumerate(xs):
+            n, g = RMSNorm(name=_name("pre_attention_norm", i))(x, adarms_cond[i]) if x is not None else (None, None)
+            normed.append(n), gates.append(g)
+        attn, kv = Attention(self.configs, name="attn")(normed, positions, mask, cache)
+        xs = [_gated_residual(x, y, g) for x, y, g in zip(xs, attn, gates, strict=True)]
+        out = []
+        for i, (x, c) in enumerate(zip(xs, self.configs, strict=True)):
+            if x is None:
+                out.append(None)
+                continue
+            n, g = RMSNorm(name=_name("pre_ffw_norm", i))(x, adarms_cond[i])
+            out.append(_gated_residual(x, FeedForward(c.width, c.mlp_dim, name=_name("mlp", i))(n), g))
+        return out, kv
+
+
+class Embedder(nn.Module):
+    vocab_size: int
+    width: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        return self.param("input_embedding", _init(1, 0), (self.vocab_size, self.width))[tokens]
+
+
+class Gemma(nn.Module):
+    """Two Gemma experts over one stack of scanned layers (parameters stacked on axis 0, as openpi stores them)."""
+
+    configs: Sequence[GemmaConfig]
+    vocab_size: int
+    remat: bool = False
+
+    def setup(self):
+        self.embedder = Embedder(self.vocab_size, self.configs[0].width)
+        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+        self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=self.configs[0].depth)(self.configs)
+        self.final_norm = RMSNorm()
+        self.final_norm_1 = RMSNorm()
+
+    def embed(self, tokens, dtype):
+        return self.embedder(tokens).astype(dtype) * jnp.sqrt(self.configs[0].width).astype(dtype)
+
+    def __call__(self, xs, positions, mask, adarms_cond, cache=None):
+        """xs: per-expert token lists (None to skip an expert). cache: per-layer (k [D,...], v [D,...]) + prefix mask."""
+        layer_cache = None
+        if cache is not None:  # the prefix mask is the same for every layer: give each scanned layer its copy
+            layer_cache = (cache[0], cache[1], jnp.broadcast_to(cache[2], (cache[0].shape[0], *cache[2].shape)))
+        xs, kv = self.layers(xs, layer_cache, positions, mask, adarms_cond)
+        norms = (self.final_norm, self.final_norm_1)
+        return [None if x is None else norms[i](x, adarms_cond[i])[0] for i, x in enumerate(xs)], kv
+
+
+# ----------------------------------------------------------------------------------------------------------- SigLIP
+class EncoderBlock(nn.Module):
+    cfg: SigLIPConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, _):
+        y = nn.LayerNorm(name="LayerNorm_0", dtype=self.dtype)(x)
+        y = nn.MultiHeadDotProductAttention(self.cfg.num_heads, dtype=self.dtype, deterministic=True,
+                                            name="MultiHeadDotProductAttention_0")(y, y)
+        x = x + y
+        y = nn.LayerNorm(name="LayerNorm_1", dtype=self.dtype)(x)
+        return x + MlpBlock(self.cfg.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y), None
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="Dense_1")(y)
+
+
+class Encoder(nn.Module):
+    cfg: SigLIPConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(EncoderBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=self.cfg.depth)(self.cfg, self.dtype, name="encoderblock")(x, None)
+        return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
+
+
+class SigLIP(nn.Module):
+    """SigLIP ViT (patch embedding, learned positions, pre-LN blocks) and a `head` projection to the VLM width."""
+
+    cfg: SigLIPConfig
+    out_width: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, image):  # [B,h,w,3] in [-1,1] -> [B,(h/p)(w/p),W_vlm]
+        p = self.cfg.patch_size
+        x = nn.Conv(self.cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="embedding")(image)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        pos = self.param("pos_embedding", nn.initializers.normal(1 / math.sqrt(c)), (1, h * w, c))
+        x = Encoder(self.cfg, self.dtype, name="Transformer")(x + pos.astype(x.dtype))
+        return nn.Dense(self.out_width, dtype=self.dtype, name="head")(x)
+
+
+class PaliGemma(nn.Module):
+    config: Pi0Config
+
+    def setup(self):
+        c, dtype = self.config, jnp.dtype(self.config.dtype)
+        if c.cameras:
+            self.img = SigLIP(c.vit, c.vlm.width, dtype)
+        self.llm = Gemma((c.vlm, c.expert), c.vocab_size, c.remat)
+
+
+# ----------------------------------------------------------------------------------------------------------- π₀
+@flax.struct.dataclass
+class Observation:
+    """Model inputs. images/image_masks: {camera: [B,h,w,3] float in [-1,1]} / {camera: [B] bool}."""
+
+    images: dict[str, jax.Array]
+    image_masks: dict[str, jax.Array]
+    state: jax.Array  # [B,A] normalised, zero-padded to the action dim
+    tokens: jax.Array  # [B,L] int32
+    token_mask: jax.Array  # [B,L] bool
+
+
+@flax.struct.dataclass
+class Prefix:
+    """What one VLM pass over an observation leaves for everything downstream."""
+
+    k: jax.Array  # [D,B,P,K,E] keys of every layer (after RoPE)
+    v: jax.Array  # [D,B,P,K,E]
+    mask: jax.Array  # [B,P] valid prefix tokens
+    features: jax.Array  # [B,W] mean of the VLM's final-normed outputs over valid prefix tokens
+    state: jax.Array  # [B,A] the state, for π₀'s state token
+
+
+def make_attn_mask(input_mask, ar_mask):
+    """Prefix-LM rule: token i attends to j iff cumsum(ar)[j] <= cumsum(ar)[i] and both are valid. -> [B,T,T]."""
+    cum = jnp.cumsum(jnp.broadcast_to(ar_mask, input_mask.shape).astype(jnp.int32), axis=1)
+    return (cum[:, None, :] <= cum[:, :, None]) & (input_mask[:, None, :] & input_mask[:, :, None])
+
+
+def posemb_sincos(pos, dim: int, min_period: float = 4e-3, max_period: float = 4.0):
+    """Sin-cos embedding of the flow time t ∈ [0,1]. pos [B] -> [B,dim]."""
+    fraction = jnp.linspace(0.0, 1.0, dim // 2)
+    period = min_period * (max_period / min_period) ** fraction
+    x = jnp.einsum("i,j->ij", pos, 1.0 / period * 2 * jnp.pi, precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+class Pi0Module(nn.Module):
+    config: Pi0Config
+
+    def setup(self):
+        c, dtype = self.config, jnp.dtype(self.config.dtype)
+        self.PaliGemma = PaliGemma(c)
+        w = c.expert.width
+        self.action_in_proj = nn.Dense(w, dtype=dtype)
+        self.action_out_proj = nn.Dense(c.action_dim, dtype=dtype)
+        if c.pi05:
+            self.time_mlp_in, self.time_mlp_out = nn.Dense(w, dtype=dtype), nn.Dense(w, dtype=dtype)
+        else:
+            self.state_proj = nn.Dense(w, dtype=dtype)
+            self.action_time_mlp_in, self.action_time_mlp_out = nn.Dense(w, dtype=dtype), nn.Dense(w, dtype=dtype)
+
+    def embed_prefix(self, obs: Observation):
+        dtype = jnp.dtype(self.config.dtype)
+        tokens, masks = [], []
+        for cam in self.config.cameras:  # masked cameras stay in the sequence; attention ignores them
+            t = self.PaliGemma.img(obs.images[cam].astype(dtype))
+            tokens.append(t), masks.append(jnp.broadcast_to(obs.image_masks[cam][:, None], t.shape[:2]))
+        tokens.append(self.PaliGemma.llm.embed(obs.tokens, dtype))
+        masks.append(obs.token_mask)
+        return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)  # [B,P,W], [B,P]; ar all False
+
+    def embed_suffix(self, state, x_t, time):
+        """state [B,A], x_t [B,H,A], time [B] -> tokens [B,S,W], ar_mask [S], adaRMS condition or None."""
+        dtype = jnp.dtype(self.config.dtype)
+        H = x_t.shape[1]
+        action_tokens = self.action_in_proj(x_t.astype(dtype))
+        time_emb = posemb_sincos(time, self.config.expert.width).astype(dtype)
+        if self.config.pi05:
+            cond = nn.swish(self.time_mlp_out(nn.swish(self.time_mlp_in(time_emb))))
+            return action_tokens, jnp.array([True] + [False] * (H - 1)), cond
+        state_token = self.state_proj(state.astype(dtype))[:, None, :]
+        time_tokens = jnp.broadcast_to(time_emb[:, None, :], action_tokens.shape)
+        h = self.action_time_mlp_out(nn.swish(self.action_time_mlp_in(jnp.concatenate([action_tokens, time_tokens], -1))))
+        return jnp.concatenate([state_token, h], axis=1), jnp.array([True, True] + [False] * (H - 1)), None
+
+    def prefix(self, obs: Observation) -> Prefix:
+        tokens, mask = self.embed_prefix(obs)
+        positions = jnp.cumsum(mask, axis=1) - 1
+        attn = make_attn_mask(mask, jnp.zeros(mask.shape[1], bool))
+        (out, _), (k, v) = self.PaliGemma.llm([tokens, None], positions, attn, [None, None])
+        m = mask[..., None].astype(jnp.float32)
+        feats = (out.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+        return Prefix(k=k, v=v, mask=mask, features=feats, state=obs.state)
+
+    def velocity(self, prefix: Prefix, x_t, time):
+        """Action-expert velocity over a cached prefix. x_t [B·N,H,A], time [B·N] (N candidates per row)."""
+        H = x_t.shape[1]
+        n = x_t.shape[0] // prefix.mask.shape[0]
+        state = jnp.repeat(prefix.state, n, axis=0)
+        tokens, ar, cond = self.embed_suffix(state, x_t, time)
+        suffix_mask = jnp.ones(tokens.shape[:2], bool)
+        positions = jnp.repeat(prefix.mask.sum(-1), n)[:, None] + jnp.cumsum(suffix_mask, axis=1) - 1
+        attn = make_attn_mask(suffix_mask, ar)
+        (_, out), _ = self.PaliGemma.llm([None, tokens], positions, attn, [None, cond],
+                                         cache=(prefix.k, prefix.v, prefix.mask))
+        out = out[:, -H:]
+        return self.action_out_proj(out).astype(jnp.float32), out  # [B·N,H,A], action-expert outputs [B·N,H,W]
+
+    def joint(self, obs: Observation, x_t, time):
+        """openpi's training pass: prefix and suffix in one sequence. -> v_t [B,H,A], prefix_out [B,P,W]."""
+        p_tokens, p_mask = self.embed_prefix(obs)
+        s_tokens, s_ar, cond = self.embed_suffix(obs.state, x_t, time)
+        s_mask = jnp.ones(s_tokens.shape[:2], bool)
+        mask = jnp.concatenate([p_mask, s_mask], axis=1)
+        ar = jnp.concatenate([jnp.zeros(p_mask.shape[1], bool), s_ar])
+        positions = jnp.cumsum(mask, axis=1) - 1
+        (p_out, s_out), _ = self.PaliGemma.llm([p_tokens, s_tokens], positions, make_attn_mask(mask, ar), [None, cond])
+        return self.action_out_proj(s_out[:, -x_t.shape[1] :]).astype(jnp.float32), p_out
+
+    def __call__(self, obs: Observation, x_t, time):  # used by init: touches every parameter
+        return self.joint(obs, x_t, time)
+
+
+# ----------------------------------------------------------------------------------------------------------- API
+class Pi0:
+    """The functional API the scripts use. Every method is jittable; `params` is an openpi-layout nested dict."""
+
+    def __init__(self, config: Pi0Config):
+        self.config = config
+        self.module = Pi0Module(config)
+
+    def dummy_observation(self, batch: int = 1) -> Observation:
+        c = self.config
+        s = c.vit.image_size
+        return Observation(
+            images={cam: jnp.zeros((batch, s, s, 3), jnp.float32) for cam in c.cameras},
+            image_masks={cam: jnp.ones((batch,), bool) for cam in c.cameras},
+            state=jnp.zeros((batch, c.action_dim), jnp.float32),
+            tokens=jnp.zeros((batch, c.max_token_len), jnp.int32),
+            token_mask=jnp.ones((batch, c.max_token_len), bool),
+        )
+
+    def init(self, rng: jax.Array) -> Params:
+        c = self.config
+        x = jnp.zeros((1, c.action_horizon, c.action_dim), jnp.float32)
+        params = self.module.init(rng, self.dummy_observation(1), x, jnp.ones((1,)))["params"]
+        return jax.tree.map(lambda p: p.astype(c.dtype), params) if c.dtype != "float32" else params
+
+    def prefix(self, params: Params, obs: Observation) -> Prefix:
+        """One VLM pass: the KV cache of every layer and the pooled prefix features [B,W]."""
+        return self.module.apply({"params": params}, obs, method=Pi0Module.prefix)
+
+    def velocity(self, params: Params, prefix: Prefix, x_t: jax.Array, time: jax.Array):
+        """v(x_t, t) for N candidates per observation. x_t [B,N,H,A], time [B,N] -> v [B,N,H,A], out [B,N,H,W]."""
+        B, N, H, A = x_t.shape
+        v, out = self.module.apply({"params": params}, prefix, x_t.reshape(B * N, H, A), time.reshape(B * N),
+                                   method=Pi0Module.velocity)
+        return v.reshape(B, N, H, A), out.reshape(B, N, H, -1)
+
+    def joint(self, params: Params, obs: Observation, x_t: jax.Array, time: jax.Array):
+        """openpi's single joint prefix+suffix pass. -> v_t [B,H,A], prefix_out [B,P,W]."""
+        return self.module.apply({"params": params}, obs, x_t, time, method=Pi0Module.joint)
+
+    def flow_loss(self, params: Params, obs_or_prefix: Observation | Prefix, actions: jax.Array, rng: jax.Array,
+                  *, freeze_backbone: bool = False, noise: jax.Array | None = None, time: jax.Array | None = None):
+        """Flow-matching loss per step, [B,H] (openpi): t ~ Beta(1.5,1)·0.999+0.001, x_t = t·ε + (1−t)·a, target ε − a.
+
+        Pass a Prefix to reuse a VLM pass. `freeze_backbone` stops gradients at the prefix, so the VLM's backward
+        pass is never built (only the action expert and the projections learn).
+        """
+        prefix = obs_or_prefix if isinstance(obs_or_prefix, Prefix) else self.prefix(params, obs_or_prefix)
+        if freeze_backbone:
+            prefix = jax.lax.stop_gradient(prefix)
+        k_noise, k_time = jax.random.split(rng)
+        B = actions.shape[0]
+        noise = jax.random.normal(k_noise, actions.shape) if noise is None else noise
+        time = jax.random.beta(k_time, 1.5, 1.0, (B,)) * 0.999 + 0.001 if time is None else time
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        v_t, _ = self.velocity(params, prefix, x_t[:, None], time[:, None])
+        return jnp.mean(jnp.square(v_t[:, 0] - (noise - actions)), axis=-1)
+
+    def sample(self, params: Params, prefix: Prefix, noise: jax.Array, num_steps: int = 10) -> jax.Array:
+        """Euler integration of the flow from t=1 (noise) to t=0 for N candidates per observation from one cache.
+
+        noise [B,N,H,A] -> actions [B,N,H,A]. Time is accumulated as t ← t + δ like openpi's sampler.
+        """
+        B, N = noise.shape[:2]
+        dt = -1.0 / num_steps
+
+        def step(carry, _):
+            x, t = carry
+            v, _ = self.velocity(params, prefix, x, jnp.full((B, N), t))
+            return (x + dt * v, t + dt), None
+
+        (x, _), _ = jax.lax.scan(step, (noise, jnp.float32(1.0)), length=num_steps)
+        return x
+
+    def backbone_mask(self, params: Params) -> Params:
+        """True for the VLM's parameters (SigLIP, embedder, expert 0): the ones a frozen backbone leaves alone."""
+        def is_backbone(path) -> bool:
+            keys = [getattr(p, "key", str(p)) for p in path]
+            if keys[0] != "PaliGemma":
+                return False
+            if keys[1] == "img" or keys[2] == "embedder":
+                return True
+            return not any(re.search(r"_1$", k) for k in keys[2:])
+        return jax.tree_util.tree_map_with_path(lambda p, _: is_backbone(p), params)
+
+
+def param_count(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------------------------------------- inputs
+def resize_with_pad(images: jax.Array, height: int, width: int) -> jax.Array:
+    """Resize [B,h,w,3] keeping the aspect ratio, then pad to [B,height,width,3] (openpi's image_tools rule)."""
+    b, h, w, c = images.shape
+    if (h, w) == (height, width):
+        return images
+    ratio = max(w / width, h / height)
+    rh, rw = int(h / ratio), int(w / ratio)
+    out = jax.image.resize(images.astype(jnp.float32), (b, rh, rw, c), method="linear")
+    if images.dtype == jnp.uint8:
+        out, pad_value = jnp.round(out).clip(0, 255).astype(jnp.uint8), 0
+    else:
+        out, pad_value = out.clip(-1.0, 1.0), -1.0
+    ph, pw = height - rh, width - rw
+    return jnp.pad(out, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), constant_values=pad_value)
+
+
+def normalize(x: jax.Array, stats: dict[str, Any] | None, quantile: bool = False) -> jax.Array:
+    """openpi's normalisation: (x−mean)/(std+1e-6), or with quantiles to [-1,1]. Extra dims beyond the stats pass."""
+    if stats is None:
+        return x
+    d = len(stats["mean"])
+    lo, hi = (stats["q01"], stats["q99"]) if quantile else (None, None)
+    head = (x[..., :d] - lo) / (hi - lo + 1e-6) * 2.0 - 1.0 if quantile else (x[..., :d] - stats["mean"]) / (
+        stats["std"] + 1e-6)
+    return jnp.concatenate([head, x[..., d:]], axis=-1) if x.shape[-1] > d else head
+
+
+def unnormalize(x: jax.Array, stats: dict[str, Any] | None, quantile: bool = False) -> jax.Array:
+    if stats is None:
+        return x
+    d = len(stats["mean"])
+    if quantile:
+        head = (x[..., :d] + 1.0) / 2.0 * (stats["q99"] - stats["q01"] + 1e-6) + stats["q01"]
+    else:
+        head = x[..., :d] * (stats["std"] + 1e-6) + stats["mean"]
+    return jnp.concatenate([head, x[..., d:]], axis=-1) if x.shape[-1] > d else head
+
+
+@flax.struct.dataclass
+class PromptTable:
+    """Every instruction tokenised once; observations carry `prompt_id` into it. tokens/mask [P,L]."""
+
+    tokens: jax.Array
+    mask: jax.Array
+
+
+def make_observation(config: Pi0Config, obs: dict[str, Any], prompts: PromptTable,
+                     state_stats: dict[str, Any] | None = None, quantile: bool = False) -> Observation:
+    """An environment/dataset observation batch -> π₀ inputs (jittable).
+
+    obs = {"state": [B,S], "prompt_id": [B], "images": {camera: uint8 or float [B,h,w,3]}}. Images are resized with
+    padding to the model's size and scaled to [-1,1]; cameras the observation lacks are black and masked; the state
+    is normalised with `state_stats` and zero-padded to the action dim.
+    """
+    state = normalize(jnp.asarray(obs["state"], jnp.float32), state_stats, quantile)
+    if state.shape[-1] > config.action_dim:
+        raise ValueError(f"state has {state.shape[-1]} dims but the model's action dim is {config.action_dim}")
+    state = jnp.pad(state, ((0, 0), (0, config.action_dim - state.shape[-1])))
+    B, s = state.shape[0], config.vit.image_size
+    images, masks = {}, {}
+    for cam in config.cameras:
+        if cam in obs.get("images", {}):
+            img = resize_with_pad(jnp.asarray(obs["images"][cam]), s, s)
+            images[cam] = img.astype(jnp.float32) / 127.5 - 1.0 if img.dtype == jnp.uint8 else img.astype(jnp.float32)
+            masks[cam] = jnp.ones((B,), bool)
+        else:
+            images[cam], masks[cam] = -jnp.ones((B, s, s, 3), jnp.float32), jnp.zeros((B,), bool)
+    pid = jnp.asarray(obs["prompt_id"], jnp.int32)
+    return Observation(images=images, image_masks=masks, state=state, tokens=prompts.tokens[pid],
+                       token_mask=prompts.mask[pid])
+
+
+# ----------------------------------------------------------------------------------------------------------- tokenizers
+def _clean(text: str) -> str:
+    return text.strip().replace("_", " ").replace("\n", " ")
+
+
+def _pad(ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = ids[:max_len]  # openpi truncates too long prompts
+    tokens = np.zeros(max_len, np.int32)
+    tokens[: len(ids)] = ids
+    return tokens, np.arange(max_len) < len(ids)
+
+
+class PaligemmaTokenizer:
+    """The PaliGemma SentencePiece model with openpi's prompt format: BOS + cleaned text + "\\n", padded with a mask.
+
+    With `state` (π₀.₅): "Task: <text>, State: <256-bin discretised state>;\\nAction: ".
+    """
+
+    def __init__(self, model_path: str, max_len: int):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model {model_path!r} not found: pass --tokenizer with the path of "
+                                    "openpi's paligemma_tokenizer.model (it is in openpi's asset cache)")
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        self.max_len, self.vocab_size = max_len, self.sp.get_piece_size()
+
+    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        text = _clean(prompt)
+        if state is None:
+            return _pad(self.sp.encode(text, add_bos=True) + self.sp.encode("\n"), self.max_len)
+        bins = np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+        full = f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: "
+        return _pad(self.sp.encode(full, add_bos=True), self.max_len)
+
+
+class BuiltinTokenizer:
+    """A word-level tokenizer that needs no file, for the CPU preset: common robot-task words get their own ids,
+    every other word hashes (crc32, stable across runs) into the remaining ids. 0 = pad, 1 = BOS, 2 = newline."""
+
+    WORDS = ("push pick place put open close turn on off the a an to in into onto of and at on top left right front "
+             "back behind near next middle center block cube bowl plate mug cup drawer cabinet door stove basket "
+             "box target red green blue yellow black white wooden ketchup bottle").split()
+
+    def __init__(self, max_len: int, vocab_size: int = 128):
+        if vocab_size < len(self.WORDS) + 8:
+            raise ValueError(f"vocab_size {vocab_size} too small for the built-in tokenizer (needs ≥ {len(self.WORDS) + 8})")
+        self.max_len, self.vocab_size = max_len, vocab_size
+        self.ids = {w: 3 + i for i, w in enumerate(self.WORDS)}
+
+    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        del state  # the CPU preset's π₀.₅ variant ignores the discretised state
+        base, n_hash = 3 + len(self.WORDS), self.vocab_size - 3 - len(self.WORDS)
+        words = re.findall(r"[a-z0-9]+", _clean(prompt).lower())
+        ids = [self.ids.get(w, base + zlib.crc32(w.encode()) % n_hash) for w in words]
+        return _pad([1, *ids, 2], self.max_len)
+
+
+def make_prompt_table(prompts: Sequence[str], tokenizer) -> PromptTable:
+    toks, masks = zip(*(tokenizer.tokenize(p) for p in prompts), strict=True) if prompts else ((), ())
+    return PromptTable(tokens=jnp.asarray(np.stack(toks)), mask=jnp.asarray(np.stack(masks)))
+
+
+# ----------------------------------------------------------------------------------------------------------- openpi
+class CheckpointError(ValueError):
+    """An openpi checkpoint that cannot be used as asked; the message says what was wrong and how to fix it."""
+
+
+def _params_dir(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    for cand in (os.path.join(path, "params"), path):
+        if os.path.isfile(os.path.join(cand, "_METADATA")) or os.path.isfile(os.path.join(cand, "manifest.ocdbt")):
+            return cand
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    raise CheckpointError(f"{path!r} is not an openpi checkpoint: expected an orbax checkpoint in {path}/params "
+                          f"(with _METADATA); found {sorted(os.listdir(path))[:10]}")
+
+
+def config_from_params(params: Params, *, action_horizon: int, max_token_len: int, **overrides: Any) -> Pi0Config:
+    """Every size that the parameter shapes determine, read off them; horizon and token length must be given."""
+    try:
+        pg, llm = params["PaliGemma"], params["PaliGemma"]["llm"]
+        attn, layers = llm["layers"]["attn"], llm["layers"]
+
+        def gemma(i: int) -> GemmaConfig:
+            s = "" if i == 0 else f"_{i}"
+            if f"q_einsum{s}" in attn:
+                q, kv = attn[f"q_einsum{s}"]["w"].shape, attn[f"kv_einsum{s}"]["w"].shape
+                depth, heads, width, head_dim, kv_heads = q[0], q[1], q[2], q[3], kv[2]
+            else:
+                qkv = attn[f"qkv_einsum{s}"]["w"].shape
+                depth, heads, width, head_dim, kv_heads = qkv[0], qkv[2], qkv[3], qkv[4], qkv[2]
+            mlp = layers[f"mlp{s}"]["gating_einsum"].shape[-1]
+            return GemmaConfig(width, depth, mlp, heads, kv_heads, head_dim)
+
+        vit, cams = PRESETS["cpu"].vit, ()
+        if "img" in pg:
+            img = pg["img"]
+            blk = img["Transformer"]["encoderblock"]
+            patch, width = img["embedding"]["kernel"].shape[0], img["embedding"]["kernel"].shape[-1]
+            vit = SigLIPConfig(width=width, depth=blk["LayerNorm_0"]["scale"].shape[0],
+                               mlp_dim=blk["MlpBlock_0"]["Dense_0"]["kernel"].shape[-1],
+                               num_heads=blk["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape[2],
+                               patch_size=patch, image_size=int(math.isqrt(img["pos_embedding"].shape[1])) * patch)
+            cams = CAMERAS
+        fields = dict(vlm=gemma(0), expert=gemma(1), vit=vit, pi05="time_mlp_in" in params,
+                      vocab_size=llm["embedder"]["input_embedding"].shape[0],
+                      action_dim=params["action_in_proj"]["kernel"].shape[0], action_horizon=action_horizon,
+                      max_token_len=max_token_len, cameras=cams)
+    except KeyError as e:
+        raise CheckpointError(f"parameter {e} missing: this is not a π₀/π₀.₅ parameter tree") from None
+    return Pi0Config(**{**fields, **overrides})
+
+
+def check_params(params: Params, config: Pi0Config) -> None:
+    """Raise CheckpointError naming missing, extra and mis-shaped parameters against what `config` builds."""
+    expected = jax.eval_shape(Pi0(dataclasses.replace(config, dtype="float32")).init, jax.random.key(0))
+    flat = lambda t: {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
+                      for p, x in jax.tree_util.tree_leaves_with_path(t)}
+    want, got = flat(expected), flat(params)
+    problems = [f"missing {k} (expected shape {want[k]})" for k in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
+    problems += [f"{k}: checkpoint has shape {tuple(got[k])}, the requested model needs {tuple(want[k])}"
+                 for k in sorted(want.keys() & got.keys()) if tuple(got[k]) != tuple(want[k])]
+    if problems:
+        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise CheckpointError("the checkpoint does not fit the requested π₀ model:\n  " + "\n  ".join(problems[:12])
+                              + more + "\n(check --pi0-preset, --action-horizon and the π₀ / π₀.₅ choice)")
+
+
+def load_openpi_params(path: str, *, action_horizon: int = 50, max_token_len: int = 48,
+                       expect: Pi0Config | None = None, dtype: str = "float32") -> tuple[Params, Pi0Config]:
+    """Restore `<path>/params` (orbax, openpi's layout) -> (params, config inferred from the shapes).
+
+    `expect`: a config the checkpoint must match (every parameter's shape is checked against it). `dtype`: cast the
+    parameters, e.g. "bfloat16" for the full model on one GPU.
+    """
+    import orbax.checkpoint as ocp
+
+    restored = ocp.PyTreeCheckpointer().restore(_params_dir(path))
+    params = restored.get("params", restored) if isinstance(restored, dict) else restored
+    # openpi's nnx states store leaves as {"value": array}; keep the plain tree
+    params = jax.tree.map(lambda x: x["value"] if isinstance(x, dict) else x, params,
+                          is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
+    config = config_from_params(params, action_horizon=action_horizon, max_token_len=max_token_len, dtype=dtype)
+    if expect is not None:
+        check_params(params, dataclasses.replace(expect, action_horizon=action_horizon, max_token_len=max_token_len))
+        config = dataclasses.replace(expect, action_horizon=action_horizon, max_token_len=max_token_len, dtype=dtype)
+    check_params(params, config)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return params, config
+
+
+def load_norm_stats(path: str, asset_id: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """`<ckpt>/assets/<asset_id>/norm_stats.json` -> {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}."""
+    assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
+    if asset_id is None:
+        found = sorted(d for d in os.listdir(assets) if os.path.isfile(os.path.join(assets, d, "norm_stats.json"))) \
+            if os.path.isdir(assets) else []
+        if len(found) != 1:
+            raise CheckpointError(f"cannot choose the norm stats in {assets}: found {found or 'none'}; "
+                                  "pass --asset-id (e.g. physical-intelligence/libero)")
+        asset_id = found[0]
+    file = os.path.join(assets, asset_id, "norm_stats.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no norm stats at {file}: pass the openpi checkpoint directory and its --asset-id")
+    with open(file) as f:
+        raw = json.load(f)
+    raw = raw.get("norm_stats", raw)
+    return {k: {s: np.asarray(v[s], np.float32) for s in ("mean", "std", "q01", "q99") if v.get(s) is not None}
+            for k, v in raw.items()}

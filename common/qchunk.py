@@ -1,0 +1,439 @@
+"""Data for chunked RL: episodes from robomimic/LIBERO HDF5, chunk transitions with their masks, the online replay
+buffer, offline/online mixing (RLPD), and normalisation statistics.
+
+A chunk transition at frame t of an episode of length L (H = horizon, gamma = discount):
+  obs o_t; actions a_t..a_{t+H-1} (past the episode's end: the last action repeated, and `valid` False there);
+  rewards r_{t+k} (0 where not valid); discounted_return = sum_k gamma^k r_{t+k} over valid k;
+  next_obs o_{t+H}, or the episode's last stored frame o_{L-1} when t+H >= L;
+  mask = 0 iff a true termination happens in steps t..t+H-1 (truncation is not termination);
+  discount = gamma^n with n the number of valid steps, so the TD target is
+  discounted_return + discount * mask * Q(next_obs, .).
+A dataset episode that ends without a termination (time limit, or a demo that just stops) keeps bootstrapping. Its
+successor of the last step is not stored, so the chunk bootstraps from the last stored frame o_{L-1} with gamma^n: an
+approximation, exact when rewards are zero there (as in push's truncated episodes). Online chunks (`ReplayBuffer`)
+store the true final observation, so there the target is exact.
+
+Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`, `MixedSampler.sample`) are dicts of numpy arrays:
+  obs / next_obs: {"state": f32[B, S], "prompt_id": i32[B], "images": {cam: u8[B, h, w, 3]}}, actions f32[B, H, A],
+  rewards f32[B, H], discounted_return f32[B], discount f32[B], mask f32[B], valid bool[B, H], subgoal bool[B]
+  (a subgoal flag was raised in a valid step of the chunk), and from `MixedSampler` also is_online bool[B].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+Batch = dict[str, Any]
+
+# LIBERO camera keys -> openpi camera names. LIBERO's stored images are upside down (OpenGL): rotate them 180°.
+LIBERO_CAMERAS = {"agentview_rgb": "base_0_rgb", "eye_in_hand_rgb": "left_wrist_0_rgb"}
+PI0_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+# Without an `obs/state` key, the state is LIBERO's end-effector position (3) + axis-angle orientation (3) + the two
+# gripper joint positions (2), as openpi uses it; `joint_states` is ignored.
+LIBERO_STATE_KEYS = ("ee_pos", "ee_ori", "gripper_states")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or does not have the expected layout."""
+
+
+@dataclass
+class EpisodeData:
+    """All frames of all episodes, concatenated (each frame stored once). N frames, E episodes."""
+
+    obs: dict[str, Any]  # {"state": f32[N, S], "prompt_id": i32[N], "images": {cam: u8[N, h, w, 3]}}
+    actions: np.ndarray  # f32[N, A]
+    rewards: np.ndarray  # f32[N]
+    terminals: np.ndarray  # bool[N], a true termination at this step
+    subgoal: np.ndarray  # bool[N]
+    episode_starts: np.ndarray  # i64[E]
+    episode_lengths: np.ndarray  # i64[E]
+    truncated: np.ndarray  # bool[E], the episode ended at a time limit
+    prompts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def _dataset_files(paths: str | Path | list) -> list[Path]:
+    files: list[Path] = []
+    for p in [paths] if isinstance(paths, str | Path) else paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")])
+            if not found:
+                raise DatasetError(f"{p}: directory holds no .hdf5/.h5 files; point to a dataset file or folder.")
+            files += found
+        elif not p.exists():
+            raise DatasetError(
+                f"{p}: no such file; check the path, or create one with `python -m common.envs make-dataset`."
+            )
+        else:
+            files.append(p)
+    return files
+
+
+def _demo_names(data: h5py.Group) -> list[str]:
+    return sorted(data.keys(), key=lambda k: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", k)])
+
+
+def _camera_name(key: str) -> str:
+    return LIBERO_CAMERAS.get(key, key)
+
+
+def load_episodes(
+    paths: str | Path | list[str | Path],
+    prompts: list[str] | None = None,
+    image_keys: list[str] | None = None,
+    max_episodes: int | None = None,
+    min_length: int = 1,
+) -> EpisodeData:
+    """Read episodes from robomimic/LIBERO-layout HDF5 files (a file, a list, or a folder of .hdf5/.h5 files).
+
+    Per demo group `data/demo_<i>`: `actions`, `rewards`, `dones`, `obs/<key>`. State from `obs/state`, else the
+    LIBERO rule (`LIBERO_STATE_KEYS`). Images: every uint8 obs of shape [T, h, w, 3] (or only `image_keys`, given by
+    file key or camera name; [] for none); LIBERO's `agentview_rgb` / `eye_in_hand_rgb` become `base_0_rgb` /
+    `left_wrist_0_rgb` rotated 180° (`img[::-1, ::-1]`); other keys pass through unchanged. The instruction is the
+    demo attr `language_instruction`, else `problem_info["language_instruction"]` of the file's `data` group; it is
+    mapped to an index into `prompts` (new instructions appended). `dones` are taken as given (LIBERO demos end at
+    success with done=1 on the last step; a demo ending with done=0 keeps bootstrapping). Truncation per episode from
+    the demo attr `truncated` (default False); `subgoal` from `obs/subgoal` (default all False).
+    """
+    prompts = list(prompts or [])
+    files = _dataset_files(paths)
+    # Pass 1: check the layout and collect lengths, so that the frames are copied once into preallocated arrays.
+    plan: list[tuple[Path, str, int, str, bool]] = []
+    layout: dict[str, Any] | None = None
+    for path in files:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise DatasetError(f"{path}: no 'data' group (found {list(f.keys())}); expected data/demo_<i>/... .")
+            info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}")
+            for name in _demo_names(f["data"]):
+                if max_episodes is not None and len(plan) >= max_episodes:
+                    break
+                g = f["data"][name]
+                here = _demo_layout(path, name, g, image_keys)
+                if layout is None:
+                    layout = here
+                elif here != layout:
+                    raise DatasetError(
+                        f"{path}:{name}: observation layout {here} differs from the first demo's {layout}."
+                    )
+                length = len(g["actions"])
+                if length < min_length:
+                    raise DatasetError(
+                        f"{path}:{name}: episode of length {length} is shorter than min_length={min_length}; "
+                        "drop it from the file or lower min_length."
+                    )
+                lang = g.attrs.get("language_instruction", info.get("language_instruction", ""))
+                lang = lang.decode() if isinstance(lang, bytes) else str(lang)
+                plan.append((path, name, length, lang, bool(g.attrs.get("truncated", False))))
+    if not plan or layout is None:
+        raise DatasetError(f"{files}: no episodes found under data/.")
+    n, lengths = sum(p[2] for p in plan), np.array([p[2] for p in plan], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    obs = {
+        "state": np.zeros((n, layout["state_dim"]), np.float32),
+        "prompt_id": np.zeros(n, np.int32),
+        "images": {cam: np.zeros((n, *shape), np.uint8) for cam, (_, shape) in layout["images"].items()},
+    }
+    actions = np.zeros((n, layout["action_dim"]), np.float32)
+    rewards, terminals, subgoal = np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, bool)
+    # Pass 2: fill.
+    for path in files:
+        mine = [(i, p) for i, p in enumerate(plan) if p[0] == path]
+        if not mine:
+            continue
+        with h5py.File(path, "r") as f:
+            for i, (_, name, length, lang, _) in mine:
+                g, sl = f["data"][name], slice(starts[i], starts[i] + length)
+                o = g["obs"]
+                if "state" in o:
+                    obs["state"][sl] = np.asarray(o["state"]).reshape(length, -1)
+                else:
+                    obs["state"][sl] = np.concatenate(
+                        [np.asarray(o[k]).reshape(length, -1) for k in LIBERO_STATE_KEYS], 1
+                    )
+                if lang not in prompts:
+                    prompts.append(lang)
+                obs["prompt_id"][sl] = prompts.index(lang)
+                for cam, (key, _) in layout["images"].items():
+                    img = np.asarray(o[key])
+                    obs["images"][cam][sl] = img[:, ::-1, ::-1] if key in LIBERO_CAMERAS else img
+                actions[sl] = np.asarray(g["actions"]).reshape(length, -1)
+                rewards[sl] = np.asarray(g["rewards"]).reshape(length)
+                terminals[sl] = np.asarray(g["dones"]).reshape(length) > 0
+                if "subgoal" in o:
+                    subgoal[sl] = np.asarray(o["subgoal"]).reshape(length) > 0
+    truncated = np.array([p[4] for p in plan], bool)
+    return EpisodeData(obs, actions, rewards, terminals, subgoal, starts, lengths, truncated, prompts)
+
+
+def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | None) -> dict[str, Any]:
+    """Check one demo group's keys; returns its state/action dims and {camera: (file key, image shape)}."""
+    where = f"{path}:data/{name}"
+    missing = [k for k in ("actions", "rewards", "dones", "obs") if k not in g]
+    if missing:
+        raise DatasetError(
+            f"{where}: missing {missing}; it has {sorted(g.keys())}. Expected actions, rewards, dones, obs/."
+        )
+    o = g["obs"]
+    if "state" in o:
+        state_dim = int(np.prod(o["state"].shape[1:]))
+    elif all(k in o for k in LIBERO_STATE_KEYS):
+        state_dim = sum(int(np.prod(o[k].shape[1:])) for k in LIBERO_STATE_KEYS)
+    else:
+        raise DatasetError(
+            f"{where}/obs: no 'state' key and not the LIBERO keys {list(LIBERO_STATE_KEYS)}; it has {sorted(o.keys())}. "
+            "Store the proprioceptive state as obs/state."
+        )
+    found = {k: o[k] for k in o if o[k].dtype == np.uint8 and o[k].ndim == 4 and o[k].shape[-1] == 3}
+    if image_keys is not None:  # file keys or camera names
+        keys = [k if k in found else next((f for f in found if _camera_name(f) == k), None) for k in image_keys]
+        if None in keys:
+            unknown = [k for k, f in zip(image_keys, keys, strict=True) if f is None]
+            raise DatasetError(f"{where}/obs: image keys {unknown} not found; image keys present: {sorted(found)}.")
+        found = {k: found[k] for k in keys}
+    images = {_camera_name(k): (k, tuple(v.shape[1:])) for k, v in found.items()}
+    return {"state_dim": state_dim, "action_dim": int(np.prod(g["actions"].shape[1:])), "images": images}
+
+
+# ----------------------------------------------------------------------------------------------------- normalisation
+@dataclass
+class NormStats:
+    """Per-dimension statistics (openpi's norm_stats.json entry layout)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+
+    def normalize(self, x: np.ndarray, mode: str = "meanstd") -> np.ndarray:
+        """meanstd: (x - mean) / std; quantile: [q01, q99] -> [-1, 1] (openpi's rule)."""
+        if mode == "meanstd":
+            return (x - self.mean) / np.maximum(self.std, 1e-6)
+        if mode == "quantile":
+            return (x - self.q01) / (self.q99 - self.q01 + 1e-6) * 2.0 - 1.0
+        raise ValueError(f"unknown normalisation mode {mode!r}; use 'meanstd' or 'quantile'.")
+
+    def unnormalize(self, x: np.ndarray, mode: str = "meanstd") -> np.ndarray:
+        """Inverse of `normalize`."""
+        if mode == "meanstd":
+            return x * np.maximum(self.std, 1e-6) + self.mean
+        if mode == "quantile":
+            return (x + 1.0) / 2.0 * (self.q99 - self.q01 + 1e-6) + self.q01
+        raise ValueError(f"unknown normalisation mode {mode!r}; use 'meanstd' or 'quantile'.")
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: np.asarray(getattr(self, k), np.float32).tolist() for k in ("mean", "std", "q01", "q99")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NormStats:
+        return cls(**{k: np.asarray(d[k], np.float32) for k in ("mean", "std", "q01", "q99")})
+
+
+def compute_norm_stats(x: np.ndarray) -> NormStats:
+    """Statistics over all leading axes of x[..., D]."""
+    x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+    q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
+    return NormStats(*(np.asarray(v, np.float32) for v in (x.mean(0), x.std(0), q01, q99)))
+
+
+# ----------------------------------------------------------------------------------------------------- chunks
+def _gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+    return {
+        "state": obs["state"][idx],
+        "prompt_id": obs["prompt_id"][idx],
+        "images": {k: v[idx] for k, v in obs["images"].items()},
+    }
+
+
+@dataclass
+class ChunkDataset:
+    """One chunk transition per frame of every episode, as index arrays into `data` (M = N chunks)."""
+
+    data: EpisodeData
+    horizon: int
+    gamma: float
+    obs_idx: np.ndarray  # i64[M]
+    next_obs_idx: np.ndarray  # i64[M], frame t+H clamped to the episode's last frame
+    action_idx: np.ndarray  # i64[M, H], clamped: padded steps repeat the last action
+    rewards: np.ndarray  # f32[M, H], 0 where not valid
+    discounted_return: np.ndarray  # f32[M]
+    valid: np.ndarray  # bool[M, H], step t+k inside the episode and not after a termination
+    mask: np.ndarray  # f32[M], 0 iff a termination happens inside the chunk
+    discount_steps: np.ndarray  # i64[M], number of valid steps
+    discount: np.ndarray  # f32[M], gamma ** discount_steps
+    terminal_any: np.ndarray  # bool[M]
+    subgoal: np.ndarray  # bool[M]
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.data.prompts
+
+    def __len__(self) -> int:
+        return len(self.obs_idx)
+
+    def get(self, indices: np.ndarray) -> Batch:
+        """The batch for the given chunk indices (e.g. to weight every chunk of the dataset)."""
+        i = np.asarray(indices)
+        return {
+            "obs": _gather_obs(self.data.obs, self.obs_idx[i]),
+            "actions": self.data.actions[self.action_idx[i]],
+            "rewards": self.rewards[i],
+            "discounted_return": self.discounted_return[i],
+            "discount": self.discount[i],
+            "mask": self.mask[i],
+            "valid": self.valid[i],
+            "next_obs": _gather_obs(self.data.obs, self.next_obs_idx[i]),
+            "subgoal": self.subgoal[i],
+        }
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        """A uniformly sampled batch (with replacement)."""
+        return self.get(rng.integers(0, len(self), batch_size))
+
+    def all_indices(self, batch_size: int):
+        """Yield index arrays covering every chunk once, in order (the last one may be shorter)."""
+        for lo in range(0, len(self), batch_size):
+            yield np.arange(lo, min(lo + batch_size, len(self)))
+
+
+def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
+    """Cut every episode into chunk transitions, one per frame (see the module docstring for the rules)."""
+    n, h = len(data), horizon
+    episode = np.repeat(np.arange(len(data.episode_lengths)), data.episode_lengths)  # [N]
+    start, length = data.episode_starts[episode], data.episode_lengths[episode]
+    t = np.arange(n) - start  # position of each frame in its episode
+    pos = t[:, None] + np.arange(h)  # [N, H]
+    inside = pos < length[:, None]
+    frame = start[:, None] + np.minimum(pos, length[:, None] - 1)  # [N, H], clamped
+    term = data.terminals[frame] & inside
+    # A step is valid if inside the episode and no termination happened at an earlier step of the chunk.
+    after_term = np.cumsum(term, axis=1) - term > 0
+    valid = inside & ~after_term
+    rewards = np.where(valid, data.rewards[frame], 0.0).astype(np.float32)
+    discounted = (rewards * gamma ** np.arange(h, dtype=np.float64)).sum(1).astype(np.float32)
+    n_valid = valid.sum(1)
+    terminal_any = (term & valid).any(1)
+    return ChunkDataset(
+        data=data,
+        horizon=h,
+        gamma=gamma,
+        obs_idx=np.arange(n),
+        next_obs_idx=start + np.minimum(t + h, length - 1),
+        action_idx=frame,
+        rewards=rewards,
+        discounted_return=discounted,
+        valid=valid,
+        mask=(~terminal_any).astype(np.float32),
+        discount_steps=n_valid,
+        discount=(gamma ** n_valid.astype(np.float64)).astype(np.float32),
+        terminal_any=terminal_any,
+        subgoal=(data.subgoal[frame] & valid).any(1),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- online
+class ReplayBuffer:
+    """Circular buffer of online chunk transitions, sampled in the same batch form as `ChunkDataset`.
+
+    `obs_example`: one observation in the shared format, batched ([E, ...]) or not; only trailing shapes are used.
+    """
+
+    def __init__(self, capacity: int, horizon: int, gamma: float, obs_example: dict[str, Any]):
+        self.capacity, self.horizon, self.gamma = capacity, horizon, gamma
+        self.size, self._next = 0, 0
+        state_dim = np.shape(obs_example["state"])[-1]
+        images = {k: np.shape(v)[-3:] for k, v in obs_example.get("images", {}).items()}
+
+        def obs_storage() -> dict[str, Any]:
+            return {
+                "state": np.zeros((capacity, state_dim), np.float32),
+                "prompt_id": np.zeros(capacity, np.int32),
+                "images": {k: np.zeros((capacity, *s), np.uint8) for k, s in images.items()},
+            }
+
+        self.obs, self.next_obs = obs_storage(), obs_storage()
+        self.actions: np.ndarray | None = None  # allocated at the first add, when A is known
+        self.rewards = np.zeros((capacity, horizon), np.float32)
+        self.valid = np.zeros((capacity, horizon), bool)
+        self.discounted_return = np.zeros(capacity, np.float32)
+        self.discount = np.zeros(capacity, np.float32)
+        self.mask = np.zeros(capacity, np.float32)
+        self.subgoal = np.zeros(capacity, bool)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs: dict[str, Any], actions: np.ndarray, step: Any, next_obs: dict[str, Any] | None = None) -> None:
+        """Store E chunk transitions: obs at the chunk start, actions [E, H, A], the `envs.ChunkStep` result."""
+        e, h = actions.shape[:2]
+        if h != self.horizon:
+            raise ValueError(f"actions have chunk length {h}, the buffer was made for horizon {self.horizon}.")
+        if self.actions is None:
+            self.actions = np.zeros((self.capacity, h, actions.shape[-1]), np.float32)
+        next_obs = step.final_obs if next_obs is None else next_obs
+        idx = (self._next + np.arange(e)) % self.capacity
+        for store, src in ((self.obs, obs), (self.next_obs, next_obs)):
+            store["state"][idx] = src["state"]
+            store["prompt_id"][idx] = src["prompt_id"]
+            for k, v in store["images"].items():
+                v[idx] = src["images"][k]
+        valid = np.asarray(step.valid, bool)
+        rewards = np.where(valid, step.rewards, 0.0)
+        self.actions[idx] = actions
+        self.rewards[idx], self.valid[idx] = rewards, valid
+        self.discounted_return[idx] = (rewards * self.gamma ** np.arange(h, dtype=np.float64)).sum(1)
+        self.discount[idx] = self.gamma ** valid.sum(1).astype(np.float64)
+        self.mask[idx] = 1.0 - np.asarray(step.terminated, np.float32)
+        self.subgoal[idx] = (np.asarray(step.subgoal, bool) & valid).any(1)
+        self._next = int((self._next + e) % self.capacity)
+        self.size = min(self.size + e, self.capacity)
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        """A uniformly sampled batch (with replacement) of stored transitions."""
+        if self.size == 0:
+            raise ValueError("the replay buffer is empty; add transitions before sampling.")
+        i = rng.integers(0, self.size, batch_size)
+        return {
+            "obs": _gather_obs(self.obs, i),
+            "actions": self.actions[i],
+            "rewards": self.rewards[i],
+            "discounted_return": self.discounted_return[i],
+            "discount": self.discount[i],
+            "mask": self.mask[i],
+            "valid": self.valid[i],
+            "next_obs": _gather_obs(self.next_obs, i),
+            "subgoal": self.subgoal[i],
+        }
+
+
+def _concat(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: _concat(a[k], b[k]) for k in a}
+    return np.concatenate([a, b], 0)
+
+
+class MixedSampler:
+    """RLPD symmetric sampling: `online_fraction` of each batch from the replay buffer, the rest offline."""
+
+    def __init__(self, offline: ChunkDataset, online: ReplayBuffer, online_fraction: float = 0.5):
+        self.offline, self.online, self.online_fraction = offline, online, online_fraction
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        """Offline rows first, then online rows; all offline while the buffer is empty. Adds `is_online`."""
+        n_online = int(round(batch_size * self.online_fraction)) if len(self.online) > 0 else 0
+        batch = self.offline.sample(rng, batch_size - n_online)
+        if n_online:
+            batch = _concat(batch, self.online.sample(rng, n_online))
+        batch["is_online"] = np.arange(batch_size) >= batch_size - n_online
+        return batch
