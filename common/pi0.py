@@ -66,6 +66,7 @@ class Pi0Config:
     pi05: bool = False
     vocab_size: int = 257_152
     action_dim: int = 32
+    state_dim: int | None = None  # π₀'s state token input; None: the action dim (openpi pads state to it)
     action_horizon: int = 50
     max_token_len: int = 48
     cameras: tuple[str, ...] = CAMERAS  # empty: state and prompt only (no SigLIP parameters at all)
@@ -93,7 +94,7 @@ PRESETS: dict[str, Pi0Config] = {
         vlm=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
         expert=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
         vit=SigLIPConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, image_size=32),
-        vocab_size=128, action_dim=2, action_horizon=5, max_token_len=12, cameras=(),
+        vocab_size=128, action_dim=2, state_dim=10, action_horizon=5, max_token_len=12, cameras=(),
     ),
 }
 
@@ -368,7 +369,7 @@ class Observation:
 
     images: dict[str, jax.Array]
     image_masks: dict[str, jax.Array]
-    state: jax.Array  # [B,A] normalised, zero-padded to the action dim
+    state: jax.Array  # [B,S] normalised, zero-padded to the state dim (the action dim for openpi checkpoints)
     tokens: jax.Array  # [B,L] int32
     token_mask: jax.Array  # [B,L] bool
 
@@ -489,7 +490,7 @@ class Pi0:
         return Observation(
             images={cam: jnp.zeros((batch, s, s, 3), jnp.float32) for cam in c.cameras},
             image_masks={cam: jnp.ones((batch,), bool) for cam in c.cameras},
-            state=jnp.zeros((batch, c.action_dim), jnp.float32),
+            state=jnp.zeros((batch, c.state_dim or c.action_dim), jnp.float32),
             tokens=jnp.zeros((batch, c.max_token_len), jnp.int32),
             token_mask=jnp.ones((batch, c.max_token_len), bool),
         )
@@ -622,9 +623,11 @@ def make_observation(config: Pi0Config, obs: dict[str, Any], prompts: PromptTabl
     is normalised with `state_stats` and zero-padded to the action dim.
     """
     state = normalize(jnp.asarray(obs["state"], jnp.float32), state_stats, quantile)
-    if state.shape[-1] > config.action_dim:
-        raise ValueError(f"state has {state.shape[-1]} dims but the model's action dim is {config.action_dim}")
-    state = jnp.pad(state, ((0, 0), (0, config.action_dim - state.shape[-1])))
+    state_dim = config.state_dim or config.action_dim
+    if state.shape[-1] > state_dim:
+        raise ValueError(f"the observation's state has {state.shape[-1]} dims but the model takes {state_dim} "
+                         "(set state_dim in the π₀ config, or use a checkpoint made for this robot)")
+    state = jnp.pad(state, ((0, 0), (0, state_dim - state.shape[-1])))
     B, s = state.shape[0], config.vit.image_size
     images, masks = {}, {}
     for cam in config.cameras:
@@ -748,6 +751,7 @@ def config_from_params(params: Params, *, action_horizon: int, max_token_len: in
         fields = dict(vlm=gemma(0), expert=gemma(1), vit=vit, pi05="time_mlp_in" in params,
                       vocab_size=llm["embedder"]["input_embedding"].shape[0],
                       action_dim=params["action_in_proj"]["kernel"].shape[0], action_horizon=action_horizon,
+                      state_dim=params["state_proj"]["kernel"].shape[0] if "state_proj" in params else None,
                       max_token_len=max_token_len, cameras=cams)
     except KeyError as e:
         raise CheckpointError(f"parameter {e} missing: this is not a π₀/π₀.₅ parameter tree") from None
