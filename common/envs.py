@@ -1,7 +1,9 @@
 """Environments: the embedded `push` task, its scripted demonstrator and dataset writer, a gymnasium adapter, the
 LIBERO hook, and open-loop execution of action chunks in vectorised environments.
 
-Every environment here is a vectorised `VecEnv` over `num_envs` copies with the shared observation format
+Every environment here is vectorised over `num_envs` copies, with attributes `num_envs, action_dim, state_dim,
+prompts, camera_names, action_low, action_high`, the methods `reset(seed) -> (obs, info)`, `step(actions, active)`,
+`reset_where(mask) -> obs`, and the shared observation format
 
     obs = {"state": float32[E, S], "prompt_id": int32[E], "images": {camera: uint8[E, h, w, 3]}}
 
@@ -22,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import gymnasium as gym
 import h5py
@@ -37,24 +39,6 @@ PUSH_PROMPTS = [
 ]
 PUSH_CAMERA = "base_0_rgb"
 MIXED_NOISES = (0.3, 0.6, 1.0)
-
-
-class VecEnv(Protocol):
-    """The interface shared by `PushEnv`, `GymVecEnv` and the LIBERO adapter (see the module docstring)."""
-
-    num_envs: int
-    action_dim: int
-    state_dim: int
-    prompts: list[str]
-    camera_names: list[str]
-    action_low: np.ndarray
-    action_high: np.ndarray
-
-    def reset(self, seed: int | None = None) -> tuple[Obs, dict]: ...
-
-    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple: ...
-
-    def reset_where(self, mask: np.ndarray) -> Obs: ...
 
 
 def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
@@ -74,8 +58,8 @@ class PushEnv:
     """The embedded `push` task, vectorised in numpy.
 
     A disc agent (radius 0.05) moves in [-1, 1]^2 with velocity `speed * clip(action, -1, 1)` per step and pushes a
-    round block (radius 0.08, starting within 0.45 of the centre) kinematically: after the agent moves, an overlapping block is moved out along the
-    contact normal. Three targets (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
+    round block (radius 0.08, starting within 0.45 of the centre) kinematically: after the agent moves, an
+    overlapping block is moved out along the contact normal; a block held by a wall stops the agent. Three targets (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
     rotation; the prompt names one. Reward 1 and termination when the block centre is within 0.12 of the named
     target; truncation after `max_episode_steps`. State (10): agent xy, block xy, red xy, green xy, blue xy.
     """
@@ -84,7 +68,7 @@ class PushEnv:
     block_radius = 0.08
     target_radius = 0.65
     success_radius = 0.12
-    speed = 0.07
+    speed = 0.065
 
     def __init__(self, num_envs: int, image_size: int = 0, max_episode_steps: int = 80, seed: int = 0):
         self.num_envs, self.image_size, self.max_episode_steps = num_envs, image_size, max_episode_steps
@@ -159,12 +143,8 @@ class PushEnv:
         truncated = act & ~success & (self.elapsed >= self.max_episode_steps)
         reward = success.astype(np.float32)
         self.episode_return += reward
-        info = {
-            "success": success,
-            "subgoal": act & (self.moved | touch),
-            "episode_return": self.episode_return.copy(),
-            "episode_length": self.elapsed.copy(),
-        }
+        info = {"success": success, "subgoal": act & (self.moved | touch)}
+        info.update(episode_return=self.episode_return.copy(), episode_length=self.elapsed.copy())
         return self._obs(), reward, success, truncated, info
 
     def _obs(self) -> Obs:
@@ -214,11 +194,8 @@ class PushDemonstrator:
         push = _unit(u - 3.0 * side / c)
         # Otherwise walk to the point behind the block; if the block is in the way, go round it by its side first.
         to_behind = behind - agent
-        frac = np.clip(
-            np.sum((block - agent) * to_behind, -1, keepdims=True) / np.sum(to_behind**2, -1, keepdims=True).clip(1e-9),
-            0,
-            1,
-        )
+        frac = np.sum((block - agent) * to_behind, -1, keepdims=True) / np.sum(to_behind**2, -1, keepdims=True)
+        frac = np.clip(np.nan_to_num(frac), 0, 1)  # closest point to the block on the straight path
         blocked = np.linalg.norm(agent + frac * to_behind - block, axis=-1, keepdims=True) < c + 0.01
         side_dir = np.where(perp > 1e-6, side / np.maximum(perp, 1e-6), np.stack([-u[:, 1], u[:, 0]], -1))
         around = block + side_dir * (c + 0.08) - u * 0.06
@@ -268,9 +245,8 @@ def make_dataset(
             while done_eps < count:
                 for ep in _rollout_batch(pusher, expert, min(pusher.num_envs, count - done_eps)):
                     g = data.create_group(f"demo_{n_written}")
-                    g.create_dataset("actions", data=ep["actions"])
-                    g.create_dataset("rewards", data=ep["rewards"])
-                    g.create_dataset("dones", data=ep["dones"])
+                    for key in ("actions", "rewards", "dones"):
+                        g.create_dataset(key, data=ep[key])
                     g.create_dataset("obs/state", data=ep["state"])
                     g.create_dataset("obs/subgoal", data=ep["subgoal"])
                     if image_size > 0:
@@ -278,10 +254,8 @@ def make_dataset(
                     g.attrs.update(num_samples=len(ep["actions"]), truncated=ep["truncated"], noise=nz)
                     g.attrs.update(success=ep["success"], language_instruction=PUSH_PROMPTS[ep["prompt_id"]])
                     n_written, successes, done_eps = n_written + 1, successes + ep["success"], done_eps + 1
-        info = {
-            "language_instruction": PUSH_PROMPTS[0] if n_written == 0 else data["demo_0"].attrs["language_instruction"]
-        }
-        info["prompts"] = PUSH_PROMPTS
+        first = data["demo_0"].attrs["language_instruction"] if n_written else PUSH_PROMPTS[0]
+        info = {"language_instruction": first, "prompts": PUSH_PROMPTS}
         env_kwargs = {"image_size": image_size, "max_episode_steps": 80, "noise": noise, "seed": seed}
         data.attrs["problem_info"] = json.dumps(info)
         data.attrs["env_args"] = json.dumps({"env_name": "push", "type": "pi0rl", "env_kwargs": env_kwargs})
@@ -293,6 +267,7 @@ def make_dataset(
 def _rollout_batch(env: PushEnv, expert: PushDemonstrator, n: int) -> list[dict]:
     """Run one episode in each of the first `n` envs of `env`; returns per-episode arrays."""
     obs, _ = env.reset(seed=int(env._rng.integers(2**31)))
+    prompt_id = obs["prompt_id"].copy()
     active = np.arange(env.num_envs) < n
     steps: list[dict] = []
     end = np.full(env.num_envs, -1)
@@ -300,28 +275,25 @@ def _rollout_batch(env: PushEnv, expert: PushDemonstrator, n: int) -> list[dict]
     while active.any():
         actions = expert.act(obs)
         nxt, reward, term, trunc, info = env.step(actions, active=active)
-        steps.append({"obs": obs, "actions": actions, "reward": reward, "term": term, "subgoal": info["subgoal"]})
+        steps.append(
+            {
+                "state": obs["state"],
+                "images": obs["images"].get(PUSH_CAMERA),
+                "actions": actions,
+                "rewards": reward,
+                "dones": term.astype(np.uint8),
+                "subgoal": info["subgoal"].astype(np.uint8),
+            }
+        )
         ended = active & (term | trunc)
         end[ended], truncated[ended] = len(steps), trunc[ended]
         active, obs = active & ~ended, nxt
-    stack = {k: np.stack([s[k] for s in steps], 1) for k in ("actions", "reward", "term", "subgoal")}  # [E, T, ...]
-    state = np.stack([s["obs"]["state"] for s in steps], 1)
-    images = np.stack([s["obs"]["images"][PUSH_CAMERA] for s in steps], 1) if env.image_size > 0 else None
+    keys = [k for k in steps[0] if k != "images" or env.image_size > 0]
+    arrays = {k: np.stack([s[k] for s in steps], 1) for k in keys}  # [E, T, ...]
     episodes = []
     for e in range(n):
-        t = end[e]
-        ep = {
-            "actions": stack["actions"][e, :t].astype(np.float32),
-            "rewards": stack["reward"][e, :t].astype(np.float32),
-            "dones": stack["term"][e, :t].astype(np.uint8),
-            "state": state[e, :t],
-            "subgoal": stack["subgoal"][e, :t].astype(np.uint8),
-            "truncated": bool(truncated[e]),
-            "prompt_id": int(steps[0]["obs"]["prompt_id"][e]),
-            "success": bool(stack["term"][e, t - 1]),
-        }
-        if images is not None:
-            ep["images"] = images[e, :t]
+        ep = {k: v[e, : end[e]] for k, v in arrays.items()}
+        ep.update(truncated=bool(truncated[e]), success=bool(ep["dones"][-1]), prompt_id=int(prompt_id[e]))
         episodes.append(ep)
     return episodes
 
@@ -329,6 +301,7 @@ def _rollout_batch(env: PushEnv, expert: PushDemonstrator, n: int) -> list[dict]
 def default_dataset(env: str = "push", noise: float | str = 0.6, episodes: int = 1000, image_size: int = 0) -> str:
     """Path of a cached demonstrator dataset under `$PI0RL_DATA` (default `~/.cache/pi0rl`), generated once."""
     root = Path(os.environ.get("PI0RL_DATA", Path.home() / ".cache" / "pi0rl"))
+    noise = noise if noise == "mixed" else float(noise)
     path = root / f"{env}_noise{noise}_episodes{episodes}_image{image_size}_seed0.h5"
     if not path.exists():
         tmp = path.with_suffix(f".tmp{os.getpid()}.h5")
@@ -345,11 +318,12 @@ class GymVecEnv:
 
     Sub-envs are stepped one by one (like gymnasium's SyncVectorEnv) but managed here, so that ended envs can be
     frozen (`active`) and reset individually without autoreset. Env i is first reset with seed `seed + i`.
+    `make_kwargs` go to `gymnasium.make` (e.g. `max_episode_steps`).
     """
 
-    def __init__(self, env_id: str, num_envs: int, seed: int = 0):
+    def __init__(self, env_id: str, num_envs: int, seed: int = 0, **make_kwargs: Any):
         try:
-            self.envs = [gym.make(env_id) for _ in range(num_envs)]
+            self.envs = [gym.make(env_id, **make_kwargs) for _ in range(num_envs)]
         except (gym.error.Error, ModuleNotFoundError) as err:
             raise ValueError(
                 f"unknown environment {env_id!r} ({err}). Use 'push', 'libero', or any gymnasium id registered in "
@@ -467,13 +441,8 @@ def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tupl
     e, h = actions.shape[:2]
     maskable = "active" in inspect.signature(env.step).parameters
     active = np.ones(e, bool)
-    out = {
-        "rewards": np.zeros((e, h), np.float32),
-        "valid": np.zeros((e, h), bool),
-        "step_terminated": np.zeros((e, h), bool),
-        "step_truncated": np.zeros((e, h), bool),
-        "subgoal": np.zeros((e, h), bool),
-    }
+    out = {k: np.zeros((e, h), bool) for k in ("valid", "step_terminated", "step_truncated", "subgoal")}
+    out["rewards"] = np.zeros((e, h), np.float32)
     success = np.zeros(e, bool)
     ep_return, ep_length = np.full(e, np.nan, np.float32), np.zeros(e, np.int64)
     final_obs = _copy_obs(obs)
@@ -529,9 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)
     with h5py.File(path, "r") as f:
         rate, total = f["data"].attrs["success_rate"], f["data"].attrs["total"]
-    print(
-        f"{args.episodes} episodes, {total} steps, demonstrator success {rate:.1%}, {time.time() - start:.1f}s -> {path}"
-    )
+    print(f"{args.episodes} episodes, {total} steps, demonstrator success {rate:.1%}, {time.time() - start:.1f}s")
+    print(f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -76,10 +76,14 @@ class Pi0Config:
     def __post_init__(self):
         for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self.vlm, f) != getattr(self.expert, f):
-                raise ValueError(f"the two experts share attention, so their {f} must match: "
-                                 f"VLM {getattr(self.vlm, f)} vs action expert {getattr(self.expert, f)}")
+                raise ValueError(
+                    f"the two experts share attention, so their {f} must match: "
+                    f"VLM {getattr(self.vlm, f)} vs action expert {getattr(self.expert, f)}"
+                )
         if self.vlm.num_heads % self.vlm.num_kv_heads:
-            raise ValueError(f"num_heads {self.vlm.num_heads} is not a multiple of num_kv_heads {self.vlm.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.vlm.num_heads} is not a multiple of num_kv_heads {self.vlm.num_kv_heads}"
+            )
 
 
 _GEMMA_2B = GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256)
@@ -94,7 +98,12 @@ PRESETS: dict[str, Pi0Config] = {
         vlm=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
         expert=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
         vit=SigLIPConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, image_size=32),
-        vocab_size=128, action_dim=2, state_dim=10, action_horizon=5, max_token_len=12, cameras=(),
+        vocab_size=128,
+        action_dim=2,
+        state_dim=10,
+        action_horizon=5,
+        max_token_len=12,
+        cameras=(),
     ),
 }
 
@@ -175,7 +184,8 @@ class Attention(nn.Module):
                 q, k, v = qkv("BTD,SNDH->SBTNH", x)
             else:
                 q = Einsum((c.num_heads, c.width, c.head_dim), _init(1, (0, 2)), name=_name("q_einsum", i))(
-                    "BTD,NDH->BTNH", x)
+                    "BTD,NDH->BTNH", x
+                )
                 kv = Einsum((2, c.num_kv_heads, c.width, c.head_dim), _init(2, (1, 3), 0), name=_name("kv_einsum", i))
                 k, v = kv("BSD,2KDH->2BSKH", x)
             qs.append(q), ks.append(k), vs.append(v)
@@ -279,9 +289,13 @@ class Gemma(nn.Module):
     def setup(self):
         self.embedder = Embedder(self.vocab_size, self.configs[0].width)
         block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=self.configs[0].depth)(self.configs)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=self.configs[0].depth,
+        )(self.configs)
         self.final_norm = RMSNorm()
         self.final_norm_1 = RMSNorm()
 
@@ -306,8 +320,9 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _):
         y = nn.LayerNorm(name="LayerNorm_0", dtype=self.dtype)(x)
-        y = nn.MultiHeadDotProductAttention(self.cfg.num_heads, dtype=self.dtype, deterministic=True,
-                                            name="MultiHeadDotProductAttention_0")(y, y)
+        y = nn.MultiHeadDotProductAttention(
+            self.cfg.num_heads, dtype=self.dtype, deterministic=True, name="MultiHeadDotProductAttention_0"
+        )(y, y)
         x = x + y
         y = nn.LayerNorm(name="LayerNorm_1", dtype=self.dtype)(x)
         return x + MlpBlock(self.cfg.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y), None
@@ -329,8 +344,9 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x, _ = nn.scan(EncoderBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=self.cfg.depth)(self.cfg, self.dtype, name="encoderblock")(x, None)
+        x, _ = nn.scan(EncoderBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth)(
+            self.cfg, self.dtype, name="encoderblock"
+        )(x, None)
         return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
 
 
@@ -435,7 +451,9 @@ class Pi0Module(nn.Module):
             return action_tokens, jnp.array([True] + [False] * (H - 1)), cond
         state_token = self.state_proj(state.astype(dtype))[:, None, :]
         time_tokens = jnp.broadcast_to(time_emb[:, None, :], action_tokens.shape)
-        h = self.action_time_mlp_out(nn.swish(self.action_time_mlp_in(jnp.concatenate([action_tokens, time_tokens], -1))))
+        h = self.action_time_mlp_out(
+            nn.swish(self.action_time_mlp_in(jnp.concatenate([action_tokens, time_tokens], -1)))
+        )
         return jnp.concatenate([state_token, h], axis=1), jnp.array([True, True] + [False] * (H - 1)), None
 
     def prefix(self, obs: Observation) -> Prefix:
@@ -456,8 +474,9 @@ class Pi0Module(nn.Module):
         suffix_mask = jnp.ones(tokens.shape[:2], bool)
         positions = jnp.repeat(prefix.mask.sum(-1), n)[:, None] + jnp.cumsum(suffix_mask, axis=1) - 1
         attn = make_attn_mask(suffix_mask, ar)
-        (_, out), _ = self.PaliGemma.llm([None, tokens], positions, attn, [None, cond],
-                                         cache=(prefix.k, prefix.v, prefix.mask))
+        (_, out), _ = self.PaliGemma.llm(
+            [None, tokens], positions, attn, [None, cond], cache=(prefix.k, prefix.v, prefix.mask)
+        )
         out = out[:, -H:]
         return self.action_out_proj(out).astype(jnp.float32), out  # [B·N,H,A], action-expert outputs [B·N,H,W]
 
@@ -508,16 +527,26 @@ class Pi0:
     def velocity(self, params: Params, prefix: Prefix, x_t: jax.Array, time: jax.Array):
         """v(x_t, t) for N candidates per observation. x_t [B,N,H,A], time [B,N] -> v [B,N,H,A], out [B,N,H,W]."""
         B, N, H, A = x_t.shape
-        v, out = self.module.apply({"params": params}, prefix, x_t.reshape(B * N, H, A), time.reshape(B * N),
-                                   method=Pi0Module.velocity)
+        v, out = self.module.apply(
+            {"params": params}, prefix, x_t.reshape(B * N, H, A), time.reshape(B * N), method=Pi0Module.velocity
+        )
         return v.reshape(B, N, H, A), out.reshape(B, N, H, -1)
 
     def joint(self, params: Params, obs: Observation, x_t: jax.Array, time: jax.Array):
         """openpi's single joint prefix+suffix pass. -> v_t [B,H,A], prefix_out [B,P,W]."""
         return self.module.apply({"params": params}, obs, x_t, time, method=Pi0Module.joint)
 
-    def flow_loss(self, params: Params, obs_or_prefix: Observation | Prefix, actions: jax.Array, rng: jax.Array,
-                  *, freeze_backbone: bool = False, noise: jax.Array | None = None, time: jax.Array | None = None):
+    def flow_loss(
+        self,
+        params: Params,
+        obs_or_prefix: Observation | Prefix,
+        actions: jax.Array,
+        rng: jax.Array,
+        *,
+        freeze_backbone: bool = False,
+        noise: jax.Array | None = None,
+        time: jax.Array | None = None,
+    ):
         """Flow-matching loss per step, [B,H] (openpi): t ~ Beta(1.5,1)·0.999+0.001, x_t = t·ε + (1−t)·a, target ε − a.
 
         Pass a Prefix to reuse a VLM pass. `freeze_backbone` stops gradients at the prefix, so the VLM's backward
@@ -553,6 +582,7 @@ class Pi0:
 
     def backbone_mask(self, params: Params) -> Params:
         """True for the VLM's parameters (SigLIP, embedder, expert 0): the ones a frozen backbone leaves alone."""
+
         def is_backbone(path) -> bool:
             keys = [getattr(p, "key", str(p)) for p in path]
             if keys[0] != "PaliGemma":
@@ -560,6 +590,7 @@ class Pi0:
             if keys[1] == "img" or keys[2] == "embedder":
                 return True
             return not any(re.search(r"_1$", k) for k in keys[2:])
+
         return jax.tree_util.tree_map_with_path(lambda p, _: is_backbone(p), params)
 
 
@@ -590,8 +621,11 @@ def normalize(x: jax.Array, stats: dict[str, Any] | None, quantile: bool = False
         return x
     d = len(stats["mean"])
     lo, hi = (stats["q01"], stats["q99"]) if quantile else (None, None)
-    head = (x[..., :d] - lo) / (hi - lo + 1e-6) * 2.0 - 1.0 if quantile else (x[..., :d] - stats["mean"]) / (
-        stats["std"] + 1e-6)
+    head = (
+        (x[..., :d] - lo) / (hi - lo + 1e-6) * 2.0 - 1.0
+        if quantile
+        else (x[..., :d] - stats["mean"]) / (stats["std"] + 1e-6)
+    )
     return jnp.concatenate([head, x[..., d:]], axis=-1) if x.shape[-1] > d else head
 
 
@@ -614,8 +648,13 @@ class PromptTable:
     mask: jax.Array
 
 
-def make_observation(config: Pi0Config, obs: dict[str, Any], prompts: PromptTable,
-                     state_stats: dict[str, Any] | None = None, quantile: bool = False) -> Observation:
+def make_observation(
+    config: Pi0Config,
+    obs: dict[str, Any],
+    prompts: PromptTable,
+    state_stats: dict[str, Any] | None = None,
+    quantile: bool = False,
+) -> Observation:
     """An environment/dataset observation batch -> π₀ inputs (jittable).
 
     obs = {"state": [B,S], "prompt_id": [B], "images": {camera: uint8 or float [B,h,w,3]}}. Images are resized with
@@ -625,8 +664,10 @@ def make_observation(config: Pi0Config, obs: dict[str, Any], prompts: PromptTabl
     state = normalize(jnp.asarray(obs["state"], jnp.float32), state_stats, quantile)
     state_dim = config.state_dim or config.action_dim
     if state.shape[-1] > state_dim:
-        raise ValueError(f"the observation's state has {state.shape[-1]} dims but the model takes {state_dim} "
-                         "(set state_dim in the π₀ config, or use a checkpoint made for this robot)")
+        raise ValueError(
+            f"the observation's state has {state.shape[-1]} dims but the model takes {state_dim} "
+            "(set state_dim in the π₀ config, or use a checkpoint made for this robot)"
+        )
     state = jnp.pad(state, ((0, 0), (0, state_dim - state.shape[-1])))
     B, s = state.shape[0], config.vit.image_size
     images, masks = {}, {}
@@ -638,8 +679,9 @@ def make_observation(config: Pi0Config, obs: dict[str, Any], prompts: PromptTabl
         else:
             images[cam], masks[cam] = -jnp.ones((B, s, s, 3), jnp.float32), jnp.zeros((B,), bool)
     pid = jnp.asarray(obs["prompt_id"], jnp.int32)
-    return Observation(images=images, image_masks=masks, state=state, tokens=prompts.tokens[pid],
-                       token_mask=prompts.mask[pid])
+    return Observation(
+        images=images, image_masks=masks, state=state, tokens=prompts.tokens[pid], token_mask=prompts.mask[pid]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- tokenizers
@@ -662,8 +704,10 @@ class PaligemmaTokenizer:
 
     def __init__(self, model_path: str, max_len: int):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model {model_path!r} not found: pass --tokenizer with the path of "
-                                    "openpi's paligemma_tokenizer.model (it is in openpi's asset cache)")
+            raise FileNotFoundError(
+                f"tokenizer model {model_path!r} not found: pass --tokenizer with the path of "
+                "openpi's paligemma_tokenizer.model (it is in openpi's asset cache)"
+            )
         import sentencepiece
 
         self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
@@ -682,13 +726,17 @@ class BuiltinTokenizer:
     """A word-level tokenizer that needs no file, for the CPU preset: common robot-task words get their own ids,
     every other word hashes (crc32, stable across runs) into the remaining ids. 0 = pad, 1 = BOS, 2 = newline."""
 
-    WORDS = ("push pick place put open close turn on off the a an to in into onto of and at on top left right front "
-             "back behind near next middle center block cube bowl plate mug cup drawer cabinet door stove basket "
-             "box target red green blue yellow black white wooden ketchup bottle").split()
+    WORDS = (
+        "push pick place put open close turn on off the a an to in into onto of and at on top left right front "
+        "back behind near next middle center block cube bowl plate mug cup drawer cabinet door stove basket "
+        "box target red green blue yellow black white wooden ketchup bottle"
+    ).split()
 
     def __init__(self, max_len: int, vocab_size: int = 128):
         if vocab_size < len(self.WORDS) + 8:
-            raise ValueError(f"vocab_size {vocab_size} too small for the built-in tokenizer (needs ≥ {len(self.WORDS) + 8})")
+            raise ValueError(
+                f"vocab_size {vocab_size} too small for the built-in tokenizer (needs ≥ {len(self.WORDS) + 8})"
+            )
         self.max_len, self.vocab_size = max_len, vocab_size
         self.ids = {w: 3 + i for i, w in enumerate(self.WORDS)}
 
@@ -717,8 +765,10 @@ def _params_dir(path: str) -> str:
             return cand
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
-    raise CheckpointError(f"{path!r} is not an openpi checkpoint: expected an orbax checkpoint in {path}/params "
-                          f"(with _METADATA); found {sorted(os.listdir(path))[:10]}")
+    raise CheckpointError(
+        f"{path!r} is not an openpi checkpoint: expected an orbax checkpoint in {path}/params "
+        f"(with _METADATA); found {sorted(os.listdir(path))[:10]}"
+    )
 
 
 def config_from_params(params: Params, *, action_horizon: int, max_token_len: int, **overrides: Any) -> Pi0Config:
@@ -743,16 +793,27 @@ def config_from_params(params: Params, *, action_horizon: int, max_token_len: in
             img = pg["img"]
             blk = img["Transformer"]["encoderblock"]
             patch, width = img["embedding"]["kernel"].shape[0], img["embedding"]["kernel"].shape[-1]
-            vit = SigLIPConfig(width=width, depth=blk["LayerNorm_0"]["scale"].shape[0],
-                               mlp_dim=blk["MlpBlock_0"]["Dense_0"]["kernel"].shape[-1],
-                               num_heads=blk["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape[2],
-                               patch_size=patch, image_size=int(math.isqrt(img["pos_embedding"].shape[1])) * patch)
+            vit = SigLIPConfig(
+                width=width,
+                depth=blk["LayerNorm_0"]["scale"].shape[0],
+                mlp_dim=blk["MlpBlock_0"]["Dense_0"]["kernel"].shape[-1],
+                num_heads=blk["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape[2],
+                patch_size=patch,
+                image_size=int(math.isqrt(img["pos_embedding"].shape[1])) * patch,
+            )
             cams = CAMERAS
-        fields = dict(vlm=gemma(0), expert=gemma(1), vit=vit, pi05="time_mlp_in" in params,
-                      vocab_size=llm["embedder"]["input_embedding"].shape[0],
-                      action_dim=params["action_in_proj"]["kernel"].shape[0], action_horizon=action_horizon,
-                      state_dim=params["state_proj"]["kernel"].shape[0] if "state_proj" in params else None,
-                      max_token_len=max_token_len, cameras=cams)
+        fields = dict(
+            vlm=gemma(0),
+            expert=gemma(1),
+            vit=vit,
+            pi05="time_mlp_in" in params,
+            vocab_size=llm["embedder"]["input_embedding"].shape[0],
+            action_dim=params["action_in_proj"]["kernel"].shape[0],
+            action_horizon=action_horizon,
+            state_dim=params["state_proj"]["kernel"].shape[0] if "state_proj" in params else None,
+            max_token_len=max_token_len,
+            cameras=cams,
+        )
     except KeyError as e:
         raise CheckpointError(f"parameter {e} missing: this is not a π₀/π₀.₅ parameter tree") from None
     return Pi0Config(**{**fields, **overrides})
@@ -761,21 +822,35 @@ def config_from_params(params: Params, *, action_horizon: int, max_token_len: in
 def check_params(params: Params, config: Pi0Config) -> None:
     """Raise CheckpointError naming missing, extra and mis-shaped parameters against what `config` builds."""
     expected = jax.eval_shape(Pi0(dataclasses.replace(config, dtype="float32")).init, jax.random.key(0))
-    flat = lambda t: {jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
-                      for p, x in jax.tree_util.tree_leaves_with_path(t)}
+    flat = lambda t: {
+        jax.tree_util.keystr(p, simple=True, separator="/"): x.shape for p, x in jax.tree_util.tree_leaves_with_path(t)
+    }
     want, got = flat(expected), flat(params)
-    problems = [f"missing {k} (expected shape {want[k]})" for k in sorted(want.keys() - got.keys())]
+    problems = [
+        f"{k}: checkpoint has shape {tuple(got[k])}, the requested model needs {tuple(want[k])}"
+        for k in sorted(want.keys() & got.keys())
+        if tuple(got[k]) != tuple(want[k])
+    ]
+    problems += [f"missing {k} (expected shape {want[k]})" for k in sorted(want.keys() - got.keys())]
     problems += [f"unexpected {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
-    problems += [f"{k}: checkpoint has shape {tuple(got[k])}, the requested model needs {tuple(want[k])}"
-                 for k in sorted(want.keys() & got.keys()) if tuple(got[k]) != tuple(want[k])]
     if problems:
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise CheckpointError("the checkpoint does not fit the requested π₀ model:\n  " + "\n  ".join(problems[:12])
-                              + more + "\n(check --pi0-preset, --action-horizon and the π₀ / π₀.₅ choice)")
+        raise CheckpointError(
+            "the checkpoint does not fit the requested π₀ model:\n  "
+            + "\n  ".join(problems[:12])
+            + more
+            + "\n(check --pi0-preset, --action-horizon and the π₀ / π₀.₅ choice)"
+        )
 
 
-def load_openpi_params(path: str, *, action_horizon: int = 50, max_token_len: int = 48,
-                       expect: Pi0Config | None = None, dtype: str = "float32") -> tuple[Params, Pi0Config]:
+def load_openpi_params(
+    path: str,
+    *,
+    action_horizon: int = 50,
+    max_token_len: int = 48,
+    expect: Pi0Config | None = None,
+    dtype: str = "float32",
+) -> tuple[Params, Pi0Config]:
     """Restore `<path>/params` (orbax, openpi's layout) -> (params, config inferred from the shapes).
 
     `expect`: a config the checkpoint must match (every parameter's shape is checked against it). `dtype`: cast the
@@ -786,8 +861,11 @@ def load_openpi_params(path: str, *, action_horizon: int = 50, max_token_len: in
     restored = ocp.PyTreeCheckpointer().restore(_params_dir(path))
     params = restored.get("params", restored) if isinstance(restored, dict) else restored
     # openpi's nnx states store leaves as {"value": array}; keep the plain tree
-    params = jax.tree.map(lambda x: x["value"] if isinstance(x, dict) else x, params,
-                          is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
+    params = jax.tree.map(
+        lambda x: x["value"] if isinstance(x, dict) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"},
+    )
     config = config_from_params(params, action_horizon=action_horizon, max_token_len=max_token_len, dtype=dtype)
     if expect is not None:
         check_params(params, dataclasses.replace(expect, action_horizon=action_horizon, max_token_len=max_token_len))
@@ -801,11 +879,16 @@ def load_norm_stats(path: str, asset_id: str | None = None) -> dict[str, dict[st
     """`<ckpt>/assets/<asset_id>/norm_stats.json` -> {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}."""
     assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
     if asset_id is None:
-        found = sorted(d for d in os.listdir(assets) if os.path.isfile(os.path.join(assets, d, "norm_stats.json"))) \
-            if os.path.isdir(assets) else []
+        found = (
+            sorted(d for d in os.listdir(assets) if os.path.isfile(os.path.join(assets, d, "norm_stats.json")))
+            if os.path.isdir(assets)
+            else []
+        )
         if len(found) != 1:
-            raise CheckpointError(f"cannot choose the norm stats in {assets}: found {found or 'none'}; "
-                                  "pass --asset-id (e.g. physical-intelligence/libero)")
+            raise CheckpointError(
+                f"cannot choose the norm stats in {assets}: found {found or 'none'}; "
+                "pass --asset-id (e.g. physical-intelligence/libero)"
+            )
         asset_id = found[0]
     file = os.path.join(assets, asset_id, "norm_stats.json")
     if not os.path.isfile(file):
@@ -813,5 +896,7 @@ def load_norm_stats(path: str, asset_id: str | None = None) -> dict[str, dict[st
     with open(file) as f:
         raw = json.load(f)
     raw = raw.get("norm_stats", raw)
-    return {k: {s: np.asarray(v[s], np.float32) for s in ("mean", "std", "q01", "q99") if v.get(s) is not None}
-            for k, v in raw.items()}
+    return {
+        k: {s: np.asarray(v[s], np.float32) for s in ("mean", "std", "q01", "q99") if v.get(s) is not None}
+        for k, v in raw.items()
+    }

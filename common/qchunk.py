@@ -34,7 +34,6 @@ Batch = dict[str, Any]
 
 # LIBERO camera keys -> openpi camera names. LIBERO's stored images are upside down (OpenGL): rotate them 180°.
 LIBERO_CAMERAS = {"agentview_rgb": "base_0_rgb", "eye_in_hand_rgb": "left_wrist_0_rgb"}
-PI0_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 # Without an `obs/state` key, the state is LIBERO's end-effector position (3) + axis-angle orientation (3) + the two
 # gripper joint positions (2), as openpi uses it; `joint_states` is ignored.
 LIBERO_STATE_KEYS = ("ee_pos", "ee_ori", "gripper_states")
@@ -73,7 +72,7 @@ def _dataset_files(paths: str | Path | list) -> list[Path]:
             files += found
         elif not p.exists():
             raise DatasetError(
-                f"{p}: no such file; check the path, or create one with `python -m common.envs make-dataset`."
+                f"{p}: no such file; check the path, or write one with `python -m common.envs make-dataset`."
             )
         else:
             files.append(p)
@@ -102,7 +101,7 @@ def load_episodes(
     file key or camera name; [] for none); LIBERO's `agentview_rgb` / `eye_in_hand_rgb` become `base_0_rgb` /
     `left_wrist_0_rgb` rotated 180° (`img[::-1, ::-1]`); other keys pass through unchanged. The instruction is the
     demo attr `language_instruction`, else `problem_info["language_instruction"]` of the file's `data` group; it is
-    mapped to an index into `prompts` (new instructions appended). `dones` are taken as given (LIBERO demos end at
+    mapped to an index into `prompts` (new instructions appended, first those listed in `problem_info["prompts"]`). `dones` are taken as given (LIBERO demos end at
     success with done=1 on the last step; a demo ending with done=0 keeps bootstrapping). Truncation per episode from
     the demo attr `truncated` (default False); `subgoal` from `obs/subgoal` (default all False).
     """
@@ -116,6 +115,7 @@ def load_episodes(
             if "data" not in f:
                 raise DatasetError(f"{path}: no 'data' group (found {list(f.keys())}); expected data/demo_<i>/... .")
             info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}")
+            prompts += [p for p in info.get("prompts", []) if p not in prompts]  # keep a writer's prompt order
             for name in _demo_names(f["data"]):
                 if max_episodes is not None and len(plan) >= max_episodes:
                     break
@@ -249,11 +249,15 @@ def compute_norm_stats(x: np.ndarray) -> NormStats:
 
 # ----------------------------------------------------------------------------------------------------- chunks
 def _gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
-    return {
-        "state": obs["state"][idx],
-        "prompt_id": obs["prompt_id"][idx],
-        "images": {k: v[idx] for k, v in obs["images"].items()},
-    }
+    images = {k: v[idx] for k, v in obs["images"].items()}
+    return {"state": obs["state"][idx], "prompt_id": obs["prompt_id"][idx], "images": images}
+
+
+def _batch(src: Any, i: np.ndarray, obs: dict, actions: np.ndarray, next_obs: dict) -> Batch:
+    """The batch dict (module docstring): rows `i` of `src`'s per-chunk arrays plus the gathered obs and actions."""
+    batch = {k: getattr(src, k)[i] for k in ("rewards", "discounted_return", "discount", "mask", "valid", "subgoal")}
+    batch.update(obs=obs, actions=actions, next_obs=next_obs)
+    return batch
 
 
 @dataclass
@@ -284,18 +288,9 @@ class ChunkDataset:
 
     def get(self, indices: np.ndarray) -> Batch:
         """The batch for the given chunk indices (e.g. to weight every chunk of the dataset)."""
-        i = np.asarray(indices)
-        return {
-            "obs": _gather_obs(self.data.obs, self.obs_idx[i]),
-            "actions": self.data.actions[self.action_idx[i]],
-            "rewards": self.rewards[i],
-            "discounted_return": self.discounted_return[i],
-            "discount": self.discount[i],
-            "mask": self.mask[i],
-            "valid": self.valid[i],
-            "next_obs": _gather_obs(self.data.obs, self.next_obs_idx[i]),
-            "subgoal": self.subgoal[i],
-        }
+        i, frames = np.asarray(indices), self.data.obs
+        obs, next_obs = _gather_obs(frames, self.obs_idx[i]), _gather_obs(frames, self.next_obs_idx[i])
+        return _batch(self, i, obs, self.data.actions[self.action_idx[i]], next_obs)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
         """A uniformly sampled batch (with replacement)."""
@@ -404,17 +399,7 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("the replay buffer is empty; add transitions before sampling.")
         i = rng.integers(0, self.size, batch_size)
-        return {
-            "obs": _gather_obs(self.obs, i),
-            "actions": self.actions[i],
-            "rewards": self.rewards[i],
-            "discounted_return": self.discounted_return[i],
-            "discount": self.discount[i],
-            "mask": self.mask[i],
-            "valid": self.valid[i],
-            "next_obs": _gather_obs(self.next_obs, i),
-            "subgoal": self.subgoal[i],
-        }
+        return _batch(self, i, _gather_obs(self.obs, i), self.actions[i], _gather_obs(self.next_obs, i))
 
 
 def _concat(a: Any, b: Any) -> Any:

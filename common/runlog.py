@@ -21,10 +21,23 @@ import numpy as np
 class Run:
     """One training run's folder. `resume=True` reopens `run_dir` and `restore()` returns its last checkpoint."""
 
-    def __init__(self, args: Any, script: str, *, env: str, seed: int, run_dir: str | None = None,
-                 resume: bool = False, track: bool = False, wandb_project: str = "pi0-rl", keep: int = 2):
+    def __init__(
+        self,
+        args: Any,
+        script: str,
+        *,
+        env: str,
+        seed: int,
+        run_dir: str | None = None,
+        resume: bool = False,
+        track: bool = False,
+        wandb_project: str = "pi0-rl",
+        keep: int = 2,
+    ):
         if resume and not run_dir:
-            raise ValueError("--resume needs --run-dir: the run folder to continue (e.g. runs/push__acrlpd_pi0__1__...)")
+            raise ValueError(
+                "--resume needs --run-dir: the run folder to continue (e.g. runs/push__acrlpd_pi0__1__...)"
+            )
         if resume and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
             raise FileNotFoundError(f"--resume: no checkpoints in {run_dir}; start it without --resume first")
         name = f"{env.replace(':', '_').replace('/', '_')}__{script}__{seed}__{int(time.time())}"
@@ -41,13 +54,20 @@ class Run:
                 import wandb
             except ImportError as e:
                 raise ImportError("--track needs wandb: pip install wandb") from e
-            self._wandb = wandb.init(project=wandb_project, name=os.path.basename(self.dir), dir=self.dir,
-                                     config=dataclasses.asdict(args), resume="allow", id=os.path.basename(self.dir))
+            self._wandb = wandb.init(
+                project=wandb_project,
+                name=os.path.basename(self.dir),
+                dir=self.dir,
+                config=dataclasses.asdict(args),
+                resume="allow",
+                id=os.path.basename(self.dir),
+            )
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self._mgr = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"),
-                                          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self._mgr = ocp.CheckpointManager(
+            os.path.join(self.dir, "checkpoints"), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
         self._t0, self._last = time.time(), {}
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -71,8 +91,9 @@ class Run:
     def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
         """An orbax checkpoint of the train state and a JSON side car (norm stats, phase, counters)."""
         ocp = self._ocp
-        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      extra=ocp.args.JsonSave(_jsonable(extra))))
+        self._mgr.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(_jsonable(extra)))
+        )
         self._mgr.wait_until_finished()
 
     def restore(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
@@ -82,8 +103,9 @@ class Run:
             return None
         ocp = self._ocp
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               extra=ocp.args.JsonRestore()))
+        out = self._mgr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
+        )
         return step, out["state"], out["extra"]
 
     def close(self) -> None:

@@ -41,19 +41,31 @@ def parity(fixture_dir: str) -> dict[str, float]:
     obs = pi0.Observation(
         images={c: jnp.asarray(ref[f"obs/image/{c}"]) for c in config.cameras},
         image_masks={c: jnp.asarray(ref[f"obs/image_mask/{c}"]) for c in config.cameras},
-        state=jnp.asarray(ref["obs/state"]), tokens=jnp.asarray(ref["obs/tokenized_prompt"]),
-        token_mask=jnp.asarray(ref["obs/tokenized_prompt_mask"]))
+        state=jnp.asarray(ref["obs/state"]),
+        tokens=jnp.asarray(ref["obs/tokenized_prompt"]),
+        token_mask=jnp.asarray(ref["obs/tokenized_prompt_mask"]),
+    )
     v_t, prefix_out = jax.jit(model.joint)(params, obs, jnp.asarray(ref["x_t"]), jnp.asarray(ref["time"]))
-    loss = jax.jit(model.flow_loss)(params, obs, jnp.asarray(ref["actions"]), jax.random.key(0),
-                                    noise=jnp.asarray(ref["noise"]), time=jnp.asarray(ref["time"]))
+    loss = jax.jit(model.flow_loss)(
+        params,
+        obs,
+        jnp.asarray(ref["actions"]),
+        jax.random.key(0),
+        noise=jnp.asarray(ref["noise"]),
+        time=jnp.asarray(ref["time"]),
+    )
 
     @jax.jit
     def sample(params, obs, noise):
         return model.sample(params, model.prefix(params, obs), noise[:, None], num_steps)[:, 0]
 
     sampled = sample(params, obs, jnp.asarray(ref["sample_noise"]))
-    return {"v_t": rel_err(v_t, ref["v_t"]), "prefix_out": rel_err(prefix_out, ref["prefix_out"]),
-            "loss": rel_err(loss, ref["loss"]), "sampled_actions": rel_err(sampled, ref["sampled_actions"])}
+    return {
+        "v_t": rel_err(v_t, ref["v_t"]),
+        "prefix_out": rel_err(prefix_out, ref["prefix_out"]),
+        "loss": rel_err(loss, ref["loss"]),
+        "sampled_actions": rel_err(sampled, ref["sampled_actions"]),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -65,8 +77,10 @@ def main(argv: list[str]) -> int:
     for name, err in errors.items():
         passed = err <= TOLERANCES[name]
         ok &= passed
-        print(f"{os.path.basename(os.path.normpath(argv[0]))}  {name:16s} rel err {err:.2e}  "
-              f"(tol {TOLERANCES[name]:.0e})  {'ok' if passed else 'FAIL'}")
+        print(
+            f"{os.path.basename(os.path.normpath(argv[0]))}  {name:16s} rel err {err:.2e}  "
+            f"(tol {TOLERANCES[name]:.0e})  {'ok' if passed else 'FAIL'}"
+        )
     return 0 if ok else 1
 
 

@@ -1,0 +1,156 @@
+"""Rules of the push task, its demonstrator, open-loop chunk execution, and the gymnasium adapter."""
+
+import importlib.util
+
+import h5py
+import numpy as np
+import pytest
+
+from common.envs import (
+    PUSH_PROMPTS,
+    GymVecEnv,
+    PushDemonstrator,
+    PushEnv,
+    default_dataset,
+    execute_chunk,
+    main,
+    make_env,
+)
+
+
+def place(env: PushEnv, e: int, agent, block, prompt: int = 0) -> None:
+    """Put env e's agent and block at given positions, with the named target at (0.65, 0)."""
+    env.targets[e] = 0.65 * np.array([[1.0, 0.0], [-0.5, 0.866], [-0.5, -0.866]])
+    env.agent[e], env.block[e], env.prompt_id[e] = agent, block, prompt
+
+
+def test_push_success_terminates_with_reward() -> None:
+    env = PushEnv(2, seed=0)
+    env.reset()
+    place(env, 0, [0.35, 0.0], [0.48, 0.0])  # one push to the right puts the block within 0.12 of red
+    _, reward, term, trunc, info = env.step(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    assert term.tolist() == [True, False] and reward.tolist() == [1.0, 0.0] and not trunc.any()
+    assert info["success"].tolist() == [True, False] and info["subgoal"][0]
+    assert env.block[0, 0] > 0.48  # the block was pushed
+
+
+def test_truncation_at_80_is_not_termination() -> None:
+    env = PushEnv(3, seed=1)
+    env.reset()
+    for t in range(1, 81):
+        _, reward, term, trunc, _ = env.step(np.zeros((3, 2)))
+        assert not term.any() and reward.sum() == 0
+        assert trunc.all() == (t == 80) and trunc.any() == (t == 80)
+
+
+def test_determinism_and_clipping() -> None:
+    rng = np.random.default_rng(0)
+    actions = rng.normal(size=(10, 4, 2)) * 3
+    runs = []
+    for _ in range(2):
+        env = PushEnv(4, seed=7)
+        obs, _ = env.reset()
+        states = [obs["state"]] + [env.step(a)[0]["state"] for a in actions]
+        runs.append(np.stack(states))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(PushEnv(4, seed=8).reset()[0]["state"], runs[0][0])
+    a, b = PushEnv(1, seed=3), PushEnv(1, seed=3)
+    np.testing.assert_allclose(a.step(np.array([[5.0, -9.0]]))[0]["state"], b.step(np.array([[1.0, -1.0]]))[0]["state"])
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_images(size: int) -> None:
+    env = PushEnv(2, image_size=size)
+    obs, _ = env.reset()
+    img = obs["images"]["base_0_rgb"]
+    assert env.camera_names == ["base_0_rgb"] and img.shape == (2, size, size, 3) and img.dtype == np.uint8
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) >= 5  # background, 3 targets, block, agent
+    assert PushEnv(2).reset()[0]["images"] == {}
+    assert env.single_observation_space["images"]["base_0_rgb"].shape == (size, size, 3)
+
+
+def rollout_success(noise: float, n: int = 200) -> float:
+    env, expert = PushEnv(n, seed=11), PushDemonstrator(noise, seed=12)
+    obs, _ = env.reset()
+    active, success = np.ones(n, bool), np.zeros(n, bool)
+    while active.any():
+        obs, _, term, trunc, _ = env.step(expert.act(obs), active=active)
+        success |= term
+        active &= ~(term | trunc)
+    return success.mean()
+
+
+def test_demonstrator_success_matches_design() -> None:
+    assert rollout_success(0.3) >= 0.9
+    assert 0.2 <= rollout_success(1.0) <= 0.6
+
+
+def test_execute_chunk_stops_ended_envs_and_autoresets() -> None:
+    gamma, h = 0.9, 4
+    env = PushEnv(3, seed=2)
+    obs, _ = env.reset()
+    place(env, 0, [0.21, 0.0], [0.34, 0.0])  # succeeds on the 3rd push step (k = 2)
+    place(env, 1, [-0.5, 0.5], [0.0, -0.3])
+    env.elapsed[1] = 78  # truncated after 2 steps (k = 1)
+    place(env, 2, [-0.5, -0.5], [0.0, 0.3])
+    obs = env._obs()
+    actions = np.zeros((3, h, 2), np.float32)
+    actions[0, :, 0] = 1.0
+    actions[1, :, 1] = -1.0
+    next_obs, step = execute_chunk(env, obs, actions, gamma)
+    assert step.valid.tolist() == [[True] * 3 + [False], [True, True, False, False], [True] * 4]
+    assert step.terminated.tolist() == [True, False, False] and step.truncated.tolist() == [False, True, False]
+    assert step.step_terminated[0].tolist() == [False, False, True, False] and step.step_truncated[1, 1]
+    np.testing.assert_allclose(step.rewards[0], [0, 0, 1, 0])
+    np.testing.assert_allclose(step.discounted_return, [gamma**2, 0, 0], rtol=1e-6)
+    assert step.success.tolist() == [True, False, False]
+    assert (
+        step.episode_length.tolist() == [3, 80, 0] and step.episode_return[0] == 1 and np.isnan(step.episode_return[2])
+    )
+    # Final obs: the block of env 0 sits where the 3rd push left it (not pushed a 4th time), agent 1 moved 2 steps.
+    np.testing.assert_allclose(step.final_obs["state"][0, 2], 0.34 + 3 * env.speed, atol=1e-5)
+    np.testing.assert_allclose(step.final_obs["state"][1, 1], 0.5 - 2 * env.speed, atol=1e-5)
+    # Ended envs were reset (fresh episodes), the running one continues from its final obs.
+    assert env.elapsed.tolist() == [0, 0, 4]
+    np.testing.assert_array_equal(next_obs["state"][2], step.final_obs["state"][2])
+    assert not np.allclose(next_obs["state"][:2], step.final_obs["state"][:2])
+
+
+def test_gym_adapter_pendulum() -> None:
+    env = make_env("Pendulum-v1", num_envs=2, seed=0)
+    assert isinstance(env, GymVecEnv) and env.prompts == [""] and env.state_dim == 3 and env.action_dim == 1
+    obs, _ = env.reset()
+    assert obs["state"].shape == (2, 3) and obs["prompt_id"].tolist() == [0, 0] and obs["images"] == {}
+    again = GymVecEnv("Pendulum-v1", 2, seed=0).reset()[0]
+    np.testing.assert_array_equal(obs["state"], again["state"])
+    ended = []
+    for _ in range(4):  # Pendulum truncates at 200 steps
+        obs, step = execute_chunk(env, obs, np.full((2, 50, 1), 5.0), 0.99)
+        ended.append(step.truncated.tolist())
+        assert (step.rewards <= 0).all() and not step.terminated.any()
+    assert ended == [[False, False]] * 3 + [[True, True]] and step.episode_length.tolist() == [200, 200]
+
+
+def test_bad_env_ids() -> None:
+    with pytest.raises(ValueError, match="'push', 'libero'"):
+        make_env("NoSuchEnv-v0", num_envs=1)
+    with pytest.raises(ValueError, match="Box"):
+        make_env("FrozenLake-v1", num_envs=1)
+    if importlib.util.find_spec("common.libero") is None:
+        with pytest.raises(ImportError, match="libero"):
+            make_env("libero", num_envs=1)
+
+
+def test_cli_and_default_dataset(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "d.h5"
+    main(["make-dataset", "--env", "push", "--episodes", "5", "--noise", "0.3", "--out", str(out)])
+    assert "demonstrator success" in capsys.readouterr().out
+    with h5py.File(out) as f:
+        assert len(f["data"]) == 5 and f["data"].attrs["total"] == sum(len(g["actions"]) for g in f["data"].values())
+        assert f["data/demo_0"].attrs["language_instruction"] in PUSH_PROMPTS
+    monkeypatch.setenv("PI0RL_DATA", str(tmp_path / "cache"))
+    path = default_dataset(noise="mixed", episodes=6)
+    assert "generated" in capsys.readouterr().out
+    assert default_dataset(noise="mixed", episodes=6) == path and capsys.readouterr().out == ""
+    with h5py.File(path) as f:
+        assert sorted(g.attrs["noise"] for g in f["data"].values()) == [0.3, 0.3, 0.6, 0.6, 1.0, 1.0]

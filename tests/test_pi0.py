@@ -1,0 +1,194 @@
+"""The π₀ backbone: openpi parity on the shared fixtures, the cached/broadcast paths, loading errors, tokenizers."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import pi0
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
+NAMES = ["openpi_pi0_tiny", "openpi_pi05_tiny", "openpi_pi0_wide", "openpi_pi05_wide"]
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def fixture(name: str) -> str:
+    path = os.path.join(FIXTURES, name)
+    if not os.path.isdir(path):
+        pytest.skip(
+            f"openpi fixtures not found at {os.path.abspath(FIXTURES)} (they live in the team's shared/ "
+            "folder beside the checkout; a fresh clone has none)"
+        )
+    return path
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_openpi_parity(name):
+    import openpi_parity
+
+    errors = openpi_parity.parity(fixture(name))
+    for key, err in errors.items():
+        assert err <= openpi_parity.TOLERANCES[key], (name, key, err)
+
+
+def test_parity_script_cli():
+    path = fixture("openpi_pi0_tiny")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "openpi_parity.py"), path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "sampled_actions" in out.stdout
+
+
+def small(pi05=False, **kw):
+    return pi0.make_config(
+        "cpu", pi05=pi05, cameras=("base_0_rgb", "left_wrist_0_rgb"), action_dim=3, state_dim=4, action_horizon=4, **kw
+    )
+
+
+def batch_obs(config, B, rng):
+    k1, k2 = jax.random.split(rng)
+    table = pi0.make_prompt_table(
+        ["push the block to the red target", "open the drawer"],
+        pi0.BuiltinTokenizer(config.max_token_len, config.vocab_size),
+    )
+    obs = {
+        "state": jax.random.normal(k1, (B, 4)),
+        "prompt_id": jnp.arange(B) % 2,
+        "images": {"base_0_rgb": jax.random.randint(k2, (B, 48, 40, 3), 0, 255).astype(jnp.uint8)},
+    }
+    return pi0.make_observation(config, obs, table)  # the wrist camera is missing: black and masked
+
+
+@pytest.mark.parametrize("pi05", [False, True])
+def test_cached_candidates_match_joint_pass(pi05):
+    """N candidates over one broadcast prefix cache give what the joint pass gives each candidate separately."""
+    config = small(pi05)
+    model = pi0.Pi0(config)
+    params = model.init(jax.random.key(0))
+    B, N, H, A = 2, 3, config.action_horizon, config.action_dim
+    obs = batch_obs(config, B, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (B, N, H, A))
+    t = jax.random.uniform(jax.random.key(3), (B, N))
+    v_cached, _ = model.velocity(params, model.prefix(params, obs), x, t)
+    tiled = jax.tree.map(lambda a: jnp.repeat(a, N, axis=0), obs)
+    v_joint, _ = model.joint(params, tiled, x.reshape(B * N, H, A), t.reshape(B * N))
+    np.testing.assert_allclose(v_cached.reshape(B * N, H, A), v_joint, rtol=1e-4, atol=1e-5)
+    assert obs.image_masks["left_wrist_0_rgb"].sum() == 0 and obs.images["base_0_rgb"].shape == (B, 32, 32, 3)
+
+
+def test_frozen_backbone_skips_vlm_gradients():
+    config = small()
+    model = pi0.Pi0(config)
+    params = model.init(jax.random.key(0))
+    obs = batch_obs(config, 2, jax.random.key(1))
+    actions = jnp.ones((2, config.action_horizon, config.action_dim))
+    loss = lambda p, frozen: model.flow_loss(p, obs, actions, jax.random.key(2), freeze_backbone=frozen).mean()
+    mask = model.backbone_mask(params)
+    g_frozen = jax.grad(loss)(params, True)
+    g_full = jax.grad(loss)(params, False)
+    flat = lambda t: jax.tree.leaves(t)
+    for m, gf in zip(flat(mask), flat(g_frozen), strict=True):
+        if m:
+            assert not np.any(gf), "a frozen backbone must not receive gradient"
+    assert any(np.any(g) for m, g in zip(flat(mask), flat(g_full), strict=True) if m)
+    assert any(np.any(g) for m, g in zip(flat(mask), flat(g_frozen), strict=True) if not m)
+
+
+def test_bfloat16_end_to_end():
+    config = small(dtype="bfloat16")
+    model = pi0.Pi0(config)
+    params = model.init(jax.random.key(0))
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    obs = batch_obs(config, 2, jax.random.key(1))
+    prefix = jax.jit(model.prefix)(params, obs)
+    assert prefix.k.dtype == jnp.bfloat16
+    acts = jax.jit(model.sample, static_argnums=3)(params, prefix, jnp.ones((2, 5, 4, 3)), 3)
+    assert acts.shape == (2, 5, 4, 3) and bool(jnp.isfinite(acts).all())
+
+
+def test_sample_with_zero_steps_velocity_is_euler():
+    """sample() with one step is x − v(x, 1)."""
+    config = small()
+    model = pi0.Pi0(config)
+    params = model.init(jax.random.key(0))
+    prefix = model.prefix(params, batch_obs(config, 2, jax.random.key(1)))
+    noise = jax.random.normal(jax.random.key(2), (2, 2, 4, 3))
+    v, _ = model.velocity(params, prefix, noise, jnp.ones((2, 2)))
+    np.testing.assert_allclose(model.sample(params, prefix, noise, 1), noise - v, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(pi0.CheckpointError, match="does not exist"):
+        pi0.load_openpi_params(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pi0.CheckpointError, match="not an openpi checkpoint"):
+        pi0.load_openpi_params(str(tmp_path / "empty"))
+    path = fixture("openpi_pi0_tiny")
+    wrong = pi0.make_config("pi0", action_horizon=10)  # the full-size π₀ preset cannot hold the tiny weights
+    with pytest.raises(pi0.CheckpointError, match=r"checkpoint has shape .* the requested model needs"):
+        pi0.load_openpi_params(path, action_horizon=10, expect=wrong)
+    params, config = pi0.load_openpi_params(path, action_horizon=10, max_token_len=48)
+    del params["action_out_proj"]
+    with pytest.raises(pi0.CheckpointError, match="missing action_out_proj/kernel"):
+        pi0.check_params(params, config)
+    with pytest.raises(pi0.CheckpointError, match="norm stats"):
+        pi0.load_norm_stats(path)
+
+
+def test_loader_infers_sizes_and_casts():
+    params, config = pi0.load_openpi_params(
+        fixture("openpi_pi0_wide"), action_horizon=7, max_token_len=20, dtype="bfloat16"
+    )
+    assert (config.vlm.width, config.expert.width, config.vlm.num_heads, config.vit.num_heads) == (80, 40, 4, 3)
+    assert config.vocab_size == 777 and config.action_dim == 16 and not config.pi05
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+
+
+def test_norm_stats(tmp_path):
+    d = tmp_path / "ckpt" / "assets" / "physical-intelligence" / "libero"
+    d.mkdir(parents=True)
+    (d / "norm_stats.json").write_text(
+        '{"norm_stats": {"state": {"mean": [1, 2], "std": [2, 2], "q01": [0, 0], '
+        '"q99": [4, 4]}, "actions": {"mean": [0], "std": [1]}}}'
+    )
+    stats = pi0.load_norm_stats(str(tmp_path / "ckpt"), "physical-intelligence/libero")
+    x = jnp.array([[3.0, 4.0, 9.0]])  # the extra (padded) dim passes through
+    np.testing.assert_allclose(pi0.normalize(x, stats["state"]), [[1.0, 1.0, 9.0]], rtol=1e-5)
+    np.testing.assert_allclose(
+        pi0.unnormalize(pi0.normalize(x, stats["state"], True), stats["state"], True), x, rtol=1e-5
+    )
+
+
+def test_tokenizers(tmp_path):
+    tok = pi0.BuiltinTokenizer(12, 128)
+    red, _ = tok.tokenize("push the block to the red target")
+    blue, mask = tok.tokenize("push the block to the blue target")
+    assert red[0] == 1 and (red != blue).sum() == 1 and mask.sum() == 9 and red.max() < 128
+    long, mask = tok.tokenize(" ".join(["word"] * 40))
+    assert mask.all() and long.shape == (12,)
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        pi0.PaligemmaTokenizer(str(tmp_path / "missing.model"), 48)
+
+
+def test_resize_with_pad():
+    img = jnp.full((1, 20, 40, 3), 255, jnp.uint8)
+    out = pi0.resize_with_pad(img, 32, 32)
+    assert out.shape == (1, 32, 32, 3) and out.dtype == jnp.uint8
+    assert int(out[0, 0, 0, 0]) == 0 and int(out[0, 16, 16, 0]) == 255  # black bars above and below
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="share attention"):
+        dataclasses.replace(pi0.PRESETS["cpu"], expert=pi0.GemmaConfig(32, 3, 64, 2, 1, 32))
+    with pytest.raises(ValueError, match="unknown π₀ preset"):
+        pi0.make_config("pi1")

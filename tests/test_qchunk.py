@@ -1,0 +1,214 @@
+"""Chunk transitions on hand-made episodes, the HDF5 reader (push and LIBERO layouts), buffers, norm stats."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from common.envs import PUSH_PROMPTS, ChunkStep, make_dataset
+from common.qchunk import (
+    DatasetError,
+    MixedSampler,
+    NormStats,
+    ReplayBuffer,
+    compute_norm_stats,
+    load_episodes,
+    make_chunks,
+)
+
+G = 0.9
+
+
+def write_demos(path, episodes: list[dict], language: str = "do it") -> str:
+    """Tiny push-layout file; obs state and actions of global frame i are [i, i] so gathers can be checked."""
+    frame = 0
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": language})
+        for i, ep in enumerate(episodes):
+            n = len(ep["rewards"])
+            g = data.create_group(f"demo_{i}")
+            ids = np.arange(frame, frame + n, dtype=np.float32)[:, None].repeat(2, 1)
+            g["actions"], g["obs/state"] = ids, ids
+            g["rewards"], g["dones"] = np.array(ep["rewards"], np.float32), np.array(ep["dones"], np.uint8)
+            if "subgoal" in ep:
+                g["obs/subgoal"] = np.array(ep["subgoal"], np.uint8)
+            g.attrs["truncated"] = ep.get("truncated", False)
+            if "lang" in ep:
+                g.attrs["language_instruction"] = ep["lang"]
+            frame += n
+    return str(path)
+
+
+EPISODES = [
+    {"rewards": [0, 0, 0, 0, 1], "dones": [0, 0, 0, 0, 1], "subgoal": [0, 0, 1, 0, 0]},  # terminates, frames 0-4
+    {"rewards": [0, 0.5, 0, 0], "dones": [0, 0, 0, 0], "truncated": True, "lang": "other"},  # time limit, frames 5-8
+    {"rewards": [0, 0], "dones": [0, 1]},  # shorter than H, frames 9-10
+]
+
+
+@pytest.fixture
+def chunks(tmp_path):
+    data = load_episodes(write_demos(tmp_path / "d.h5", EPISODES), prompts=["x"])
+    return make_chunks(data, horizon=3, gamma=G)
+
+
+def test_episode_storage(chunks) -> None:
+    d = chunks.data
+    assert d.episode_starts.tolist() == [0, 5, 9] and d.episode_lengths.tolist() == [5, 4, 2]
+    assert d.truncated.tolist() == [False, True, False] and d.terminals.nonzero()[0].tolist() == [4, 10]
+    assert d.prompts == ["x", "do it", "other"] and d.obs["prompt_id"].tolist() == [1] * 5 + [2] * 4 + [1] * 2
+    assert d.subgoal.nonzero()[0].tolist() == [2] and len(chunks) == 11
+
+
+@pytest.mark.parametrize(
+    "t, valid, rewards, ret, mask, discount, nxt, act",
+    [
+        (0, [1, 1, 1], [0, 0, 0], 0.0, 1, G**3, 3, [0, 1, 2]),  # inside the episode
+        (2, [1, 1, 1], [0, 0, 1], G**2, 0, G**3, 4, [2, 3, 4]),  # ends exactly at the termination
+        (3, [1, 1, 0], [0, 1, 0], G, 0, G**2, 4, [3, 4, 4]),  # crosses the termination: padded, masked
+        (6, [1, 1, 1], [0.5, 0, 0], 0.5, 1, G**3, 8, [6, 7, 8]),  # ends at the truncation: keeps bootstrapping
+        (7, [1, 1, 0], [0, 0, 0], 0.0, 1, G**2, 8, [7, 8, 8]),  # crosses the truncation: bootstrap from last frame
+        (9, [1, 1, 0], [0, 0, 0], 0.0, 0, G**2, 10, [9, 10, 10]),  # H longer than the episode
+    ],
+)
+def test_chunk_targets(chunks, t, valid, rewards, ret, mask, discount, nxt, act) -> None:
+    b = chunks.get(np.array([t]))
+    assert b["valid"][0].tolist() == [bool(v) for v in valid]
+    np.testing.assert_allclose(b["rewards"][0], rewards)
+    np.testing.assert_allclose(b["discounted_return"][0], ret, rtol=1e-6)
+    assert b["mask"][0] == mask and chunks.terminal_any[t] == (mask == 0)
+    np.testing.assert_allclose(b["discount"][0], discount, rtol=1e-6)
+    assert chunks.discount_steps[t] == sum(valid)
+    assert b["obs"]["state"][0, 0] == t and b["next_obs"]["state"][0, 0] == nxt
+    assert b["actions"][0, :, 0].tolist() == act
+    assert b["subgoal"][0] == (t in (0, 1, 2))
+
+
+def test_termination_mid_episode_invalidates_later_steps(tmp_path) -> None:
+    path = write_demos(tmp_path / "m.h5", [{"rewards": [0, 1, 5, 5], "dones": [0, 1, 0, 0]}])
+    c = make_chunks(load_episodes(path), horizon=4, gamma=G)
+    assert c.valid[0].tolist() == [True, True, False, False] and c.discounted_return[0] == pytest.approx(G)
+
+
+def test_sample_shapes_and_all_indices(chunks) -> None:
+    b = chunks.sample(np.random.default_rng(0), 64)
+    assert b["actions"].shape == (64, 3, 2) and b["obs"]["state"].shape == (64, 2) and b["valid"].shape == (64, 3)
+    np.testing.assert_array_equal(b["actions"][:, 0], b["obs"]["state"])  # actions belong to their observation
+    assert sum(len(i) for i in chunks.all_indices(4)) == len(chunks)
+
+
+def test_push_round_trip(tmp_path) -> None:
+    path = make_dataset(tmp_path / "p.h5", episodes=12, noise=1.0, seed=3, image_size=32)
+    data = load_episodes(path, prompts=PUSH_PROMPTS)
+    assert data.prompts == PUSH_PROMPTS and data.obs["state"].shape[1] == 10
+    assert data.obs["images"]["base_0_rgb"].shape == (len(data), 32, 32, 3)
+    with h5py.File(path) as f:
+        demos = [f[f"data/demo_{i}"] for i in range(12)]
+        assert data.episode_lengths.tolist() == [g.attrs["num_samples"] for g in demos]
+        assert data.truncated.tolist() == [bool(g.attrs["truncated"]) for g in demos]
+        prompts = [PUSH_PROMPTS.index(g.attrs["language_instruction"]) for g in demos]
+        np.testing.assert_array_equal(data.obs["state"][: len(demos[0]["actions"])], demos[0]["obs/state"])
+    assert data.obs["prompt_id"][data.episode_starts].tolist() == prompts
+    ends = data.episode_starts + data.episode_lengths - 1
+    assert data.terminals.sum() == data.terminals[ends].sum() == (~data.truncated).sum()
+    assert (data.episode_lengths[data.truncated] == 80).all() and data.truncated.any() and (~data.truncated).any()
+    first3 = load_episodes(tmp_path, max_episodes=3)  # the writer's prompt order is kept without `prompts`
+    assert first3.episode_lengths.tolist() == data.episode_lengths[:3].tolist() and first3.prompts == PUSH_PROMPTS
+
+
+def test_libero_layout(tmp_path) -> None:
+    t = 3
+    img = np.arange(t * 4 * 6 * 3, dtype=np.uint8).reshape(t, 4, 6, 3)
+    with h5py.File(tmp_path / "libero.hdf5", "w") as f:
+        f.create_group("data").attrs["problem_info"] = json.dumps({"language_instruction": "open the drawer"})
+        g = f.create_group("data/demo_0")
+        g["actions"], g["rewards"], g["dones"] = np.ones((t, 7)), np.array([0, 0, 1.0]), np.array([0, 0, 1])
+        g["obs/ee_pos"], g["obs/ee_ori"], g["obs/gripper_states"] = (
+            np.ones((t, 3)),
+            2 * np.ones((t, 3)),
+            np.zeros((t, 2)),
+        )
+        g["obs/joint_states"] = np.ones((t, 7))
+        g["obs/agentview_rgb"], g["obs/eye_in_hand_rgb"] = img, img + 1
+    data = load_episodes(tmp_path)
+    assert data.prompts == ["open the drawer"] and data.actions.shape == (3, 7)
+    np.testing.assert_array_equal(data.obs["state"][0], [1, 1, 1, 2, 2, 2, 0, 0])
+    np.testing.assert_array_equal(data.obs["images"]["base_0_rgb"], img[:, ::-1, ::-1])
+    np.testing.assert_array_equal(data.obs["images"]["left_wrist_0_rgb"], (img + 1)[:, ::-1, ::-1])
+    assert list(load_episodes(tmp_path, image_keys=["base_0_rgb"]).obs["images"]) == ["base_0_rgb"]
+    assert load_episodes(tmp_path, image_keys=[]).obs["images"] == {}
+
+
+def test_bad_inputs(tmp_path) -> None:
+    with pytest.raises(DatasetError, match="no such file"):
+        load_episodes(tmp_path / "missing.h5")
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f["other"] = np.zeros(3)
+    with pytest.raises(DatasetError, match="no 'data' group.*other"):
+        load_episodes(tmp_path / "empty.h5")
+    with h5py.File(tmp_path / "keys.h5", "w") as f:
+        f["data/demo_0/rewards"], f["data/demo_0/obs/state"] = np.zeros(3), np.zeros((3, 2))
+    with pytest.raises(DatasetError, match=r"missing \['actions', 'dones'\]; it has \['obs', 'rewards'\]"):
+        load_episodes(tmp_path / "keys.h5")
+    with h5py.File(tmp_path / "obs.h5", "w") as f:
+        f["data/demo_0/actions"], f["data/demo_0/rewards"], f["data/demo_0/dones"] = np.zeros((3, 2)), [0] * 3, [0] * 3
+        f["data/demo_0/obs/joint_states"] = np.zeros((3, 7))
+    with pytest.raises(DatasetError, match="joint_states"):
+        load_episodes(tmp_path / "obs.h5")
+    with pytest.raises(DatasetError, match="shorter than min_length=3"):
+        load_episodes(write_demos(tmp_path / "short.h5", EPISODES), min_length=3)
+
+
+def chunk_step(rewards, valid, terminated) -> ChunkStep:
+    e, h = np.shape(rewards)
+    obs = {"state": np.full((e, 2), 7.0, np.float32), "prompt_id": np.zeros(e, np.int32), "images": {}}
+    z = np.zeros(e, bool)
+    return ChunkStep(
+        rewards=np.array(rewards, np.float32),
+        discounted_return=np.zeros(e, np.float32),
+        valid=np.array(valid, bool),
+        terminated=np.array(terminated, bool),
+        truncated=z,
+        step_terminated=np.zeros((e, h), bool),
+        step_truncated=np.zeros((e, h), bool),
+        success=z,
+        subgoal=np.zeros((e, h), bool),
+        final_obs=obs,
+        episode_return=np.full(e, np.nan, np.float32),
+        episode_length=np.zeros(e, np.int64),
+    )
+
+
+def test_replay_buffer_and_mixing(chunks) -> None:
+    obs = {"state": np.zeros((3, 2), np.float32), "prompt_id": np.zeros(3, np.int32), "images": {}}
+    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs)
+    mixed = MixedSampler(chunks, buf, online_fraction=0.5)
+    rng = np.random.default_rng(0)
+    assert not mixed.sample(rng, 8)["is_online"].any()
+    step = chunk_step([[0, 0, 1], [1, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 0, 0], [1, 1, 1]], [True, True, False])
+    buf.add(obs, np.ones((3, 3, 2), np.float32), step)
+    np.testing.assert_allclose(buf.discounted_return[:3], [G**2, 1, 0], rtol=1e-6)
+    np.testing.assert_allclose(buf.discount[:3], [G**3, G, G**3], rtol=1e-6)
+    assert buf.mask[:3].tolist() == [0, 0, 1] and (buf.next_obs["state"][:3] == 7).all()
+    buf.add(obs, np.full((3, 3, 2), 2, np.float32), step)  # wraps around: capacity 4
+    assert len(buf) == 4 and buf.actions[:, 0, 0].tolist() == [2, 2, 1, 2]
+    b = mixed.sample(rng, 10)
+    assert b["is_online"].sum() == 5 and (b["actions"][b["is_online"]] >= 1).all()
+    offline = chunks.sample(rng, 2)
+    assert set(b) == set(offline) | {"is_online"} and b["obs"]["state"].shape == (10, 2)
+    assert b["actions"].shape == (10, 3, 2) and b["next_obs"]["images"] == {}
+
+
+def test_norm_stats_round_trip() -> None:
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(1000, 3)).astype(np.float32)
+    x[:, 2] = 1.0  # constant dimension: std floored
+    stats = compute_norm_stats(x)
+    back = NormStats.from_dict(json.loads(json.dumps(stats.to_dict())))
+    assert set(stats.to_dict()) == {"mean", "std", "q01", "q99"}
+    for mode in ("meanstd", "quantile"):
+        y = back.normalize(x, mode)
+        assert np.isfinite(y).all()
+        np.testing.assert_allclose(back.unnormalize(y, mode), x, atol=1e-4)
+    assert abs(back.normalize(x)[:, 0].mean()) < 1e-3 and back.normalize(x, "quantile")[:, :2].max() > 1.0
