@@ -79,9 +79,9 @@ def test_cached_candidates_match_joint_pass(pi05):
     obs = batch_obs(config, B, jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (B, N, H, A))
     t = jax.random.uniform(jax.random.key(3), (B, N))
-    v_cached, _ = model.velocity(params, model.prefix(params, obs), x, t)
+    v_cached, _ = jax.jit(lambda p, o, x, t: model.velocity(p, model.prefix(p, o), x, t))(params, obs, x, t)
     tiled = jax.tree.map(lambda a: jnp.repeat(a, N, axis=0), obs)
-    v_joint, _ = model.joint(params, tiled, x.reshape(B * N, H, A), t.reshape(B * N))
+    v_joint, _ = jax.jit(model.joint)(params, tiled, x.reshape(B * N, H, A), t.reshape(B * N))
     np.testing.assert_allclose(v_cached.reshape(B * N, H, A), v_joint, rtol=1e-4, atol=1e-5)
     assert obs.image_masks["left_wrist_0_rgb"].sum() == 0 and obs.images["base_0_rgb"].shape == (B, 32, 32, 3)
 
@@ -94,8 +94,8 @@ def test_frozen_backbone_skips_vlm_gradients():
     actions = jnp.ones((2, config.action_horizon, config.action_dim))
     loss = lambda p, frozen: model.flow_loss(p, obs, actions, jax.random.key(2), freeze_backbone=frozen).mean()
     mask = model.backbone_mask(params)
-    g_frozen = jax.grad(loss)(params, True)
-    g_full = jax.grad(loss)(params, False)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_frozen, g_full = grad(params, True), grad(params, False)
     flat = lambda t: jax.tree.leaves(t)
     for m, gf in zip(flat(mask), flat(g_frozen), strict=True):
         if m:

@@ -1,0 +1,211 @@
+"""Tests for chunk_awr.py: smoke + resume, command line, the sub-goal chunk reward, weight clipping, β = 0 is BC."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import chunk_awr  # noqa: E402
+from common import envs, pi0, qchunk  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(
+    episodes=12,
+    eval_episodes=2,
+    batch_size=8,
+    critic_batch_size=16,
+    updates_per_call=5,
+    log_every=5,
+    eval_every=0,
+    save_every=10,
+)
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("PI0RL_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smoke_and_resume(tmp_path):
+    run_dir = str(tmp_path / "run")
+    out = chunk_awr.main(chunk_awr.Args(critic_steps=20, policy_steps=0, run_dir=run_dir, **TINY))
+    assert out["step"] == 20
+    rows = _metrics(run_dir)
+    losses = [r[k] for r in rows for k in ("losses/q", "losses/v") if k in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints"))
+    # resume: the step count continues into the weighted flow-matching phase, from the stored advantages
+    out = chunk_awr.main(chunk_awr.Args(critic_steps=20, policy_steps=10, run_dir=run_dir, resume=True, **TINY))
+    assert out["step"] == 30
+    rows = _metrics(run_dir)
+    pol = [r["losses/policy"] for r in rows if "losses/policy" in r]
+    assert pol and all(math.isfinite(x) for x in pol) and max(r["step"] for r in rows) == 30
+    assert 0.0 <= out["eval/success_rate"] <= 1.0
+
+
+def test_command_line(tmp_path):
+    run_dir = str(tmp_path / "cli")
+    cmd = [
+        sys.executable,
+        "chunk_awr.py",
+        "--critic-steps",
+        "10",
+        "--policy-steps",
+        "0",
+        "--episodes",
+        "12",
+        "--eval-episodes",
+        "2",
+        "--critic-batch-size",
+        "16",
+        "--updates-per-call",
+        "5",
+        "--reward",
+        "subgoal",
+        "--beta",
+        "5",
+        "--max-weight",
+        "10",
+        "--run-dir",
+        run_dir,
+    ]
+    res = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT}
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[eval]" in res.stdout and os.path.isfile(os.path.join(run_dir, "args.json"))
+    bad = subprocess.run(
+        [sys.executable, "chunk_awr.py", "--schedule", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert bad.returncode != 0 and "--schedule" in bad.stderr
+
+
+def _episodes(flags: list[list[int]], terminal_last: list[bool]) -> qchunk.EpisodeData:
+    lengths = np.array([len(f) for f in flags])
+    n = int(lengths.sum())
+    terms = np.concatenate(
+        [np.eye(1, k, k - 1, dtype=bool)[0] & t for k, t in zip(lengths, terminal_last, strict=True)]
+    )
+    return qchunk.EpisodeData(
+        obs={"state": np.zeros((n, 10), np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}},
+        actions=np.zeros((n, 2), np.float32),
+        rewards=terms.astype(np.float32),
+        terminals=terms,
+        subgoal=np.concatenate([np.asarray(f, bool) for f in flags]),
+        episode_starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+        episode_lengths=lengths,
+        truncated=~np.asarray(terminal_last),
+        prompts=["push the block to the red target"],
+    )
+
+
+def test_subgoal_reward_hand_made_episode():
+    # episode 0: 7 steps, sub-goal completed at step 3, terminates at step 6; episode 1: 4 steps, flag on its 1st
+    data = _episodes([[0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0]], [True, False])
+    chunks = qchunk.make_chunks(data, horizon=3, gamma=0.9)
+    batch = chunks.get(np.arange(len(chunks)))
+    r = np.asarray(chunk_awr.chunk_reward(batch, "subgoal"))
+    # chunk t covers steps t..t+2 of its episode: only chunks containing step 3 of episode 0 (t = 1, 2, 3) and the
+    # chunk starting at episode 1's first step see a flag; no flag leaks across the episode boundary
+    np.testing.assert_array_equal(r, [0, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0])
+    ret = np.asarray(chunk_awr.chunk_reward(batch, "return"))
+    np.testing.assert_allclose(ret[4:7], [0.81, 0.9, 1.0], rtol=1e-6)  # termination reward at step 6, discounted
+    assert ret[7:].sum() == 0
+
+
+def test_weight_clipping():
+    adv = jnp.array([-1.0, 0.0, 0.1, 1.0, 100.0])
+    w = np.asarray(chunk_awr.awr_weights(adv, beta=20.0, max_weight=100.0))
+    np.testing.assert_allclose(w, [math.exp(-20), 1.0, math.exp(2.0), 100.0, 100.0], rtol=1e-5)
+    assert np.all(np.isfinite(w)) and w.max() <= 100.0
+    np.testing.assert_array_equal(np.asarray(chunk_awr.awr_weights(adv, 0.0, 100.0)), np.ones(5))  # β = 0
+    g = jax.grad(lambda a: chunk_awr.awr_weights(a, 20.0, 100.0).sum())(adv)  # the weights carry no gradient
+    np.testing.assert_array_equal(np.asarray(g), np.zeros(5))
+
+
+def _learner(beta: float):
+    args = chunk_awr.check(chunk_awr.Args(beta=beta))
+    env = envs.make_env("push", 1)
+    cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=5)
+    model = pi0.Pi0(cfg)
+    stats = {
+        k: {s: np.full(d, v, np.float32) for s, v in (("mean", 0.1), ("std", 0.5), ("q01", -1), ("q99", 1))}
+        for k, d in (("state", 10), ("actions", 2))
+    }
+    table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
+    learner = chunk_awr.Learner(args, model, table, stats, 2)
+    params = model.init(jax.random.key(0))
+    hp = learner.heads.init(jax.random.key(1), cfg.vlm.width, 10, 10)
+    state = {
+        "params": params,
+        "opt": learner.pi_tx.init(params),
+        "q": hp["q"],
+        "v": hp["v"],
+        "q_target": hp["q"],
+        "h_opt": learner.h_tx.init(hp),
+        "adv": jnp.zeros(3),
+        "rng": jax.random.PRNGKey(0),
+    }
+    rng = np.random.default_rng(0)
+    batch = {
+        "obs": {
+            "state": rng.normal(size=(6, 10)).astype(np.float32),
+            "prompt_id": np.array([0, 1, 2] * 2),
+            "images": {},
+        },
+        "actions": rng.uniform(-1, 1, (6, 5, 2)).astype(np.float32),
+        "valid": np.array([[1] * 5] * 4 + [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], bool),
+        "adv": rng.normal(size=6).astype(np.float32) * 0.3,
+    }
+    return learner, state, batch
+
+
+def test_beta_zero_is_exactly_bc():
+    learner, state, batch = _learner(beta=0.0)
+    rng = jax.random.key(7)
+    _, info = learner.step(state, batch, rng, "policy")  # the AWR update's own code path
+    k_pi, _ = jax.random.split(rng)
+    obs = learner.observe(batch["obs"])
+    per_step = learner.model.flow_loss(state["params"], obs, learner.norm_actions(batch["actions"]), k_pi)  # [B,H]
+    valid = batch["valid"].astype(np.float32)
+    bc = float((per_step * valid).sum() / valid.sum())
+    assert float(info["losses/policy"]) == pytest.approx(bc, rel=1e-6)
+    assert float(info["charts/weight_mean"]) == 1.0 and float(info["charts/weight_max"]) == 1.0
+    # with β > 0 the same batch gives a different (weighted) loss
+    learner2, state2, _ = _learner(beta=20.0)
+    _, info2 = learner2.step(state2, batch, rng, "policy")
+    assert float(info2["losses/policy"]) != pytest.approx(bc, rel=1e-4)
+
+
+def test_flow_log_prob_exact_vs_hutchinson():
+    learner, state, batch = _learner(beta=1.0)
+    prefix = learner.model.prefix(state["params"], learner.observe(batch["obs"]))
+    noise = jax.random.normal(jax.random.key(3), (6, 2, 5, 2))
+    a_ex, lp_ex = chunk_awr.sample_logp(learner.model, state["params"], prefix, noise, 3, jax.random.key(4), False)
+    hutch = jax.jit(
+        jax.vmap(lambda k: chunk_awr.sample_logp(learner.model, state["params"], prefix, noise, 3, k, True)[1])
+    )(jax.random.split(jax.random.key(5), 64))
+    np.testing.assert_allclose(a_ex, learner.model.sample(state["params"], prefix, noise, 3), atol=1e-5)
+    assert np.all(np.isfinite(lp_ex)) and np.all(np.isfinite(hutch))
+    se = np.asarray(hutch).std(0) / 8.0  # standard error of the 64-sample mean
+    assert np.all(np.abs(np.asarray(hutch).mean(0) - lp_ex) < 4 * se + 1e-3)
