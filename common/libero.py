@@ -272,7 +272,15 @@ class _Local:
 
 # ----------------------------------------------------------------------------------------------------- vector env
 class LiberoVecEnv:
-    """`num_envs` LIBERO simulators with the interface of `envs.PushEnv` (see the module docstring)."""
+    """`num_envs` LIBERO simulators of `suite` (tasks `task_ids`, default all), with the interface of `envs.PushEnv`.
+
+    Images are rendered at `image_size`^2: 256 as openpi's LIBERO client renders them, `pi0.make_observation` then
+    resizes with padding to the model's 224 as openpi does; smaller renders suit small models (the render time
+    barely depends on the size). Episodes last at most `max_episode_steps` policy steps (default per suite, see
+    `MAX_EPISODE_STEPS`) after `num_steps_wait` settling steps. `eval_mode` plays the suite's fixed init states in
+    order (`LiberoVecEnv.eval_schedule`). `async_envs` runs each simulator in its own process; each process keeps
+    up to `max_cached_tasks` built tasks (about 1.6 GB each), rebuilding one (seconds) when it switches task.
+    """
 
     action_dim, state_dim = 7, 8
     camera_names = list(CAMERAS.values())
@@ -422,39 +430,7 @@ class LiberoVecEnv:
         self.close()
 
 
-def make_libero_env(
-    num_envs: int,
-    seed: int = 0,
-    suite: str = "libero_spatial",
-    task_ids: list[int] | None = None,
-    image_size: int = 256,
-    eval_mode: bool = False,
-    num_steps_wait: int = 10,
-    max_episode_steps: int | None = None,
-    async_envs: bool = True,
-    max_cached_tasks: int = 1,
-) -> LiberoVecEnv:
-    """A `LiberoVecEnv`: `num_envs` simulators of `suite` (tasks `task_ids`, default all).
-
-    Images are rendered at `image_size`^2: 256 as openpi's LIBERO client renders them, `pi0.make_observation` then
-    resizes with padding to the model's 224 as openpi does; smaller renders suit small models (the render time
-    barely depends on the size). Episodes last at most `max_episode_steps` policy steps (default per suite, see
-    `MAX_EPISODE_STEPS`) after `num_steps_wait` settling steps. `eval_mode` plays the suite's fixed init states in
-    order (`LiberoVecEnv.eval_schedule`). `async_envs` runs each simulator in its own process; each process keeps
-    up to `max_cached_tasks` built tasks (about 1.6 GB each), rebuilding one (seconds) when it switches task.
-    """
-    return LiberoVecEnv(
-        num_envs,
-        seed,
-        suite,
-        task_ids,
-        image_size,
-        eval_mode,
-        num_steps_wait,
-        max_episode_steps,
-        async_envs,
-        max_cached_tasks,
-    )
+make_libero_env = LiberoVecEnv  # what `envs.make_env("libero", ...)` calls
 
 
 # ----------------------------------------------------------------------------------------------------- LeRobot data
