@@ -5,7 +5,7 @@ its run folder (--pi0-checkpoint). Prints a table, writes bench/results/flow_ppo
 against environment steps). Results are written after every run, so a partial benchmark keeps what it measured.
 
     python bench/flow_ppo.py                                   # 2 seeds × 2 methods, the default budget
-    python bench/flow_ppo.py --seeds 1 --ppo-minutes 1 --bc-steps 100   # a quick look
+    python bench/flow_ppo.py --seeds 1 --ppo-minutes 1 --bc-steps 1000   # a quick look
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class BenchArgs:
     """seeds (each: one BC start, then PPO with each method)"""
     methods: list[str] = field(default_factory=lambda: ["flow_noise", "flow_sde"])
     """noise methods to compare"""
-    bc_steps: int = 1000
+    bc_steps: int = fp.Args.bc_steps
     """BC warm-start steps (flow_ppo.py's default)"""
     ppo_minutes: float = 5.0
     """wall-clock budget of each PPO run, start-up and compilation included (the reduced-budget knob)"""
