@@ -36,7 +36,7 @@ import optax
 import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
-from common import envs, mesh, pi0, qchunk, runlog
+from common import envs, libero, mesh, pi0, qchunk, runlog
 
 # Values by platform; a flag given explicitly (not None) wins. Matched by substring of --env.
 PRESETS = {
@@ -55,6 +55,8 @@ class Args:
     """random seed (parameters, data order, environments)"""
     env: str = "push"
     """'push' (embedded), 'libero', or any gymnasium id; also picks the preset (push/libero/aloha/droid)"""
+    env_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
+    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
     """prior data: HDF5 file or folder (robomimic/LIBERO layout); default for push: the noise-0.6 demonstrations"""
     pi0_checkpoint: str | None = None
@@ -91,7 +93,7 @@ class Args:
     flow_steps: int = 5
     """Euler steps when acting"""
     image_size: int = 0
-    """camera image size for push (0: state only)"""
+    """camera image size (push: 0 = state only; libero: 0 = the dataset's)"""
 
     offline_steps: int = 1500
     """updates on the prior data before going online"""
@@ -133,6 +135,8 @@ class Args:
     """β: acting ranks candidates by ensemble mean − β·std"""
     cql_weight: float = 0.5
     """conservative penalty: mean Q of π₀ chunks at o_t minus Q of the data chunk (0: off; off, best-of-N hurt)"""
+    cql_bound: bool = False
+    """Cal-QL (Nakamoto et al., 2023): the penalty pushes π₀'s chunks down only to the data's Monte Carlo return"""
     actor_weight: float = 0.0
     """weight of −Q(o, π₀(o)) back-propagated through the sampling steps"""
     freeze_backbone: bool = False
@@ -179,12 +183,13 @@ class Agent:
         self.args, self.model, self.table, self.quantile = args, model, table, quantile
         self.stats = jax.tree.map(jnp.asarray, stats)
         self.A, self.critic = env_action_dim, CriticMLP(tuple(args.critic_hidden))
+        self.delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
 
     def observe(self, obs):
         return pi0.make_observation(self.model.config, obs, self.table, self.stats["state"], self.quantile)
 
-    def norm_actions(self, a):  # env units [..., A] -> model's normalised, padded [..., A_m]
-        a = pi0.normalize(a, self.stats["actions"], self.quantile)
+    def norm_actions(self, a, state):  # env units [..., A] -> model's normalised, padded [..., A_m]
+        a = pi0.normalize(a - libero.state_offset(state, self.A, self.delta), self.stats["actions"], self.quantile)
         return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.model.config.action_dim - a.shape[-1])])
 
     def q(self, cparams, prefix, chunks):
@@ -243,7 +248,7 @@ def loss_fn(train, target_cparams, agent: Agent, batch, y, rng):
     prefix = model.prefix(train["pi"], agent.observe(batch["obs"]))  # the one VLM pass for o_t
     if a.freeze_backbone:
         prefix = jax.lax.stop_gradient(prefix)
-    actions = agent.norm_actions(batch["actions"])  # [B,H,A_m]
+    actions = agent.norm_actions(batch["actions"], batch["obs"]["state"])  # [B,H,A_m]
     w = batch["valid"].astype(jnp.float32)  # [B,H] padded steps past the episode's end are not imitated
     if not a.bc_online:
         w = w * (1.0 - batch["is_online"].astype(jnp.float32))[:, None]
@@ -257,7 +262,10 @@ def loss_fn(train, target_cparams, agent: Agent, batch, y, rng):
         cand = agent.sample(
             jax.lax.stop_gradient(train["pi"]), jax.lax.stop_gradient(prefix), k_cql, a.target_n, a.target_flow_steps
         )
-        gap = agent.q(train["critic"], prefix, jax.lax.stop_gradient(cand)).mean(-1) - q_data  # [E,B]
+        q_pi = agent.q(train["critic"], prefix, jax.lax.stop_gradient(cand))  # [E,B,N]
+        if a.cql_bound:  # Cal-QL: push π₀'s chunks down no lower than the data's Monte Carlo return (NaN online)
+            q_pi = jnp.maximum(q_pi, jnp.nan_to_num(batch["return_to_go"], nan=-jnp.inf)[None, :, None])
+        gap = q_pi.mean(-1) - q_data  # [E,B]
         loss = loss + a.cql_weight * gap.mean()
         info["losses/cql_gap"] = gap.mean()
     if a.actor_weight > 0:  # −Q(o, π₀(o)) through the Euler steps; the critic is a constant here
@@ -313,14 +321,15 @@ def make_act(agent: Agent):
         chunk, q, _ = agent.best_of_n(
             state["pi"], state["critic"], prefix, rng, n, a.flow_steps, beta, a.bon_slice if n == a.bon else 0
         )
-        return pi0.unnormalize(chunk[..., : agent.A], agent.stats["actions"], agent.quantile), q
+        chunk = pi0.unnormalize(chunk[..., : agent.A], agent.stats["actions"], agent.quantile)
+        return chunk + libero.state_offset(obs["state"], agent.A, agent.delta), q
 
     return act
 
 
 def evaluate(act, state, args: Args, n: int, beta: float, rng, prefix: str) -> dict:
     """One episode in each of --eval-episodes envs; success, return and calibration (q_pred vs realised)."""
-    env = envs.make_env(args.env, args.eval_episodes, seed=10_000 + args.seed, image_size=args.image_size)
+    env = envs.from_args(args, args.eval_episodes, 10_000 + args.seed, evaluation=True)
     obs, _ = env.reset(seed=10_000 + args.seed)
     E, done = args.eval_episodes, np.zeros(args.eval_episodes, bool)
     success, ret = np.zeros(E, bool), np.zeros(E)
@@ -336,6 +345,7 @@ def evaluate(act, state, args: Args, n: int, beta: float, rng, prefix: str) -> d
         success |= alive & step.success
         ret += np.where(alive, step.rewards.sum(1), 0.0)
         done |= step.terminated | step.truncated
+    env.close()
     r = np.stack(rewards)  # [T,E]
     togo = np.zeros_like(r)  # discounted return-to-go from every step
     acc = np.zeros(E)
@@ -395,7 +405,7 @@ def main(args: Args) -> dict:
     args = resolve(args)
     mesh.init_distributed()
     dev_mesh = mesh.make_mesh(args.fsdp_devices)
-    env = envs.make_env(args.env, args.num_envs, seed=args.seed, image_size=args.image_size)
+    env = envs.from_args(args, args.num_envs, args.seed)
     if args.dataset is None and args.env != "push":
         raise ValueError(f"--env {args.env}: pass --dataset (prior data in robomimic/LIBERO HDF5 layout)")
     dataset = args.dataset or envs.default_dataset(env="push", noise=0.6, image_size=args.image_size)
@@ -452,7 +462,7 @@ def main(args: Args) -> dict:
     update, act = make_update(agent, tx), make_act(agent)
     np_rng = np.random.default_rng(args.seed + step)
     sampler = qchunk.MixedSampler(offline, buffer, args.online_fraction)
-    keys = ("obs", "next_obs", "actions", "discounted_return", "discount", "mask", "valid", "is_online")
+    keys = ("obs", "next_obs", "actions", "discounted_return", "discount", "mask", "valid", "is_online", "return_to_go")
 
     split = NamedSharding(dev_mesh, PartitionSpec(None, mesh.BATCH_AXES))  # [U,B,...]: B over the devices
 
@@ -498,6 +508,7 @@ def main(args: Args) -> dict:
             results.update({f"final/{k}": v for k, v in m.items()})
             print(f"[{phase} done, update {step}, {rate:.1f} updates/s] " + show(m, args.bon), flush=True)
     save(step)
+    env.close()
     run.close()
     results.update({"step": step, "run_dir": run.dir, **{k: float(v) for k, v in jax.device_get(info).items()}})
     return results

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, mesh, pi0, qchunk, runlog
+from common import envs, libero, mesh, pi0, qchunk, runlog
 
 HORIZONS = {"push": 5, "libero": 10}  # default chunk length H by --env (substring match); others: 5
 
@@ -51,6 +51,8 @@ class Args:
     """random seed (parameters, data order, environments)"""
     env: str = "push"
     """'push' (embedded), 'libero', or any gymnasium id (evaluation env)"""
+    env_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
+    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
     """offline data: HDF5 file or folder (robomimic/LIBERO layout); default for push: mixed demos (noise .3/.6/1)"""
     pi0_checkpoint: str | None = None
@@ -76,7 +78,7 @@ class Args:
     eval_every: int = 1000
     """evaluate every this many policy updates (0: only at the end of each phase)"""
     eval_episodes: int = 100
-    """episodes per evaluation (run in parallel, one per env)"""
+    """episodes per evaluation"""
     num_envs: int = 100
     """parallel evaluation environments (eval_episodes are spread over them)"""
 
@@ -115,6 +117,9 @@ class Args:
     """Q and V MLP widths"""
     tau: float = 0.005
     """Polyak rate of the target Q heads"""
+    critic_target: str = "mc"
+    """y of L_Q: mc (the discounted return to the episode's end: Q of the data's policy by regression, no bootstrap
+    lag, as one-step AWR) or td (r_t + γ^H (1 − done) V(x_{t+H}); 16 chunk backups on push need more critic steps)"""
     reward: str = "return"
     """chunk reward: return (in-chunk discounted return) or subgoal (max of the per-step sub-goal flags)"""
     value_loss: str = "expectile"
@@ -148,6 +153,7 @@ def check(args: Args) -> Args:
     for name, val, ok in (
         ("schedule", args.schedule, ("two-phase", "joint")),
         ("reward", args.reward, ("return", "subgoal")),
+        ("critic-target", args.critic_target, ("mc", "td")),
         ("value-loss", args.value_loss, ("expectile", "sampled")),
         ("weight-norm", args.weight_norm, ("batch", "none")),
         ("weighting", args.weighting, ("sample", "loss")),
@@ -258,8 +264,11 @@ def critic_loss(
     args: Args, heads: Heads, hp, q_target, feats, state, chunks, next_feats, next_state, batch, value_target
 ):
     """L_Q + λ_V L_V. value_target: [B] E_π[Q̄ − α log π] (sampled) or None (expectile on the data chunk)."""
-    v_next = jax.lax.stop_gradient(heads.value(hp["v"], next_feats, next_state))
-    y = jax.lax.stop_gradient(chunk_reward(batch, args.reward) + batch["discount"] * batch["mask"] * v_next)
+    if args.critic_target == "mc":  # G_t = Σ_{k≥0} γ^k r_{t+k} to the episode's end (0 after a truncation)
+        y = batch["return_to_go"]
+    else:
+        v_next = jax.lax.stop_gradient(heads.value(hp["v"], next_feats, next_state))
+        y = jax.lax.stop_gradient(chunk_reward(batch, args.reward) + batch["discount"] * batch["mask"] * v_next)
     q = heads.qs(hp["q"], feats, state, chunks)  # [B,2]
     loss_q = jnp.mean(jnp.square(q - y[:, None]))
     v = heads.value(hp["v"], feats, state)
@@ -280,14 +289,17 @@ class Learner:
         self.args, self.model, self.table, self.A = args, model, table, env_action_dim
         self.stats = jax.tree.map(jnp.asarray, stats)
         self.heads = Heads(tuple(args.critic_hidden))
+        self.delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
         self.pi_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=1e-4))
         self.h_tx = optax.adam(args.critic_lr)
 
     def observe(self, obs):
         return pi0.make_observation(self.model.config, obs, self.table, self.stats["state"])
 
-    def norm_actions(self, a):  # env units [..., A] -> normalised, zero-padded to the model's action dim
-        a = pi0.normalize(a, self.stats["actions"])
+    def norm_actions(self, a, state=None):  # env units [..., A] -> normalised, zero-padded to the model's action dim
+        """With `state` (the policy's targets): relative to it where the checkpoint predicts that (`self.delta`)."""
+        off = 0.0 if state is None else libero.state_offset(state, self.A, self.delta)
+        a = pi0.normalize(a - off, self.stats["actions"])
         return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.model.config.action_dim - a.shape[-1])])
 
     def encode(self, params, obs):  # one VLM pass without gradients -> (features [B,W], normalised state [B,S])
@@ -339,7 +351,8 @@ class Learner:
                 else:  # from the table computed after the critic phase
                     adv = batch["adv"]
                 w = awr_weights(adv, a.beta, a.max_weight)
-                l_pi, _ = policy_loss(self.model, params, prefix, chunks, batch["valid"], w, k_pi, a.weight_norm)
+                target = self.norm_actions(batch["actions"], batch["obs"]["state"])  # = chunks unless self.delta
+                l_pi, _ = policy_loss(self.model, params, prefix, target, batch["valid"], w, k_pi, a.weight_norm)
                 total = total + a.lambda_pi * l_pi if phase == "joint" else total + l_pi
                 info["losses/policy"], info["charts/adv_std"] = l_pi, adv.std()
                 info["charts/weight_mean"], info["charts/weight_max"] = w.mean(), w.max()
@@ -399,30 +412,35 @@ class Learner:
                 rng, (obs["state"].shape[0], 1, c.action_horizon, c.action_dim)
             )
             chunks = self.model.sample(params, prefix, noise, self.args.flow_steps)[:, 0, :, : self.A]
-            return pi0.unnormalize(chunks, self.stats["actions"])
+            off = libero.state_offset(obs["state"], self.A, self.delta)  # openpi's pi0_libero: action − state
+            return pi0.unnormalize(chunks, self.stats["actions"]) + off
 
         return act
 
 
 # ----------------------------------------------------------------------------------------------------- eval
 def evaluate(act, params, args: Args, rng) -> dict:
-    """eval_episodes episodes of the policy, one per env (chunks executed open loop); success rate and return."""
-    env = envs.make_env(args.env, args.eval_episodes, seed=args.seed + 10_000)
-    obs, _ = env.reset(seed=args.seed + 10_000)
+    """eval_episodes episodes of the policy over E = min(num_envs, eval_episodes) envs, env e playing episodes e, e+E,
+    ... (chunks executed open loop); success rate and return (an episode that never ended counts as a failure)."""
     n = args.eval_episodes
-    done, success, ret = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.float32)
-    max_chunks = math.ceil((getattr(env, "max_episode_steps", None) or 1000) / args.action_horizon) + 1
-    for _ in range(max_chunks):
+    E = min(args.num_envs, n)
+    env = envs.from_args(args, E, args.seed + 10_000, evaluation=True)
+    obs, _ = env.reset(seed=args.seed + 10_000)
+    todo = (n - np.arange(E) + E - 1) // E  # episodes each env still has to play
+    success, ret = 0, 0.0
+    per_episode = math.ceil((getattr(env, "max_episode_steps", None) or 1000) / args.action_horizon) + 1
+    for _ in range(per_episode * int(todo.max())):
         rng, key = jax.random.split(rng)
         obs_in = {"state": obs["state"], "prompt_id": obs["prompt_id"], "images": obs["images"]}
         actions = np.asarray(act(params, obs_in, key))
         obs, step = envs.execute_chunk(env, obs, actions, args.gamma)
-        ended = (step.terminated | step.truncated) & ~done
-        success[ended], ret[ended] = step.success[ended], step.episode_return[ended]
-        done |= ended
-        if done.all():
+        ended = (step.terminated | step.truncated) & (todo > 0)
+        success, ret = success + step.success[ended].sum(), ret + step.episode_return[ended].sum()
+        todo -= ended
+        if not todo.any():
             break
-    return {"eval/success_rate": float(success.mean()), "eval/return": float(ret.mean())}
+    env.close()
+    return {"eval/success_rate": float(success / n), "eval/return": float(ret / n)}
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -431,7 +449,8 @@ def main(args: Args) -> dict:
     mesh.init_distributed()
     keys = ("env", "seed", "run_dir", "resume", "track", "wandb_project")
     run = runlog.Run(args, "chunk_awr", **{k: getattr(args, k) for k in keys})
-    env = envs.make_env(args.env, 1, seed=args.seed)
+    env = envs.from_args(args, 1, args.seed)
+    env.close()  # only its spaces, cameras and prompts are needed here
     if args.dataset is None and args.env != "push":
         raise ValueError(f"--env {args.env}: pass --dataset (HDF5 file or folder); only push has a default dataset")
     path = args.dataset or envs.default_dataset(env="push", noise="mixed", episodes=args.episodes)

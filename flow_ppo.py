@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import flax.linen as nn
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, pi0, qchunk, runlog
+from common import envs, libero, pi0, qchunk, runlog
 
 
 @dataclass
@@ -43,6 +43,8 @@ class Args:
     """seed of jax, numpy and the envs"""
     env: str = "push"
     """'push' (embedded), 'libero', or a gymnasium id"""
+    env_kwargs: dict[str, str] = field(default_factory=dict)
+    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
     """prior data (robomimic/LIBERO HDF5) for the BC warm start; default: envs.default_dataset(env, noise=0.6)"""
     pi0_checkpoint: str | None = None
@@ -403,9 +405,9 @@ def behaviour_cloning(args: Args, model, params, cfg, table, stats, chunks, acti
     return params
 
 
-def evaluate(env_name: str, num: int, seed: int, act_fn, params, max_chunks: int = 1000) -> dict[str, float]:
+def evaluate(args: Args, num: int, seed: int, act_fn, params, max_chunks: int = 1000) -> dict[str, float]:
     """One episode in each of `num` envs with the deterministic ODE policy -> eval/success_rate, eval/return."""
-    env = envs.make_env(env_name, num, seed=seed)
+    env = envs.from_args(args, num, seed, evaluation=True)
     obs, _ = env.reset(seed=seed)
     done, success, ret = np.zeros(num, bool), np.zeros(num, bool), np.zeros(num)
     rng = jax.random.key(seed)
@@ -418,6 +420,7 @@ def evaluate(env_name: str, num: int, seed: int, act_fn, params, max_chunks: int
         done |= step.terminated | step.truncated
         if done.all():
             break
+    env.close()
     return {"eval/success_rate": float(success.mean()), "eval/return": float(ret.mean())}
 
 
@@ -452,7 +455,7 @@ def main(args: Args) -> dict[str, float]:
     kw = dict(env=args.env, seed=args.seed, run_dir=args.run_dir, resume=args.resume, track=args.track)
     run = runlog.Run(args, "flow_ppo", **kw, wandb_project=args.wandb_project)
     np.random.seed(args.seed)
-    env = envs.make_env(args.env, args.num_envs, seed=args.seed)
+    env = envs.from_args(args, args.num_envs, args.seed)
     A, H = env.action_dim, args.action_horizon
     cfg_kw = dict(action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=tuple(env.camera_names))
     cfg_kw["max_token_len"] = pi0.PRESETS[args.pi0_preset].max_token_len
@@ -500,8 +503,10 @@ def main(args: Args) -> dict[str, float]:
         state["params"] = behaviour_cloning(args, model, state["params"], cfg, table, stats, chunks, A, run, 0)
         bc_done = bc_steps
 
-    def to_env(actions):  # normalised [B,H,A_model] -> env units [B,H,A]
-        return pi0.unnormalize(actions[..., :A], stats["actions"])
+    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
+
+    def to_env(actions, state):  # normalised [B,H,A_model] -> env units [B,H,A] (openpi's pi0_libero: + state)
+        return pi0.unnormalize(actions[..., :A], stats["actions"]) + libero.state_offset(state, A, delta)
 
     @jax.jit
     def act(params, heads, obs, rng):
@@ -510,7 +515,7 @@ def main(args: Args) -> dict[str, float]:
         chain, sde_step = sample_chain(args, model, noise_head, params, heads, prefix, rng, o.state.shape[0])
         logp, _, _ = chain_logprob(args, model, noise_head, params, heads, prefix, chain, sde_step)
         value = value_head.apply(heads["value"], prefix.features, o.state)
-        return to_env(chain[:, -1]), chain, sde_step, logp, value
+        return to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
 
     @jax.jit
     def value_fn(params, heads, obs):
@@ -521,7 +526,7 @@ def main(args: Args) -> dict[str, float]:
     def eval_act(params, obs, rng):  # the deterministic ODE from one noise draw
         prefix = model.prefix(params, pi0.make_observation(cfg, obs, table, stats["state"]))
         noise = jax.random.normal(rng, (obs["state"].shape[0], 1, H, cfg.action_dim))
-        return to_env(model.sample(params, prefix, noise, args.flow_steps)[:, 0])
+        return to_env(model.sample(params, prefix, noise, args.flow_steps)[:, 0], obs["state"])
 
     update = jax.jit(make_update(args, model, noise_head, value_head, cfg, table, stats, tx), donate_argnums=0)
     gae_fn = jax.jit(gae, static_argnums=(6, 7))
@@ -534,7 +539,7 @@ def main(args: Args) -> dict[str, float]:
 
     final = {}
     if iteration == 0:  # the start of PPO: BC (or the loaded checkpoint)
-        final = evaluate(args.env, args.eval_episodes, args.seed + 10_000, eval_act, state["params"])
+        final = evaluate(args, args.eval_episodes, args.seed + 10_000, eval_act, state["params"])
         run.log(bc_done, final)
         print(f"start of PPO: success {final['eval/success_rate']:.3f}")
         final["eval/start_success_rate"] = final["eval/success_rate"]
@@ -595,12 +600,13 @@ def main(args: Args) -> dict[str, float]:
             )
             ep_success = []
         if iteration % args.eval_every == 0 or last:
-            ev = evaluate(args.env, args.eval_episodes, args.seed + 10_000, eval_act, state["params"])
+            ev = evaluate(args, args.eval_episodes, args.seed + 10_000, eval_act, state["params"])
             run.log(step_id, ev)
             final.update(ev)
             print(f"[eval] iteration {iteration}: success {ev['eval/success_rate']:.3f}")
         if iteration % args.save_every == 0 or last:
             save(step_id)
+    env.close()
     run.close()
     final.update({k: float(v) for k, v in info.items()}, run_dir=run.dir)
     final.update(

@@ -3,7 +3,7 @@ LIBERO hook, and open-loop execution of action chunks in vectorised environments
 
 Every environment here is vectorised over `num_envs` copies, with attributes `num_envs, action_dim, state_dim,
 prompts, camera_names, action_low, action_high`, the methods `reset(seed) -> (obs, info)`, `step(actions, active)`,
-`reset_where(mask) -> obs`, and the shared observation format
+`reset_where(mask) -> obs`, `close()`, and the shared observation format
 
     obs = {"state": float32[E, S], "prompt_id": int32[E], "images": {camera: uint8[E, h, w, 3]}}
 
@@ -151,6 +151,9 @@ class PushEnv:
         state = np.concatenate([self.agent, self.block, self.targets.reshape(-1, 6)], -1).astype(np.float32)
         images = {PUSH_CAMERA: self.render()} if self.image_size > 0 else {}
         return {"state": state, "prompt_id": self.prompt_id.copy(), "images": images}
+
+    def close(self) -> None:
+        """Nothing to release (the interface of the other envs)."""
 
     def render(self) -> np.ndarray:
         """Draw all envs as uint8 [E, s, s, 3] (y up): targets, then the brown block, then the dark agent."""
@@ -394,6 +397,10 @@ class GymVecEnv:
     def _obs(self) -> Obs:
         return {"state": self._state.copy(), "prompt_id": np.zeros(self.num_envs, np.int32), "images": {}}
 
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
 
 def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw: Any) -> Any:
     """'push' -> `PushEnv`; 'libero' -> `common.libero.make_libero_env`; anything else -> `GymVecEnv`."""
@@ -412,6 +419,46 @@ def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw:
     if image_size:
         raise ValueError(f"image_size={image_size}: gymnasium envs ({name!r}) are state-only; use image_size=0.")
     return GymVecEnv(name, num_envs, seed=seed, **kw)
+
+
+def from_args(args: Any, num_envs: int, seed: int, evaluation: bool = False) -> Any:
+    """`make_env` for a script's Args: `--env`, `--env-kwargs` (values decoded as JSON where they parse, e.g.
+    `--env-kwargs suite libero_goal task_ids [0,3] image_size 64`) and `--image-size` where the script has one.
+    LIBERO: images rendered at the size of the `--dataset`'s images unless an image size is given (online and offline
+    observations then match), and evaluation envs (`evaluation=True`) play the suite's fixed initial states in order.
+    """
+    kw = {k: _decode(v) for k, v in (getattr(args, "env_kwargs", None) or {}).items()}
+    if getattr(args, "image_size", 0):
+        kw.setdefault("image_size", args.image_size)
+    if args.env == "libero":
+        if "image_size" not in kw and args.dataset and (size := dataset_image_size(args.dataset)):
+            kw["image_size"] = size
+        if evaluation:
+            kw.setdefault("eval_mode", True)
+    return make_env(args.env, num_envs, seed=seed, **kw)
+
+
+def _decode(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value  # a plain string, e.g. a suite name
+
+
+def dataset_image_size(path: str | os.PathLike) -> int | None:
+    """Height of the first camera image of the first demo of a robomimic/LIBERO HDF5 dataset (file or folder of
+    .hdf5/.h5 files); None when it has no images or is not such a dataset."""
+    p = Path(path)
+    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
+    if not files or not h5py.is_hdf5(files[0]):
+        return None
+    with h5py.File(files[0], "r") as f:
+        demos = sorted(f.get("data", {}))
+        obs = f["data"][demos[0]].get("obs", {}) if demos else {}
+        shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
+    return int(shapes[0][1]) if shapes else None
 
 
 # ----------------------------------------------------------------------------------------------------- chunks

@@ -18,6 +18,11 @@ Environment (`make_libero_env`, reached through `envs.make_env("libero", ...)`):
     not counted) end the episode as a truncation here, before the raw env's own horizon (which raises) is reached.
 Rendering: MUJOCO_GL is chosen when unset (EGL if an EGL context can be made, else OSMesa).
 
+openpi's LIBERO checkpoints: `pi0_libero` was trained on 50-step chunks (π₀'s default horizon) of action − state on
+the six eef-pose dims (`openpi_delta_dims`; the scripts add the state back before stepping), z-score normalised;
+`pi05_libero` on 10-step chunks of plain actions, quantile normalised. openpi's evaluation client executes the first
+5 actions of each chunk, then asks again; the scripts here execute each H-step chunk whole (it is the RL decision).
+
 Datasets: LIBERO's own HDF5 demonstrations go through `qchunk.load_episodes` (its LIBERO key mapping); LeRobot
 datasets (openpi's `physical-intelligence/libero`: parquet files with `image`, `wrist_image`, `state`, `actions`,
 `episode_index`, `frame_index`, `task_index` and `meta/tasks.jsonl`) go through `load_lerobot`.
@@ -123,6 +128,29 @@ def raw_state(raw: dict[str, np.ndarray]) -> np.ndarray:
     """openpi's 8-D LIBERO state from a raw robosuite observation."""
     pos, quat, grip = raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]
     return np.concatenate([pos, quat2axisangle(quat), grip]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- openpi actions
+def openpi_delta_dims(stats: dict[str, dict[str, Any]]) -> int:
+    """6 when a checkpoint's norm stats say it predicts action − state on the first six dims, else 0.
+
+    LIBERO's actions are already OSC deltas, yet openpi's `pi0_libero` (and `pi0_fast_libero`) configs set
+    `extra_delta_transform=True`: during training the first six action dims (eef position, axis-angle) of every
+    chunk had the chunk's first state subtracted (gripper untouched), the norm stats were computed after that
+    transform, and at inference the state is added back after unnormalising. `pi05_libero` does not. The checkpoint
+    does not record the flag, but its stats do: with the transform the action means sit at minus the state means
+    (axis-angle x near −3, far outside LIBERO's [−1, 1] actions), without it near 0.
+    """
+    a, s = np.asarray(stats["actions"]["mean"])[:6], np.asarray(stats["state"]["mean"])[:6]
+    return 6 if len(a) == len(s) == 6 and np.abs(a + s).max() < np.abs(a).max() else 0
+
+
+def state_offset(state: Any, action_dim: int, dims: int) -> Any:
+    """What to add to a chunk predicted relative to the state: [..., S] -> [..., 1, A], the first `dims` state entries
+    (zero beyond them); 0.0 when dims = 0. Works on numpy and jax arrays (needs S ≥ A when dims > 0)."""
+    if not dims:
+        return 0.0
+    return state[..., None, :action_dim] * (np.arange(action_dim) < dims)
 
 
 # ----------------------------------------------------------------------------------------------------- one env

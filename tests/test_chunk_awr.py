@@ -209,3 +209,18 @@ def test_flow_log_prob_exact_vs_hutchinson():
     assert np.all(np.isfinite(lp_ex)) and np.all(np.isfinite(hutch))
     se = np.asarray(hutch).std(0) / 8.0  # standard error of the 64-sample mean
     assert np.all(np.abs(np.asarray(hutch).mean(0) - lp_ex) < 4 * se + 1e-3)
+
+
+def test_evaluate_spreads_episodes_over_num_envs(monkeypatch):
+    args = chunk_awr.check(chunk_awr.Args(num_envs=2, eval_episodes=5))
+    made, calls = [], []
+    real = envs.from_args
+    monkeypatch.setattr(envs, "from_args", lambda a, n, *rest, **kw: made.append(n) or real(a, n, *rest, **kw))
+
+    def act(params, obs, rng):  # stand still: every push episode is truncated after 80 steps = 16 chunks
+        calls.append(1)
+        return np.zeros((len(obs["state"]), args.action_horizon, 2), np.float32)
+
+    out = chunk_awr.evaluate(act, None, args, jax.random.key(0))
+    # 2 envs for 5 episodes: env 0 plays episodes 0, 2, 4 and env 1 episodes 1, 3; the last chunk ends env 0's third
+    assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}

@@ -1,6 +1,7 @@
 """Rules of the push task, its demonstrator, open-loop chunk execution, and the gymnasium adapter."""
 
 import importlib.util
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -13,6 +14,7 @@ from common.envs import (
     PushEnv,
     default_dataset,
     execute_chunk,
+    from_args,
     main,
     make_env,
 )
@@ -139,6 +141,14 @@ def test_bad_env_ids() -> None:
     if importlib.util.find_spec("common.libero") is None:
         with pytest.raises(ImportError, match="libero"):
             make_env("libero", num_envs=1)
+
+
+def test_from_args_decodes_env_kwargs() -> None:
+    args = SimpleNamespace(env="push", env_kwargs={"max_episode_steps": "5"}, image_size=16, dataset=None)
+    env = from_args(args, 2, seed=0)
+    assert (env.max_episode_steps, env.image_size, env.camera_names) == (5, 16, ["base_0_rgb"])
+    args = SimpleNamespace(env="Pendulum-v1", env_kwargs={"max_episode_steps": "7"}, dataset=None)
+    assert from_args(args, 1, seed=0, evaluation=True).max_episode_steps == 7
 
 
 def test_cli_and_default_dataset(tmp_path, monkeypatch, capsys) -> None:

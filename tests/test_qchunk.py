@@ -86,6 +86,12 @@ def test_chunk_targets(chunks, t, valid, rewards, ret, mask, discount, nxt, act)
     assert b["subgoal"][0] == (t in (0, 1, 2))
 
 
+def test_return_to_go(chunks) -> None:  # Monte Carlo return from each frame to its episode's end
+    want = [G**4, G**3, G**2, G, 1.0, 0.5 * G, 0.5, 0.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(chunks.return_to_go, want, rtol=1e-6)
+    np.testing.assert_allclose(chunks.get(np.array([1, 6]))["return_to_go"], [G**3, 0.5], rtol=1e-6)
+
+
 def test_termination_mid_episode_invalidates_later_steps(tmp_path) -> None:
     path = write_demos(tmp_path / "m.h5", [{"rewards": [0, 1, 5, 5], "dones": [0, 1, 0, 0]}])
     c = make_chunks(load_episodes(path), horizon=4, gamma=G)
@@ -179,6 +185,13 @@ def chunk_step(rewards, valid, terminated) -> ChunkStep:
         episode_return=np.full(e, np.nan, np.float32),
         episode_length=np.zeros(e, np.int64),
     )
+
+
+def test_mixing_needs_the_same_image_shapes(chunks) -> None:
+    obs = {"state": np.zeros((1, 2), np.float32), "prompt_id": np.zeros(1, np.int32)}
+    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example={**obs, "images": {"cam": np.zeros((1, 8, 8, 3))}})
+    with pytest.raises(ValueError, match="render the env at the dataset's size"):
+        MixedSampler(chunks, buf)
 
 
 def test_replay_buffer_and_mixing(chunks) -> None:

@@ -1,0 +1,149 @@
+"""`--env libero` end to end: each script's `main` on a tiny LIBERO dataset recorded from the simulator (conftest's
+`libero_demo`), with the real simulator for rollouts and evaluation, rendered 32x32 camera images, and the CPU π₀.
+
+Skipped when the `libero` extra is not installed (pip install -e ".[libero]").
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libero")
+
+import acrlpd_pi0  # noqa: E402
+import chunk_awr  # noqa: E402
+import flow_ppo  # noqa: E402
+from common import envs, pi0  # noqa: E402
+
+# One task, 8-step episodes, one settling step, the simulators in this process (no worker start-up; test_libero.py
+# covers the worker processes). Values as on the command line (`--env-kwargs task_ids [0] max_episode_steps 8 ...`),
+# decoded as JSON by envs.from_args.
+ENV_KW = {"task_ids": "[0]", "max_episode_steps": "8", "num_steps_wait": "1", "async_envs": "false"}
+CAMERAS = ["base_0_rgb", "left_wrist_0_rgb"]
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """What reaches π₀: the model's cameras, the observation's image shapes and state width, and the prompts."""
+    out = {"cameras": set(), "images": set(), "state_dims": set(), "prompts": []}
+    make_observation, make_prompt_table = pi0.make_observation, pi0.make_prompt_table
+
+    def observation(config, obs, *a, **kw):
+        out["cameras"].add(tuple(config.cameras))
+        out["images"] |= {(cam, tuple(np.shape(img)[-3:])) for cam, img in obs["images"].items()}
+        out["state_dims"].add(np.shape(obs["state"])[-1])
+        return make_observation(config, obs, *a, **kw)
+
+    def prompt_table(prompts, tokenizer):
+        out["prompts"] += list(prompts)
+        return make_prompt_table(prompts, tokenizer)
+
+    monkeypatch.setattr(pi0, "make_observation", observation)
+    monkeypatch.setattr(pi0, "make_prompt_table", prompt_table)
+    return out
+
+
+def check_run(run_dir: str, seen: dict, demo, keys: tuple[str, ...]) -> list[dict]:
+    """Finite losses in metrics.jsonl, an evaluation, LIBERO's inputs in π₀'s observations."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    for k in keys:
+        values = [r[k] for r in rows if k in r]
+        assert values and all(math.isfinite(v) for v in values), k
+    assert any("eval/success_rate" in r for r in rows)
+    assert json.load(open(os.path.join(run_dir, "args.json")))["env_kwargs"] == ENV_KW
+    assert seen["cameras"] == {tuple(CAMERAS)}  # the CPU preset built with LIBERO's two cameras
+    assert seen["images"] == {(cam, (demo.size, demo.size, 3)) for cam in CAMERAS}  # data and env at 32x32
+    assert seen["state_dims"] == {8} and demo.demo["language"] in seen["prompts"]
+    return rows
+
+
+def test_dataset_image_size_sets_the_render_size(libero_demo):
+    assert envs.dataset_image_size(libero_demo.dir) == envs.dataset_image_size(libero_demo.file) == libero_demo.size
+    args = acrlpd_pi0.Args(env="libero", env_kwargs=ENV_KW, dataset=libero_demo.dir)
+    env = envs.from_args(args, 1, seed=0, evaluation=True)
+    try:
+        assert env.image_size == libero_demo.size and env.eval_mode and env.max_episode_steps == 8
+        assert (env.task_ids, env.num_steps_wait, env.action_dim, env.state_dim) == ([0], 1, 7, 8)
+    finally:
+        env.close()
+
+
+def test_acrlpd_pi0(libero_demo, tmp_path, seen):
+    run_dir = str(tmp_path / "run")
+    args = acrlpd_pi0.Args(
+        env="libero",
+        env_kwargs=ENV_KW,
+        dataset=libero_demo.dir,
+        run_dir=run_dir,
+        offline_steps=0,  # straight online: 2 chunk steps in the simulator, each followed by 2 updates
+        online_steps=4,
+        utd=2,
+        batch_size=4,
+        num_envs=1,
+        eval_episodes=1,
+        buffer_size=64,
+        log_every=2,
+        num_qs=2,
+        critic_hidden=(16,),
+        bon=2,
+        target_n=2,
+        target_flow_steps=2,
+        flow_steps=2,
+        act_pessimism=0.0,  # two evaluations (best-of-N, plain π₀) instead of three
+    )
+    out = acrlpd_pi0.main(args)
+    assert out["step"] == 4 and "online/eval/success_rate" in out and "online/eval/plain_success_rate" in out
+    check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/critic", "charts/q_target"))
+    buf = np.load(os.path.join(run_dir, "buffer.npz"))  # the online chunks: rendered images, 8-D state, 7-D actions
+    assert buf["obs/images/left_wrist_0_rgb"].shape == (2, 32, 32, 3) and buf["obs/images/base_0_rgb"].std() > 5
+    assert buf["obs/state"].shape == (2, 8) and buf["actions"].shape == (2, 10, 7)
+
+
+def test_chunk_awr(libero_demo, tmp_path, seen):
+    run_dir = str(tmp_path / "run")
+    args = chunk_awr.Args(
+        env="libero",
+        env_kwargs=ENV_KW,
+        dataset=libero_demo.dir,
+        run_dir=run_dir,
+        critic_steps=2,
+        policy_steps=2,
+        updates_per_call=2,
+        batch_size=4,
+        critic_batch_size=4,
+        critic_hidden=(16,),
+        num_envs=1,
+        eval_episodes=1,
+        log_every=1,
+    )
+    out = chunk_awr.main(args)
+    assert out["step"] == 4 and out["policy_updates"] == 2 and 0.0 <= out["eval/success_rate"] <= 1.0
+    check_run(run_dir, seen, libero_demo, ("losses/q", "losses/v", "losses/policy"))
+
+
+def test_flow_ppo(libero_demo, tmp_path, seen):
+    run_dir = str(tmp_path / "run")
+    args = flow_ppo.Args(
+        env="libero",
+        env_kwargs=ENV_KW,
+        dataset=libero_demo.dir,
+        run_dir=run_dir,
+        bc_steps=2,
+        bc_batch_size=4,
+        iterations=1,
+        num_envs=1,
+        num_steps=2,  # 2 chunks of 5 steps: one 8-step episode, truncated inside its second chunk
+        num_minibatches=1,
+        update_epochs=1,
+        critic_warmup=0,  # the first iteration updates the policy too
+        eval_episodes=1,
+        eval_every=1,
+        log_every=1,
+        flow_steps=2,
+    )
+    out = flow_ppo.main(args)
+    assert out["charts/env_steps"] == 2 * 5 and "eval/start_success_rate" in out
+    check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/policy", "losses/value"))
