@@ -75,7 +75,7 @@ class Args:
     """checkpoint every this many updates (and at the end)"""
     log_every: int = 200
     """log losses every this many updates"""
-    eval_every: int = 1000
+    eval_every: int = 2000
     """evaluate every this many policy updates (0: only at the end of each phase)"""
     eval_episodes: int = 100
     """episodes per evaluation"""
@@ -97,7 +97,7 @@ class Args:
     """two-phase (Q,V first, then weighted flow matching) or joint (L = L_Q + λ_V L_V + λ_π L_π every step)"""
     critic_steps: int = 3000
     """two-phase: Q/V updates before the policy phase (MLP speed, on precomputed features)"""
-    policy_steps: int = 4000
+    policy_steps: int = 14_000
     """π₀ updates (two-phase: the weighted flow-matching phase; joint: all updates)"""
     time_budget_s: float = 0.0
     """stop training after this many seconds of training (evaluation excluded; 0: no limit)"""
