@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -48,33 +49,13 @@ PRESETS = {
 
 
 @dataclass
-class Args:
+class Args(runlog.RunArgs):
     exp_name: str = "acrlpd_pi0"
     """name of this experiment (run folder and wandb)"""
-    seed: int = 1
-    """random seed (parameters, data order, environments)"""
     env: str = "push"
     """'push' (embedded), 'libero', or any gymnasium id; also picks the preset (push/libero/aloha/droid)"""
-    env_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
-    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
     """prior data: HDF5 file or folder (robomimic/LIBERO layout); default for push: the noise-0.6 demonstrations"""
-    pi0_checkpoint: str | None = None
-    """openpi checkpoint directory (params + assets/norm stats); None: the --pi0-preset trained from scratch"""
-    pi0_preset: str = "cpu"
-    """π₀ size when no checkpoint is given: cpu, pi0, pi05"""
-    tokenizer: str | None = None
-    """path of paligemma_tokenizer.model; None: the built-in word tokenizer (CPU preset)"""
-    track: bool = False
-    """log to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "pi0-rl"
-    """wandb project"""
-    run_dir: str | None = None
-    """run folder; default runs/<env>__acrlpd_pi0__<seed>__<time>"""
-    resume: bool = False
-    """continue from the last checkpoint in --run-dir"""
-    fsdp_devices: int = 1
-    """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
     save_every: int = 2000
     """checkpoint every this many updates (and at the end)"""
     log_every: int = 200
@@ -121,7 +102,7 @@ class Args:
     """critic MLP widths"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
-    q_agg: str = "mean"
+    q_agg: Literal["mean", "min2"] = "mean"
     """target ensemble aggregation: mean (Q-chunking) or min2 (min of a random pair, RLPD)"""
     target_n: int | None = None
     """π₀ chunks sampled at o_{t+H} for the expected-max backup (preset)"""
@@ -151,8 +132,7 @@ def resolve(args: Args) -> Args:
     """Fill the preset fields the user left at None."""
     preset = next((v for k, v in PRESETS.items() if k in args.env.lower()), PRESETS["push"])
     args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    if args.q_agg not in ("mean", "min2"):
-        raise ValueError(f"--q-agg {args.q_agg!r}: use mean or min2")
+    runlog.check_choices(args)
     if args.q_agg == "min2" and args.num_qs < 2:
         raise ValueError("--q-agg min2 needs --num-qs >= 2")
     if args.bon < 1 or args.target_n < 1:
@@ -177,20 +157,11 @@ class CriticMLP(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------- losses
 class Agent:
-    """The model, the critic and the observation/action plumbing, closed over by the jitted functions."""
+    """The model, the critic and the observation/action plumbing (`io`), closed over by the jitted functions."""
 
-    def __init__(self, args: Args, model: pi0.Pi0, table, stats: dict, env_action_dim: int, quantile: bool):
-        self.args, self.model, self.table, self.quantile = args, model, table, quantile
-        self.stats = jax.tree.map(jnp.asarray, stats)
-        self.A, self.critic = env_action_dim, CriticMLP(tuple(args.critic_hidden))
-        self.delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-
-    def observe(self, obs):
-        return pi0.make_observation(self.model.config, obs, self.table, self.stats["state"], self.quantile)
-
-    def norm_actions(self, a, state):  # env units [..., A] -> model's normalised, padded [..., A_m]
-        a = pi0.normalize(a - libero.state_offset(state, self.A, self.delta), self.stats["actions"], self.quantile)
-        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.model.config.action_dim - a.shape[-1])])
+    def __init__(self, args: Args, model: pi0.Pi0, io: pi0.EnvIO):
+        self.args, self.model, self.io = args, model, io
+        self.A, self.critic = io.action_dim, CriticMLP(tuple(args.critic_hidden))
 
     def q(self, cparams, prefix, chunks):
         """Ensemble values of chunks [B,N,H,A_m] (normalised) -> [E,B,N]; members vmapped, env's A dims only."""
@@ -245,10 +216,10 @@ def loss_fn(train, target_cparams, agent: Agent, batch, y, rng):
     """BC (flow matching, weighted by valid) + critic TD + optional CQL and actor terms. -> (loss, info)."""
     a, model = agent.args, agent.model
     k_flow, k_cql, k_actor = jax.random.split(rng, 3)
-    prefix = model.prefix(train["pi"], agent.observe(batch["obs"]))  # the one VLM pass for o_t
+    prefix = model.prefix(train["pi"], agent.io.observe(batch["obs"]))  # the one VLM pass for o_t
     if a.freeze_backbone:
         prefix = jax.lax.stop_gradient(prefix)
-    actions = agent.norm_actions(batch["actions"], batch["obs"]["state"])  # [B,H,A_m]
+    actions = agent.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H,A_m]
     w = batch["valid"].astype(jnp.float32)  # [B,H] padded steps past the episode's end are not imitated
     if not a.bc_online:
         w = w * (1.0 - batch["is_online"].astype(jnp.float32))[:, None]
@@ -279,11 +250,10 @@ def loss_fn(train, target_cparams, agent: Agent, batch, y, rng):
 def make_update(agent: Agent, tx):
     """update(state, batches [U,B,...], rng) -> (state, info): U updates in one lax.scan."""
 
-    def one(state, xs):
-        batch, rng = xs
+    def one(state, batch, rng):
         k_t, k_l = jax.random.split(rng)
         params = {"pi": state["pi"], "critic": state["critic"]}
-        next_prefix = jax.lax.stop_gradient(agent.model.prefix(state["pi"], agent.observe(batch["next_obs"])))
+        next_prefix = jax.lax.stop_gradient(agent.model.prefix(state["pi"], agent.io.observe(batch["next_obs"])))
         y, info_t = td_target(agent, jax.lax.stop_gradient(params), state["target"], next_prefix, batch, k_t)
         (_, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state["target"], agent, batch, y, k_l)
         updates, opt = tx.update(grads, state["opt"], params)
@@ -291,13 +261,7 @@ def make_update(agent: Agent, tx):
         target = optax.incremental_update(params["critic"], state["target"], agent.args.tau)
         return {**state, **params, "target": target, "opt": opt}, {**info, **info_t}
 
-    @partial(jax.jit, donate_argnums=0)
-    def update(state, batches, rng):
-        n = jax.tree.leaves(batches)[0].shape[0]
-        state, info = jax.lax.scan(one, state, (batches, jax.random.split(rng, n)))
-        return state, jax.tree.map(jnp.mean, info)
-
-    return update
+    return mesh.scan_updates(one)
 
 
 def make_tx(args: Args, model: pi0.Pi0, params):
@@ -316,58 +280,28 @@ def make_act(agent: Agent):
     @partial(jax.jit, static_argnames="n")
     def act(state, obs, rng, n: int, beta: float):
         """Best of n chunks by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean there [B]."""
-        prefix = agent.model.prefix(state["pi"], agent.observe(obs))
+        prefix = agent.model.prefix(state["pi"], agent.io.observe(obs))
         a = agent.args
         chunk, q, _ = agent.best_of_n(
             state["pi"], state["critic"], prefix, rng, n, a.flow_steps, beta, a.bon_slice if n == a.bon else 0
         )
-        chunk = pi0.unnormalize(chunk[..., : agent.A], agent.stats["actions"], agent.quantile)
-        return chunk + libero.state_offset(obs["state"], agent.A, agent.delta), q
+        return agent.io.to_env(chunk, obs["state"]), q
 
     return act
 
 
-def evaluate(act, state, args: Args, n: int, beta: float, rng, prefix: str) -> dict:
-    """One episode in each of --eval-episodes envs; success, return and calibration (q_pred vs realised)."""
-    env = envs.from_args(args, args.eval_episodes, 10_000 + args.seed, evaluation=True)
-    obs, _ = env.reset(seed=10_000 + args.seed)
-    E, done = args.eval_episodes, np.zeros(args.eval_episodes, bool)
-    success, ret = np.zeros(E, bool), np.zeros(E)
-    rewards, decisions = [], []  # per step [E] rewards; (step index, q_pred [E], alive [E]) per chunk
-    while not done.all():
-        rng, key = jax.random.split(rng)
-        chunk, q = jax.device_get(act(state, obs, key, n, beta))
-        decisions.append((len(rewards), q, ~done))
-        obs, step = envs.execute_chunk(env, obs, np.asarray(chunk), args.gamma)
-        alive = ~done
-        for k in range(step.rewards.shape[1]):
-            rewards.append(np.where(alive & step.valid[:, k], step.rewards[:, k], 0.0))
-        success |= alive & step.success
-        ret += np.where(alive, step.rewards.sum(1), 0.0)
-        done |= step.terminated | step.truncated
-    env.close()
-    r = np.stack(rewards)  # [T,E]
-    togo = np.zeros_like(r)  # discounted return-to-go from every step
-    acc = np.zeros(E)
-    for t in range(len(r) - 1, -1, -1):
-        acc = r[t] + args.gamma * acc
-        togo[t] = acc
-    pred = np.concatenate([q[alive] for _, q, alive in decisions])
-    real = np.concatenate([togo[t][alive] for t, _, alive in decisions])
-    return {
-        f"eval/{prefix}success_rate": success.mean(),
-        f"eval/{prefix}return": ret.mean(),
-        f"eval/{prefix}q_pred": pred.mean(),
-        f"eval/{prefix}q_realised": real.mean(),
-        f"eval/{prefix}q_gap": (pred - real).mean(),
-    }
-
-
 def evaluate_both(act, state, args: Args, rng) -> dict:
-    out = evaluate(act, state, args, args.bon, args.act_pessimism, rng, "")  # best-of-N: the policy being trained
-    out.update(evaluate(act, state, args, 1, 0.0, rng, "plain_"))  # plain π₀: what the critic adds is the difference
+    """One episode in each of --eval-episodes envs per policy: success, return and the critic's calibration (its value
+    of the chunks it chose, eval/*q_pred, vs the discounted return that followed, eval/*q_realised)."""
+
+    def ev(n: int, beta: float, prefix: str) -> dict:  # best of n chunks by mean − β·std
+        policy = lambda obs, key: act(state, obs, key, n, beta)
+        return envs.evaluate(args, policy, rng, args.eval_episodes, gamma=args.gamma, prefix=prefix)
+
+    out = ev(args.bon, args.act_pessimism, "")  # best-of-N: the policy being trained
+    out.update(ev(1, 0.0, "plain_"))  # plain π₀: what the critic adds is the difference
     if args.act_pessimism:  # and what the pessimism adds: ranking by the ensemble mean alone
-        out.update(evaluate(act, state, args, args.bon, 0.0, rng, "bon_mean_"))
+        out.update(ev(args.bon, 0.0, "bon_mean_"))
     return out
 
 
@@ -376,28 +310,6 @@ def show(m: dict, n: int) -> str:
                    f"{m[f'eval/{p}q_realised']:.3f})")  # fmt: skip
     extra = [f"BoN by mean only {f('bon_mean_')}"] if "eval/bon_mean_success_rate" in m else []
     return " | ".join([f"BoN-{n} {f('')}", f"plain π₀ {f('plain_')}", *extra])
-
-
-def buffer_arrays(buf: qchunk.ReplayBuffer) -> dict:
-    """The replay buffer's arrays by flat name ("obs/state", "rewards", ...), to persist it for --resume."""
-    tree = {k: getattr(buf, k) for k in ("obs", "next_obs", "actions", "rewards", "valid", "discounted_return",
-                                         "discount", "mask", "subgoal")}  # fmt: skip
-    return {"/".join(p.key for p in kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def save_buffer(buf: qchunk.ReplayBuffer, path: str) -> None:
-    if buf.size:
-        np.savez(path, next=buf._next, **{k: v[: buf.size] for k, v in buffer_arrays(buf).items()})
-
-
-def load_buffer(buf: qchunk.ReplayBuffer, path: str) -> None:
-    if os.path.exists(path):
-        z = np.load(path)
-        n = len(z["rewards"])
-        buf.actions = np.zeros((buf.capacity, *z["actions"].shape[1:]), np.float32)
-        for k, v in buffer_arrays(buf).items():
-            v[:n] = z[k]
-        buf.size, buf._next = n, int(z["next"])
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -415,23 +327,15 @@ def main(args: Args) -> dict:
     offline = qchunk.make_chunks(data, args.action_horizon, args.gamma)
     H = args.action_horizon
     if args.pi0_checkpoint:
-        params, cfg = pi0.load_openpi_params(args.pi0_checkpoint, action_horizon=H)
-        stats, quantile = pi0.load_norm_stats(args.pi0_checkpoint, args.asset_id), cfg.pi05
-        params = {"pi": params}
+        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H, asset_id=args.asset_id)
+        params, quantile = {"pi": params}, cfg.pi05
     else:
         cams = tuple(pi0.CAMERAS[: len(env.camera_names)])
         shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H, cameras=cams)
-        cfg, norm = pi0.make_config(args.pi0_preset, **shape), qchunk.compute_norm_stats
-        stats = {"state": norm(data.obs["state"]).to_dict(), "actions": norm(data.actions).to_dict()}
-        quantile, params = False, None
-    stats = {k: {s: np.asarray(v[s], np.float32) for s in ("mean", "std", "q01", "q99")} for k, v in stats.items()}
-    tok = (
-        pi0.PaligemmaTokenizer(args.tokenizer, cfg.max_token_len)
-        if args.tokenizer
-        else pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size)
-    )
-    model = pi0.Pi0(cfg)
-    agent = Agent(args, model, pi0.make_prompt_table(env.prompts, tok), stats, env.action_dim, quantile)
+        cfg, stats, quantile, params = pi0.make_config(args.pi0_preset, **shape), qchunk.norm_stats(data), False, None
+    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(env.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
+    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
+    agent = Agent(args, model, pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile))
 
     k_pi, k_c, k_run = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     params = params or {"pi": model.init(k_pi)}
@@ -452,12 +356,12 @@ def main(args: Args) -> dict:
     buf_file = os.path.join(run.dir, "buffer.npz")
     if args.resume and (restored := run.restore(state)) is not None:
         step, state, _ = restored
-        load_buffer(buffer, buf_file)
+        buffer.load(buf_file)
         print(f"resumed {run.dir} at update {step} ({len(buffer)} online chunks)")
 
     def save(step):
         run.save(step, state, {"step": step, "norm_stats": stats})
-        save_buffer(buffer, buf_file)
+        buffer.save(buf_file)
 
     update, act = make_update(agent, tx), make_act(agent)
     np_rng = np.random.default_rng(args.seed + step)

@@ -30,6 +30,8 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -44,33 +46,11 @@ HORIZONS = {"push": 5, "libero": 10}  # default chunk length H by --env (substri
 
 
 @dataclass
-class Args:
+class Args(runlog.RunArgs):
     exp_name: str = "chunk_awr"
     """name of this experiment (run folder and wandb)"""
-    seed: int = 1
-    """random seed (parameters, data order, environments)"""
-    env: str = "push"
-    """'push' (embedded), 'libero', or any gymnasium id (evaluation env)"""
-    env_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
-    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
     """offline data: HDF5 file or folder (robomimic/LIBERO layout); default for push: mixed demos (noise .3/.6/1)"""
-    pi0_checkpoint: str | None = None
-    """openpi checkpoint directory (params + assets/norm stats); None: the --pi0-preset trained from scratch"""
-    pi0_preset: str = "cpu"
-    """π₀ size when no checkpoint is given: cpu, pi0, pi05"""
-    tokenizer: str | None = None
-    """path of paligemma_tokenizer.model; None: the built-in word tokenizer (CPU preset)"""
-    track: bool = False
-    """log to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "pi0-rl"
-    """wandb project"""
-    run_dir: str | None = None
-    """run folder; default runs/<env>__chunk_awr__<seed>__<time>"""
-    resume: bool = False
-    """continue from the last checkpoint in --run-dir"""
-    fsdp_devices: int = 1
-    """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
     save_every: int = 2000
     """checkpoint every this many updates (and at the end)"""
     log_every: int = 200
@@ -93,7 +73,7 @@ class Args:
     eval_noise: float = 0.0
     """scale of the initial flow noise at evaluation (0: the deterministic policy)"""
 
-    schedule: str = "two-phase"
+    schedule: Literal["two-phase", "joint"] = "two-phase"
     """two-phase (Q,V first, then weighted flow matching) or joint (L = L_Q + λ_V L_V + λ_π L_π every step)"""
     critic_steps: int = 3000
     """two-phase: Q/V updates before the policy phase (MLP speed, on precomputed features)"""
@@ -117,12 +97,12 @@ class Args:
     """Q and V MLP widths"""
     tau: float = 0.005
     """Polyak rate of the target Q heads"""
-    critic_target: str = "mc"
+    critic_target: Literal["mc", "td"] = "mc"
     """y of L_Q: mc (the discounted return to the episode's end: Q of the data's policy by regression, no bootstrap
     lag, as one-step AWR) or td (r_t + γ^H (1 − done) V(x_{t+H}); 16 chunk backups on push need more critic steps)"""
-    reward: str = "return"
+    reward: Literal["return", "subgoal"] = "return"
     """chunk reward: return (in-chunk discounted return) or subgoal (max of the per-step sub-goal flags)"""
-    value_loss: str = "expectile"
+    value_loss: Literal["expectile", "sampled"] = "expectile"
     """expectile (IQL on data chunks) or sampled (E over M π₀ chunks of Q̄ − α log π)"""
     expectile: float = 0.7
     """τ of the expectile value loss"""
@@ -138,10 +118,10 @@ class Args:
     """inverse temperature β of w = exp(β A); 0 = plain BC"""
     max_weight: float = 100.0
     """clip of the weights"""
-    weighting: str = "sample"
+    weighting: Literal["sample", "loss"] = "sample"
     """two-phase: sample chunks with probability ∝ w and give the loss w ≡ 1 (the same objective in expectation,
     a full effective batch: with β=20 the weights' effective sample size is ~12% of a batch), or weight the loss"""
-    weight_norm: str = "batch"
+    weight_norm: Literal["batch", "none"] = "batch"
     """batch: divide the weighted loss by Σ w·valid (self-normalised); none: by Σ valid"""
     lambda_v: float = 1.0
     """λ_V (joint schedule)"""
@@ -150,16 +130,7 @@ class Args:
 
 
 def check(args: Args) -> Args:
-    for name, val, ok in (
-        ("schedule", args.schedule, ("two-phase", "joint")),
-        ("reward", args.reward, ("return", "subgoal")),
-        ("critic-target", args.critic_target, ("mc", "td")),
-        ("value-loss", args.value_loss, ("expectile", "sampled")),
-        ("weight-norm", args.weight_norm, ("batch", "none")),
-        ("weighting", args.weighting, ("sample", "loss")),
-    ):
-        if val not in ok:
-            raise ValueError(f"--{name} {val!r}: choose one of {ok}")
+    runlog.check_choices(args)
     if args.beta < 0 or args.max_weight <= 0:
         raise ValueError("--beta must be ≥ 0 and --max-weight > 0")
     if args.alpha < 0 or (args.alpha > 0 and args.value_loss != "sampled"):
@@ -192,20 +163,14 @@ class Heads:
 
     def init(self, rng, w: int, s: int, ha: int):
         kq, kv = jax.random.split(rng)
-        return {
-            "q": self.q.init(kq, jnp.zeros((1, w + s + ha)))["params"],
-            "v": self.v.init(kv, jnp.zeros((1, w + s)))["params"],
-        }
+        q, v = self.q.init(kq, jnp.zeros((1, w + s + ha))), self.v.init(kv, jnp.zeros((1, w + s)))
+        return {"q": q["params"], "v": v["params"]}
 
     def qs(self, qp, feats, state, chunks):  # chunks [B,...,H,A] -> [B,...,2]
-        lead = chunks.shape[:-2]
-        ctx = jnp.concatenate([feats, state], -1)
-        ctx = jnp.broadcast_to(
-            ctx.reshape(ctx.shape[:1] + (1,) * (len(lead) - 1) + ctx.shape[1:]), lead + ctx.shape[-1:]
-        )
-        return self.q.apply(
-            {"params": qp}, jnp.concatenate([jax.lax.stop_gradient(ctx), chunks.reshape(*lead, -1)], -1)
-        )
+        lead, ctx = chunks.shape[:-2], jnp.concatenate([feats, state], -1)  # ctx [B,W+S], the same for every chunk
+        ctx = jnp.broadcast_to(jnp.expand_dims(ctx, tuple(range(1, len(lead)))), lead + ctx.shape[-1:])
+        x = jnp.concatenate([jax.lax.stop_gradient(ctx), chunks.reshape(*lead, -1)], -1)
+        return self.q.apply({"params": qp}, x)
 
     def value(self, vp, feats, state):  # -> [B]
         return self.v.apply({"params": vp}, jax.lax.stop_gradient(jnp.concatenate([feats, state], -1)))[..., 0]
@@ -260,9 +225,7 @@ def sample_logp(model: pi0.Pi0, params, prefix, noise, steps: int, rng, hutchins
     return x, log_n + tr_sum / steps
 
 
-def critic_loss(
-    args: Args, heads: Heads, hp, q_target, feats, state, chunks, next_feats, next_state, batch, value_target
-):
+def critic_loss(args: Args, heads: Heads, hp, feats, state, chunks, next_feats, next_state, batch, value_target):
     """L_Q + λ_V L_V. value_target: [B] E_π[Q̄ − α log π] (sampled) or None (expectile on the data chunk)."""
     if args.critic_target == "mc":  # G_t = Σ_{k≥0} γ^k r_{t+k} to the episode's end (0 after a truncation)
         y = batch["return_to_go"]
@@ -273,7 +236,7 @@ def critic_loss(
     loss_q = jnp.mean(jnp.square(q - y[:, None]))
     v = heads.value(hp["v"], feats, state)
     if value_target is None:  # IQL expectile of the target Q pair's min on the data chunk
-        diff = jax.lax.stop_gradient(heads.qs(q_target, feats, state, chunks).min(-1)) - v
+        diff = jax.lax.stop_gradient(heads.qs(hp["q_target"], feats, state, chunks).min(-1)) - v
         loss_v = jnp.mean(jnp.abs(args.expectile - (diff < 0).astype(jnp.float32)) * jnp.square(diff))
     else:
         loss_v = jnp.mean(jnp.square(v - jax.lax.stop_gradient(value_target)))
@@ -283,33 +246,21 @@ def critic_loss(
 
 # ----------------------------------------------------------------------------------------------------- update
 class Learner:
-    """Model, heads, optimisers and the observation/action plumbing, closed over by the jitted functions."""
+    """Model, heads, optimisers and the observation/action plumbing (`io`), closed over by the jitted functions."""
 
-    def __init__(self, args: Args, model: pi0.Pi0, table, stats: dict, env_action_dim: int):
-        self.args, self.model, self.table, self.A = args, model, table, env_action_dim
-        self.stats = jax.tree.map(jnp.asarray, stats)
+    def __init__(self, args: Args, model: pi0.Pi0, io: pi0.EnvIO):
+        self.args, self.model, self.io, self.A = args, model, io, io.action_dim
         self.heads = Heads(tuple(args.critic_hidden))
-        self.delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
         self.pi_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=1e-4))
         self.h_tx = optax.adam(args.critic_lr)
 
-    def observe(self, obs):
-        return pi0.make_observation(self.model.config, obs, self.table, self.stats["state"])
-
-    def norm_actions(self, a, state=None):  # env units [..., A] -> normalised, zero-padded to the model's action dim
-        """With `state` (the policy's targets): relative to it where the checkpoint predicts that (`self.delta`)."""
-        off = 0.0 if state is None else libero.state_offset(state, self.A, self.delta)
-        a = pi0.normalize(a - off, self.stats["actions"])
-        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.model.config.action_dim - a.shape[-1])])
-
     def encode(self, params, obs):  # one VLM pass without gradients -> (features [B,W], normalised state [B,S])
-        prefix = jax.lax.stop_gradient(self.model.prefix(params, self.observe(obs)))
+        prefix = jax.lax.stop_gradient(self.model.prefix(params, self.io.observe(obs)))
         return prefix.features, prefix.state
 
     def value_target(self, params, hp, prefix, rng):
         """E over M π₀ chunks of min Q̄ − α log π, from the given prefix (all stop-gradient)."""
-        a = self.args
-        c = self.model.config
+        a, c = self.args, self.model.config
         k_noise, k_tr = jax.random.split(rng)
         params, prefix = jax.lax.stop_gradient((params, prefix))
         noise = jax.random.normal(k_noise, (prefix.features.shape[0], a.num_samples, c.action_horizon, c.action_dim))
@@ -325,7 +276,7 @@ class Learner:
         """One update. phase: critic (two-phase 1), policy (two-phase 2) or joint."""
         a = self.args
         k_pi, k_v = jax.random.split(rng)
-        chunks = self.norm_actions(batch["actions"])  # [B,H,A_m]
+        chunks = self.io.to_model(batch["actions"])[..., : self.A]  # [B,H,A] normalised (absolute) data chunks
         hp = {"q": state["q"], "v": state["v"], "q_target": state["q_target"]}
 
         def loss_fn(params, hp):
@@ -334,24 +285,22 @@ class Learner:
                 prefix, feats, s = None, batch["features"], batch["state_n"]
                 next_feats, next_s = batch["next_features"], batch["next_state_n"]
             else:
-                prefix = self.model.prefix(params, self.observe(batch["obs"]))
+                prefix = self.model.prefix(params, self.io.observe(batch["obs"]))
                 feats, s = jax.lax.stop_gradient(prefix.features), jax.lax.stop_gradient(prefix.state)
                 if phase != "policy":
                     next_feats, next_s = self.encode(jax.lax.stop_gradient(params), batch["next_obs"])
             if phase in ("critic", "joint"):
                 vt = self.value_target(params, hp, prefix, k_v) if a.value_loss == "sampled" else None
-                l_c, info = critic_loss(
-                    a, self.heads, hp, hp["q_target"], feats, s, chunks[..., : self.A], next_feats, next_s, batch, vt
-                )
+                l_c, info = critic_loss(a, self.heads, hp, feats, s, chunks, next_feats, next_s, batch, vt)
                 total = total + l_c
             if phase in ("policy", "joint"):
                 if phase == "joint":  # advantage from the current heads on this batch
-                    q = self.heads.qs(hp["q_target"], feats, s, chunks[..., : self.A]).min(-1)
+                    q = self.heads.qs(hp["q_target"], feats, s, chunks).min(-1)
                     adv = q - self.heads.value(hp["v"], feats, s)
                 else:  # from the table computed after the critic phase
                     adv = batch["adv"]
                 w = awr_weights(adv, a.beta, a.max_weight)
-                target = self.norm_actions(batch["actions"], batch["obs"]["state"])  # = chunks unless self.delta
+                target = self.io.to_model(batch["actions"], batch["obs"]["state"])  # = chunks unless io.delta
                 l_pi, _ = policy_loss(self.model, params, prefix, target, batch["valid"], w, k_pi, a.weight_norm)
                 total = total + a.lambda_pi * l_pi if phase == "joint" else total + l_pi
                 info["losses/policy"], info["charts/adv_std"] = l_pi, adv.std()
@@ -371,33 +320,18 @@ class Learner:
             new["params"] = optax.apply_updates(state["params"], upd)
             info["charts/grad_norm"] = optax.tree.norm(g_pi)
         if train_h:
-            g = {"q": g_h["q"], "v": g_h["v"]}
-            upd, new["h_opt"] = self.h_tx.update(g, state["h_opt"], {"q": state["q"], "v": state["v"]})
-            heads = optax.apply_updates({"q": state["q"], "v": state["v"]}, upd)
-            new["q"], new["v"] = heads["q"], heads["v"]
-            new["q_target"] = optax.incremental_update(heads["q"], state["q_target"], a.tau)
+            qv = {"q": state["q"], "v": state["v"]}
+            upd, new["h_opt"] = self.h_tx.update({"q": g_h["q"], "v": g_h["v"]}, state["h_opt"], qv)
+            new.update(optax.apply_updates(qv, upd))
+            new["q_target"] = optax.incremental_update(new["q"], state["q_target"], a.tau)
         return new, info
-
-    def make_update(self, phase: str, shardings):
-        """update(state, batches [K,B,...], rng) -> (state, info averaged over K), K updates in one lax.scan."""
-
-        def update(state, batches, rng):
-            def body(st, xs):
-                batch, key = xs
-                return self.step(st, batch, key, phase)
-
-            k = jax.tree.leaves(batches)[0].shape[0]
-            state, infos = jax.lax.scan(body, state, (batches, jax.random.split(rng, k)))
-            return state, jax.tree.map(jnp.mean, infos)
-
-        return jax.jit(update, donate_argnums=0, out_shardings=(shardings, None))
 
     def make_advantage(self):
         """A = min Q̄(x, A_data) − V(x) for a batch of precomputed features (after the critic phase)."""
 
         @jax.jit
         def advantage(state, feats, s, actions):
-            chunks = self.norm_actions(actions)[..., : self.A]
+            chunks = self.io.to_model(actions)[..., : self.A]
             q = self.heads.qs(state["q_target"], feats, s, chunks).min(-1)
             return q - self.heads.value(state["v"], feats, s)
 
@@ -406,136 +340,76 @@ class Learner:
     def make_act(self):
         @jax.jit
         def act(params, obs, rng):  # -> actions [E,H,A] in env units
-            c = self.model.config
-            prefix = self.model.prefix(params, self.observe(obs))
-            noise = self.args.eval_noise * jax.random.normal(
-                rng, (obs["state"].shape[0], 1, c.action_horizon, c.action_dim)
-            )
-            chunks = self.model.sample(params, prefix, noise, self.args.flow_steps)[:, 0, :, : self.A]
-            off = libero.state_offset(obs["state"], self.A, self.delta)  # openpi's pi0_libero: action − state
-            return pi0.unnormalize(chunks, self.stats["actions"]) + off
+            B, c = obs["state"].shape[0], self.model.config
+            prefix = self.model.prefix(params, self.io.observe(obs))
+            noise = self.args.eval_noise * jax.random.normal(rng, (B, 1, c.action_horizon, c.action_dim))
+            return self.io.to_env(self.model.sample(params, prefix, noise, self.args.flow_steps)[:, 0], obs["state"])
 
         return act
-
-
-# ----------------------------------------------------------------------------------------------------- eval
-def evaluate(act, params, args: Args, rng) -> dict:
-    """eval_episodes episodes of the policy over E = min(num_envs, eval_episodes) envs, env e playing episodes e, e+E,
-    ... (chunks executed open loop); success rate and return (an episode that never ended counts as a failure)."""
-    n = args.eval_episodes
-    E = min(args.num_envs, n)
-    env = envs.from_args(args, E, args.seed + 10_000, evaluation=True)
-    obs, _ = env.reset(seed=args.seed + 10_000)
-    todo = (n - np.arange(E) + E - 1) // E  # episodes each env still has to play
-    success, ret = 0, 0.0
-    per_episode = math.ceil((getattr(env, "max_episode_steps", None) or 1000) / args.action_horizon) + 1
-    for _ in range(per_episode * int(todo.max())):
-        rng, key = jax.random.split(rng)
-        obs_in = {"state": obs["state"], "prompt_id": obs["prompt_id"], "images": obs["images"]}
-        actions = np.asarray(act(params, obs_in, key))
-        obs, step = envs.execute_chunk(env, obs, actions, args.gamma)
-        ended = (step.terminated | step.truncated) & (todo > 0)
-        success, ret = success + step.success[ended].sum(), ret + step.episode_return[ended].sum()
-        todo -= ended
-        if not todo.any():
-            break
-    env.close()
-    return {"eval/success_rate": float(success / n), "eval/return": float(ret / n)}
 
 
 # ----------------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
     args = check(args)
     mesh.init_distributed()
-    keys = ("env", "seed", "run_dir", "resume", "track", "wandb_project")
-    run = runlog.Run(args, "chunk_awr", **{k: getattr(args, k) for k in keys})
+    run = runlog.Run.from_args(args, "chunk_awr")
     env = envs.from_args(args, 1, args.seed)
     env.close()  # only its spaces, cameras and prompts are needed here
     if args.dataset is None and args.env != "push":
         raise ValueError(f"--env {args.env}: pass --dataset (HDF5 file or folder); only push has a default dataset")
     path = args.dataset or envs.default_dataset(env="push", noise="mixed", episodes=args.episodes)
     data = qchunk.load_episodes(path, prompts=env.prompts)
-    chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-    stats = {
-        k: {s: np.asarray(v, np.float32) for s, v in qchunk.compute_norm_stats(x).to_dict().items()}
-        for k, x in (("state", data.obs["state"]), ("actions", data.actions))
-    }
+    chunks, stats = qchunk.make_chunks(data, args.action_horizon, args.gamma), qchunk.norm_stats(data)
     print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
 
     H, A = args.action_horizon, env.action_dim
     if args.pi0_checkpoint:
-        params, cfg = pi0.load_openpi_params(args.pi0_checkpoint, action_horizon=H)
-        stats = pi0.load_norm_stats(args.pi0_checkpoint, args.asset_id)
+        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H, asset_id=args.asset_id)
     else:
-        cfg = pi0.make_config(
-            args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=tuple(env.camera_names)
-        )
+        cams = tuple(env.camera_names)
+        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=cams)
         params = pi0.Pi0(cfg).init(jax.random.key(args.seed))
-    tok = (
-        pi0.PaligemmaTokenizer(args.tokenizer, cfg.max_token_len)
-        if args.tokenizer
-        else pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size)
-    )
-    model = pi0.Pi0(cfg)
-    learner = Learner(args, model, pi0.make_prompt_table(data.prompts, tok), stats, A)
+    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(data.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
+    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
+    learner = Learner(args, model, pi0.EnvIO(cfg, table, stats, A, delta))
     m = mesh.make_mesh(args.fsdp_devices)
     hp = learner.heads.init(jax.random.key(args.seed + 1), cfg.vlm.width, cfg.state_dim or cfg.action_dim, H * A)
-    state = {
-        "params": params,
-        "opt": learner.pi_tx.init(params),
-        "q": hp["q"],
-        "v": hp["v"],
-        "q_target": jax.tree.map(jnp.copy, hp["q"]),
-        "h_opt": learner.h_tx.init(hp),
-        "adv": jnp.zeros(len(chunks), jnp.float32),
-        "rng": jax.random.PRNGKey(args.seed),
-    }
-    shardings = {
-        k: mesh.fsdp_sharding(v, m) if k in ("params", "opt") else jax.tree.map(lambda _: mesh.replicated(m), v)
-        for k, v in state.items()
-    }
+    heads = {"q": hp["q"], "v": hp["v"], "q_target": jax.tree.map(jnp.copy, hp["q"]), "h_opt": learner.h_tx.init(hp)}
+    state = {"params": params, "opt": learner.pi_tx.init(params), **heads, "adv": jnp.zeros(len(chunks), jnp.float32)}
+    state["rng"] = jax.random.PRNGKey(args.seed)
+    replicated = lambda tree: jax.tree.map(lambda _: mesh.replicated(m), tree)  # the heads: small, on every device
+    shardings = {k: mesh.fsdp_sharding(v, m) if k in ("params", "opt") else replicated(v) for k, v in state.items()}
     state = jax.device_put(state, shardings)
     critic_steps = args.critic_steps if args.schedule == "two-phase" and args.beta > 0 else 0
-    total = critic_steps + args.policy_steps
-    step = 0
+    total, step = critic_steps + args.policy_steps, 0
     if args.resume and (restored := run.restore(state)) is not None:
-        step, state, _ = restored
-        state = jax.device_put(state, shardings)
+        step, state = restored[0], jax.device_put(restored[1], shardings)
         print(f"resumed at step {step}")
 
     def save(step):
         run.save(step, state, {"norm_stats": stats, "step": step, "critic_steps": critic_steps})
 
-    np_rng = np.random.default_rng(args.seed + step)
-    act = learner.make_act()
+    np_rng, act = np.random.default_rng(args.seed + step), learner.make_act()
     phase_of = "joint" if args.schedule == "joint" else "policy"
-    updates = {p: learner.make_update(p, shardings) for p in ("critic", phase_of)}
-    feats, cdf = None, None
-    train_s, result, last_eval = 0.0, {}, -1
+    # update(state, batches [K,B,...], rng) -> (state, info averaged over K): K updates in one lax.scan
+    updates = {p: mesh.scan_updates(partial(learner.step, phase=p), shardings) for p in ("critic", phase_of)}
+    feats, cdf, train_s, result, last_eval = None, None, 0.0, {}, -1
 
-    def do_eval(step):
+    def do_eval(step):  # the policy from one noise draw (scaled by --eval-noise), episodes spread over --num-envs
         nonlocal result, last_eval
-        last_eval = step
-        t = time.time()
-        rng = jax.random.fold_in(jax.random.key(args.seed), step)
-        result = {**evaluate(act, state["params"], args, rng), "time/train_s": train_s, "time/eval_s": 0.0}
-        result["time/eval_s"] = time.time() - t
+        last_eval, t, rng = step, time.time(), jax.random.fold_in(jax.random.key(args.seed), step)
+        policy = lambda obs, key: (act(state["params"], obs, key), None)
+        result = envs.evaluate(args, policy, rng, args.eval_episodes, args.num_envs, args.gamma)
+        result.update({"time/train_s": train_s, "time/eval_s": time.time() - t})
         run.log(step, result)
-        print(
-            f"[eval] step {step}: success {result['eval/success_rate']:.2f}  return {result['eval/return']:.3f}  "
-            f"(train {train_s:.0f}s, eval {result['time/eval_s']:.1f}s)",
-            flush=True,
-        )
+        msg = f"[eval] step {step}: success {result['eval/success_rate']:.2f}  return {result['eval/return']:.3f}  "
+        print(msg + f"(train {train_s:.0f}s, eval {result['time/eval_s']:.1f}s)", flush=True)
 
     def encode_all(params):  # features of every frame with the frozen initial π₀ (critic phase)
-        enc = jax.jit(learner.encode)
-        out_f, out_s = [], []
-        for lo in range(0, len(data), 4096):
-            i = np.arange(lo, min(lo + 4096, len(data)))
-            images = {k: v[i] for k, v in data.obs["images"].items()}
-            f, s = enc(params, {"state": data.obs["state"][i], "prompt_id": data.obs["prompt_id"][i], "images": images})
-            out_f.append(np.asarray(f)), out_s.append(np.asarray(s))
-        return np.concatenate(out_f), np.concatenate(out_s)
+        enc, n = jax.jit(learner.encode), len(data)
+        frames = [np.arange(lo, min(lo + 4096, n)) for lo in range(0, n, 4096)]
+        out = [jax.device_get(enc(params, qchunk.gather_obs(data.obs, i))) for i in frames]  # [(features, state)]
+        return np.concatenate([f for f, _ in out]), np.concatenate([s for _, s in out])
 
     def batches(n, bsize, phase):  # n batches stacked [n,B,...]
         rows = []
@@ -547,10 +421,8 @@ def main(args: Args) -> dict:
             b = chunks.get(i)
             b.pop("rewards")
             if phase == "critic" and feats is not None:
-                oi, ni = chunks.obs_idx[i], chunks.next_obs_idx[i]
-                b.update(
-                    features=feats[0][oi], state_n=feats[1][oi], next_features=feats[0][ni], next_state_n=feats[1][ni]
-                )
+                (f, s), oi, ni = feats, chunks.obs_idx[i], chunks.next_obs_idx[i]
+                b.update(features=f[oi], state_n=s[oi], next_features=f[ni], next_state_n=s[ni])
                 b.pop("obs"), b.pop("next_obs")
             if phase == "policy":
                 b["adv"] = adv_table[i] if cdf is None else np.zeros(bsize, np.float32)  # sampled: w = exp(0) = 1
@@ -582,10 +454,8 @@ def main(args: Args) -> dict:
         state["adv"] = jax.device_put(np.concatenate(advs), shardings["adv"])
         feats = None
         w = np.minimum(np.exp(args.beta * np.asarray(state["adv"])), args.max_weight)
-        print(
-            f"[critic] advantage std {np.std(state['adv']):.4f}; weights mean {w.mean():.3g}, clipped "
-            f"{(w >= args.max_weight).mean():.1%}"
-        )
+        clipped = (w >= args.max_weight).mean()
+        print(f"[critic] advantage std {np.std(state['adv']):.4f}; weights mean {w.mean():.3g}, clipped {clipped:.1%}")
         train_s += time.time() - t_start
         save(step)
     adv_table = np.asarray(state["adv"])
@@ -598,8 +468,7 @@ def main(args: Args) -> dict:
     # ---- phase 2 (or the joint schedule): π₀ trained by advantage-weighted flow matching
     t0, s0, pol_s = time.time(), step, 0.0
     while step < total and not (args.time_budget_s and train_s >= args.time_budget_s):
-        t = time.time()
-        k = min(args.updates_per_call, total - step)
+        t, k = time.time(), min(args.updates_per_call, total - step)
         state["rng"], key = jax.random.split(state["rng"])
         state, info = updates[phase_of](state, batches(k, args.batch_size, phase_of), key)
         step += k
@@ -615,14 +484,8 @@ def main(args: Args) -> dict:
     if last_eval != step:  # the final evaluation, unless one just ran
         do_eval(step)
     run.close()
-    return {
-        **result,
-        "step": step,
-        "policy_updates": step - critic_steps,
-        "run_dir": run.dir,
-        "time/train_s": train_s,
-        "time/policy_updates_per_s": (step - s0) / max(pol_s, 1e-9),
-    }
+    out = {**result, "step": step, "policy_updates": step - critic_steps, "run_dir": run.dir, "time/train_s": train_s}
+    return {**out, "time/policy_updates_per_s": (step - s0) / max(pol_s, 1e-9)}
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ Smoke: python flow_ppo.py --bc-steps 20 --iterations 2 --num-envs 8 --num-steps 
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import flax.linen as nn
@@ -36,33 +35,13 @@ from common import envs, libero, pi0, qchunk, runlog
 
 
 @dataclass
-class Args:
+class Args(runlog.RunArgs):
     exp_name: str = "flow_ppo"
     """name of the run (wandb group)"""
-    seed: int = 1
-    """seed of jax, numpy and the envs"""
-    env: str = "push"
-    """'push' (embedded), 'libero', or a gymnasium id"""
-    env_kwargs: dict[str, str] = field(default_factory=dict)
-    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
     """prior data (robomimic/LIBERO HDF5) for the BC warm start; default: envs.default_dataset(env, noise=0.6)"""
     pi0_checkpoint: str | None = None
     """start from an openpi checkpoint dir, or a run dir of acrlpd_pi0.py / chunk_awr.py / flow_ppo.py (skips BC)"""
-    pi0_preset: str = "cpu"
-    """π₀ preset when starting from scratch: cpu | pi0 | pi05"""
-    tokenizer: str | None = None
-    """PaliGemma SentencePiece model (openpi checkpoints); default: the built-in word tokenizer"""
-    track: bool = False
-    """log to wandb"""
-    wandb_project: str = "pi0-rl"
-    """wandb project"""
-    run_dir: str | None = None
-    """run folder; default runs/<env>__flow_ppo__<seed>__<time>"""
-    resume: bool = False
-    """continue the run in --run-dir from its last checkpoint"""
-    fsdp_devices: int = 1
-    """devices per FSDP group (parameters sharded over them)"""
     save_every: int = 50
     """checkpoint every this many PPO iterations (and at the end)"""
     log_every: int = 5
@@ -187,24 +166,20 @@ def chain_logprob(args: Args, model, noise_head, params, heads, prefix, chain, s
     Used both at rollout (the old log-likelihood) and in the loss, on the same stored chain (ratio 1 before an update).
     All K steps of flow_noise are evaluated as N=K candidates sharing one prefix cache.
     """
-    K = chain.shape[1] - 1
+    (B, K), rows = (chain.shape[0], chain.shape[1] - 1), jnp.arange(chain.shape[0])
     times, delta = flow_times(K)
-    B = chain.shape[0]
-    if args.noise_method == "flow_noise":
-        x, t = chain[:, :K], jnp.broadcast_to(times, (B, K))  # [B,K,H,A], [B,K]
-        v, out = model.velocity(params, prefix, x, t)
-        mean, std = transition(args, noise_head, heads, v, out, x, t, delta)
-        terms = gaussian_logpdf(chain[:, 1:], mean, std)  # [B,K]
-        x0 = gaussian_logpdf(chain[:, 0], 0.0, 1.0)[:, None]  # constant, part of the chain's density
-        terms = jnp.concatenate([x0, terms], axis=1)
-        logp = terms.mean(1) if args.logprob_reduce == "mean" else terms.sum(1)
-        entropy = jnp.mean(0.5 * jnp.log(2 * jnp.pi * jnp.e) + jnp.log(std), axis=(1, 2, 3))
-        return logp, entropy, std.mean(axis=(1, 2, 3))
-    rows = jnp.arange(B)
-    x, t = chain[rows, sde_step][:, None], times[sde_step][:, None]  # [B,1,H,A], [B,1]
+    if args.noise_method == "flow_noise":  # x_k -> x_{k+1} for every k: [B,K,H,A], [B,K]
+        x, t, nxt = chain[:, :K], jnp.broadcast_to(times, (B, K)), chain[:, 1:]
+    else:  # the one stochastic step: [B,1,H,A], [B,1]
+        x, t, nxt = chain[rows, sde_step][:, None], times[sde_step][:, None], chain[rows, sde_step + 1][:, None]
     v, out = model.velocity(params, prefix, x, t)
     mean, std = transition(args, noise_head, heads, v, out, x, t, delta)
-    logp = gaussian_logpdf(chain[rows, sde_step + 1][:, None], mean, std)[:, 0]
+    terms = gaussian_logpdf(nxt, mean, std)  # [B,K] or [B,1]
+    if args.noise_method == "flow_noise":  # with log N(x_0; 0, I): constant, part of the chain's density
+        terms = jnp.concatenate([gaussian_logpdf(chain[:, 0], 0.0, 1.0)[:, None], terms], axis=1)
+        logp = terms.mean(1) if args.logprob_reduce == "mean" else terms.sum(1)
+    else:
+        logp = terms[:, 0]
     entropy = jnp.mean(0.5 * jnp.log(2 * jnp.pi * jnp.e) + jnp.log(std), axis=(1, 2, 3))
     return logp, entropy, std.mean(axis=(1, 2, 3))
 
@@ -255,17 +230,16 @@ def gae(rewards, values, next_value, terminated, truncated, final_values, gamma_
 
 
 # ------------------------------------------------------------------------------------------------------ losses
-def ppo_loss(train, batch, args: Args, model, noise_head, value_head, cfg, table, stats, train_policy):
+def ppo_loss(train, batch, args: Args, model, io: pi0.EnvIO, noise_head, value_head, train_policy):
     """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus. -> (loss, info)."""
-    obs = pi0.make_observation(cfg, batch["obs"], table, stats["state"])
+    obs = io.observe(batch["obs"])
     prefix = model.prefix(train["params"], obs)  # prefix inside the loss: the backbone may train
     if args.freeze_backbone:  # no backward pass through the VLM at all
         prefix = jax.lax.stop_gradient(prefix)
     logp, entropy, std = chain_logprob(
         args, model, noise_head, train["params"], train["heads"], prefix, batch["chain"], batch["sde_step"]
     )
-    old_logp = jax.lax.stop_gradient(batch["logp"])
-    logratio = logp - old_logp
+    logratio = logp - jax.lax.stop_gradient(batch["logp"])  # the old log-likelihood, stored at rollout
     ratio = jnp.exp(logratio)
     adv = jax.lax.stop_gradient(batch["advantages"])  # normalised over the whole rollout in `update`
     pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
@@ -280,8 +254,7 @@ def ppo_loss(train, batch, args: Args, model, noise_head, value_head, cfg, table
         v_loss = jnp.maximum(v_loss, jnp.square(v_clip - ret))
     v_loss = 0.5 * v_loss.mean()
     ent = entropy.mean()
-    policy_part = jnp.where(train_policy, pg_loss - args.ent_coef * ent, 0.0)
-    loss = policy_part + args.vf_coef * v_loss
+    loss = jnp.where(train_policy, pg_loss - args.ent_coef * ent, 0.0) + args.vf_coef * v_loss  # value-only warmup
     info = {
         "losses/policy": pg_loss,
         "losses/value": v_loss,
@@ -295,14 +268,14 @@ def ppo_loss(train, batch, args: Args, model, noise_head, value_head, cfg, table
     return loss, info
 
 
-def make_update(args: Args, model, noise_head, value_head, cfg, table, stats, tx):
+def make_update(args: Args, model, io: pi0.EnvIO, noise_head, value_head, tx):
     """update(state, batch, rng, train_policy) -> (state, info): epochs × minibatches in one lax.scan."""
 
     def minibatch_step(carry, mb):
         state, stopped = carry
         train = {"params": state["params"], "heads": state["heads"]}
         grads, info = jax.grad(ppo_loss, has_aux=True)(
-            train, mb, args, model, noise_head, value_head, cfg, table, stats, mb["train_policy"]
+            train, mb, args, model, io, noise_head, value_head, mb["train_policy"]
         )
         updates, opt = tx.update(grads, state["opt"], train)
         new = optax.apply_updates(train, updates)
@@ -315,8 +288,7 @@ def make_update(args: Args, model, noise_head, value_head, cfg, table, stats, tx
         return (new_state, stopped), info
 
     def update(state, batch, rng, train_policy):
-        n = batch["logp"].shape[0]
-        adv = batch["advantages"]
+        n, adv = batch["logp"].shape[0], batch["advantages"]
         batch = {**batch, "advantages": (adv - adv.mean()) / (adv.std() + 1e-8)}
         mb_size = n // args.num_minibatches
 
@@ -338,43 +310,7 @@ def make_update(args: Args, model, noise_head, value_head, cfg, table, stats, tx
 
 
 # ------------------------------------------------------------------------------------------------------ setup
-def load_start(args: Args, env, cfg_kw: dict):
-    """(cfg, params or None, norm stats or None) from --pi0-checkpoint: a run dir of our scripts or an openpi dir.
-
-    A run dir holds checkpoints/ (orbax, common.runlog.Run.save) with the π₀ parameters (openpi layout) at
-    state["params"] (chunk_awr.py, flow_ppo.py) or state["pi"] (acrlpd_pi0.py) and the normalisation stats at
-    extra["norm_stats"] = {"state": {...}, "actions": {...}} (pi0.normalize's dict layout).
-    """
-    if args.pi0_checkpoint is None:
-        return pi0.make_config(args.pi0_preset, **cfg_kw), None, None
-    path = os.path.abspath(os.path.expanduser(args.pi0_checkpoint))
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        import orbax.checkpoint as ocp
-
-        mgr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
-        step = mgr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"--pi0-checkpoint {path}: its checkpoints/ folder is empty")
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
-        state, extra = out["state"], out["extra"]
-        key = next((k for k in ("params", "pi") if isinstance(state, dict) and k in state), None)
-        if key is None or "norm_stats" not in extra:
-            raise ValueError(
-                f"--pi0-checkpoint {path}: expected the π₀ params at state['params'] (chunk_awr, flow_ppo) or "
-                f"state['pi'] (acrlpd_pi0) and extra['norm_stats']; found state keys "
-                f"{list(state) if isinstance(state, dict) else type(state)}"
-            )
-        params = jax.tree.map(jnp.asarray, state[key])
-        kw = {k: cfg_kw[k] for k in ("max_token_len", "state_dim", "cameras")}
-        cfg = pi0.config_from_params(params, action_horizon=args.action_horizon, **kw)
-        stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in extra["norm_stats"].items()}
-        return cfg, params, stats
-    params, cfg = pi0.load_openpi_params(path, action_horizon=args.action_horizon, max_token_len=48)
-    cfg = pi0.dataclasses.replace(cfg, cameras=cfg_kw["cameras"] or cfg.cameras)
-    return cfg, params, pi0.load_norm_stats(path, args.asset_id)
-
-
-def behaviour_cloning(args: Args, model, params, cfg, table, stats, chunks, action_dim: int, run, log_step0: int):
+def behaviour_cloning(args: Args, model, io: pi0.EnvIO, params, chunks, run, log_step0: int):
     """Flow-matching BC of π₀ on the prior data's chunks (the warm start)."""
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.bc_lr))
     opt = tx.init(params)
@@ -382,54 +318,23 @@ def behaviour_cloning(args: Args, model, params, cfg, table, stats, chunks, acti
     @jax.jit
     def bc_update(params, opt, batch, rng):
         def loss_fn(p):
-            obs = pi0.make_observation(cfg, batch["obs"], table, stats["state"])
-            acts = pi0.normalize(batch["actions"], stats["actions"])
-            acts = jnp.pad(acts, ((0, 0), (0, 0), (0, cfg.action_dim - action_dim)))  # openpi: pad to 32 dims
+            acts = io.to_model(batch["actions"])  # normalised, zero-padded to π₀'s action dim (openpi: 32)
             w = batch["valid"].astype(jnp.float32)  # [B,H]: steps past the episode's end do not count
-            return jnp.sum(model.flow_loss(p, obs, acts, rng) * w) / jnp.maximum(w.sum(), 1.0)
+            return jnp.sum(model.flow_loss(p, io.observe(batch["obs"]), acts, rng) * w) / jnp.maximum(w.sum(), 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
     np_rng, rng, start = np.random.default_rng(args.seed), jax.random.key(args.seed + 1), time.time()
-    every = 10 * args.log_every
     for i in range(1, args.bc_steps + 1):
-        batch = chunks.sample(np_rng, args.bc_batch_size)
-        batch = {"obs": batch["obs"], "actions": batch["actions"], "valid": batch["valid"]}
+        batch = {k: v for k, v in chunks.sample(np_rng, args.bc_batch_size).items() if k in ("obs", "actions", "valid")}
         rng, key = jax.random.split(rng)
         params, opt, loss = bc_update(params, opt, batch, key)
-        if i % every == 0 or i == args.bc_steps:
+        if i % (10 * args.log_every) == 0 or i == args.bc_steps:
             run.log(log_step0 + i, {"losses/bc": loss, "time/bc_sps": (i) / (time.time() - start)})
             run.progress(i, args.bc_steps, "bc", 0, start, loss=float(loss))
     return params
-
-
-def evaluate(args: Args, num: int, seed: int, act_fn, params, max_chunks: int = 1000) -> dict[str, float]:
-    """One episode in each of `num` envs with the deterministic ODE policy -> eval/success_rate, eval/return."""
-    env = envs.from_args(args, num, seed, evaluation=True)
-    obs, _ = env.reset(seed=seed)
-    done, success, ret = np.zeros(num, bool), np.zeros(num, bool), np.zeros(num)
-    rng = jax.random.key(seed)
-    for _ in range(max_chunks):
-        rng, key = jax.random.split(rng)
-        obs, step = envs.execute_chunk(env, obs, np.asarray(act_fn(params, obs, key)), 1.0)
-        live = ~done
-        ret += np.where(live, step.rewards.sum(1), 0.0)
-        success |= live & step.success
-        done |= step.terminated | step.truncated
-        if done.all():
-            break
-    env.close()
-    return {"eval/success_rate": float(success.mean()), "eval/return": float(ret.mean())}
-
-
-HEAD_VALUE = (jax.tree_util.DictKey("heads"), jax.tree_util.DictKey("value"))
-
-
-def stack(xs) -> jax.Array:
-    """T per-step arrays [E,...] -> [T,E,...]."""
-    return jnp.asarray(np.stack([np.asarray(x) for x in xs]))
 
 
 def flat(x) -> jax.Array:
@@ -439,41 +344,34 @@ def flat(x) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict[str, float]:
+    runlog.check_choices(args)
     for name in ("num_envs", "num_steps", "flow_steps", "iterations", "update_epochs", "num_minibatches"):
-        if getattr(args, name) < 1 and not (name == "iterations" and args.iterations == 0):
+        if getattr(args, name) < (0 if name == "iterations" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
-    if (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise ValueError(
-            f"num_envs × num_steps ({args.num_envs * args.num_steps}) must be divisible by "
-            f"--num-minibatches ({args.num_minibatches})"
-        )
+    if (n := args.num_envs * args.num_steps) % args.num_minibatches:
+        raise ValueError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.noise_method == "flow_sde" and args.flow_steps < 2:
         raise ValueError("flow_sde needs --flow-steps ≥ 2 (σ_t is evaluated at t ≤ 1 − δ, which is 0 for one step)")
     if not 0 < args.min_std <= args.max_std:
         raise ValueError(f"need 0 < --min-std ({args.min_std}) ≤ --max-std ({args.max_std})")
     t_main = time.time()
-    kw = dict(env=args.env, seed=args.seed, run_dir=args.run_dir, resume=args.resume, track=args.track)
-    run = runlog.Run(args, "flow_ppo", **kw, wandb_project=args.wandb_project)
+    run = runlog.Run.from_args(args, "flow_ppo")
     np.random.seed(args.seed)
     env = envs.from_args(args, args.num_envs, args.seed)
-    A, H = env.action_dim, args.action_horizon
-    cfg_kw = dict(action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=tuple(env.camera_names))
-    cfg_kw["max_token_len"] = pi0.PRESETS[args.pi0_preset].max_token_len
-    cfg, params, stats = load_start(args, env, cfg_kw)
-    model = pi0.Pi0(cfg)
-    tok = pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size)
-    tok = pi0.PaligemmaTokenizer(args.tokenizer, cfg.max_token_len) if args.tokenizer else tok
-    table = pi0.make_prompt_table(env.prompts, tok)
-    chunks = None
-    if params is None or stats is None:  # prior data: norm stats, and the BC warm start
-        path = args.dataset or envs.default_dataset(env=args.env, noise=0.6)
-        data = qchunk.load_episodes(path, prompts=env.prompts)
-        chunks = qchunk.make_chunks(data, H, args.gamma)
-        stats = {
-            k: qchunk.compute_norm_stats(x).to_dict()
-            for k, x in (("state", data.obs["state"]), ("actions", data.actions))
-        }
-        stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in stats.items()}
+    A, H, cams = env.action_dim, args.action_horizon, tuple(env.camera_names)
+    if args.pi0_checkpoint:  # openpi, or a run folder of these scripts (the sizes its shapes leave open: the preset's)
+        rc = dict(max_token_len=pi0.PRESETS[args.pi0_preset].max_token_len, state_dim=env.state_dim, cameras=cams)
+        params, cfg, stats = runlog.load_pi0(
+            args.pi0_checkpoint, action_horizon=H, asset_id=args.asset_id, run_config=rc
+        )
+        cfg, chunks = replace(cfg, cameras=cams or cfg.cameras), None  # the env's cameras, where it has any; no BC
+    else:  # from scratch: the prior data gives the norm stats and the BC warm start
+        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=cams)
+        data = qchunk.load_episodes(args.dataset or envs.default_dataset(env=args.env, noise=0.6), prompts=env.prompts)
+        params, chunks, stats = None, qchunk.make_chunks(data, H, args.gamma), qchunk.norm_stats(data)
+    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(env.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
+    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
+    io = pi0.EnvIO(cfg, table, stats, A, delta)  # env units <-> π₀'s (openpi's pi0_libero: actions − state)
     k_model, k_noise, k_value, rng = jax.random.split(jax.random.key(args.seed), 4)
     params = model.init(k_model) if params is None else params
     noise_head, value_head = NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead()
@@ -481,7 +379,8 @@ def main(args: Args) -> dict[str, float]:
     heads = {"noise": noise_head.init(k_noise, jnp.zeros((1, 1, H, cfg.expert.width)))}
     heads["value"] = value_head.init(k_value, jnp.zeros((1, W)), jnp.zeros((1, S)))
     train = {"params": params, "heads": heads}  # the policy (π₀ + noise head) and the value head: own lrs and clips
-    labels = jax.tree_util.tree_map_with_path(lambda p, _: "value" if p[:2] == HEAD_VALUE else "policy", train)
+    labels = jax.tree.map(lambda _: "policy", train)
+    labels["heads"]["value"] = jax.tree.map(lambda _: "value", heads["value"])
     if args.freeze_backbone:
         frozen = model.backbone_mask(params)
         labels["params"] = jax.tree.map(lambda f, lab: "frozen" if f else lab, frozen, labels["params"])
@@ -490,95 +389,79 @@ def main(args: Args) -> dict[str, float]:
     tx = optax.multi_transform(tx, labels)
     state = {"params": params, "heads": heads, "opt": tx.init(train)}
     bc_done, iteration, env_steps = 0, 0, 0
-    restored = run.restore({**state, "rng": jax.random.key_data(rng)}) if args.resume else None
-    if restored is not None:
+    if args.resume and (restored := run.restore({**state, "rng": jax.random.key_data(rng)})) is not None:
         _, ckpt, extra = restored
-        state = {k: ckpt[k] for k in state}
-        rng = jax.random.wrap_key_data(ckpt["rng"])
+        state, rng = {k: ckpt[k] for k in state}, jax.random.wrap_key_data(ckpt["rng"])
         bc_done, iteration, env_steps = extra["bc_step"], extra["iteration"], extra["env_steps"]
         print(f"resumed {run.dir} at BC step {bc_done}, PPO iteration {iteration}")
     bc_steps = args.bc_steps if args.pi0_checkpoint is None else 0
     if bc_done < bc_steps:
         print(f"π₀ ({pi0.param_count(params) / 1e3:.0f}k params): BC warm start for {bc_steps} steps")
-        state["params"] = behaviour_cloning(args, model, state["params"], cfg, table, stats, chunks, A, run, 0)
+        state["params"] = behaviour_cloning(args, model, io, state["params"], chunks, run, 0)
         bc_done = bc_steps
-
-    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-
-    def to_env(actions, state):  # normalised [B,H,A_model] -> env units [B,H,A] (openpi's pi0_libero: + state)
-        return pi0.unnormalize(actions[..., :A], stats["actions"]) + libero.state_offset(state, A, delta)
 
     @jax.jit
     def act(params, heads, obs, rng):
-        o = pi0.make_observation(cfg, obs, table, stats["state"])
+        o = io.observe(obs)
         prefix = model.prefix(params, o)
         chain, sde_step = sample_chain(args, model, noise_head, params, heads, prefix, rng, o.state.shape[0])
         logp, _, _ = chain_logprob(args, model, noise_head, params, heads, prefix, chain, sde_step)
         value = value_head.apply(heads["value"], prefix.features, o.state)
-        return to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
+        return io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
 
     @jax.jit
     def value_fn(params, heads, obs):
-        o = pi0.make_observation(cfg, obs, table, stats["state"])
+        o = io.observe(obs)
         return value_head.apply(heads["value"], model.prefix(params, o).features, o.state)
 
     @jax.jit
     def eval_act(params, obs, rng):  # the deterministic ODE from one noise draw
-        prefix = model.prefix(params, pi0.make_observation(cfg, obs, table, stats["state"]))
+        prefix = model.prefix(params, io.observe(obs))
         noise = jax.random.normal(rng, (obs["state"].shape[0], 1, H, cfg.action_dim))
-        return to_env(model.sample(params, prefix, noise, args.flow_steps)[:, 0], obs["state"])
+        return io.to_env(model.sample(params, prefix, noise, args.flow_steps)[:, 0], obs["state"])
 
-    update = jax.jit(make_update(args, model, noise_head, value_head, cfg, table, stats, tx), donate_argnums=0)
-    gae_fn = jax.jit(gae, static_argnums=(6, 7))
-    gamma_chunk = args.gamma**H
+    update = jax.jit(make_update(args, model, io, noise_head, value_head, tx), donate_argnums=0)
+    gae_fn, gamma_chunk = jax.jit(gae, static_argnums=(6, 7)), args.gamma**H  # a chunk step discounts by γ^H
 
     def save(step):
-        extra = dict(bc_step=bc_done, iteration=iteration, env_steps=env_steps)
-        extra["norm_stats"] = {k: {s: x.tolist() for s, x in v.items()} for k, v in stats.items()}
+        extra = dict(bc_step=bc_done, iteration=iteration, env_steps=env_steps, norm_stats=stats)
         run.save(step, {**state, "rng": jax.random.key_data(rng)}, extra)
+
+    def evaluate() -> dict[str, float]:  # the deterministic ODE policy, one episode per env
+        policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
+        return envs.evaluate(args, policy, jax.random.key(args.seed + 10_000), args.eval_episodes)
 
     final = {}
     if iteration == 0:  # the start of PPO: BC (or the loaded checkpoint)
-        final = evaluate(args, args.eval_episodes, args.seed + 10_000, eval_act, state["params"])
+        final = evaluate()
         run.log(bc_done, final)
         print(f"start of PPO: success {final['eval/success_rate']:.3f}")
         final["eval/start_success_rate"] = final["eval/success_rate"]
         save(bc_done)
     obs, _ = env.reset(seed=args.seed)
-    start, start_it, info, first_dev = time.time(), iteration, {}, 0.0
-    ep_success: list[float] = []
+    start, start_it, info, first_dev, ep_success = time.time(), iteration, {}, 0.0, []  # ep_success: since the last log
     limit_s = args.time_limit_min * 60 if args.time_limit_min > 0 else float("inf")
     last = iteration >= args.iterations
     while not last:
         iteration += 1
-        roll = {k: [] for k in ("obs", "chain", "sde_step", "logp", "values", "rewards", "term", "trunc", "final_v")}
+        roll = []  # per chunk step, what GAE and the update need: {"obs": .., "chain": [E,K+1,H,A], ...}
         for _ in range(args.num_steps):
             rng, key = jax.random.split(rng)
             actions, chain, sde_step, logp, value = act(state["params"], state["heads"], obs, key)
-            roll["obs"].append(obs)
-            for k, x in (("chain", chain), ("sde_step", sde_step), ("logp", logp), ("values", value)):
-                roll[k].append(x)
+            roll.append({"obs": obs, "chain": chain, "sde_step": sde_step, "logp": logp, "values": value})
             obs, step = envs.execute_chunk(env, obs, np.asarray(actions), args.gamma)
             trunc = step.truncated & ~step.terminated
             final_v = value_fn(state["params"], state["heads"], step.final_obs) if trunc.any() else np.zeros(len(trunc))
-            roll["rewards"].append(step.discounted_return), roll["term"].append(step.terminated)
-            roll["trunc"].append(trunc), roll["final_v"].append(np.asarray(final_v) * trunc)
+            roll[-1].update(rewards=step.discounted_return, term=step.terminated, trunc=trunc)
+            roll[-1]["final_v"] = np.asarray(final_v) * trunc
             ep_success += step.success[step.terminated | step.truncated].tolist()
         env_steps += args.num_envs * args.num_steps * H
         last_v = value_fn(state["params"], state["heads"], obs)
-        r = {k: stack(x) for k, x in roll.items() if k != "obs"}  # [T,E,...]
-        r["term"], r["trunc"] = r["term"].astype(jnp.float32), r["trunc"].astype(jnp.float32)
-        adv, ret = gae_fn(
-            *(r[k] for k in ("rewards", "values")),
-            last_v,
-            *(r[k] for k in ("term", "trunc", "final_v")),
-            gamma_chunk,
-            args.gae_lambda,
-        )
-        batch = {k: flat(r[k]) for k in ("chain", "sde_step", "logp", "values")}
-        batch.update(
-            obs=jax.tree.map(lambda *xs: flat(stack(xs)), *roll["obs"]), advantages=flat(adv), returns=flat(ret)
-        )
+        r = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *roll)  # the T chunk steps stacked, [T,E,...]
+        term, trunc = r["term"].astype(jnp.float32), r["trunc"].astype(jnp.float32)
+        adv, ret = gae_fn(r["rewards"], r["values"], last_v, term, trunc, r["final_v"], gamma_chunk, args.gae_lambda)
+        batch = {k: jax.tree.map(flat, r[k]) for k in ("obs", "chain", "sde_step", "logp", "values")}
+        batch.update(advantages=flat(adv), returns=flat(ret))
         rng, key = jax.random.split(rng)
         state, info = update(state, batch, key, jnp.bool_(iteration > args.critic_warmup))
         first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))
@@ -592,15 +475,12 @@ def main(args: Args) -> dict[str, float]:
             if ep_success:
                 metrics["charts/rollout_success"] = float(np.mean(ep_success))
             run.log(step_id, metrics)
-            shown = {
-                k.split("/")[1]: float(info[k]) for k in ("charts/clip_frac", "charts/noise_std", "losses/approx_kl")
-            }
-            run.progress(
-                iteration, args.iterations, "ppo", start_it, start, rollout_success=np.mean(ep_success or [0]), **shown
-            )
+            keys = ("charts/clip_frac", "charts/noise_std", "losses/approx_kl")
+            shown = {"rollout_success": np.mean(ep_success or [0]), **{k.split("/")[1]: info[k] for k in keys}}
+            run.progress(iteration, args.iterations, "ppo", start_it, start, **shown)
             ep_success = []
         if iteration % args.eval_every == 0 or last:
-            ev = evaluate(args, args.eval_episodes, args.seed + 10_000, eval_act, state["params"])
+            ev = evaluate()
             run.log(step_id, ev)
             final.update(ev)
             print(f"[eval] iteration {iteration}: success {ev['eval/success_rate']:.3f}")
@@ -608,11 +488,8 @@ def main(args: Args) -> dict[str, float]:
             save(step_id)
     env.close()
     run.close()
-    final.update({k: float(v) for k, v in info.items()}, run_dir=run.dir)
-    final.update(
-        {"charts/first_ratio_dev_max": first_dev, "charts/env_steps": env_steps, "time/wall_s": time.time() - start}
-    )
-    return final
+    final |= {k: float(v) for k, v in info.items()} | {"run_dir": run.dir, "charts/first_ratio_dev_max": first_dev}
+    return final | {"charts/env_steps": env_steps, "time/wall_s": time.time() - start}
 
 
 if __name__ == "__main__":

@@ -20,14 +20,17 @@ import argparse
 import importlib
 import inspect
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import h5py
+import jax
 import numpy as np
 
 Obs = dict[str, Any]
@@ -525,6 +528,66 @@ def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tupl
     ended = terminated | truncated
     next_obs = env.reset_where(ended) if ended.any() else _copy_obs(final_obs)
     return next_obs, step
+
+
+def evaluate(
+    args: Any,
+    act: Callable[[Obs, jax.Array], tuple[Any, Any]],
+    rng: jax.Array,
+    episodes: int,
+    num_envs: int | None = None,
+    gamma: float = 1.0,
+    prefix: str = "",
+) -> dict[str, float]:
+    """Evaluate a chunk policy on `episodes` episodes of the evaluation envs of a script's Args (`from_args(...,
+    evaluation=True)`, seed `args.seed + 10_000`): E = min(num_envs or episodes, episodes) envs, env e playing episodes
+    e, e + E, ...; every chunk executed open loop (`execute_chunk`).
+
+    act(obs, key) -> (actions [E,H,A] in env units, value [E] or None), `key` split off `rng` once per chunk; `value`
+    is a critic's prediction of the discounted return from the chosen chunk on.
+    Returns eval/{prefix}success_rate (a step of the episode reported success) and eval/{prefix}return (its summed
+    reward); an episode still running after ceil(max_episode_steps / H) + 1 chunks per episode counts as a failure
+    with return 0. With values also the critic's calibration over every chunk chosen in an evaluated episode:
+    eval/{prefix}q_pred (mean value), eval/{prefix}q_realised (mean discounted return, with `gamma`, that followed
+    until the episode's end) and eval/{prefix}q_gap (their difference).
+    """
+    E = min(num_envs or episodes, episodes)
+    env = from_args(args, E, args.seed + 10_000, evaluation=True)
+    obs, _ = env.reset(seed=args.seed + 10_000)
+    todo = (episodes - np.arange(E) + E - 1) // E  # episodes each env still has to play
+    success, ret = np.zeros(E, bool), np.zeros(E)  # of each env's current episode
+    n_success, total = 0, 0.0
+    rewards, ends, decisions = [], [], []  # per step [E]: rewards (0 outside evaluated episodes), an episode ended
+    per_episode = math.ceil((getattr(env, "max_episode_steps", None) or 1000) / args.action_horizon) + 1
+    for _ in range(per_episode * int(todo.max())):
+        rng, key = jax.random.split(rng)
+        actions, value = act(obs, key)
+        live = todo > 0
+        if value is not None:  # (step index, value [E], evaluated [E]) per chunk
+            decisions.append((len(rewards), np.asarray(value), live))
+        obs, step = execute_chunk(env, obs, np.asarray(actions), gamma)
+        rewards += list(np.where(live, step.rewards.T, 0.0))  # H rows [E]
+        ends += list((step.step_terminated | step.step_truncated).T)
+        success, ret = success | step.success, ret + step.rewards.sum(1)
+        ended = step.terminated | step.truncated
+        n_success, total = n_success + (success & ended & live).sum(), total + ret[ended & live].sum()
+        success, ret = success & ~ended, np.where(ended, 0.0, ret)
+        todo -= ended & live
+        if not todo.any():
+            break
+    env.close()
+    out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
+    if decisions:
+        r, end = np.stack(rewards), np.stack(ends)  # [T,E]
+        togo, acc = np.zeros_like(r), np.zeros(E)  # discounted return-to-go from every step to its episode's end
+        for t in range(len(r) - 1, -1, -1):
+            acc = r[t] + gamma * np.where(end[t], 0.0, acc)
+            togo[t] = acc
+        pred = np.concatenate([v[live] for _, v, live in decisions])
+        real = np.concatenate([togo[t][live] for t, _, live in decisions])
+        out[f"eval/{prefix}q_pred"], out[f"eval/{prefix}q_realised"] = float(pred.mean()), float(real.mean())
+        out[f"eval/{prefix}q_gap"] = float((pred - real).mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -8,9 +8,11 @@ largest dimension divisible by the fsdp size, small ones replicated), the batch 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -78,3 +80,18 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def scan_updates(step: Callable[[Any, Any, jax.Array], tuple[Any, Any]], state_sharding: Any = None) -> Callable:
+    """One jitted `update(state, batches, rng) -> (state, info)` that runs K updates `step(state, batch, key) ->
+    (state, info)` in one `lax.scan` over batches stacked [K,B,...], one key split off `rng` per update, and returns
+    the last state (donated: updated in place) and every info entry averaged over the K updates.
+    `state_sharding`: where the new state is placed (None: wherever XLA puts it)."""
+
+    def update(state: Any, batches: Any, rng: jax.Array) -> tuple[Any, Any]:
+        keys = jax.random.split(rng, jax.tree.leaves(batches)[0].shape[0])
+        state, info = jax.lax.scan(lambda st, xs: step(st, *xs), state, (batches, keys))
+        return state, jax.tree.map(jnp.mean, info)
+
+    placed = {} if state_sharding is None else {"out_shardings": (state_sharding, None)}
+    return jax.jit(update, donate_argnums=0, **placed)

@@ -684,6 +684,51 @@ def make_observation(
     )
 
 
+class EnvIO:
+    """Between one environment and π₀: observation batches to π₀ inputs (`make_observation`), action chunks from the
+    env's units [..., A] to π₀'s normalised action space zero-padded to the model's action dim [..., A_m], and back.
+
+    `stats`: {"state", "actions"} norm stats (`normalize`'s layout); `quantile`: openpi's quantile normalisation
+    (π₀.₅ checkpoints) instead of mean/std; `delta`: the first `delta` action dims are predicted relative to the state
+    (openpi's pi0_libero, `libero.openpi_delta_dims`), so the state is subtracted going in and added coming out.
+    """
+
+    def __init__(
+        self,
+        config: Pi0Config,
+        table: PromptTable,
+        stats: dict,
+        action_dim: int,
+        delta: int = 0,
+        quantile: bool = False,
+    ):
+        self.config, self.table, self.action_dim = config, table, action_dim
+        self.delta, self.quantile = delta, quantile
+        self.stats = jax.tree.map(jnp.asarray, stats)
+
+    def observe(self, obs: dict[str, Any]) -> Observation:
+        """{"state": [B,S], "prompt_id": [B], "images": {...}} -> π₀ inputs."""
+        return make_observation(self.config, obs, self.table, self.stats["state"], self.quantile)
+
+    def to_model(self, actions: jax.Array, state: jax.Array | None = None) -> jax.Array:
+        """Env-unit actions [..., A] -> normalised, zero-padded [..., A_m]; relative to `state` [B,S] on the delta
+        dims when it is given (a chunk [B,H,A] the policy should predict), absolute without it."""
+        off = 0.0 if state is None else self.state_offset(state)
+        a = normalize(actions - off, self.stats["actions"], self.quantile)
+        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.config.action_dim - a.shape[-1])])
+
+    def to_env(self, actions: jax.Array, state: jax.Array) -> jax.Array:
+        """π₀'s chunk [B,H,A_m] -> env units [B,H,A], the state [B,S] added back on the delta dims."""
+        a = unnormalize(actions[..., : self.action_dim], self.stats["actions"], self.quantile)
+        return a + self.state_offset(state)
+
+    def state_offset(self, state: jax.Array) -> jax.Array | float:
+        """[B,S] -> [B,1,A]: the state on the delta dims, zero elsewhere (0.0 without delta dims)."""
+        from common.libero import state_offset  # the rule lives with LIBERO's conventions; a light module
+
+        return state_offset(state, self.action_dim, self.delta)
+
+
 # ----------------------------------------------------------------------------------------------------------- tokenizers
 def _clean(text: str) -> str:
     return text.strip().replace("_", " ").replace("\n", " ")
@@ -746,6 +791,14 @@ class BuiltinTokenizer:
         words = re.findall(r"[a-z0-9]+", _clean(prompt).lower())
         ids = [self.ids.get(w, base + zlib.crc32(w.encode()) % n_hash) for w in words]
         return _pad([1, *ids, 2], self.max_len)
+
+
+def make_tokenizer(path: str | None, config: Pi0Config) -> PaligemmaTokenizer | BuiltinTokenizer:
+    """The PaliGemma SentencePiece model at `path` (--tokenizer, for openpi checkpoints), or with None the built-in
+    word tokenizer (the CPU preset), for `config`'s prompt length and vocabulary."""
+    if path:
+        return PaligemmaTokenizer(path, config.max_token_len)
+    return BuiltinTokenizer(config.max_token_len, config.vocab_size)
 
 
 def make_prompt_table(prompts: Sequence[str], tokenizer) -> PromptTable:

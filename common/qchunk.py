@@ -249,8 +249,16 @@ def compute_norm_stats(x: np.ndarray) -> NormStats:
     return NormStats(*(np.asarray(v, np.float32) for v in (x.mean(0), x.std(0), q01, q99)))
 
 
+def norm_stats(data: EpisodeData) -> dict[str, dict[str, np.ndarray]]:
+    """The state and action statistics of a dataset, in the dict layout of openpi's norm_stats.json and
+    `pi0.normalize`: {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}, float32 arrays."""
+    pairs = (("state", data.obs["state"]), ("actions", data.actions))
+    return {k: {s: np.asarray(v, np.float32) for s, v in vars(compute_norm_stats(x)).items()} for k, x in pairs}
+
+
 # ----------------------------------------------------------------------------------------------------- chunks
-def _gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+def gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+    """Rows `idx` of a frame-major observation dict ({"state", "prompt_id", "images"}, e.g. `EpisodeData.obs`)."""
     images = {k: v[idx] for k, v in obs["images"].items()}
     return {"state": obs["state"][idx], "prompt_id": obs["prompt_id"][idx], "images": images}
 
@@ -293,7 +301,7 @@ class ChunkDataset:
     def get(self, indices: np.ndarray) -> Batch:
         """The batch for the given chunk indices (e.g. to weight every chunk of the dataset)."""
         i, frames = np.asarray(indices), self.data.obs
-        obs, next_obs = _gather_obs(frames, self.obs_idx[i]), _gather_obs(frames, self.next_obs_idx[i])
+        obs, next_obs = gather_obs(frames, self.obs_idx[i]), gather_obs(frames, self.next_obs_idx[i])
         return _batch(self, i, obs, self.data.actions[self.action_idx[i]], next_obs)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
@@ -409,7 +417,40 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("the replay buffer is empty; add transitions before sampling.")
         i = rng.integers(0, self.size, batch_size)
-        return _batch(self, i, _gather_obs(self.obs, i), self.actions[i], _gather_obs(self.next_obs, i))
+        return _batch(self, i, gather_obs(self.obs, i), self.actions[i], gather_obs(self.next_obs, i))
+
+    _SAVED = ("obs", "next_obs", "actions", "rewards", "valid", "discounted_return", "discount", "mask", "subgoal")
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The stored arrays by flat name ("obs/state", "obs/images/base_0_rgb", "rewards", ...)."""
+        out: dict[str, np.ndarray] = {}
+        for k in self._SAVED:
+            v = getattr(self, k)
+            if k in ("obs", "next_obs"):
+                out.update({f"{k}/{n}": v[n] for n in ("state", "prompt_id")})
+                out.update({f"{k}/images/{c}": img for c, img in v["images"].items()})
+            else:
+                out[k] = v
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the stored transitions (and the write position) to an .npz file, to continue a run; nothing while
+        the buffer is empty. `return_to_go` is not saved: it is NaN for every online chunk."""
+        if self.size:
+            np.savez(path, next=self._next, **{k: v[: self.size] for k, v in self._arrays().items()})
+
+    def load(self, path: str | Path) -> None:
+        """Fill this (empty, same-shaped) buffer from a file written by `save`; no file: it stays empty."""
+        if not Path(path).exists():
+            return
+        with np.load(path) as z:
+            n = len(z["rewards"])
+            if n > self.capacity:
+                raise ValueError(f"{path} holds {n} transitions, more than this buffer's capacity {self.capacity}.")
+            self.actions = np.zeros((self.capacity, *z["actions"].shape[1:]), np.float32)
+            for k, v in self._arrays().items():
+                v[:n] = z[k]
+            self.size, self._next = n, int(z["next"])
 
 
 def _concat(a: Any, b: Any) -> Any:

@@ -82,7 +82,7 @@ def make_agent(**kw):
     }
     stats = jax.tree.map(lambda v: np.asarray(v, np.float32), stats, is_leaf=lambda x: isinstance(x, list))
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    agent = ac.Agent(args, model, table, stats, 2, False)
+    agent = ac.Agent(args, model, pi0.EnvIO(cfg, table, stats, 2))
     x = jnp.zeros((1, cfg.vlm.width + 10 + args.action_horizon * 2))
     critic = jax.vmap(lambda k: agent.critic.init(k, x)["params"])(jax.random.split(jax.random.key(1), args.num_qs))
     target = jax.vmap(lambda k: agent.critic.init(k, x)["params"])(jax.random.split(jax.random.key(2), args.num_qs))
@@ -98,7 +98,7 @@ def test_td_target_by_hand():
             "discount": jnp.array([0.99**5, 0.99**2]),
             "mask": jnp.array([1.0, 0.0]),
         }
-        prefix = agent.model.prefix(params["pi"], agent.observe(obs))
+        prefix = agent.model.prefix(params["pi"], agent.io.observe(obs))
         rng = jax.random.key(3)
         y, _ = ac.td_target(agent, params, target, prefix, batch, rng)
         # by hand: the same candidates (same key path), ranked by the ONLINE critic's mean, valued by the TARGET
@@ -137,7 +137,7 @@ def test_td_target_by_hand():
 
 def test_best_of_n_is_the_critic_argmax():
     agent, params, _, env = make_agent()
-    prefix = agent.model.prefix(params["pi"], agent.observe(env.reset(seed=0)[0]))
+    prefix = agent.model.prefix(params["pi"], agent.io.observe(env.reset(seed=0)[0]))
     for slice_ in (0, 2):
         chunk, q, idx = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 0.0, slice_)
         # score every candidate the same way, independently of the selection

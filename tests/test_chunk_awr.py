@@ -153,7 +153,7 @@ def _learner(beta: float):
         for k, d in (("state", 10), ("actions", 2))
     }
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    learner = chunk_awr.Learner(args, model, table, stats, 2)
+    learner = chunk_awr.Learner(args, model, pi0.EnvIO(cfg, table, stats, 2))
     params = model.init(jax.random.key(0))
     hp = learner.heads.init(jax.random.key(1), cfg.vlm.width, 10, 10)
     state = {
@@ -185,8 +185,8 @@ def test_beta_zero_is_exactly_bc():
     rng = jax.random.key(7)
     _, info = learner.step(state, batch, rng, "policy")  # the AWR update's own code path
     k_pi, _ = jax.random.split(rng)
-    obs = learner.observe(batch["obs"])
-    per_step = learner.model.flow_loss(state["params"], obs, learner.norm_actions(batch["actions"]), k_pi)  # [B,H]
+    obs = learner.io.observe(batch["obs"])
+    per_step = learner.model.flow_loss(state["params"], obs, learner.io.to_model(batch["actions"]), k_pi)  # [B,H]
     valid = batch["valid"].astype(np.float32)
     bc = float((per_step * valid).sum() / valid.sum())
     assert float(info["losses/policy"]) == pytest.approx(bc, rel=1e-6)
@@ -199,7 +199,7 @@ def test_beta_zero_is_exactly_bc():
 
 def test_flow_log_prob_exact_vs_hutchinson():
     learner, state, batch = _learner(beta=1.0)
-    prefix = learner.model.prefix(state["params"], learner.observe(batch["obs"]))
+    prefix = learner.model.prefix(state["params"], learner.io.observe(batch["obs"]))
     noise = jax.random.normal(jax.random.key(3), (6, 2, 5, 2))
     a_ex, lp_ex = chunk_awr.sample_logp(learner.model, state["params"], prefix, noise, 3, jax.random.key(4), False)
     hutch = jax.jit(
@@ -209,18 +209,3 @@ def test_flow_log_prob_exact_vs_hutchinson():
     assert np.all(np.isfinite(lp_ex)) and np.all(np.isfinite(hutch))
     se = np.asarray(hutch).std(0) / 8.0  # standard error of the 64-sample mean
     assert np.all(np.abs(np.asarray(hutch).mean(0) - lp_ex) < 4 * se + 1e-3)
-
-
-def test_evaluate_spreads_episodes_over_num_envs(monkeypatch):
-    args = chunk_awr.check(chunk_awr.Args(num_envs=2, eval_episodes=5))
-    made, calls = [], []
-    real = envs.from_args
-    monkeypatch.setattr(envs, "from_args", lambda a, n, *rest, **kw: made.append(n) or real(a, n, *rest, **kw))
-
-    def act(params, obs, rng):  # stand still: every push episode is truncated after 80 steps = 16 chunks
-        calls.append(1)
-        return np.zeros((len(obs["state"]), args.action_horizon, 2), np.float32)
-
-    out = chunk_awr.evaluate(act, None, args, jax.random.key(0))
-    # 2 envs for 5 episodes: env 0 plays episodes 0, 2, 4 and env 1 episodes 1, 3; the last chunk ends env 0's third
-    assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}

@@ -4,15 +4,18 @@ import importlib.util
 from types import SimpleNamespace
 
 import h5py
+import jax
 import numpy as np
 import pytest
 
+from common import envs
 from common.envs import (
     PUSH_PROMPTS,
     GymVecEnv,
     PushDemonstrator,
     PushEnv,
     default_dataset,
+    evaluate,
     execute_chunk,
     from_args,
     main,
@@ -164,3 +167,80 @@ def test_cli_and_default_dataset(tmp_path, monkeypatch, capsys) -> None:
     assert default_dataset(noise="mixed", episodes=6) == path and capsys.readouterr().out == ""
     with h5py.File(path) as f:
         assert sorted(g.attrs["noise"] for g in f["data"].values()) == [0.3, 0.3, 0.6, 0.6, 1.0, 1.0]
+
+
+class CountdownEnv:
+    """Episodes of 3 steps, reward 1 at every step, termination at the 3rd, with success in each env's episodes
+    0, 2, 4, ... (counted per env) only."""
+
+    max_episode_steps, action_dim = 3, 1
+
+    def __init__(self, num_envs: int):
+        self.num_envs, self.t, self.episode = num_envs, np.zeros(num_envs, int), np.zeros(num_envs, int)
+
+    def _obs(self):
+        return {
+            "state": self.t[:, None].astype(np.float32),
+            "prompt_id": np.zeros(self.num_envs, np.int32),
+            "images": {},
+        }
+
+    def reset(self, seed=None):
+        self.t[:], self.episode[:] = 0, 0
+        return self._obs(), {}
+
+    def reset_where(self, mask):
+        self.t[mask], self.episode[mask] = 0, self.episode[mask] + 1
+        return self._obs()
+
+    def step(self, actions, active=None):
+        act = np.ones(self.num_envs, bool) if active is None else active
+        self.t += act
+        done = act & (self.t == 3)
+        info = {"success": done & (self.episode % 2 == 0), "subgoal": np.zeros(self.num_envs, bool)}
+        return self._obs(), act.astype(np.float32), done, np.zeros(self.num_envs, bool), info
+
+    def close(self):
+        pass
+
+
+def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> None:
+    made = []
+    monkeypatch.setattr(envs, "from_args", lambda args, n, *a, **kw: made.append(n) or CountdownEnv(n))
+    args = SimpleNamespace(seed=0, action_horizon=2)
+    values = iter([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])  # one per chunk, the same for every env
+
+    def act(obs, key):
+        return np.zeros((len(obs["state"]), 2, 1), np.float32), np.full(len(obs["state"]), next(values))
+
+    g = 0.5
+    out = evaluate(args, act, jax.random.key(0), episodes=3, num_envs=2, gamma=g, prefix="p_")
+    # 2 envs for 3 episodes: env 0 plays two (chunks of 2 and 1 steps each), env 1 one; 4 chunks in all
+    assert made == [2] and next(values) == 50.0
+    # successes: the first episode of each env, not env 0's second; every return is 3
+    assert out["eval/p_success_rate"] == pytest.approx(2 / 3) and out["eval/p_return"] == 3.0
+    # realised: 1 + g + g² from a chunk's first step, 1 at the second chunk (one step left); env 1 counts 2 chunks
+    real = [1 + g + g**2, 1.0] * 2 + [1 + g + g**2, 1.0]
+    pred = [10.0, 20.0, 30.0, 40.0, 10.0, 20.0]
+    assert out["eval/p_q_pred"] == pytest.approx(np.mean(pred)) and out["eval/p_q_realised"] == pytest.approx(
+        np.mean(real)
+    )
+    assert out["eval/p_q_gap"] == pytest.approx(np.mean(pred) - np.mean(real))
+    still = lambda obs, key: (np.zeros((len(obs["state"]), 2, 1), np.float32), None)  # no values: no calibration
+    without = evaluate(args, still, jax.random.key(0), episodes=2)
+    assert set(without) == {"eval/success_rate", "eval/return"} and made[-1] == 2  # one episode per env by default
+
+
+def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
+    args = SimpleNamespace(seed=1, env="push", env_kwargs={}, dataset=None, image_size=0, action_horizon=5)
+    made, calls = [], []
+    real = envs.from_args
+    monkeypatch.setattr(envs, "from_args", lambda a, n, *rest, **kw: made.append(n) or real(a, n, *rest, **kw))
+
+    def act(obs, key):  # stand still: every push episode is truncated after 80 steps = 16 chunks
+        calls.append(1)
+        return np.zeros((len(obs["state"]), args.action_horizon, 2), np.float32), None
+
+    out = evaluate(args, act, jax.random.key(0), episodes=5, num_envs=2, gamma=0.99)
+    # 2 envs for 5 episodes: env 0 plays episodes 0, 2, 4 and env 1 episodes 1, 3; the last chunk ends env 0's third
+    assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}

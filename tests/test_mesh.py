@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
@@ -65,3 +67,22 @@ def test_fsdp_rule():
     assert mesh.fsdp_spec((2048, 1024), 4, 2) == PartitionSpec("fsdp", None)
     assert mesh.fsdp_spec((2048, 1024), 4, 1) == PartitionSpec()
     assert np.prod(mesh.make_mesh(1).devices.shape) >= 1
+
+
+def test_scan_updates_runs_k_steps_and_averages_info():
+    def step(state, batch, key):  # one "update": state += batch + noise(key); info the batch mean
+        noise = jax.random.normal(key, ())
+        return {"w": state["w"] + batch.sum() + noise}, {"mean": batch.mean(), "noise": noise}
+
+    batches = jnp.arange(12.0).reshape(3, 4)  # K=3 updates of batch size 4
+    rng = jax.random.key(0)
+    state, info = mesh.scan_updates(step)({"w": jnp.float32(1.0)}, batches, rng)
+    w, noises = 1.0, []
+    for b, key in zip(batches, jax.random.split(rng, 3), strict=True):  # the same updates, one by one
+        w, i = step({"w": w}, b, key)
+        w, noises = w["w"], noises + [i["noise"]]
+    np.testing.assert_allclose(state["w"], w, rtol=1e-6)
+    np.testing.assert_allclose(info["mean"], batches.mean(), rtol=1e-6)
+    np.testing.assert_allclose(info["noise"], np.mean(noises), rtol=1e-6)
+    placed = mesh.scan_updates(step, {"w": mesh.replicated(mesh.make_mesh(1))})({"w": jnp.float32(1.0)}, batches, rng)
+    np.testing.assert_allclose(placed[0]["w"], state["w"])

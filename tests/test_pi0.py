@@ -178,6 +178,45 @@ def test_tokenizers(tmp_path):
     assert mask.all() and long.shape == (12,)
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         pi0.PaligemmaTokenizer(str(tmp_path / "missing.model"), 48)
+    config = pi0.make_config("cpu", max_token_len=7, vocab_size=100)
+    tok = pi0.make_tokenizer(None, config)  # no --tokenizer: the built-in one, at the config's sizes
+    assert isinstance(tok, pi0.BuiltinTokenizer) and (tok.max_len, tok.vocab_size) == (7, 100)
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):  # a path: PaliGemma's SentencePiece model
+        pi0.make_tokenizer(str(tmp_path / "missing.model"), config)
+
+
+@pytest.mark.parametrize("quantile", [False, True])
+def test_env_io(quantile):
+    """A LIBERO-like env (state 8, actions 7) on a model with 10 action dims; with delta the first 6 action dims are
+    relative to the state (openpi's pi0_libero)."""
+    config = pi0.make_config("cpu", action_dim=10, state_dim=8, action_horizon=4)
+    rng = np.random.default_rng(0)
+    stats = {
+        k: {
+            "mean": rng.normal(size=d),
+            "std": rng.uniform(0.5, 2, d),
+            "q01": -rng.uniform(1, 2, d),
+            "q99": rng.uniform(1, 2, d),
+        }
+        for k, d in (("state", 8), ("actions", 7))
+    }
+    stats = jax.tree.map(lambda x: np.asarray(x, np.float32), stats)
+    table = pi0.make_prompt_table(["do it"], pi0.BuiltinTokenizer(config.max_token_len, config.vocab_size))
+    obs = {"state": rng.normal(size=(3, 8)).astype(np.float32), "prompt_id": np.zeros(3, np.int32), "images": {}}
+    actions = rng.normal(size=(3, 4, 7)).astype(np.float32)  # [B,H,A]
+    for delta in (0, 6):
+        io = pi0.EnvIO(config, table, stats, 7, delta, quantile)
+        want = pi0.make_observation(config, obs, table, stats["state"], quantile)
+        jax.tree.map(np.testing.assert_array_equal, io.observe(obs), want)
+        model_actions = io.to_model(actions, obs["state"])
+        assert model_actions.shape == (3, 4, 10) and not np.asarray(model_actions[..., 7:]).any()  # zero-padded
+        offset = np.concatenate([obs["state"][:, None, :delta], np.zeros((3, 1, 7 - delta))], -1)
+        np.testing.assert_allclose(
+            model_actions[..., :7], pi0.normalize(actions - offset, stats["actions"], quantile), atol=1e-5
+        )
+        absolute = pi0.normalize(actions, stats["actions"], quantile)  # without a state
+        np.testing.assert_allclose(io.to_model(actions)[..., :7], absolute, atol=1e-5)
+        np.testing.assert_allclose(io.to_env(model_actions, obs["state"]), actions, atol=1e-5)  # and back
 
 
 def test_resize_with_pad():

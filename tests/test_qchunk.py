@@ -13,8 +13,10 @@ from common.qchunk import (
     NormStats,
     ReplayBuffer,
     compute_norm_stats,
+    gather_obs,
     load_episodes,
     make_chunks,
+    norm_stats,
 )
 
 G = 0.9
@@ -225,3 +227,50 @@ def test_norm_stats_round_trip() -> None:
         assert np.isfinite(y).all()
         np.testing.assert_allclose(back.unnormalize(y, mode), x, atol=1e-4)
     assert abs(back.normalize(x)[:, 0].mean()) < 1e-3 and back.normalize(x, "quantile")[:, :2].max() > 1.0
+
+
+def test_norm_stats_of_a_dataset_and_gather_obs(chunks) -> None:
+    data = chunks.data
+    stats = norm_stats(data)
+    for key, x in (("state", data.obs["state"]), ("actions", data.actions)):
+        assert set(stats[key]) == {"mean", "std", "q01", "q99"}
+        for s, v in compute_norm_stats(x).to_dict().items():
+            assert stats[key][s].dtype == np.float32
+            np.testing.assert_array_equal(stats[key][s], np.asarray(v, np.float32))
+    rows = gather_obs(data.obs, np.array([4, 1]))
+    assert rows["state"][:, 0].tolist() == [4, 1] and rows["prompt_id"].shape == (2,) and rows["images"] == {}
+
+
+def test_replay_buffer_save_load_round_trip(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+
+    def obs(e: int) -> dict:
+        images = {"cam": rng.integers(0, 255, (e, 4, 4, 3), dtype=np.uint8)}
+        return {
+            "state": rng.normal(size=(e, 2)).astype(np.float32),
+            "prompt_id": np.arange(e, dtype=np.int32),
+            "images": images,
+        }
+
+    path = tmp_path / "buffer.npz"
+    buf = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
+    buf.save(path)
+    assert not path.exists()  # an empty buffer writes nothing ...
+    empty = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
+    empty.load(path)
+    assert len(empty) == 0 and empty.actions is None  # ... and loading no file leaves the buffer empty
+    for _ in range(2):  # 6 transitions into 5 slots: the buffer wraps around
+        step = chunk_step(rng.uniform(size=(3, 3)), [[1, 1, 1], [1, 1, 0], [1, 0, 0]], [False, True, False])
+        step.final_obs, step.subgoal = obs(3), rng.uniform(size=(3, 3)) < 0.5
+        buf.add(obs(3), rng.normal(size=(3, 3, 2)).astype(np.float32), step)
+    buf.save(path)
+    back = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
+    back.load(path)
+    assert (len(back), back._next) == (len(buf), buf._next) == (5, 1)
+    np.testing.assert_equal(back.sample(np.random.default_rng(1), 8), buf.sample(np.random.default_rng(1), 8))
+    with np.load(path) as z:  # the file's layout (acrlpd_pi0.py's buffer.npz): flat names, the stored rows only
+        assert {"next", "obs/state", "obs/images/cam", "next_obs/prompt_id", "actions", "subgoal"} <= set(z.files)
+        assert z["obs/images/cam"].shape == (5, 4, 4, 3)
+    small = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs(1))
+    with pytest.raises(ValueError, match="capacity"):
+        small.load(path)
