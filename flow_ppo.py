@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, libero, pi0, qchunk, runlog
+from common import envs, libero, mesh, pi0, qchunk, runlog
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Args(runlog.RunArgs):
     vf_coef: float = 0.5
     """value loss weight"""
     clip_vloss: bool = True
-    """clip the value update around the old values (by clip_coef × return std)"""
+    """clip the value update around the old values (by ±clip_coef)"""
     ent_coef: float = 0.0
     """entropy bonus weight (flow_noise)"""
     max_grad_norm: float = 1.0
@@ -345,6 +345,7 @@ def flat(x) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict[str, float]:
     runlog.check_choices(args)
+    mesh.init_distributed()
     for name in ("num_envs", "num_steps", "flow_steps", "iterations", "update_epochs", "num_minibatches"):
         if getattr(args, name) < (0 if name == "iterations" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
@@ -399,6 +400,8 @@ def main(args: Args) -> dict[str, float]:
         print(f"π₀ ({pi0.param_count(params) / 1e3:.0f}k params): BC warm start for {bc_steps} steps")
         state["params"] = behaviour_cloning(args, model, io, state["params"], chunks, run, 0)
         bc_done = bc_steps
+    dev_mesh = mesh.make_mesh(args.fsdp_devices)  # FSDP: π₀ and its Adam moments sharded, the rollout batch split
+    state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
 
     @jax.jit
     def act(params, heads, obs, rng):
@@ -463,7 +466,7 @@ def main(args: Args) -> dict[str, float]:
         batch = {k: jax.tree.map(flat, r[k]) for k in ("obs", "chain", "sde_step", "logp", "values")}
         batch.update(advantages=flat(adv), returns=flat(ret))
         rng, key = jax.random.split(rng)
-        state, info = update(state, batch, key, jnp.bool_(iteration > args.critic_warmup))
+        state, info = update(state, mesh.shard_batch(batch, dev_mesh), key, jnp.bool_(iteration > args.critic_warmup))
         first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))
         step_id = bc_done + iteration
         last = iteration == args.iterations or time.time() - t_main > limit_s
