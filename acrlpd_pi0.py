@@ -333,7 +333,7 @@ def main(args: Args) -> dict:
         cams = tuple(pi0.CAMERAS[: len(env.camera_names)])
         shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H, cameras=cams)
         cfg, stats, quantile, params = pi0.make_config(args.pi0_preset, **shape), qchunk.norm_stats(data), False, None
-    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(env.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
+    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(data.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
     delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
     agent = Agent(args, model, pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile))
 

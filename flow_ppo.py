@@ -370,7 +370,8 @@ def main(args: Args) -> dict[str, float]:
         cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=cams)
         data = qchunk.load_episodes(args.dataset or envs.default_dataset(env=args.env, noise=0.6), prompts=env.prompts)
         params, chunks, stats = None, qchunk.make_chunks(data, H, args.gamma), qchunk.norm_stats(data)
-    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(env.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
+    prompts = chunks.prompts if chunks is not None else env.prompts  # the env's first, then the data's new ones
+    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(prompts, pi0.make_tokenizer(args.tokenizer, cfg))
     delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
     io = pi0.EnvIO(cfg, table, stats, A, delta)  # env units <-> π₀'s (openpi's pi0_libero: actions − state)
     k_model, k_noise, k_value, rng = jax.random.split(jax.random.key(args.seed), 4)
