@@ -116,7 +116,7 @@ class Args(runlog.RunArgs):
     """β: acting ranks candidates by ensemble mean − β·std"""
     cql_weight: float = 0.5
     """conservative penalty: mean Q of π₀ chunks at o_t minus Q of the data chunk (0: off; off, best-of-N hurt)"""
-    cql_bound: bool = False
+    cql_bound: bool = True
     """Cal-QL (Nakamoto et al., 2023): the penalty pushes π₀'s chunks down only to the data's Monte Carlo return"""
     actor_weight: float = 0.0
     """weight of −Q(o, π₀(o)) back-propagated through the sampling steps"""
