@@ -281,13 +281,14 @@ class Learner:
 
         def loss_fn(params, hp):
             info, total = {}, 0.0
+            next_feats = next_s = None  # x_{t+H}: only the TD target reads it
             if phase == "critic" and "features" in batch:  # frozen π₀: features precomputed once per frame
                 prefix, feats, s = None, batch["features"], batch["state_n"]
-                next_feats, next_s = batch["next_features"], batch["next_state_n"]
+                next_feats, next_s = batch.get("next_features"), batch.get("next_state_n")
             else:
                 prefix = self.model.prefix(params, self.io.observe(batch["obs"]))
                 feats, s = jax.lax.stop_gradient(prefix.features), jax.lax.stop_gradient(prefix.state)
-                if phase != "policy":
+                if phase != "policy" and a.critic_target == "td":
                     next_feats, next_s = self.encode(jax.lax.stop_gradient(params), batch["next_obs"])
             if phase in ("critic", "joint"):
                 vt = self.value_target(params, hp, prefix, k_v) if a.value_loss == "sampled" else None
@@ -420,13 +421,15 @@ def main(args: Args) -> dict:
                 i = np_rng.integers(0, len(chunks), bsize)
             b = chunks.get(i)
             b.pop("rewards")
+            if phase == "policy" or args.critic_target != "td":  # o_{t+H} is read by the TD target only
+                b.pop("next_obs")
             if phase == "critic" and feats is not None:
                 (f, s), oi, ni = feats, chunks.obs_idx[i], chunks.next_obs_idx[i]
-                b.update(features=f[oi], state_n=s[oi], next_features=f[ni], next_state_n=s[ni])
-                b.pop("obs"), b.pop("next_obs")
+                b.update(features=f[oi], state_n=s[oi]), b.pop("obs")
+                if args.critic_target == "td":
+                    b.update(next_features=f[ni], next_state_n=s[ni]), b.pop("next_obs")
             if phase == "policy":
                 b["adv"] = adv_table[i] if cdf is None else np.zeros(bsize, np.float32)  # sampled: w = exp(0) = 1
-                b.pop("next_obs")
             rows.append(b)
         return jax.tree.map(lambda *x: np.stack(x), *rows)
 
