@@ -55,7 +55,7 @@ class Args(runlog.RunArgs):
     env: str = "push"
     """'push' (embedded), 'libero', or any gymnasium id; also picks the preset (push/libero/aloha/droid)"""
     dataset: str | None = None
-    """prior data: HDF5 file or folder (robomimic/LIBERO layout); default for push: the noise-0.6 demonstrations"""
+    """prior data: robomimic/LIBERO HDF5 (file or folder) or a LeRobot folder; push default: noise-0.6 demos"""
     save_every: int = 2000
     """checkpoint every this many updates (and at the end)"""
     log_every: int = 200
@@ -164,11 +164,11 @@ class Agent:
         self.A, self.critic = io.action_dim, CriticMLP(tuple(args.critic_hidden))
 
     def q(self, cparams, prefix, chunks):
-        """Ensemble values of chunks [B,N,H,A_m] (normalised) -> [E,B,N]; members vmapped, env's A dims only."""
+        """Ensemble values of chunks [B,N,H_m,A_m] (normalised) -> [E,B,N]; members vmapped, executed part only."""
         B, N = chunks.shape[:2]
         head = jnp.concatenate([jax.lax.stop_gradient(prefix.features), prefix.state], -1)  # [B,W+S]
         x = jnp.concatenate([jnp.broadcast_to(head[:, None], (B, N, head.shape[-1])),
-                             chunks[..., : self.A].reshape(B, N, -1)], -1)  # fmt: skip
+                             self.io.executed(chunks).reshape(B, N, -1)], -1)  # fmt: skip
         return jax.vmap(self.critic.apply, in_axes=(0, None))({"params": cparams}, x)
 
     def sample(self, params, prefix, rng, n: int, steps: int):  # -> [B,n,H,A_m]
@@ -219,12 +219,12 @@ def loss_fn(train, target_cparams, agent: Agent, batch, y, rng):
     prefix = model.prefix(train["pi"], agent.io.observe(batch["obs"]))  # the one VLM pass for o_t
     if a.freeze_backbone:
         prefix = jax.lax.stop_gradient(prefix)
-    actions = agent.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H,A_m]
+    actions = agent.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m]
     w = batch["valid"].astype(jnp.float32)  # [B,H] padded steps past the episode's end are not imitated
     if not a.bc_online:
         w = w * (1.0 - batch["is_online"].astype(jnp.float32))[:, None]
-    bc = model.flow_loss(train["pi"], prefix, actions, k_flow)  # [B,H]
-    bc_loss = (bc * w).sum() / jnp.maximum(w.sum(), 1.0)
+    bc = model.flow_loss(train["pi"], prefix, actions, k_flow)  # [B,H_m]
+    bc_loss = (bc * agent.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0)
     q_data = agent.q(train["critic"], prefix, actions[:, None])[:, :, 0]  # [E,B]
     critic_loss = jnp.mean(jnp.square(q_data - y[None]))
     loss = a.bc_weight * bc_loss + critic_loss
@@ -321,21 +321,21 @@ def main(args: Args) -> dict:
     if args.dataset is None and args.env != "push":
         raise ValueError(f"--env {args.env}: pass --dataset (prior data in robomimic/LIBERO HDF5 layout)")
     dataset = args.dataset or envs.default_dataset(env="push", noise=0.6, image_size=args.image_size)
-    data = qchunk.load_episodes(dataset, prompts=env.prompts)
+    data = envs.load_dataset(dataset, args, env.prompts)  # HDF5 file/folder or LeRobot folder
     if data.actions.shape[1] != env.action_dim:
         raise ValueError(f"dataset actions have {data.actions.shape[1]} dims, env {args.env} has {env.action_dim}")
     offline = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-    H = args.action_horizon
+    H, H_m = args.action_horizon, args.model_horizon or args.action_horizon  # executed, π₀'s chunk
     if args.pi0_checkpoint:
-        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H, asset_id=args.asset_id)
-        params, quantile = {"pi": params}, cfg.pi05
+        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H_m, asset_id=args.asset_id)
+        params = {"pi": params}
     else:
         cams = tuple(pi0.CAMERAS[: len(env.camera_names)])
-        shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H, cameras=cams)
-        cfg, stats, quantile, params = pi0.make_config(args.pi0_preset, **shape), qchunk.norm_stats(data), False, None
+        shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
+        cfg, stats, params = pi0.make_config(args.pi0_preset, **shape), qchunk.norm_stats(data), None
     model, table = pi0.Pi0(cfg), pi0.make_prompt_table(data.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
     delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-    agent = Agent(args, model, pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile))
+    agent = Agent(args, model, pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile=cfg.pi05, horizon=H))
 
     k_pi, k_c, k_run = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     params = params or {"pi": model.init(k_pi)}

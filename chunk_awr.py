@@ -50,7 +50,7 @@ class Args(runlog.RunArgs):
     exp_name: str = "chunk_awr"
     """name of this experiment (run folder and wandb)"""
     dataset: str | None = None
-    """offline data: HDF5 file or folder (robomimic/LIBERO layout); default for push: mixed demos (noise .3/.6/1)"""
+    """offline data: robomimic/LIBERO HDF5 (file or folder) or a LeRobot folder; push default: mixed demos (.3/.6/1)"""
     save_every: int = 2000
     """checkpoint every this many updates (and at the end)"""
     log_every: int = 200
@@ -269,14 +269,14 @@ class Learner:
             chunks, logp = sample_logp(self.model, params, prefix, noise, a.value_flow_steps, k_tr, hutchinson)
         else:
             chunks, logp = self.model.sample(params, prefix, noise, a.value_flow_steps), 0.0
-        q = self.heads.qs(hp["q_target"], prefix.features, prefix.state, chunks[..., : self.A]).min(-1)  # [B,M]
+        q = self.heads.qs(hp["q_target"], prefix.features, prefix.state, self.io.executed(chunks)).min(-1)  # [B,M]
         return jax.lax.stop_gradient(jnp.mean(q - a.alpha * logp, axis=1))
 
     def step(self, state, batch, rng, phase: str):
         """One update. phase: critic (two-phase 1), policy (two-phase 2) or joint."""
         a = self.args
         k_pi, k_v = jax.random.split(rng)
-        chunks = self.io.to_model(batch["actions"])[..., : self.A]  # [B,H,A] normalised (absolute) data chunks
+        chunks = self.io.executed(self.io.to_model(batch["actions"]))  # [B,H,A] normalised (absolute) data chunks
         hp = {"q": state["q"], "v": state["v"], "q_target": state["q_target"]}
 
         def loss_fn(params, hp):
@@ -301,8 +301,9 @@ class Learner:
                 else:  # from the table computed after the critic phase
                     adv = batch["adv"]
                 w = awr_weights(adv, a.beta, a.max_weight)
-                target = self.io.to_model(batch["actions"], batch["obs"]["state"])  # = chunks unless io.delta
-                l_pi, _ = policy_loss(self.model, params, prefix, target, batch["valid"], w, k_pi, a.weight_norm)
+                target = self.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m]; delta: − state
+                valid = self.io.step_weights(batch["valid"])  # [B,H_m], 0 on steps π₀ predicts but never executes
+                l_pi, _ = policy_loss(self.model, params, prefix, target, valid, w, k_pi, a.weight_norm)
                 total = total + a.lambda_pi * l_pi if phase == "joint" else total + l_pi
                 info["losses/policy"], info["charts/adv_std"] = l_pi, adv.std()
                 info["charts/weight_mean"], info["charts/weight_max"] = w.mean(), w.max()
@@ -332,7 +333,7 @@ class Learner:
 
         @jax.jit
         def advantage(state, feats, s, actions):
-            chunks = self.io.to_model(actions)[..., : self.A]
+            chunks = self.io.executed(self.io.to_model(actions))
             q = self.heads.qs(state["q_target"], feats, s, chunks).min(-1)
             return q - self.heads.value(state["v"], feats, s)
 
@@ -359,20 +360,20 @@ def main(args: Args) -> dict:
     if args.dataset is None and args.env != "push":
         raise ValueError(f"--env {args.env}: pass --dataset (HDF5 file or folder); only push has a default dataset")
     path = args.dataset or envs.default_dataset(env="push", noise="mixed", episodes=args.episodes)
-    data = qchunk.load_episodes(path, prompts=env.prompts)
+    data = envs.load_dataset(path, args, env.prompts)
     chunks, stats = qchunk.make_chunks(data, args.action_horizon, args.gamma), qchunk.norm_stats(data)
     print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
 
-    H, A = args.action_horizon, env.action_dim
+    H, A, H_m = args.action_horizon, env.action_dim, args.model_horizon or args.action_horizon  # executed, π₀'s
     if args.pi0_checkpoint:
-        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H, asset_id=args.asset_id)
+        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H_m, asset_id=args.asset_id)
     else:
         cams = tuple(env.camera_names)
-        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=cams)
+        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
         params = pi0.Pi0(cfg).init(jax.random.key(args.seed))
     model, table = pi0.Pi0(cfg), pi0.make_prompt_table(data.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
     delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-    learner = Learner(args, model, pi0.EnvIO(cfg, table, stats, A, delta))
+    learner = Learner(args, model, pi0.EnvIO(cfg, table, stats, A, delta, quantile=cfg.pi05, horizon=H))
     m = mesh.make_mesh(args.fsdp_devices)
     hp = learner.heads.init(jax.random.key(args.seed + 1), cfg.vlm.width, cfg.state_dim or cfg.action_dim, H * A)
     heads = {"q": hp["q"], "v": hp["v"], "q_target": jax.tree.map(jnp.copy, hp["q"]), "h_opt": learner.h_tx.init(hp)}

@@ -39,7 +39,7 @@ class Args(runlog.RunArgs):
     exp_name: str = "flow_ppo"
     """name of the run (wandb group)"""
     dataset: str | None = None
-    """prior data (robomimic/LIBERO HDF5) for the BC warm start; default: envs.default_dataset(env, noise=0.6)"""
+    """prior data for the BC warm start: robomimic/LIBERO HDF5 or a LeRobot folder; push default: noise-0.6 demos"""
     pi0_checkpoint: str | None = None
     """start from an openpi checkpoint dir, or a run dir of acrlpd_pi0.py / chunk_awr.py / flow_ppo.py (skips BC)"""
     save_every: int = 50
@@ -52,7 +52,6 @@ class Args(runlog.RunArgs):
     """episodes per evaluation (run in parallel)"""
     num_envs: int = 128
     """parallel rollout envs"""
-    # model
     action_horizon: int = 5
     """H: actions per chunk, executed open loop"""
     flow_steps: int = 4
@@ -140,9 +139,10 @@ class ValueHead(nn.Module):
         return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
 
 
-def gaussian_logpdf(x, mean, std):
-    """log N(x; mean, std²) summed over the trailing H, A axes. [..., H, A] -> [...]"""
-    return jnp.sum(-0.5 * jnp.square((x - mean) / std) - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi), axis=(-2, -1))
+def gaussian_logpdf(x, mean, std, mask):
+    """log N(x; mean, std²) summed over the trailing H, A axes where mask [H,A] is 1 (executed). [..., H, A] -> [...]"""
+    log_n = -0.5 * jnp.square((x - mean) / std) - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi)
+    return jnp.sum(mask * log_n, axis=(-2, -1))
 
 
 def flow_times(k: int):
@@ -160,8 +160,9 @@ def transition(args: Args, noise_head: NoiseHead, heads, v, out, x, t, delta):
     return mean, jnp.broadcast_to(sigma * jnp.sqrt(delta), x.shape)
 
 
-def chain_logprob(args: Args, model, noise_head, params, heads, prefix, chain, sde_step):
-    """log π(chain), entropy and mean std of the stochastic steps. chain [B,K+1,H,A], sde_step [B] -> [B], [B], [B].
+def chain_logprob(args: Args, model, noise_head, params, heads, prefix, chain, sde_step, mask):
+    """log π(chain), entropy, mean std of the stochastic steps where `mask` [H,A] is 1 (`EnvIO.executed_mask`: what
+    reaches the env). chain [B,K+1,H,A], sde_step [B] -> [B], [B], [B].
 
     Used both at rollout (the old log-likelihood) and in the loss, on the same stored chain (ratio 1 before an update).
     All K steps of flow_noise are evaluated as N=K candidates sharing one prefix cache.
@@ -174,14 +175,14 @@ def chain_logprob(args: Args, model, noise_head, params, heads, prefix, chain, s
         x, t, nxt = chain[rows, sde_step][:, None], times[sde_step][:, None], chain[rows, sde_step + 1][:, None]
     v, out = model.velocity(params, prefix, x, t)
     mean, std = transition(args, noise_head, heads, v, out, x, t, delta)
-    terms = gaussian_logpdf(nxt, mean, std)  # [B,K] or [B,1]
+    terms = gaussian_logpdf(nxt, mean, std, mask)  # [B,K] or [B,1]
     if args.noise_method == "flow_noise":  # with log N(x_0; 0, I): constant, part of the chain's density
-        terms = jnp.concatenate([gaussian_logpdf(chain[:, 0], 0.0, 1.0)[:, None], terms], axis=1)
+        terms = jnp.concatenate([gaussian_logpdf(chain[:, 0], 0.0, 1.0, mask)[:, None], terms], axis=1)
         logp = terms.mean(1) if args.logprob_reduce == "mean" else terms.sum(1)
     else:
         logp = terms[:, 0]
-    entropy = jnp.mean(0.5 * jnp.log(2 * jnp.pi * jnp.e) + jnp.log(std), axis=(1, 2, 3))
-    return logp, entropy, std.mean(axis=(1, 2, 3))
+    mean_over = lambda x: jnp.mean(jnp.sum(mask * x, axis=(2, 3)) / mask.sum(), axis=1)  # [B,N,H,A] -> [B]
+    return logp, mean_over(0.5 * jnp.log(2 * jnp.pi * jnp.e) + jnp.log(std)), mean_over(std)
 
 
 def sample_chain(args: Args, model, noise_head, params, heads, prefix, rng, batch: int):
@@ -236,9 +237,8 @@ def ppo_loss(train, batch, args: Args, model, io: pi0.EnvIO, noise_head, value_h
     prefix = model.prefix(train["params"], obs)  # prefix inside the loss: the backbone may train
     if args.freeze_backbone:  # no backward pass through the VLM at all
         prefix = jax.lax.stop_gradient(prefix)
-    logp, entropy, std = chain_logprob(
-        args, model, noise_head, train["params"], train["heads"], prefix, batch["chain"], batch["sde_step"]
-    )
+    chain, mask = (batch["chain"], batch["sde_step"]), io.executed_mask()
+    logp, entropy, std = chain_logprob(args, model, noise_head, train["params"], train["heads"], prefix, *chain, mask)
     logratio = logp - jax.lax.stop_gradient(batch["logp"])  # the old log-likelihood, stored at rollout
     ratio = jnp.exp(logratio)
     adv = jax.lax.stop_gradient(batch["advantages"])  # normalised over the whole rollout in `update`
@@ -319,7 +319,7 @@ def behaviour_cloning(args: Args, model, io: pi0.EnvIO, params, chunks, run, log
     def bc_update(params, opt, batch, rng):
         def loss_fn(p):
             acts = io.to_model(batch["actions"])  # normalised, zero-padded to π₀'s action dim (openpi: 32)
-            w = batch["valid"].astype(jnp.float32)  # [B,H]: steps past the episode's end do not count
+            w = io.step_weights(batch["valid"].astype(jnp.float32))  # [B,H_m]: 0 past the episode's end, discarded
             return jnp.sum(model.flow_loss(p, io.observe(batch["obs"]), acts, rng) * w) / jnp.maximum(w.sum(), 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -360,20 +360,19 @@ def main(args: Args) -> dict[str, float]:
     np.random.seed(args.seed)
     env = envs.from_args(args, args.num_envs, args.seed)
     A, H, cams = env.action_dim, args.action_horizon, tuple(env.camera_names)
+    H_m = args.model_horizon or H  # π₀'s chunk; its first H actions are executed
     if args.pi0_checkpoint:  # openpi, or a run folder of these scripts (the sizes its shapes leave open: the preset's)
         rc = dict(max_token_len=pi0.PRESETS[args.pi0_preset].max_token_len, state_dim=env.state_dim, cameras=cams)
-        params, cfg, stats = runlog.load_pi0(
-            args.pi0_checkpoint, action_horizon=H, asset_id=args.asset_id, run_config=rc
-        )
+        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, H_m, asset_id=args.asset_id, run_config=rc)
         cfg, chunks = replace(cfg, cameras=cams or cfg.cameras), None  # the env's cameras, where it has any; no BC
     else:  # from scratch: the prior data gives the norm stats and the BC warm start
-        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H, cameras=cams)
-        data = qchunk.load_episodes(args.dataset or envs.default_dataset(env=args.env, noise=0.6), prompts=env.prompts)
+        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
+        data = envs.load_dataset(args.dataset or envs.default_dataset(env=args.env, noise=0.6), args, env.prompts)
         params, chunks, stats = None, qchunk.make_chunks(data, H, args.gamma), qchunk.norm_stats(data)
     prompts = chunks.prompts if chunks is not None else env.prompts  # the env's first, then the data's new ones
     model, table = pi0.Pi0(cfg), pi0.make_prompt_table(prompts, pi0.make_tokenizer(args.tokenizer, cfg))
     delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-    io = pi0.EnvIO(cfg, table, stats, A, delta)  # env units <-> π₀'s (openpi's pi0_libero: actions − state)
+    io = pi0.EnvIO(cfg, table, stats, A, delta, quantile=cfg.pi05, horizon=H)  # env units <-> π₀'s
     k_model, k_noise, k_value, rng = jax.random.split(jax.random.key(args.seed), 4)
     params = model.init(k_model) if params is None else params
     noise_head, value_head = NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead()
@@ -409,7 +408,7 @@ def main(args: Args) -> dict[str, float]:
         o = io.observe(obs)
         prefix = model.prefix(params, o)
         chain, sde_step = sample_chain(args, model, noise_head, params, heads, prefix, rng, o.state.shape[0])
-        logp, _, _ = chain_logprob(args, model, noise_head, params, heads, prefix, chain, sde_step)
+        logp, _, _ = chain_logprob(args, model, noise_head, params, heads, prefix, chain, sde_step, io.executed_mask())
         value = value_head.apply(heads["value"], prefix.features, o.state)
         return io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
 
@@ -421,7 +420,7 @@ def main(args: Args) -> dict[str, float]:
     @jax.jit
     def eval_act(params, obs, rng):  # the deterministic ODE from one noise draw
         prefix = model.prefix(params, io.observe(obs))
-        noise = jax.random.normal(rng, (obs["state"].shape[0], 1, H, cfg.action_dim))
+        noise = jax.random.normal(rng, (obs["state"].shape[0], 1, cfg.action_horizon, cfg.action_dim))
         return io.to_env(model.sample(params, prefix, noise, args.flow_steps)[:, 0], obs["state"])
 
     update = jax.jit(make_update(args, model, io, noise_head, value_head, tx), donate_argnums=0)

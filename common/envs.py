@@ -450,9 +450,35 @@ def _decode(value: Any) -> Any:
         return value  # a plain string, e.g. a suite name
 
 
+LEROBOT_IMAGE_SIZE = 128  # LeRobot images are read resized to this unless told (openpi's LIBERO set at 256²: ~90 GB)
+
+
+def is_lerobot(path: str | os.PathLike) -> bool:
+    """A LeRobot dataset folder (`meta/tasks.jsonl` or `data/**/*.parquet`), e.g. openpi's physical-intelligence/libero."""
+    p = Path(path)
+    return p.is_dir() and ((p / "meta" / "tasks.jsonl").exists() or any(p.glob("data/**/*.parquet")))
+
+
+def load_dataset(path: str | os.PathLike, args: Any, prompts: list[str]) -> Any:
+    """A script's prior data (`qchunk.EpisodeData`): robomimic/LIBERO HDF5 (a file or a folder of them) through
+    `qchunk.load_episodes`, or a LeRobot folder through `libero.load_lerobot` with its images resized to the env's
+    (`--env-kwargs image_size N`, `--image-size`, else `LEROBOT_IMAGE_SIZE`, the size `from_args` renders at)."""
+    if not is_lerobot(path):
+        from common import qchunk
+
+        return qchunk.load_episodes(path, prompts=prompts)
+    from common import libero
+
+    kw = {k: _decode(v) for k, v in (getattr(args, "env_kwargs", None) or {}).items()}
+    size = int(kw.get("image_size") or getattr(args, "image_size", 0) or LEROBOT_IMAGE_SIZE)
+    return libero.load_lerobot(path, prompts=prompts, image_size=size)
+
+
 def dataset_image_size(path: str | os.PathLike) -> int | None:
     """Height of the first camera image of the first demo of a robomimic/LIBERO HDF5 dataset (file or folder of
-    .hdf5/.h5 files); None when it has no images or is not such a dataset."""
+    .hdf5/.h5 files), `LEROBOT_IMAGE_SIZE` for a LeRobot folder; None when it has no images or is neither."""
+    if is_lerobot(path):
+        return LEROBOT_IMAGE_SIZE
     p = Path(path)
     files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
     if not files or not h5py.is_hdf5(files[0]):

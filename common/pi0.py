@@ -691,6 +691,10 @@ class EnvIO:
     `stats`: {"state", "actions"} norm stats (`normalize`'s layout); `quantile`: openpi's quantile normalisation
     (π₀.₅ checkpoints) instead of mean/std; `delta`: the first `delta` action dims are predicted relative to the state
     (openpi's pi0_libero, `libero.openpi_delta_dims`), so the state is subtracted going in and added coming out.
+    `horizon`: the chunk the scripts work with, executed open loop, learned from and valued (default: the model's
+    whole chunk); fewer than the model's `action_horizon` H_m keeps the first `horizon` actions of every sampled chunk
+    and discards the rest, like openpi's `replan_steps` (pi0_libero: H_m = 50, 5 executed). Data chunks [.., horizon,
+    A] are zero-padded to H_m and their padded steps get zero weight (`step_weights`).
     """
 
     def __init__(
@@ -701,9 +705,16 @@ class EnvIO:
         action_dim: int,
         delta: int = 0,
         quantile: bool = False,
+        horizon: int | None = None,
     ):
         self.config, self.table, self.action_dim = config, table, action_dim
         self.delta, self.quantile = delta, quantile
+        self.horizon = horizon or config.action_horizon
+        if not 1 <= self.horizon <= config.action_horizon:
+            raise ValueError(
+                f"{self.horizon} executed actions per chunk but π₀'s chunk has {config.action_horizon}: pass "
+                f"--action-horizon between 1 and --model-horizon ({config.action_horizon})"
+            )
         self.stats = jax.tree.map(jnp.asarray, stats)
 
     def observe(self, obs: dict[str, Any]) -> Observation:
@@ -711,16 +722,30 @@ class EnvIO:
         return make_observation(self.config, obs, self.table, self.stats["state"], self.quantile)
 
     def to_model(self, actions: jax.Array, state: jax.Array | None = None) -> jax.Array:
-        """Env-unit actions [..., A] -> normalised, zero-padded [..., A_m]; relative to `state` [B,S] on the delta
+        """Env-unit chunks [..., H, A] -> normalised, zero-padded [..., H_m, A_m]; relative to `state` [B,S] on the delta
         dims when it is given (a chunk [B,H,A] the policy should predict), absolute without it."""
         off = 0.0 if state is None else self.state_offset(state)
         a = normalize(actions - off, self.stats["actions"], self.quantile)
-        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.config.action_dim - a.shape[-1])])
+        pad_t = self.config.action_horizon - a.shape[-2]  # executed chunks [.., H, A]: discarded steps are 0
+        return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad_t), (0, self.config.action_dim - a.shape[-1])])
 
     def to_env(self, actions: jax.Array, state: jax.Array) -> jax.Array:
-        """π₀'s chunk [B,H,A_m] -> env units [B,H,A], the state [B,S] added back on the delta dims."""
-        a = unnormalize(actions[..., : self.action_dim], self.stats["actions"], self.quantile)
+        """π₀'s chunk [B,H_m,A_m] -> the executed part in env units [B,H,A], the state [B,S] added on the delta dims."""
+        a = unnormalize(self.executed(actions), self.stats["actions"], self.quantile)
         return a + self.state_offset(state)
+
+    def executed(self, chunks: jax.Array) -> jax.Array:
+        """The part of π₀'s (normalised) chunks [..., H_m, A_m] that reaches the env: [..., H, A] (critics read it)."""
+        return chunks[..., : self.horizon, : self.action_dim]
+
+    def step_weights(self, w: jax.Array) -> jax.Array:
+        """Per-step weights of executed chunks [B,H] -> [B,H_m] for `Pi0.flow_loss`: 0 on the discarded steps."""
+        return jnp.pad(w, [(0, 0), (0, self.config.action_horizon - w.shape[-1])])
+
+    def executed_mask(self) -> jax.Array:
+        """[H_m, A_m] float: 1 on the executed steps' env dims, 0 on discarded steps and padded dims."""
+        h, a = jnp.arange(self.config.action_horizon)[:, None], jnp.arange(self.config.action_dim)[None]
+        return ((h < self.horizon) & (a < self.action_dim)).astype(jnp.float32)
 
     def state_offset(self, state: jax.Array) -> jax.Array | float:
         """[B,S] -> [B,1,A]: the state on the delta dims, zero elsewhere (0.0 without delta dims)."""

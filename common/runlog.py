@@ -38,10 +38,13 @@ class RunArgs:
     env_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
     """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
     dataset: str | None = None
-    """prior data: HDF5 file or folder (robomimic/LIBERO layout)"""
+    """prior data: robomimic/LIBERO HDF5 (a file or a folder of them) or a LeRobot dataset folder (parquet)"""
     pi0_checkpoint: str | None = None
     """openpi checkpoint directory (params + assets/norm stats) or a run folder of these scripts; None: the
     --pi0-preset trained from scratch"""
+    model_horizon: int = 0
+    """π₀'s chunk length H_m when it exceeds the executed --action-horizon (openpi pi0_libero: 50, execute 5): the
+    first --action-horizon actions of each chunk are executed, learned from and valued; 0: = --action-horizon"""
     pi0_preset: str = "cpu"
     """π₀ size when no checkpoint is given: cpu, pi0, pi05"""
     tokenizer: str | None = None
@@ -174,7 +177,7 @@ def check_choices(args: Any) -> None:
 
 
 def load_pi0(
-    path: str, *, action_horizon: int, asset_id: str | None = None, run_config: dict[str, Any] | None = None
+    path: str, action_horizon: int, *, asset_id: str | None = None, run_config: dict[str, Any] | None = None
 ) -> tuple[pi0.Params, pi0.Pi0Config, dict[str, dict[str, np.ndarray]]]:
     """(π₀ parameters, `pi0.Pi0Config`, norm stats) to start from (--pi0-checkpoint): an openpi checkpoint directory
     or a run folder of these scripts (one with a checkpoints/ folder).

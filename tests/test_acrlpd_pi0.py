@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import acrlpd_pi0 as ac
 from common import envs, pi0, qchunk
@@ -155,3 +156,17 @@ def test_best_of_n_is_the_critic_argmax():
     (key,) = jax.random.split(jax.random.key(5), 1)
     q_e = agent.q(params["critic"], prefix, agent.sample(params["pi"], prefix, key, 8, 2))  # [E,B,8]
     np.testing.assert_allclose(np.asarray(q_e.std(0)[jnp.arange(2), idx]), np.asarray(q_e.std(0).min(1)), atol=1e-6)
+
+
+def test_longer_model_chunk_executes_its_first_actions(tmp_path):
+    """--model-horizon 7 --action-horizon 3 (openpi's pi0_libero: 50 predicted, 5 executed): the env, the replay
+    buffer and the critic see 3-step chunks, BC trains π₀'s first 3 steps."""
+    run_dir = tmp_path / "run"
+    out = ac.main(
+        ac.Args(offline_steps=4, online_steps=2, model_horizon=7, action_horizon=3, run_dir=str(run_dir), **TINY)
+    )
+    assert out["step"] == 6 and np.isfinite(out["losses/bc"]) and np.isfinite(out["losses/critic"])
+    with np.load(run_dir / "buffer.npz") as z:
+        assert z["actions"].shape[1:] == (3, 2) and z["rewards"].shape[1:] == (3,)
+    with pytest.raises(ValueError, match="--action-horizon between 1 and --model-horizon"):
+        ac.main(ac.Args(offline_steps=1, online_steps=0, model_horizon=2, action_horizon=3, **TINY))

@@ -110,6 +110,9 @@ def setup(method: str, K: int, reduce: str = "sum"):
     return args, model, head, params, heads, prefix, chain
 
 
+ALL = jnp.ones((5, 2))  # every step and dim of the chunk is executed
+
+
 def log_normal(x, mean, std):
     """The Gaussian density written out: Π_i exp(−(x_i − μ_i)² / 2σ_i²) / √(2π σ_i²), as a log."""
     x, mean, std = (np.asarray(a, np.float64) for a in np.broadcast_arrays(x, mean, std))
@@ -118,7 +121,7 @@ def log_normal(x, mean, std):
 
 def test_one_step_chain_logprob_by_hand():
     args, model, head, params, heads, prefix, chain = setup("flow_noise", K=1)
-    logp, entropy, _ = fp.chain_logprob(args, model, head, params, heads, prefix, chain, jnp.zeros(3, jnp.int32))
+    logp, entropy, _ = fp.chain_logprob(args, model, head, params, heads, prefix, chain, jnp.zeros(3, jnp.int32), ALL)
     v, out = model.velocity(params, prefix, chain[:, :1], jnp.ones((3, 1)))  # one Euler step from t=1, δ=1
     std = head.apply(heads["noise"], out)[:, 0]
     want = log_normal(chain[:, 0], 0.0, 1.0) + log_normal(chain[:, 1], chain[:, 0] - v[:, 0], std)
@@ -128,14 +131,16 @@ def test_one_step_chain_logprob_by_hand():
         entropy, np.mean(0.5 * np.log(2 * np.pi * np.e * np.asarray(std) ** 2), (1, 2)), rtol=1e-5
     )
     args_mean = fp.Args(noise_method="flow_noise", flow_steps=1, logprob_reduce="mean")
-    logp_mean, _, _ = fp.chain_logprob(args_mean, model, head, params, heads, prefix, chain, jnp.zeros(3, jnp.int32))
+    logp_mean, _, _ = fp.chain_logprob(
+        args_mean, model, head, params, heads, prefix, chain, jnp.zeros(3, jnp.int32), ALL
+    )
     np.testing.assert_allclose(logp_mean, want / 2, rtol=1e-5)
 
 
 def test_sde_step_logprob_by_hand():
     args, model, head, params, heads, prefix, chain = setup("flow_sde", K=2)
     step = jnp.array([0, 1, 1])
-    logp, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, chain, step)
+    logp, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, chain, step, ALL)
     a, delta = args.sde_noise_level, 0.5
     t = 1.0 - np.asarray(step) * delta  # [B]
     x = chain[jnp.arange(3), step]  # [B,H,A]
@@ -147,3 +152,24 @@ def test_sde_step_logprob_by_hand():
         mean = xb - delta * (v[b] + sigma**2 / (2 * t[b]) * (xb + (1 - t[b]) * v[b]))  # drift corrected by the score
         want = log_normal(chain[b, int(step[b]) + 1], mean, sigma * math.sqrt(delta))
         np.testing.assert_allclose(logp[b], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["flow_noise", "flow_sde"])
+def test_chain_logprob_counts_only_the_executed_part(method):
+    """With π₀'s chunk longer than the executed one (--model-horizon), or action dims padded beyond the env's, what
+    never reaches the env must not enter the likelihood ratio: changing it leaves log π unchanged."""
+    args, model, head, params, heads, prefix, chain = setup(method, K=2)
+    mask = jnp.zeros((5, 2)).at[:3, :1].set(1.0)  # 3 of 5 steps executed, 1 of 2 dims is the env's
+    step = jnp.array([0, 1, 1])
+    logp, entropy, std = fp.chain_logprob(args, model, head, params, heads, prefix, chain, step, mask)
+    # only the last denoising state's discarded part changes (earlier ones feed the velocity of the kept part too)
+    changed = chain.at[:, -1, 3:].add(5.0).at[:, -1, :, 1:].add(-3.0)
+    logp2, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, changed, step, mask)
+    np.testing.assert_allclose(logp2, logp, rtol=1e-6)
+    full, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, changed, step, ALL)
+    assert np.all(np.abs(np.asarray(full) - np.asarray(logp)) > 1e-3) and np.isfinite(entropy).all()
+
+
+def test_longer_model_chunk_executes_its_first_actions(tmp_path):
+    out = fp.main(fp.Args(model_horizon=6, action_horizon=2, run_dir=str(tmp_path), **TINY))
+    assert np.isfinite(out["losses/policy"]) and out["charts/first_ratio_dev_max"] < 1e-5

@@ -7,11 +7,12 @@ Simulator tests skip when the `libero` extra is not installed (pip install -e ".
 import importlib.util
 import io
 import json
+import types
 
 import numpy as np
 import pytest
 
-from common import libero
+from common import envs, libero
 from common.qchunk import load_episodes
 
 SIZE = 32  # tiny renders keep the tests fast; the mapping does not depend on the size
@@ -163,3 +164,9 @@ def test_load_lerobot_parquet(tmp_path) -> None:
     small = libero.load_lerobot(tmp_path / "data", max_episodes=2, image_keys={"image": "base_0_rgb"}, image_size=4)
     assert small.episode_lengths.tolist() == [4, 3] and small.obs["images"]["base_0_rgb"].shape == (7, 4, 4, 3)
     assert small.prompts == tasks and small.obs["prompt_id"].tolist() == [1] * 4 + [0] * 3  # meta/ above data/
+    # the scripts' --dataset: a LeRobot folder is recognised and read at the env's image size
+    args = types.SimpleNamespace(env_kwargs={"image_size": "6"}, image_size=0)
+    assert envs.is_lerobot(tmp_path) and envs.dataset_image_size(tmp_path) == envs.LEROBOT_IMAGE_SIZE
+    via = envs.load_dataset(tmp_path, args, prompts=["open the drawer"])
+    assert via.obs["images"]["base_0_rgb"].shape == (12, 6, 6, 3) and via.prompts == data.prompts
+    assert not envs.is_lerobot(tmp_path / "meta")

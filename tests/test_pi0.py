@@ -231,3 +231,25 @@ def test_config_validation():
         dataclasses.replace(pi0.PRESETS["cpu"], expert=pi0.GemmaConfig(32, 3, 64, 2, 1, 32))
     with pytest.raises(ValueError, match="unknown π₀ preset"):
         pi0.make_config("pi1")
+
+
+def test_env_io_executes_the_first_actions_of_a_longer_chunk():
+    """openpi's pi0_libero predicts 50 actions and executes 5: a model chunk H_m longer than the executed H."""
+    config = pi0.make_config("cpu", action_dim=4, state_dim=3, action_horizon=6)  # H_m = 6, A_m = 4
+    stats = {k: {"mean": np.zeros(2, np.float32), "std": np.full(2, 2.0, np.float32)} for k in ("state", "actions")}
+    table = pi0.make_prompt_table(["do it"], pi0.BuiltinTokenizer(config.max_token_len, config.vocab_size))
+    io = pi0.EnvIO(config, table, stats, action_dim=2, horizon=2)
+    actions = np.arange(2 * 2 * 2, dtype=np.float32).reshape(2, 2, 2)  # [B,H,A] executed chunks from data
+    model = io.to_model(actions)
+    assert model.shape == (2, 6, 4)  # [B,H_m,A_m]: steps and dims padded with zeros
+    np.testing.assert_allclose(model[:, :2, :2], actions / 2.0, atol=1e-5)
+    assert not np.asarray(model[:, 2:]).any() and not np.asarray(model[..., 2:]).any()
+    sampled = np.random.default_rng(0).normal(size=(2, 6, 4)).astype(np.float32)  # what π₀ samples
+    np.testing.assert_allclose(io.to_env(sampled, np.zeros((2, 3))), sampled[:, :2, :2] * 2.0, atol=1e-5)
+    np.testing.assert_array_equal(io.executed(sampled), sampled[:, :2, :2])
+    np.testing.assert_array_equal(io.step_weights(np.ones((2, 2))), [[1, 1, 0, 0, 0, 0]] * 2)
+    mask = np.zeros((6, 4))
+    mask[:2, :2] = 1
+    np.testing.assert_array_equal(io.executed_mask(), mask)
+    with pytest.raises(ValueError, match="--action-horizon between 1 and --model-horizon"):
+        pi0.EnvIO(config, table, stats, action_dim=2, horizon=7)
