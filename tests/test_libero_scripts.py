@@ -4,6 +4,7 @@
 Skipped when the `libero` extra is not installed (pip install -e ".[libero]").
 """
 
+import io
 import json
 import math
 import os
@@ -46,14 +47,14 @@ def seen(monkeypatch):
     return out
 
 
-def check_run(run_dir: str, seen: dict, demo, keys: tuple[str, ...]) -> list[dict]:
+def check_run(run_dir: str, seen: dict, demo, keys: tuple[str, ...], env_kwargs=ENV_KW) -> list[dict]:
     """Finite losses in metrics.jsonl, an evaluation, LIBERO's inputs in π₀'s observations."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     for k in keys:
         values = [r[k] for r in rows if k in r]
         assert values and all(math.isfinite(v) for v in values), k
     assert any("eval/success_rate" in r for r in rows)
-    assert json.load(open(os.path.join(run_dir, "args.json")))["env_kwargs"] == ENV_KW
+    assert json.load(open(os.path.join(run_dir, "args.json")))["env_kwargs"] == env_kwargs
     assert seen["cameras"] == {tuple(CAMERAS)}  # the CPU preset built with LIBERO's two cameras
     assert seen["images"] == {(cam, (demo.size, demo.size, 3)) for cam in CAMERAS}  # data and env at 32x32
     assert seen["state_dims"] == {8} and demo.demo["language"] in seen["prompts"]
@@ -80,6 +81,8 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
         run_dir=run_dir,
         offline_steps=0,  # straight online: 2 chunk steps in the simulator, each followed by 2 updates
         online_steps=4,
+        model_horizon=10,  # π₀ predicts 10 actions, the first 4 are executed (openpi's pi0_libero: 50 and 5)
+        action_horizon=4,
         utd=2,
         batch_size=4,
         num_envs=1,
@@ -99,15 +102,48 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
     check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/critic", "charts/q_target"))
     buf = np.load(os.path.join(run_dir, "buffer.npz"))  # the online chunks: rendered images, 8-D state, 7-D actions
     assert buf["obs/images/left_wrist_0_rgb"].shape == (2, 32, 32, 3) and buf["obs/images/base_0_rgb"].std() > 5
-    assert buf["obs/state"].shape == (2, 8) and buf["actions"].shape == (2, 10, 7)
+    assert buf["obs/state"].shape == (2, 8) and buf["actions"].shape == (2, 4, 7)
+
+
+def write_lerobot(folder, demo: dict, episodes: int = 2) -> str:
+    """The recorded demo as a LeRobot dataset in the layout of openpi's physical-intelligence/libero: parquet rows
+    with upright PNG images (`image`, `wrist_image`), 8-D `state`, 7-D `actions`; tasks in meta/tasks.jsonl."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    from PIL import Image
+
+    def png(img):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img[::-1, ::-1])).save(buf, format="PNG")  # LIBERO renders upside down
+        return {"bytes": buf.getvalue(), "path": None}
+
+    os.makedirs(os.path.join(folder, "meta"))
+    os.makedirs(os.path.join(folder, "data", "chunk-000"))
+    with open(os.path.join(folder, "meta", "tasks.jsonl"), "w") as f:
+        f.write(json.dumps({"task_index": 0, "task": demo["language"]}) + "\n")
+    state = np.concatenate([demo["ee_pos"], demo["ee_ori"], demo["gripper_states"]], 1).astype(np.float32)
+    n = len(state)
+    for ep in range(episodes):
+        table = {
+            "image": [png(x) for x in demo["agentview_rgb"]],
+            "wrist_image": [png(x) for x in demo["eye_in_hand_rgb"]],
+            "state": state.tolist(),
+            "actions": demo["actions"].astype(np.float32).tolist(),
+            "episode_index": np.full(n, ep),
+            "frame_index": np.arange(n),
+            "task_index": np.zeros(n, np.int64),
+        }
+        pq.write_table(pa.table(table), os.path.join(folder, "data", "chunk-000", f"episode_{ep:06d}.parquet"))
+    return str(folder)
 
 
 def test_chunk_awr(libero_demo, tmp_path, seen):
+    """From a LeRobot folder (openpi's LIBERO data format) as --dataset, read at the env's image size."""
     run_dir = str(tmp_path / "run")
+    env_kwargs = {**ENV_KW, "image_size": str(libero_demo.size)}
     args = chunk_awr.Args(
         env="libero",
-        env_kwargs=ENV_KW,
-        dataset=libero_demo.dir,
+        env_kwargs=env_kwargs,
+        dataset=write_lerobot(tmp_path / "lerobot", libero_demo.demo),
         run_dir=run_dir,
         critic_steps=2,
         policy_steps=2,
@@ -121,7 +157,7 @@ def test_chunk_awr(libero_demo, tmp_path, seen):
     )
     out = chunk_awr.main(args)
     assert out["step"] == 4 and out["policy_updates"] == 2 and 0.0 <= out["eval/success_rate"] <= 1.0
-    check_run(run_dir, seen, libero_demo, ("losses/q", "losses/v", "losses/policy"))
+    check_run(run_dir, seen, libero_demo, ("losses/q", "losses/v", "losses/policy"), env_kwargs)
 
 
 def test_flow_ppo(libero_demo, tmp_path, seen):
