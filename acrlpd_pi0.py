@@ -161,7 +161,7 @@ class Agent:
 
     def __init__(self, args: Args, model: pi0.Pi0, io: pi0.EnvIO):
         self.args, self.model, self.io = args, model, io
-        self.A, self.critic = io.action_dim, CriticMLP(tuple(args.critic_hidden))
+        self.critic = CriticMLP(tuple(args.critic_hidden))
 
     def q(self, cparams, prefix, chunks):
         """Ensemble values of chunks [B,N,H_m,A_m] (normalised) -> [E,B,N]; members vmapped, executed part only."""

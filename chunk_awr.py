@@ -249,7 +249,7 @@ class Learner:
     """Model, heads, optimisers and the observation/action plumbing (`io`), closed over by the jitted functions."""
 
     def __init__(self, args: Args, model: pi0.Pi0, io: pi0.EnvIO):
-        self.args, self.model, self.io, self.A = args, model, io, io.action_dim
+        self.args, self.model, self.io = args, model, io
         self.heads = Heads(tuple(args.critic_hidden))
         self.pi_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=1e-4))
         self.h_tx = optax.adam(args.critic_lr)

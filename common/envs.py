@@ -430,15 +430,21 @@ def from_args(args: Any, num_envs: int, seed: int, evaluation: bool = False) -> 
     LIBERO: images rendered at the size of the `--dataset`'s images unless an image size is given (online and offline
     observations then match), and evaluation envs (`evaluation=True`) play the suite's fixed initial states in order.
     """
-    kw = {k: _decode(v) for k, v in (getattr(args, "env_kwargs", None) or {}).items()}
-    if getattr(args, "image_size", 0):
-        kw.setdefault("image_size", args.image_size)
+    kw = _env_kwargs(args)
     if args.env == "libero":
         if "image_size" not in kw and args.dataset and (size := dataset_image_size(args.dataset)):
             kw["image_size"] = size
         if evaluation:
             kw.setdefault("eval_mode", True)
     return make_env(args.env, num_envs, seed=seed, **kw)
+
+
+def _env_kwargs(args: Any) -> dict[str, Any]:
+    """`--env-kwargs` decoded, with `--image-size` (where the script has one) unless the kwargs give one."""
+    kw = {k: _decode(v) for k, v in (getattr(args, "env_kwargs", None) or {}).items()}
+    if getattr(args, "image_size", 0):
+        kw.setdefault("image_size", args.image_size)
+    return kw
 
 
 def _decode(value: Any) -> Any:
@@ -469,8 +475,7 @@ def load_dataset(path: str | os.PathLike, args: Any, prompts: list[str]) -> Any:
         return qchunk.load_episodes(path, prompts=prompts)
     from common import libero
 
-    kw = {k: _decode(v) for k, v in (getattr(args, "env_kwargs", None) or {}).items()}
-    size = int(kw.get("image_size") or getattr(args, "image_size", 0) or LEROBOT_IMAGE_SIZE)
+    size = int(_env_kwargs(args).get("image_size") or LEROBOT_IMAGE_SIZE)
     return libero.load_lerobot(path, prompts=prompts, image_size=size)
 
 
