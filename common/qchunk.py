@@ -383,12 +383,21 @@ class ReplayBuffer:
         self.mask = np.zeros(capacity, np.float32)
         self.subgoal = np.zeros(capacity, bool)
         self.return_to_go = np.full(capacity, np.nan, np.float32)  # unknown when stored (the episode goes on)
+        self.extras: dict[str, np.ndarray] = {}  # per-transition arrays a script caches (e.g. encoded features)
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, obs: dict[str, Any], actions: np.ndarray, step: Any, next_obs: dict[str, Any] | None = None) -> None:
-        """Store E chunk transitions: obs at the chunk start, actions [E, H, A], the `envs.ChunkStep` result."""
+    def add(
+        self,
+        obs: dict[str, Any],
+        actions: np.ndarray,
+        step: Any,
+        next_obs: dict[str, Any] | None = None,
+        extras: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Store E chunk transitions: obs at the chunk start, actions [E, H, A], the `envs.ChunkStep` result, and
+        optional `extras` {name: [E, ...]} kept alongside (in `self.extras`, saved and loaded with the rest)."""
         e, h = actions.shape[:2]
         if h != self.horizon:
             raise ValueError(f"actions have chunk length {h}, the buffer was made for horizon {self.horizon}.")
@@ -409,6 +418,11 @@ class ReplayBuffer:
         self.discount[idx] = self.gamma ** valid.sum(1).astype(np.float64)
         self.mask[idx] = 1.0 - np.asarray(step.terminated, np.float32)
         self.subgoal[idx] = (np.asarray(step.subgoal, bool) & valid).any(1)
+        for k, v in (extras or {}).items():
+            v = np.asarray(v)
+            if k not in self.extras:
+                self.extras[k] = np.zeros((self.capacity, *v.shape[1:]), v.dtype)
+            self.extras[k][idx] = v
         self._next = int((self._next + e) % self.capacity)
         self.size = min(self.size + e, self.capacity)
 
@@ -431,6 +445,7 @@ class ReplayBuffer:
                 out.update({f"{k}/images/{c}": img for c, img in v["images"].items()})
             else:
                 out[k] = v
+        out.update({f"extras/{k}": v for k, v in self.extras.items()})
         return out
 
     def save(self, path: str | Path) -> None:
@@ -448,6 +463,8 @@ class ReplayBuffer:
             if n > self.capacity:
                 raise ValueError(f"{path} holds {n} transitions, more than this buffer's capacity {self.capacity}.")
             self.actions = np.zeros((self.capacity, *z["actions"].shape[1:]), np.float32)
+            for k in (f for f in z.files if f.startswith("extras/")):
+                self.extras[k[7:]] = np.zeros((self.capacity, *z[k].shape[1:]), z[k].dtype)
             for k, v in self._arrays().items():
                 v[:n] = z[k]
             self.size, self._next = n, int(z["next"])

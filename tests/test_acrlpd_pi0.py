@@ -16,6 +16,7 @@ from common import envs, pi0, qchunk
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
     batch_size=8,
+    online_batch_size=8,
     updates_per_call=4,
     utd=2,
     eval_episodes=3,
@@ -35,12 +36,15 @@ def test_smoke_and_resume(tmp_path):
     run_dir = str(tmp_path / "run")
     out = ac.main(ac.Args(offline_steps=8, online_steps=4, run_dir=run_dir, **TINY))
     assert out["step"] == 12
-    assert all(np.isfinite(out[k]) for k in ("losses/bc", "losses/critic", "charts/q_target"))
+    assert all(np.isfinite(out[k]) for k in ("losses/critic", "charts/q_target"))  # the online (critic-only) update
+    assert "losses/bc" not in out  # π₀ is frozen online
     for key in ("offline/eval/success_rate", "online/eval/plain_success_rate", "final/eval/q_gap"):
         assert key in out
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert any(np.isfinite(r.get("losses/bc", np.nan)) for r in rows)  # the offline joint update
     assert any("eval/q_realised" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    assert os.path.exists(os.path.join(run_dir, "buffer.npz"))
+    with np.load(os.path.join(run_dir, "buffer.npz")) as z:  # what acting cached for the critic, per transition
+        assert z["extras/head"].shape[0] == 2 * 2 and z["extras/next_cand"].shape[1:] == (2, 5, 2)
     out = ac.main(ac.Args(offline_steps=8, online_steps=8, run_dir=run_dir, resume=True, **TINY))
     assert out["step"] == 16 and "online/eval/success_rate" in out and "offline/eval/success_rate" not in out
 
@@ -94,42 +98,30 @@ def test_td_target_by_hand():
     for agg in ("mean", "min2"):
         agent, params, target, env = make_agent(q_agg=agg, target_n=4)
         obs = env.reset(seed=0)[0]
+        prefix = agent.model.prefix(params["pi"], agent.io.observe(obs))
+        next_cand, _ = agent.sample(params["pi"], prefix, jax.random.key(4), 4, 2)  # [B,4,H,A]
         batch = {
             "discounted_return": jnp.array([0.5, 0.0]),
             "discount": jnp.array([0.99**5, 0.99**2]),
             "mask": jnp.array([1.0, 0.0]),
+            "next_head": agent.head(prefix),
+            "next_cand": next_cand,
         }
-        prefix = agent.model.prefix(params["pi"], agent.io.observe(obs))
         rng = jax.random.key(3)
-        y, _ = ac.td_target(agent, params, target, prefix, batch, rng)
-        # by hand: the same candidates (same key path), ranked by the ONLINE critic's mean, valued by the TARGET
-        k_cand, k_pair = jax.random.split(rng)
-        (k_slice,) = jax.random.split(k_cand, 1)
-        cfg = agent.model.config
-        noise = jax.random.normal(k_slice, (2, 4, cfg.action_horizon, cfg.action_dim))
-        cand = agent.model.sample(params["pi"], prefix, noise, agent.args.target_flow_steps)
+        y, _ = ac.td_target(agent, params["critic"], target, batch, rng)
+        # by hand: every member applied on its own, the candidate ranked by the ONLINE critic's mean, valued by the TARGET
         head = np.concatenate([np.asarray(prefix.features), np.asarray(prefix.state)], -1)  # [B,W+S]
         flat = lambda c, head=head: np.concatenate([head, np.asarray(c).reshape(2, -1)], -1)
-        q_on = np.stack(
-            [
-                [
-                    agent.critic.apply(
-                        {"params": jax.tree.map(lambda p, e=e: p[e], params["critic"])}, flat(cand[:, i])
-                    )
-                    for i in range(4)
-                ]
-                for e in range(3)
-            ]
-        )  # [E,N,B]
-        best = q_on.mean(0).argmax(0)  # [B]
-        a_next = np.asarray(cand)[np.arange(2), best]
-        q_t = np.stack(
-            [agent.critic.apply({"params": jax.tree.map(lambda p, e=e: p[e], target)}, flat(a_next)) for e in range(3)]
-        )  # [E,B]
+        member = lambda tree, e, c, agent=agent, flat=flat: agent.critic.apply(
+            {"params": jax.tree.map(lambda p: p[e], tree)}, flat(c)
+        )
+        q_on = np.stack([[member(params["critic"], e, next_cand[:, i]) for i in range(4)] for e in range(3)])  # [E,N,B]
+        a_next = np.asarray(next_cand)[np.arange(2), q_on.mean(0).argmax(0)]
+        q_t = np.stack([member(target, e, a_next) for e in range(3)])  # [E,B]
         if agg == "mean":
             q_bar = q_t.mean(0)
         else:
-            pair = np.asarray(jax.random.choice(k_pair, 3, (2,), replace=False))
+            pair = np.asarray(jax.random.choice(rng, 3, (2,), replace=False))
             q_bar = q_t[pair].min(0)
         want = np.array([0.5, 0.0]) + np.array([0.99**5, 0.99**2]) * np.array([1.0, 0.0]) * q_bar
         np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
@@ -139,23 +131,51 @@ def test_td_target_by_hand():
 def test_best_of_n_is_the_critic_argmax():
     agent, params, _, env = make_agent()
     prefix = agent.model.prefix(params["pi"], agent.io.observe(env.reset(seed=0)[0]))
+    head = agent.head(prefix)
     for slice_ in (0, 2):
-        chunk, q, idx = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 0.0, slice_)
+        chunk, q = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 0.0, slice_)
         # score every candidate the same way, independently of the selection
         S = slice_ or 8
         cand = jnp.concatenate(
-            [agent.sample(params["pi"], prefix, k, S, 2) for k in jax.random.split(jax.random.key(5), 8 // S)], axis=1
+            [agent.sample(params["pi"], prefix, k, S, 2)[1] for k in jax.random.split(jax.random.key(5), 8 // S)], 1
         )  # [B,8,H,A]
-        q_all = agent.q(params["critic"], prefix, cand).mean(0)  # [B,8]
+        q_all = agent.q(params["critic"], head, cand).mean(0)  # [B,8]
+        idx = jnp.abs(cand - chunk[:, None]).sum((2, 3)).argmin(1)  # which candidate was returned
         rows = jnp.arange(2)  # the pick is the argmax up to float ties between near-equal untrained values
-        np.testing.assert_allclose(np.asarray(q_all[rows, idx]), np.asarray(q_all.max(1)), atol=1e-5)
         np.testing.assert_allclose(np.asarray(chunk), np.asarray(cand[rows, idx]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(q_all[rows, idx]), np.asarray(q_all.max(1)), atol=1e-5)
         np.testing.assert_allclose(np.asarray(q), np.asarray(q_all.max(1)), atol=1e-5)
     # pessimism: mean − β·std, with β large enough the pick follows the least uncertain candidate
-    _, _, idx = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 1e6)
+    chunk, _ = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 1e6)
     (key,) = jax.random.split(jax.random.key(5), 1)
-    q_e = agent.q(params["critic"], prefix, agent.sample(params["pi"], prefix, key, 8, 2))  # [E,B,8]
+    cand = agent.sample(params["pi"], prefix, key, 8, 2)[1]
+    idx = jnp.abs(cand - chunk[:, None]).sum((2, 3)).argmin(1)
+    q_e = agent.q(params["critic"], head, cand)  # [E,B,8]
     np.testing.assert_allclose(np.asarray(q_e.std(0)[jnp.arange(2), idx]), np.asarray(q_e.std(0).min(1)), atol=1e-6)
+
+
+def test_critic_batches_from_the_cache():
+    """The online critic batches: offline rows from the once-encoded prior data (o_t's head, o_{t+H}'s head and
+    π₀ chunks), online rows from what acting stored in the buffer's extras."""
+    agent, params, _, env = make_agent(target_n=2)
+    data = qchunk.load_episodes(envs.default_dataset(env="push", noise=0.6, episodes=12), prompts=env.prompts)
+    offline = qchunk.make_chunks(data, 5, 0.99)
+    obs = env.reset(seed=0)[0]
+    buffer = qchunk.ReplayBuffer(16, 5, 0.99, obs)
+    cache = ac.CriticData(agent, params["pi"], offline, buffer, jax.random.key(0), bs=64)
+    assert cache.head.shape == (len(data), 64 + 10) and cache.cand.shape == (len(data), 2, 5, 2)
+    _, step = envs.execute_chunk(env, obs, np.zeros((2, 5, 2), np.float32), 0.99)
+    extras = {"head": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
+    extras.update(next_head=np.full((2, 74), 8.0), next_cand=np.full((2, 2, 5, 2), 8.0))
+    buffer.add(obs, np.zeros((2, 5, 2), np.float32), step, extras=extras)
+    b = cache.sample(np.random.default_rng(0), 10, 0.5)
+    assert (b["head"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
+    np.testing.assert_allclose(b["discount"][5:], 0.99**5)
+    i = np.flatnonzero((cache.head[:, None] == b["head"][None, :5]).all(-1))  # offline rows are encoded frames
+    assert len(np.unique(i)) >= 1 and not (b["head"][:5] == 7).any()
+    # the data chunks in the critic's (normalised) units: EnvIO.to_model of the dataset's actions
+    want = agent.io.executed(agent.io.to_model(data.actions[offline.action_idx[:3]], data.obs["state"][:3]))
+    np.testing.assert_allclose(cache.chunk[:3], np.asarray(want), atol=1e-6)
 
 
 def test_longer_model_chunk_executes_its_first_actions(tmp_path):
@@ -165,7 +185,7 @@ def test_longer_model_chunk_executes_its_first_actions(tmp_path):
     out = ac.main(
         ac.Args(offline_steps=4, online_steps=2, model_horizon=7, action_horizon=3, run_dir=str(run_dir), **TINY)
     )
-    assert out["step"] == 6 and np.isfinite(out["losses/bc"]) and np.isfinite(out["losses/critic"])
+    assert out["step"] == 6 and np.isfinite(out["losses/critic"])
     with np.load(run_dir / "buffer.npz") as z:
         assert z["actions"].shape[1:] == (3, 2) and z["rewards"].shape[1:] == (3,)
     with pytest.raises(ValueError, match="--action-horizon between 1 and --model-horizon"):

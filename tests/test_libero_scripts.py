@@ -79,12 +79,13 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
         env_kwargs=ENV_KW,
         dataset=libero_demo.dir,
         run_dir=run_dir,
-        offline_steps=0,  # straight online: 2 chunk steps in the simulator, each followed by 2 updates
-        online_steps=4,
+        offline_steps=2,  # one joint update call, the prior data encoded for the critic, then 2 chunk steps in the
+        online_steps=4,  # simulator, each followed by 2 critic updates
         model_horizon=10,  # π₀ predicts 10 actions, the first 4 are executed (openpi's pi0_libero: 50 and 5)
         action_horizon=4,
         utd=2,
         batch_size=4,
+        online_batch_size=4,
         num_envs=1,
         eval_episodes=1,
         buffer_size=64,
@@ -98,11 +99,12 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
         act_pessimism=0.0,  # two evaluations (best-of-N, plain π₀) instead of three
     )
     out = acrlpd_pi0.main(args)
-    assert out["step"] == 4 and "online/eval/success_rate" in out and "online/eval/plain_success_rate" in out
+    assert out["step"] == 6 and "online/eval/success_rate" in out and "online/eval/plain_success_rate" in out
     check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/critic", "charts/q_target"))
     buf = np.load(os.path.join(run_dir, "buffer.npz"))  # the online chunks: rendered images, 8-D state, 7-D actions
     assert buf["obs/images/left_wrist_0_rgb"].shape == (2, 32, 32, 3) and buf["obs/images/base_0_rgb"].std() > 5
     assert buf["obs/state"].shape == (2, 8) and buf["actions"].shape == (2, 4, 7)
+    assert buf["extras/next_cand"].shape == (2, 2, 4, 7)  # the critic's cache: 2 π₀ chunks at o_{t+H}, executed part
 
 
 def write_lerobot(folder, demo: dict, episodes: int = 2) -> str:

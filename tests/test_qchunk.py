@@ -262,12 +262,15 @@ def test_replay_buffer_save_load_round_trip(tmp_path) -> None:
     for _ in range(2):  # 6 transitions into 5 slots: the buffer wraps around
         step = chunk_step(rng.uniform(size=(3, 3)), [[1, 1, 1], [1, 1, 0], [1, 0, 0]], [False, True, False])
         step.final_obs, step.subgoal = obs(3), rng.uniform(size=(3, 3)) < 0.5
-        buf.add(obs(3), rng.normal(size=(3, 3, 2)).astype(np.float32), step)
+        extras = {"head": rng.normal(size=(3, 4)).astype(np.float32), "cand": rng.normal(size=(3, 2, 3, 2))}
+        buf.add(obs(3), rng.normal(size=(3, 3, 2)).astype(np.float32), step, extras=extras)
     buf.save(path)
     back = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
     back.load(path)
     assert (len(back), back._next) == (len(buf), buf._next) == (5, 1)
     np.testing.assert_equal(back.sample(np.random.default_rng(1), 8), buf.sample(np.random.default_rng(1), 8))
+    np.testing.assert_equal(back.extras, buf.extras)  # cached per-transition arrays come back too
+    assert buf.extras["head"].shape == (5, 4) and buf.extras["cand"].dtype == np.float64
     with np.load(path) as z:  # the file's layout (acrlpd_pi0.py's buffer.npz): flat names, the stored rows only
         assert {"next", "obs/state", "obs/images/cam", "next_obs/prompt_id", "actions", "subgoal"} <= set(z.files)
         assert z["obs/images/cam"].shape == (5, 4, 4, 3)
