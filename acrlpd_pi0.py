@@ -45,26 +45,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from common import envs, libero, mesh, pi0, qchunk, runlog
 
 # Values by platform; a flag given explicitly (not None) wins. Matched by substring of --env.
-_GPU = dict(
-    num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4
-)  # shared by the openpi platforms
+_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4)  # each preset edits
 PRESETS = {
     # push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
-    "push": dict(
-        action_horizon=5,
-        bon=8,
-        target_n=1,
-        num_qs=2,
-        lr=1e-3,
-        critic_lr=3e-4,
-        bc_weight=1.0,
-        gamma=0.95,
-        num_envs=64,
-        utd=16,
-    ),  # fmt: skip
-    "libero": dict(_GPU, action_horizon=10, bon=32, target_n=8),
-    "aloha": dict(_GPU, action_horizon=50, bon=16, target_n=8),
-    "droid": dict(_GPU, action_horizon=10, bon=16, target_n=8),
+    "push": dict(_BASE, action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, gamma=0.95, num_envs=64, utd=16),
+    "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8),
+    "aloha": dict(_BASE, action_horizon=50, bon=16, target_n=8),
+    "droid": dict(_BASE, action_horizon=10, bon=16, target_n=8),
 }
 
 
@@ -127,7 +114,7 @@ class Args(runlog.RunArgs):
     target_n: int | None = None
     """π₀ chunks sampled at o_{t+H} for the expected-max backup (preset)"""
     target_flow_steps: int = 5
-    """Euler steps for those target chunks (as many as acting: the backed-up chunks come from the acting distribution)"""
+    """Euler steps for those target chunks (as many as acting: backed-up chunks from the acting distribution)"""
     bon: int | None = None
     """chunks sampled when acting, best by the critic; 1 = plain π₀ (preset)"""
     bon_slice: int = 0
@@ -200,7 +187,7 @@ class Agent:
         return self.io.executed(chunks), chunks
 
     def best_of_n(self, params, cparams, prefix, rng, n: int, steps: int, beta: float, slice_: int = 0):
-        """Sample n chunks per observation from one prefix, pick argmax of mean − β·std. -> chunk [B,H_m,A_m], q_mean."""
+        """Sample n chunks per observation from one prefix, pick argmax of mean − β·std -> chunk [B,H_m,A_m], q [B]."""
         S, head = slice_ or n, self.head(prefix)
 
         def part(key):
@@ -222,8 +209,9 @@ class Agent:
 
 
 def td_target(agent: Agent, cparams, target_cparams, batch, rng):
-    """y = R + γ^{#valid}·mask·Q̄(o_{t+H}, a′), a′ = the argmax over the --target-n π₀ chunks `next_cand` [B,N,H,A] of
-    the online critic's mean (the expected-max backup). A constant for every loss (stop_gradient). -> y [B], info."""
+    """y = R + γ^{#valid}·mask·Q̄(o_{t+H}, a′), a′ = the argmax over the --target-n π₀ chunks `next_cand`
+    [B,N,H,A] of the online critic's mean (the expected-max backup). A constant for every loss (stop_gradient).
+    -> y [B], info."""
     next_head, next_cand = batch["next_head"], batch["next_cand"]
     best = jnp.argmax(agent.q(cparams, next_head, next_cand).mean(0), axis=1)  # [B]
     a_next = next_cand[jnp.arange(best.shape[0]), best]  # [B,H,A]
@@ -253,7 +241,7 @@ def critic_loss(cparams, agent: Agent, batch, y):
 
 
 def joint_loss(train, target_cparams, agent: Agent, batch, rng):
-    """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + optional actor term). -> (loss, info)."""
+    """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + actor term) -> (loss, info)."""
     a, model = agent.args, agent.model
     k_flow, k_next, k_cand, k_t, k_actor = jax.random.split(rng, 5)
     prefix = model.prefix(train["pi"], agent.io.observe(batch["obs"]))  # the one VLM pass for o_t
@@ -267,7 +255,8 @@ def joint_loss(train, target_cparams, agent: Agent, batch, rng):
     next_head, next_cand = agent.encode(frozen["pi"], batch["next_obs"], k_next)
     cand, _ = agent.sample(frozen["pi"], jax.lax.stop_gradient(prefix), k_cand, a.target_n, a.target_flow_steps)
     cb = {"head": agent.head(prefix), "chunk": agent.io.executed(actions), "cand": jax.lax.stop_gradient(cand),
-          "next_head": next_head, "next_cand": next_cand, **{k: batch[k] for k in TD_KEYS}}  # fmt: skip
+          "next_head": next_head, "next_cand": next_cand}  # fmt: skip
+    cb.update({k: batch[k] for k in (*TD_KEYS, "return_to_go")})
     y, info_t = td_target(agent, frozen["critic"], target_cparams, cb, k_t)
     c_loss, info = critic_loss(train["critic"], agent, cb, y)
     loss = a.bc_weight * bc_loss + c_loss
@@ -279,7 +268,7 @@ def joint_loss(train, target_cparams, agent: Agent, batch, rng):
     return loss, info
 
 
-TD_KEYS = ("discounted_return", "discount", "mask", "return_to_go")
+TD_KEYS = ("discounted_return", "discount", "mask")  # what the TD target reads of a chunk transition
 
 
 def make_updates(agent: Agent, pi_tx, c_tx):
@@ -318,9 +307,11 @@ def make_tx(args: Args, model: pi0.Pi0, pi_params):
 
 class CriticData:
     """Critic batches from cached arrays (the online phase): the offline chunks' heads and π₀ chunks, encoded once
-    with the frozen π₀, and the online transitions' ones, stored in the replay buffer's extras when acting."""
+    with the frozen π₀, and the online transitions' ones, stored in the replay buffer's extras when acting; mixed
+    offline/online as `qchunk.MixedSampler` mixes (which also checks that data and env images have one shape)."""
 
-    def __init__(self, agent: Agent, params, offline: qchunk.ChunkDataset, buffer: qchunk.ReplayBuffer, rng, bs=1024):
+    def __init__(self, agent: Agent, params, mix: qchunk.MixedSampler, rng, bs: int = 1024):
+        offline = mix.offline
         data, enc = offline.data, jax.jit(agent.encode)
         heads, cands = [], []
         for lo in range(0, len(data), bs):  # every frame once; the last batch padded to keep one compiled shape
@@ -333,16 +324,18 @@ class CriticData:
             jax.device_get(to_model(data.actions[offline.action_idx[lo : lo + bs]],
                                     data.obs["state"][offline.obs_idx[lo : lo + bs]]))
             for lo in range(0, len(offline), bs)])  # fmt: skip
-        self.offline, self.buffer = offline, buffer
+        self.mix = mix
 
-    def sample(self, rng: np.random.Generator, n: int, online_fraction: float) -> dict:
-        n_on = int(round(n * online_fraction)) if len(self.buffer) else 0
-        i, j = rng.integers(0, len(self.offline), n - n_on), rng.integers(0, len(self.buffer) or 1, n_on)
-        o, nxt, b, ex = self.offline.obs_idx[i], self.offline.next_obs_idx[i], self.buffer, self.buffer.extras
+    def sample(self, rng: np.random.Generator, n: int) -> dict:
+        offline, b = self.mix.offline, self.mix.online
+        n_on = self.mix.n_online(n)
+        i, j = rng.integers(0, len(offline), n - n_on), rng.integers(0, len(b) or 1, n_on)
+        o, nxt, ex = offline.obs_idx[i], offline.next_obs_idx[i], b.extras
         cat = lambda a, b_: np.concatenate([a, b_[j]])  # offline rows, then online rows
         out = {"head": cat(self.head[o], ex["head"]), "chunk": cat(self.chunk[i], ex["chunk"]),
-               "next_head": cat(self.head[nxt], ex["next_head"]), "next_cand": cat(self.cand[nxt], ex["next_cand"])}  # fmt: skip
-        out.update({k: cat(getattr(self.offline, k)[i], getattr(b, k)) for k in TD_KEYS[:3]})
+               "next_head": cat(self.head[nxt], ex["next_head"]),
+               "next_cand": cat(self.cand[nxt], ex["next_cand"])}  # fmt: skip
+        out.update({k: cat(getattr(offline, k)[i], getattr(b, k)) for k in TD_KEYS})
         return out
 
 
@@ -350,8 +343,8 @@ class CriticData:
 def make_act(agent: Agent):
     @partial(jax.jit, static_argnames="n")
     def act(state, obs, rng, n: int, beta: float):
-        """Best of n chunks by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean there [B], and
-        what the replay buffer caches for the critic: the head [B,W+S] and the executed chunk [B,H,A] (normalised)."""
+        """Best of n chunks by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean there [B],
+        and what the replay buffer caches for the critic: the head [B,W+S], the executed chunk [B,H,A] (normalised)."""
         prefix = agent.model.prefix(state["pi"], agent.io.observe(obs))
         a = agent.args
         chunk, q = agent.best_of_n(
@@ -438,7 +431,7 @@ def main(args: Args) -> dict:
 
     (joint, critic_update), act, encode = make_updates(agent, pi_tx, c_tx), make_act(agent), jax.jit(agent.encode)
     np_rng = np.random.default_rng(args.seed + step)
-    keys = ("obs", "next_obs", "actions", "valid", *TD_KEYS)
+    keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
     split = NamedSharding(dev_mesh, PartitionSpec(None, mesh.BATCH_AXES))  # [U,B,...]: B over the devices
     stack = lambda bs: jax.device_put(jax.tree.map(lambda *v: np.stack(v), *bs), split)  # n batches -> [n,B,...]
 
@@ -447,7 +440,7 @@ def main(args: Args) -> dict:
         end = args.offline_steps if phase == "offline" else total
         t_phase, s_phase, ep_returns = time.time(), step, []
         if phase == "online" and step < end:  # π₀ is frozen from here: encode the prior data once
-            cache = CriticData(agent, state["pi"], offline, buffer, k_cache)
+            cache = CriticData(agent, state["pi"], qchunk.MixedSampler(offline, buffer, args.online_fraction), k_cache)
             print(f"encoded {len(cache.head)} offline frames for the critic in {time.time() - t_phase:.0f}s")
         while step < end:
             k_act, k_upd, k_enc = jax.random.split(jax.random.fold_in(k_run, step), 3)  # resumes reproducibly
@@ -464,7 +457,7 @@ def main(args: Args) -> dict:
                 buffer.add(obs, chunk, cs, extras=jax.device_get(extras))
                 ep_returns += list(cs.success[cs.terminated | cs.truncated])
                 obs, n = next_obs, min(args.utd, end - step)
-                bs = [cache.sample(np_rng, args.online_batch_size, args.online_fraction) for _ in range(n)]
+                bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
                 state, info = critic_update(state, stack(bs), k_upd)
             prev, step = step, step + n
             if step // args.log_every > prev // args.log_every or step == end:

@@ -488,9 +488,13 @@ class MixedSampler:
             )
         self.offline, self.online, self.online_fraction = offline, online, online_fraction
 
+    def n_online(self, batch_size: int) -> int:
+        """How many rows of a batch come from the buffer: `online_fraction` of it, none while the buffer is empty."""
+        return int(round(batch_size * self.online_fraction)) if len(self.online) > 0 else 0
+
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
         """Offline rows first, then online rows; all offline while the buffer is empty. Adds `is_online`."""
-        n_online = int(round(batch_size * self.online_fraction)) if len(self.online) > 0 else 0
+        n_online = self.n_online(batch_size)
         batch = self.offline.sample(rng, batch_size - n_online)
         if n_online:
             batch = _concat(batch, self.online.sample(rng, n_online))

@@ -109,7 +109,7 @@ def test_td_target_by_hand():
         }
         rng = jax.random.key(3)
         y, _ = ac.td_target(agent, params["critic"], target, batch, rng)
-        # by hand: every member applied on its own, the candidate ranked by the ONLINE critic's mean, valued by the TARGET
+        # by hand: each member on its own, the candidate ranked by the ONLINE critic's mean, valued by the TARGET
         head = np.concatenate([np.asarray(prefix.features), np.asarray(prefix.state)], -1)  # [B,W+S]
         flat = lambda c, head=head: np.concatenate([head, np.asarray(c).reshape(2, -1)], -1)
         member = lambda tree, e, c, agent=agent, flat=flat: agent.critic.apply(
@@ -162,13 +162,13 @@ def test_critic_batches_from_the_cache():
     offline = qchunk.make_chunks(data, 5, 0.99)
     obs = env.reset(seed=0)[0]
     buffer = qchunk.ReplayBuffer(16, 5, 0.99, obs)
-    cache = ac.CriticData(agent, params["pi"], offline, buffer, jax.random.key(0), bs=64)
+    cache = ac.CriticData(agent, params["pi"], qchunk.MixedSampler(offline, buffer, 0.5), jax.random.key(0), bs=64)
     assert cache.head.shape == (len(data), 64 + 10) and cache.cand.shape == (len(data), 2, 5, 2)
     _, step = envs.execute_chunk(env, obs, np.zeros((2, 5, 2), np.float32), 0.99)
     extras = {"head": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
     extras.update(next_head=np.full((2, 74), 8.0), next_cand=np.full((2, 2, 5, 2), 8.0))
     buffer.add(obs, np.zeros((2, 5, 2), np.float32), step, extras=extras)
-    b = cache.sample(np.random.default_rng(0), 10, 0.5)
+    b = cache.sample(np.random.default_rng(0), 10)
     assert (b["head"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
     np.testing.assert_allclose(b["discount"][5:], 0.99**5)
     i = np.flatnonzero((cache.head[:, None] == b["head"][None, :5]).all(-1))  # offline rows are encoded frames
