@@ -45,10 +45,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from common import envs, libero, mesh, pi0, qchunk, runlog
 
 # Values by platform; a flag given explicitly (not None) wins. Matched by substring of --env.
-_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4)  # each preset edits
+_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000)  # each preset edits
 PRESETS = {
     # push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
-    "push": dict(_BASE, action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, gamma=0.95, num_envs=64, utd=16),
+    "push": dict(_BASE, action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, num_envs=64,
+                 utd=32, learning_starts=32_000),
     "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8),
     "aloha": dict(_BASE, action_horizon=50, bon=16, target_n=8),
     "droid": dict(_BASE, action_horizon=10, bon=16, target_n=8),
@@ -93,6 +94,9 @@ class Args(runlog.RunArgs):
     """offline updates per jitted call (lax.scan)"""
     utd: int | None = None
     """online critic updates per env chunk step, run in one jitted scan (preset)"""
+    learning_starts: int | None = None
+    """online chunks collected before the first online critic update (preset): a critic run at a high update-to-data
+    ratio on the first few thousand chunks over-fits them and ranks π₀'s chunks worse for the rest of the run"""
     online_batch_size: int = 256
     """transitions per online critic update (cached features: cheap)"""
     gamma: float | None = None
@@ -443,7 +447,8 @@ def main(args: Args) -> dict:
             cache = CriticData(agent, state["pi"], qchunk.MixedSampler(offline, buffer, args.online_fraction), k_cache)
             print(f"encoded {len(cache.head)} offline frames for the critic in {time.time() - t_phase:.0f}s")
         while step < end:
-            k_act, k_upd, k_enc = jax.random.split(jax.random.fold_in(k_run, step), 3)  # resumes reproducibly
+            k_step = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # resumes reproducibly
+            k_act, k_upd, k_enc = jax.random.split(k_step, 3)
             if phase == "offline":  # π₀ and critic together on prior data
                 n = min(args.updates_per_call, end - step)
                 bs = [{k: v for k, v in offline.sample(np_rng, args.batch_size).items() if k in keys} for _ in range(n)]
@@ -456,9 +461,13 @@ def main(args: Args) -> dict:
                 extras = {"head": head, "chunk": ex, "next_head": next_head, "next_cand": next_cand}
                 buffer.add(obs, chunk, cs, extras=jax.device_get(extras))
                 ep_returns += list(cs.success[cs.terminated | cs.truncated])
-                obs, n = next_obs, min(args.utd, end - step)
-                bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
-                state, info = critic_update(state, stack(bs), k_upd)
+                obs, n = next_obs, min(args.utd, end - step) if len(buffer) >= args.learning_starts else 0
+                if n:
+                    bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
+                    state, info = critic_update(state, stack(bs), k_upd)
+                elif len(buffer) + env.num_envs >= args.learning_starts:  # the next step updates: keep the buffer
+                    buffer.save(buf_file)
+                    print(f"collected {len(buffer)} online chunks in {time.time() - t_phase:.0f}s; critic updates start")
             prev, step = step, step + n
             if step // args.log_every > prev // args.log_every or step == end:
                 m = {k: float(v) for k, v in jax.device_get(info).items()}

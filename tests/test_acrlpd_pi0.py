@@ -19,6 +19,7 @@ TINY = dict(
     online_batch_size=8,
     updates_per_call=4,
     utd=2,
+    learning_starts=4,  # 2 envs: one chunk step without critic updates, then updates
     eval_episodes=3,
     num_envs=2,
     log_every=4,
@@ -43,8 +44,8 @@ def test_smoke_and_resume(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert any(np.isfinite(r.get("losses/bc", np.nan)) for r in rows)  # the offline joint update
     assert any("eval/q_realised" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    with np.load(os.path.join(run_dir, "buffer.npz")) as z:  # what acting cached for the critic, per transition
-        assert z["extras/head"].shape[0] == 2 * 2 and z["extras/next_cand"].shape[1:] == (2, 5, 2)
+    with np.load(os.path.join(run_dir, "buffer.npz")) as z:  # acting's cache per transition: 1 warm-up + 2 steps
+        assert z["extras/head"].shape[0] == 2 * 3 and z["extras/next_cand"].shape[1:] == (2, 5, 2)
     out = ac.main(ac.Args(offline_steps=8, online_steps=8, run_dir=run_dir, resume=True, **TINY))
     assert out["step"] == 16 and "online/eval/success_rate" in out and "offline/eval/success_rate" not in out
 

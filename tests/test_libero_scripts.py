@@ -84,6 +84,7 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
         model_horizon=10,  # π₀ predicts 10 actions, the first 4 are executed (openpi's pi0_libero: 50 and 5)
         action_horizon=4,
         utd=2,
+        learning_starts=0,
         batch_size=4,
         online_batch_size=4,
         num_envs=1,
