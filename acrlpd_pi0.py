@@ -14,9 +14,9 @@ Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025
   - Online phase, π₀ frozen as the proposal distribution: each env chunk step stores the pooled features, state and
     --target-n π₀ chunks of o_t and o_{t+H} that acting computed anyway, and --utd critic updates run on those cached
     arrays (50/50 offline/online batches, one lax.scan): no VLM or flow pass per update, ~20× more critic updates per
-    second. That is what made best-of-N work on push: π₀'s candidates differ a lot (ranking them by rollouts from
-    cloned env states lifts 40% to 95%), but a critic fitted to the demonstrator's data ranks them worse than chance;
-    fitted to tens of thousands of π₀'s own chunks it ranks them well.
+    second, after --learning-starts online chunks. That made best-of-N work on push: π₀'s candidates differ a lot
+    (ranked by rollouts from cloned env states: 95% vs 40%); a critic fitted to the demonstrator's data ranks them
+    worse than chance, one fitted to many of π₀'s own chunks well, unless it first over-fits a small buffer.
 Every evaluation logs the critic's calibration: its value of the chunks it chose (eval/*q_pred) against the
 discounted return that actually followed (eval/*q_realised).
 
@@ -44,12 +44,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from common import envs, libero, mesh, pi0, qchunk, runlog
 
-# Values by platform; a flag given explicitly (not None) wins. Matched by substring of --env.
-_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000)  # each preset edits
+# Values by platform; a flag given explicitly (not None) wins. Matched by substring of --env. Each preset edits _BASE.
+_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000)
+# push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
+_PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, num_envs=64, utd=32)
 PRESETS = {
-    # push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
-    "push": dict(_BASE, action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, num_envs=64,
-                 utd=32, learning_starts=32_000),
+    "push": dict(_BASE, **_PUSH, learning_starts=32_000),
     "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8),
     "aloha": dict(_BASE, action_horizon=50, bon=16, target_n=8),
     "droid": dict(_BASE, action_horizon=10, bon=16, target_n=8),
@@ -86,7 +86,7 @@ class Args(runlog.RunArgs):
 
     offline_steps: int = 6000
     """updates on the prior data before going online"""
-    online_steps: int = 6000
+    online_steps: int = 16000
     """critic updates in the online phase (each env chunk step is followed by --utd of them)"""
     batch_size: int = 64
     """chunk transitions per update"""
@@ -95,8 +95,7 @@ class Args(runlog.RunArgs):
     utd: int | None = None
     """online critic updates per env chunk step, run in one jitted scan (preset)"""
     learning_starts: int | None = None
-    """online chunks collected before the first online critic update (preset): a critic run at a high update-to-data
-    ratio on the first few thousand chunks over-fits them and ranks π₀'s chunks worse for the rest of the run"""
+    """online chunks collected before the first online critic update (preset): fitted to a tiny buffer it over-fits"""
     online_batch_size: int = 256
     """transitions per online critic update (cached features: cheap)"""
     gamma: float | None = None
@@ -148,6 +147,8 @@ def resolve(args: Args) -> Args:
         raise ValueError("--q-agg min2 needs --num-qs >= 2")
     if args.bon < 1 or args.target_n < 1:
         raise ValueError("--bon and --target-n must be >= 1")
+    if args.learning_starts > args.buffer_size:
+        raise ValueError(f"--learning-starts {args.learning_starts} > --buffer-size {args.buffer_size}: never updates")
     if args.bon_slice and args.bon % args.bon_slice:
         raise ValueError(f"--bon-slice {args.bon_slice} must divide --bon {args.bon}")
     return args
@@ -447,8 +448,7 @@ def main(args: Args) -> dict:
             cache = CriticData(agent, state["pi"], qchunk.MixedSampler(offline, buffer, args.online_fraction), k_cache)
             print(f"encoded {len(cache.head)} offline frames for the critic in {time.time() - t_phase:.0f}s")
         while step < end:
-            k_step = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # resumes reproducibly
-            k_act, k_upd, k_enc = jax.random.split(k_step, 3)
+            k_act, k_upd, k_enc = jax.random.split(jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer)), 3)
             if phase == "offline":  # π₀ and critic together on prior data
                 n = min(args.updates_per_call, end - step)
                 bs = [{k: v for k, v in offline.sample(np_rng, args.batch_size).items() if k in keys} for _ in range(n)]
@@ -467,7 +467,7 @@ def main(args: Args) -> dict:
                     state, info = critic_update(state, stack(bs), k_upd)
                 elif len(buffer) + env.num_envs >= args.learning_starts:  # the next step updates: keep the buffer
                     buffer.save(buf_file)
-                    print(f"collected {len(buffer)} online chunks in {time.time() - t_phase:.0f}s; critic updates start")
+                    print(f"{len(buffer)} online chunks in {time.time() - t_phase:.0f}s; critic updates start")
             prev, step = step, step + n
             if step // args.log_every > prev // args.log_every or step == end:
                 m = {k: float(v) for k, v in jax.device_get(info).items()}

@@ -191,3 +191,11 @@ def test_longer_model_chunk_executes_its_first_actions(tmp_path):
         assert z["actions"].shape[1:] == (3, 2) and z["rewards"].shape[1:] == (3,)
     with pytest.raises(ValueError, match="--action-horizon between 1 and --model-horizon"):
         ac.main(ac.Args(offline_steps=1, online_steps=0, model_horizon=2, action_horizon=3, **TINY))
+
+
+def test_bad_flags_get_clear_errors():
+    with pytest.raises(ValueError, match="--learning-starts 500 > --buffer-size 100"):
+        ac.resolve(ac.Args(**{**TINY, "learning_starts": 500, "buffer_size": 100}))
+    with pytest.raises(ValueError, match="--bon-slice 2 must divide --bon 3"):
+        ac.resolve(ac.Args(**{**TINY, "bon_slice": 2}))
+    assert ac.resolve(ac.Args()).learning_starts == 32_000  # the push preset
