@@ -423,8 +423,7 @@ def main(args: Args) -> dict:
     where = dict(run_dir=args.run_dir, resume=args.resume, track=args.track, wandb_project=args.wandb_project)
     run = runlog.Run(args, "acrlpd_pi0", env=args.env, seed=args.seed, **where)
     buffer = qchunk.ReplayBuffer(args.buffer_size, H, args.gamma, env.reset(seed=args.seed)[0])
-    step = 0
-    buf_file = os.path.join(run.dir, "buffer.npz")
+    step, buf_file = 0, os.path.join(run.dir, "buffer.npz")
     if args.resume and (restored := run.restore(state)) is not None:
         step, state, _ = restored
         buffer.load(buf_file)
@@ -443,7 +442,7 @@ def main(args: Args) -> dict:
     total, results, info, obs = args.offline_steps + args.online_steps, {}, {}, env.reset(seed=args.seed)[0]
     for phase in ("offline", "online"):
         end = args.offline_steps if phase == "offline" else total
-        t_phase, s_phase, ep_returns = time.time(), step, []
+        t_phase, s_phase, ep_returns, warm = time.time(), step, [], 0
         if phase == "online" and step < end:  # π₀ is frozen from here: encode the prior data once
             cache = CriticData(agent, state["pi"], qchunk.MixedSampler(offline, buffer, args.online_fraction), k_cache)
             print(f"encoded {len(cache.head)} offline frames for the critic in {time.time() - t_phase:.0f}s")
@@ -465,9 +464,10 @@ def main(args: Args) -> dict:
                 if n:
                     bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
                     state, info = critic_update(state, stack(bs), k_upd)
-                elif len(buffer) + env.num_envs >= args.learning_starts:  # the next step updates: keep the buffer
+                elif (tenth := 10 * len(buffer) // args.learning_starts) > warm:  # warm-up: progress, buffer kept
                     buffer.save(buf_file)
-                    print(f"{len(buffer)} online chunks in {time.time() - t_phase:.0f}s; critic updates start")
+                    print(f"[online] {len(buffer)}/{args.learning_starts} chunks before critic updates", flush=True)
+                    warm = tenth
             prev, step = step, step + n
             if step // args.log_every > prev // args.log_every or step == end:
                 m = {k: float(v) for k, v in jax.device_get(info).items()}
