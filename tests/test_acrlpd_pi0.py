@@ -33,6 +33,14 @@ TINY = dict(
 )
 
 
+def cli_flags(flags: dict) -> list[str]:
+    """Args fields as command-line flags: {"num_qs": 3, "critic_hidden": (16,)} -> --num-qs 3 --critic-hidden 16."""
+    out = []
+    for k, v in flags.items():
+        out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return out
+
+
 def test_smoke_and_resume(tmp_path):
     run_dir = str(tmp_path / "run")
     out = ac.main(ac.Args(offline_steps=8, online_steps=4, run_dir=run_dir, **TINY))
@@ -68,8 +76,7 @@ def test_command_line(tmp_path):
         "--bon-slice",
         "1",
     ]
-    for k, v in TINY.items():
-        cmd += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    cmd += cli_flags(TINY)
     res = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300
     )
@@ -210,8 +217,7 @@ def test_sharded_run_matches_one_device(tmp_path):
     for devices in (1, 4):
         cmd = [sys.executable, "acrlpd_pi0.py", "--fsdp-devices", str(min(devices, 2)), "--run-dir"]
         cmd.append(str(tmp_path / f"d{devices}"))
-        for k, v in flags.items():
-            cmd += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+        cmd += cli_flags(flags)
         env = {**os.environ, "WANDB_MODE": "offline", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
