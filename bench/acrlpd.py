@@ -1,7 +1,8 @@
 """Learning benchmark for acrlpd_pi0.py: best-of-N and plain-π₀ success over offline and online training, 2 seeds.
 
 Each seed runs `acrlpd_pi0.py` in a subprocess with a wall-clock budget (--minutes, default 20 per seed; the issue
-allows 60); its metrics.jsonl is read back whether the run finished or was stopped, so a partial run still prints what it measured.
+allows 60); its metrics.jsonl is read back whether the run finished or was stopped, so a partial run still prints
+what it measured.
 Update counts come from the budget and assumed update rates (--rate for the offline joint π₀ + critic updates,
 --online-rate for the online critic updates on cached features; the default run prints the measured ones as
 time/*_updates_per_s).
