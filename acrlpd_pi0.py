@@ -3,7 +3,7 @@
 Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025) on top of RLPD (Ball et al., 2023).
   - π₀'s flow-matching loss on data chunks is the behaviour-cloning term (--bc-weight).
   - A critic ensemble (--num-qs LayerNorm MLPs) reads [stop_gradient(π₀ prefix features), state, H×A chunk] and
-    learns the chunked n-step TD target   y = Σ_{k<H} γ^k r_{t+k} + γ^H · mask · Q̄(o_{t+H}, a′),
+    learns the chunked n-step TD target   y = Σ_{k<H} γ^k r_{t+k} + γ^n · mask · Q̄(o_{t+H}, a′)   (n valid steps),
     a′ = the best of --target-n π₀ chunks at o_{t+H} ranked by the online critic (expected-max backup),
     Q̄ = the target ensemble's mean (or the min of a random pair, --q-agg min2); targets Polyak-averaged (τ).
   - Acting: --bon N chunks from one prefix pass, the one with the highest pessimistic value mean − β·std of the
@@ -11,12 +11,10 @@ Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025
   - Conservative term (--cql-weight, offline): the critic's mean value of π₀'s own chunks at o_t minus that of the
     data chunk, bounded below by the data's Monte Carlo return (Cal-QL).
   - Offline phase on the prior data: one jitted update trains π₀ (BC) and the critic together.
-  - Online phase, π₀ frozen as the proposal distribution: each env chunk step stores the pooled features, state and
-    --target-n π₀ chunks of o_t and o_{t+H} that acting computed anyway, and --utd critic updates run on those cached
-    arrays (50/50 offline/online batches, one lax.scan): no VLM or flow pass per update, ~20× more critic updates per
-    second, after --learning-starts online chunks. That made best-of-N work on push: π₀'s candidates differ a lot
-    (ranked by rollouts from cloned env states: 95% vs 40%); a critic fitted to the demonstrator's data ranks them
-    worse than chance, one fitted to many of π₀'s own chunks well, unless it first over-fits a small buffer.
+  - Online phase, π₀ frozen as the proposal distribution: each env chunk step stores the critic's view of o_t and
+    o_{t+H} (pooled features and state) and --target-n π₀ chunks at o_{t+H}, all computed by acting anyway, and --utd
+    critic updates run on those cached arrays (50/50 offline/online batches, one lax.scan): no VLM or flow pass per
+    update, ~20× more critic updates per second, after --learning-starts online chunks (README: why this works).
 Every evaluation logs the critic's calibration: its value of the chunks it chose (eval/*q_pred) against the
 discounted return that actually followed (eval/*q_realised).
 
@@ -40,30 +38,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from jax.sharding import NamedSharding, PartitionSpec
 
-from common import envs, libero, mesh, pi0, qchunk, runlog
+from common import envs, mesh, pi0, qchunk, runlog
 
-# Values by platform; a flag given explicitly (not None) wins. Matched by substring of --env. Each preset edits _BASE.
+# Presets by --env (push, libero; any other gymnasium id: gym). A flag given explicitly (not None) wins.
 _BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000)
 # push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
-_PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, num_envs=64, utd=32)
+_PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, utd=32, num_envs=64)
 PRESETS = {
     "push": dict(_BASE, **_PUSH, learning_starts=32_000),
     "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8),
-    "aloha": dict(_BASE, action_horizon=50, bon=16, target_n=8),
-    "droid": dict(_BASE, action_horizon=10, bon=16, target_n=8),
+    "gym": dict(_BASE, action_horizon=5, bon=8, target_n=4, lr=3e-4),
 }
 
 
 @dataclass
 class Args(runlog.RunArgs):
-    exp_name: str = "acrlpd_pi0"
-    """name of this experiment (run folder and wandb)"""
-    env: str = "push"
-    """'push' (embedded), 'libero', or any gymnasium id; also picks the preset (push/libero/aloha/droid)"""
-    dataset: str | None = None
-    """prior data: robomimic/LIBERO HDF5 (file or folder) or a LeRobot folder; push default: noise-0.6 demos"""
     save_every: int = 2000
     """checkpoint every this many updates (and at the end)"""
     log_every: int = 200
@@ -75,41 +65,37 @@ class Args(runlog.RunArgs):
     num_envs: int | None = None
     """parallel environments in the online phase (preset)"""
 
-    asset_id: str | None = None
-    """norm-stats asset of the checkpoint (e.g. physical-intelligence/libero)"""
     action_horizon: int | None = None
-    """H, the chunk length (preset)"""
+    """H, the chunk length executed open loop (preset)"""
     flow_steps: int = 5
     """Euler steps when acting"""
     image_size: int = 0
     """camera image size (push: 0 = state only; libero: 0 = the dataset's)"""
+    freeze_backbone: bool = False
+    """train only the action expert, the projections and the critic"""
 
     offline_steps: int = 6000
     """updates on the prior data before going online"""
     online_steps: int = 16000
     """critic updates in the online phase (each env chunk step is followed by --utd of them)"""
     batch_size: int = 64
-    """chunk transitions per update"""
+    """chunk transitions per offline update"""
     updates_per_call: int = 20
     """offline updates per jitted call (lax.scan)"""
-    utd: int | None = None
-    """online critic updates per env chunk step, run in one jitted scan (preset)"""
-    learning_starts: int | None = None
-    """online chunks collected before the first online critic update (preset): fitted to a tiny buffer it over-fits"""
-    online_batch_size: int = 256
-    """transitions per online critic update (cached features: cheap)"""
-    gamma: float | None = None
-    """per-step discount (preset; push 0.95: an 80-step task whose failures are time-outs)"""
     lr: float | None = None
     """π₀ learning rate (preset)"""
-    critic_lr: float | None = None
-    """critic learning rate (preset)"""
+    max_grad_norm: float = 1.0
+    """global-norm clip of π₀'s gradient"""
+    gamma: float | None = None
+    """per-step discount (preset; push 0.95: an 80-step task whose failures are time-outs)"""
     bc_weight: float | None = None
     """weight of the flow-matching (BC) loss (preset)"""
     num_qs: int | None = None
     """critic ensemble size (preset)"""
     critic_hidden: tuple[int, ...] = (256, 256)
     """critic MLP widths"""
+    critic_lr: float | None = None
+    """critic learning rate (preset)"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     q_agg: Literal["mean", "min2"] = "mean"
@@ -129,20 +115,24 @@ class Args(runlog.RunArgs):
     cql_bound: bool = True
     """Cal-QL (Nakamoto et al., 2023): the penalty pushes π₀'s chunks down only to the data's Monte Carlo return"""
     actor_weight: float = 0.0
-    """weight of −Q(o, π₀(o)) back-propagated through the sampling steps"""
-    freeze_backbone: bool = False
-    """train only the action expert, the projections and the critic"""
+    """weight of −Q(o, π₀(o)) back-propagated through the sampling steps (offline)"""
+    utd: int | None = None
+    """online critic updates per env chunk step, run in one jitted scan (preset)"""
+    learning_starts: int | None = None
+    """online chunks collected before the first online critic update (preset): fitted to a tiny buffer it over-fits"""
+    online_batch_size: int = 256
+    """transitions per online critic update (cached features: cheap)"""
     online_fraction: float = 0.5
     """share of online transitions in each online batch (RLPD: 0.5)"""
     buffer_size: int = 200_000
     """replay buffer capacity (chunks)"""
 
 
-def resolve(args: Args) -> Args:
-    """Fill the preset fields the user left at None."""
-    preset = next((v for k, v in PRESETS.items() if k in args.env.lower()), PRESETS["push"])
+def check(args: Args) -> Args:
+    """Fill the preset fields left at None (push, libero, else gym) and refuse inconsistent flags."""
+    preset = PRESETS[args.env if args.env in PRESETS else "gym"]
     args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    runlog.check_choices(args)
+    args.check_run()
     if args.q_agg == "min2" and args.num_qs < 2:
         raise ValueError("--q-agg min2 needs --num-qs >= 2")
     if args.bon < 1 or args.target_n < 1:
@@ -154,7 +144,7 @@ def resolve(args: Args) -> Args:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------- critic
+# ----------------------------------------------------------------------------------------------------- networks
 class CriticMLP(nn.Module):
     """One Q(o, a_{t:t+H}) member: Dense → LayerNorm → GELU blocks, scalar out."""
 
@@ -167,332 +157,337 @@ class CriticMLP(nn.Module):
         return nn.Dense(1)(x)[..., 0]
 
 
+@dataclass(frozen=True)
+class Nets:
+    """π₀, the env ↔ π₀ plumbing and the critic: what the losses and the acting functions close over."""
+
+    pi: pi0.Pi0
+    io: pi0.EnvIO
+    critic: CriticMLP
+
+
+def critic_obs(prefix: pi0.Prefix) -> jax.Array:
+    """The critic's view of an observation, [B,W+S]: π₀'s mean-pooled prefix features and the normalised state.
+    stop_gradient: the critic never trains the VLM."""
+    return jnp.concatenate([jax.lax.stop_gradient(prefix.features), prefix.state], -1)
+
+
+def q_values(nets: Nets, cparams, obs_z, chunks):
+    """Ensemble values of executed chunks [B,N,H,A] (normalised) at critic views [B,W+S] -> [E,B,N]."""
+    B, N = chunks.shape[:2]
+    z = jnp.broadcast_to(obs_z[:, None], (B, N, obs_z.shape[-1]))
+    x = jnp.concatenate([z, chunks.reshape(B, N, -1)], -1)
+    return jax.vmap(nets.critic.apply, in_axes=(0, None))({"params": cparams}, x)  # members vmapped
+
+
+def sample_chunks(nets: Nets, params, prefix, rng, n: int, steps: int):
+    """n π₀ chunks per observation from one prefix -> executed part [B,n,H,A], whole chunk [B,n,H_m,A_m]."""
+    c = nets.pi.config
+    noise = jax.random.normal(rng, (prefix.mask.shape[0], n, c.action_horizon, c.action_dim))
+    chunks = nets.pi.sample(params, prefix, noise, steps)
+    return nets.io.executed(chunks), chunks
+
+
+def best_of_n(nets: Nets, params, cparams, prefix, rng, n: int, steps: int, beta: float, slice_: int = 0):
+    """Sample n chunks per observation from one prefix, pick argmax of mean − β·std -> chunk [B,H_m,A_m], q [B]."""
+    S = slice_ or n
+    obs_z = critic_obs(prefix)
+
+    def part(key):
+        ex, cand = sample_chunks(nets, params, prefix, key, S, steps)  # [B,S,H,A], [B,S,H_m,A_m]
+        q = q_values(nets, cparams, obs_z, ex)  # [E,B,S]
+        return cand, q.mean(0), q.std(0)
+
+    cand, qm, qs = jax.lax.map(part, jax.random.split(rng, n // S))  # [n/S,B,S,...]
+    cand, qm, qs = (jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n, *x.shape[3:]) for x in (cand, qm, qs))
+    idx = jnp.argmax(qm - beta * qs, axis=1)  # [B]
+    rows = jnp.arange(idx.shape[0])
+    return cand[rows, idx], qm[rows, idx]
+
+
+def encode(nets: Nets, args: Args, params, obs, rng):
+    """What the critic needs of observations: views [B,W+S] and --target-n executed π₀ chunks [B,N,H,A]."""
+    prefix = nets.pi.prefix(params, nets.io.observe(obs))
+    cand, _ = sample_chunks(nets, params, prefix, rng, args.target_n, args.target_flow_steps)
+    return jax.lax.stop_gradient((critic_obs(prefix), cand))
+
+
 # ----------------------------------------------------------------------------------------------------- losses
-class Agent:
-    """The model, the critic and the observation/action plumbing (`io`), closed over by the jitted functions."""
-
-    def __init__(self, args: Args, model: pi0.Pi0, io: pi0.EnvIO):
-        self.args, self.model, self.io = args, model, io
-        self.critic = CriticMLP(tuple(args.critic_hidden))
-
-    @staticmethod
-    def head(prefix):  # -> [B,W+S] what the critic reads of an observation; never trains the VLM
-        return jnp.concatenate([jax.lax.stop_gradient(prefix.features), prefix.state], -1)
-
-    def q(self, cparams, head, chunks):
-        """Ensemble values of executed chunks [B,N,H,A] (normalised) at heads [B,W+S] -> [E,B,N]; members vmapped."""
-        B, N = chunks.shape[:2]
-        x = jnp.concatenate([jnp.broadcast_to(head[:, None], (B, N, head.shape[-1])), chunks.reshape(B, N, -1)], -1)
-        return jax.vmap(self.critic.apply, in_axes=(0, None))({"params": cparams}, x)
-
-    def sample(self, params, prefix, rng, n: int, steps: int):  # -> executed part [B,n,H,A], whole chunk [B,n,H_m,A_m]
-        c = self.model.config
-        noise = jax.random.normal(rng, (prefix.mask.shape[0], n, c.action_horizon, c.action_dim))
-        chunks = self.model.sample(params, prefix, noise, steps)
-        return self.io.executed(chunks), chunks
-
-    def best_of_n(self, params, cparams, prefix, rng, n: int, steps: int, beta: float, slice_: int = 0):
-        """Sample n chunks per observation from one prefix, pick argmax of mean − β·std -> chunk [B,H_m,A_m], q [B]."""
-        S, head = slice_ or n, self.head(prefix)
-
-        def part(key):
-            ex, cand = self.sample(params, prefix, key, S, steps)  # [B,S,H,A], [B,S,H_m,A_m]
-            q = self.q(cparams, head, ex)  # [E,B,S]
-            return cand, q.mean(0), q.std(0)
-
-        cand, qm, qs = jax.lax.map(part, jax.random.split(rng, n // S))  # [n/S,B,S,...]
-        cand, qm, qs = (jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n, *x.shape[3:]) for x in (cand, qm, qs))
-        idx = jnp.argmax(qm - beta * qs, axis=1)  # [B]
-        take = jnp.arange(idx.shape[0])
-        return cand[take, idx], qm[take, idx]
-
-    def encode(self, params, obs, rng):
-        """What the critic needs of observations: heads [B,W+S] and --target-n executed π₀ chunks [B,N,H,A]."""
-        prefix = self.model.prefix(params, self.io.observe(obs))
-        cand, _ = self.sample(params, prefix, rng, self.args.target_n, self.args.target_flow_steps)
-        return jax.lax.stop_gradient((self.head(prefix), cand))
+TD_KEYS = ("discounted_return", "n_valid", "mask")  # what the TD target reads of a chunk transition
 
 
-def td_target(agent: Agent, cparams, target_cparams, batch, rng):
-    """y = R + γ^{#valid}·mask·Q̄(o_{t+H}, a′), a′ = the argmax over the --target-n π₀ chunks `next_cand`
+def td_target(cparams, target_cparams, batch, rng, nets: Nets, args: Args):
+    """y = R + γ^{n_valid}·mask·Q̄(o_{t+H}, a′), a′ = the argmax over the --target-n π₀ chunks `next_cand`
     [B,N,H,A] of the online critic's mean (the expected-max backup). A constant for every loss (stop_gradient).
     -> y [B], info."""
-    next_head, next_cand = batch["next_head"], batch["next_cand"]
-    best = jnp.argmax(agent.q(cparams, next_head, next_cand).mean(0), axis=1)  # [B]
+    next_z, next_cand = batch["next_obs_z"], batch["next_cand"]
+    best = jnp.argmax(q_values(nets, cparams, next_z, next_cand).mean(0), axis=1)  # [B]
     a_next = next_cand[jnp.arange(best.shape[0]), best]  # [B,H,A]
-    q_next = agent.q(target_cparams, next_head, a_next[:, None])[:, :, 0]  # [E,B]
-    if agent.args.q_agg == "min2":
+    q_next = q_values(nets, target_cparams, next_z, a_next[:, None])[:, :, 0]  # [E,B]
+    if args.q_agg == "min2":
         pair = jax.random.choice(rng, q_next.shape[0], (2,), replace=False)
         q_bar = q_next[pair].min(0)
     else:
         q_bar = q_next.mean(0)
-    y = batch["discounted_return"] + batch["discount"] * batch["mask"] * q_bar
+    discount = args.gamma ** batch["n_valid"].astype(jnp.float32)  # the bootstrap is n_valid steps away
+    y = batch["discounted_return"] + discount * batch["mask"] * q_bar
     return jax.lax.stop_gradient(y), {"charts/q_target": y.mean()}
 
 
-def critic_loss(cparams, agent: Agent, batch, y):
+def critic_loss(cparams, batch, y, nets: Nets, args: Args):
     """TD regression of every member on y, plus the offline conservative term when `cand` (π₀'s chunks at o_t) is
     in the batch. -> (loss, info)."""
-    q_data = agent.q(cparams, batch["head"], batch["chunk"][:, None])[:, :, 0]  # [E,B]
+    q_data = q_values(nets, cparams, batch["obs_z"], batch["chunk"][:, None])[:, :, 0]  # [E,B]
     loss = jnp.mean(jnp.square(q_data - y[None]))
     info = {"losses/critic": loss, "charts/q_data": q_data.mean()}
-    if "cand" in batch and agent.args.cql_weight > 0:  # push π₀'s own chunks at o_t down relative to the data chunk
-        q_pi = agent.q(cparams, batch["head"], batch["cand"])  # [E,B,N]
-        if agent.args.cql_bound:  # Cal-QL: no lower than the data's Monte Carlo return
+    if "cand" in batch and args.cql_weight > 0:  # push π₀'s own chunks at o_t down relative to the data chunk
+        q_pi = q_values(nets, cparams, batch["obs_z"], batch["cand"])  # [E,B,N]
+        if args.cql_bound:  # Cal-QL: no lower than the data's Monte Carlo return
             q_pi = jnp.maximum(q_pi, batch["return_to_go"][None, :, None])
         gap = q_pi.mean(-1) - q_data  # [E,B]
-        loss, info["losses/cql_gap"] = loss + agent.args.cql_weight * gap.mean(), gap.mean()
+        loss = loss + args.cql_weight * gap.mean()
+        info["losses/cql_gap"] = gap.mean()
     return loss, info
 
 
-def joint_loss(train, target_cparams, agent: Agent, batch, rng):
+def joint_loss(train, batch, rng, target_cparams, nets: Nets, args: Args):
     """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + actor term) -> (loss, info)."""
-    a, model = agent.args, agent.model
-    k_flow, k_next, k_cand, k_t, k_actor = jax.random.split(rng, 5)
-    prefix = model.prefix(train["pi"], agent.io.observe(batch["obs"]))  # the one VLM pass for o_t
-    if a.freeze_backbone:
+    k_flow, k_next, k_cand, k_target, k_actor = jax.random.split(rng, 5)
+    prefix = nets.pi.prefix(train["params"], nets.io.observe(batch["obs"]))  # the one VLM pass for o_t
+    if args.freeze_backbone:
         prefix = jax.lax.stop_gradient(prefix)
-    actions = agent.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m]
+    actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
     w = batch["valid"].astype(jnp.float32)  # [B,H] padded steps past the episode's end are not imitated
-    bc = model.flow_loss(train["pi"], prefix, actions, k_flow)  # [B,H_m]
-    bc_loss = (bc * agent.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0)
+    bc = nets.pi.flow_loss(train["params"], prefix, actions, k_flow)  # [B,H_m]
+    bc_loss = (bc * nets.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0)
     frozen = jax.lax.stop_gradient(train)  # the critic's inputs and targets never train π₀
-    next_head, next_cand = agent.encode(frozen["pi"], batch["next_obs"], k_next)
-    cand, _ = agent.sample(frozen["pi"], jax.lax.stop_gradient(prefix), k_cand, a.target_n, a.target_flow_steps)
-    cb = {"head": agent.head(prefix), "chunk": agent.io.executed(actions), "cand": jax.lax.stop_gradient(cand),
-          "next_head": next_head, "next_cand": next_cand}  # fmt: skip
-    cb.update({k: batch[k] for k in (*TD_KEYS, "return_to_go")})
-    y, info_t = td_target(agent, frozen["critic"], target_cparams, cb, k_t)
-    c_loss, info = critic_loss(train["critic"], agent, cb, y)
-    loss = a.bc_weight * bc_loss + c_loss
-    info.update(info_t, **{"losses/bc": bc_loss})
-    if a.actor_weight > 0:  # −Q(o, π₀(o)) through the Euler steps; the critic is a constant here
-        act, _ = agent.sample(train["pi"], prefix, k_actor, 1, a.flow_steps)
-        actor = -agent.q(jax.lax.stop_gradient(train["critic"]), agent.head(prefix), act).mean()
-        loss, info["losses/actor"] = loss + a.actor_weight * actor, actor
+    next_z, next_cand = encode(nets, args, frozen["params"], batch["next_obs"], k_next)
+    cand, _ = sample_chunks(nets, frozen["params"], jax.lax.stop_gradient(prefix), k_cand, args.target_n,
+                            args.target_flow_steps)  # fmt: skip
+    cb = {k: batch[k] for k in (*TD_KEYS, "return_to_go")}
+    cb["obs_z"] = critic_obs(prefix)
+    cb["chunk"] = nets.io.executed(actions)
+    cb["cand"] = jax.lax.stop_gradient(cand)
+    cb["next_obs_z"] = next_z
+    cb["next_cand"] = next_cand
+    y, info_t = td_target(frozen["critic"], target_cparams, cb, k_target, nets, args)
+    c_loss, info = critic_loss(train["critic"], cb, y, nets, args)
+    loss = args.bc_weight * bc_loss + c_loss
+    info.update(info_t)
+    info["losses/bc"] = bc_loss
+    if args.actor_weight > 0:  # −Q(o, π₀(o)) through the Euler steps; the critic is a constant here
+        act, _ = sample_chunks(nets, train["params"], prefix, k_actor, 1, args.flow_steps)
+        actor = -q_values(nets, frozen["critic"], critic_obs(prefix), act).mean()
+        loss = loss + args.actor_weight * actor
+        info["losses/actor"] = actor
     return loss, info
 
 
-TD_KEYS = ("discounted_return", "discount", "mask")  # what the TD target reads of a chunk transition
+# ----------------------------------------------------------------------------------------------------- update
+def make_optimizers(args: Args, nets: Nets, params):
+    """π₀: clipped Adam (under --freeze-backbone the VLM's parameters get zero updates); critic: Adam."""
+    labels = nets.pi.optimizer_labels(params, "train", args.freeze_backbone)
+    pi_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.lr))
+    tx = optax.multi_transform({"train": pi_tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, optax.adam(args.critic_lr)
 
 
-def make_updates(agent: Agent, pi_tx, c_tx):
+def make_update(nets: Nets, args: Args, tx, critic_tx):
     """The offline joint update and the online critic update, each (state, batches [U,B,...], rng) -> (state, info)
     running U updates in one lax.scan."""
 
-    def polyak(state, critic):
-        return optax.incremental_update(critic, state["target"], agent.args.tau)
-
     def joint(state, batch, rng):
-        train = {"pi": state["pi"], "critic": state["critic"]}
-        (_, info), g = jax.value_and_grad(joint_loss, has_aux=True)(train, state["target"], agent, batch, rng)
-        u_pi, opt_pi = pi_tx.update(g["pi"], state["opt_pi"], state["pi"])
-        u_c, opt_c = c_tx.update(g["critic"], state["opt_c"], state["critic"])
-        pi, critic = optax.apply_updates(state["pi"], u_pi), optax.apply_updates(state["critic"], u_c)
-        new = {"pi": pi, "critic": critic, "target": polyak(state, critic), "opt_pi": opt_pi, "opt_c": opt_c}
-        return {**state, **new}, info
+        train = {"params": state["params"], "critic": state["critic"]}
+        grad_fn = jax.value_and_grad(joint_loss, has_aux=True)
+        (_, info), g = grad_fn(train, batch, rng, state["target_critic"], nets, args)
+        updates, opt = tx.update(g["params"], state["opt"], state["params"])
+        c_updates, critic_opt = critic_tx.update(g["critic"], state["critic_opt"], state["critic"])
+        critic = optax.apply_updates(state["critic"], c_updates)
+        new = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt": opt,
+            "critic": critic,
+            "critic_opt": critic_opt,
+            "target_critic": optax.incremental_update(critic, state["target_critic"], args.tau),
+        }
+        return new, info
 
-    def critic_only(state, batch, rng):  # batch: cached heads and chunks (`encode`), no π₀ pass
-        y, info_t = td_target(agent, state["critic"], state["target"], batch, rng)
-        (_, info), g = jax.value_and_grad(critic_loss, has_aux=True)(state["critic"], agent, batch, y)
-        u, opt_c = c_tx.update(g, state["opt_c"], state["critic"])
-        critic = optax.apply_updates(state["critic"], u)
-        return {**state, "critic": critic, "target": polyak(state, critic), "opt_c": opt_c}, {**info, **info_t}
+    def critic_only(state, batch, rng):  # batch: cached critic views and chunks (`encode`), no π₀ pass
+        y, info_t = td_target(state["critic"], state["target_critic"], batch, rng, nets, args)
+        (_, info), g = jax.value_and_grad(critic_loss, has_aux=True)(state["critic"], batch, y, nets, args)
+        c_updates, critic_opt = critic_tx.update(g, state["critic_opt"], state["critic"])
+        critic = optax.apply_updates(state["critic"], c_updates)
+        target = optax.incremental_update(critic, state["target_critic"], args.tau)
+        return {**state, "critic": critic, "critic_opt": critic_opt, "target_critic": target}, {**info, **info_t}
 
     return mesh.scan_updates(joint), mesh.scan_updates(critic_only)
 
 
-def make_tx(args: Args, model: pi0.Pi0, pi_params):
-    """Adam for π₀ (clipped; under --freeze-backbone the VLM's parameters get zero updates) and for the critic."""
-    frozen = model.backbone_mask(pi_params) if args.freeze_backbone else jax.tree.map(lambda _: False, pi_params)
-    labels = jax.tree.map(lambda f: "frozen" if f else "pi", frozen)
-    pi_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(args.lr))
-    return optax.multi_transform({"pi": pi_tx, "frozen": optax.set_to_zero()}, labels), optax.adam(args.critic_lr)
-
-
 class CriticData:
-    """Critic batches from cached arrays (the online phase): the offline chunks' heads and π₀ chunks, encoded once
-    with the frozen π₀, and the online transitions' ones, stored in the replay buffer's extras when acting; mixed
-    offline/online as `qchunk.MixedSampler` mixes (which also checks that data and env images have one shape)."""
+    """Critic batches from cached arrays (the online phase): the offline chunks' critic views and π₀ chunks, encoded
+    once with the frozen π₀, and the online transitions' ones, stored in the replay buffer's extras when acting;
+    --online-fraction of each batch online (RLPD's symmetric sampling), all offline while the buffer is empty."""
 
-    def __init__(self, agent: Agent, params, mix: qchunk.MixedSampler, rng, bs: int = 1024):
-        offline = mix.offline
-        data, enc = offline.data, jax.jit(agent.encode)
-        heads, cands = [], []
-        for lo in range(0, len(data), bs):  # every frame once; the last batch padded to keep one compiled shape
-            i = np.minimum(np.arange(lo, lo + bs), len(data) - 1)
-            h, c = jax.device_get(enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, lo)))
-            heads.append(h[: len(data) - lo]), cands.append(c[: len(data) - lo])
-        self.head, self.cand = np.concatenate(heads), np.concatenate(cands)  # [F,W+S], [F,N,H,A]
-        to_model = jax.jit(lambda a, s: agent.io.executed(agent.io.to_model(a, s)))
-        self.chunk = np.concatenate([  # the data chunks as the critic reads them, [M,H,A]
-            jax.device_get(to_model(data.actions[offline.action_idx[lo : lo + bs]],
-                                    data.obs["state"][offline.obs_idx[lo : lo + bs]]))
-            for lo in range(0, len(offline), bs)])  # fmt: skip
-        self.mix = mix
+    def __init__(self, nets: Nets, args: Args, params, offline: qchunk.ChunkDataset, buffer, rng, bs: int = 1024):
+        data, enc = offline.data, jax.jit(partial(encode, nets, args))
+        encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]))
+        self.obs_z, self.cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A]
+        to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
+        chunk_rows = lambda i: to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
+        self.chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # the data chunks as the critic reads them
+        self.offline, self.buffer, self.online_fraction = offline, buffer, args.online_fraction
 
     def sample(self, rng: np.random.Generator, n: int) -> dict:
-        offline, b = self.mix.offline, self.mix.online
-        n_on = self.mix.n_online(n)
-        i, j = rng.integers(0, len(offline), n - n_on), rng.integers(0, len(b) or 1, n_on)
-        o, nxt, ex = offline.obs_idx[i], offline.next_obs_idx[i], b.extras
-        cat = lambda a, b_: np.concatenate([a, b_[j]])  # offline rows, then online rows
-        out = {"head": cat(self.head[o], ex["head"]), "chunk": cat(self.chunk[i], ex["chunk"]),
-               "next_head": cat(self.head[nxt], ex["next_head"]),
-               "next_cand": cat(self.cand[nxt], ex["next_cand"])}  # fmt: skip
-        out.update({k: cat(getattr(offline, k)[i], getattr(b, k)) for k in TD_KEYS})
+        offline, b = self.offline, self.buffer
+        n_on = int(round(n * self.online_fraction)) if len(b) else 0
+        i = rng.integers(0, len(offline), n - n_on)
+        j = rng.integers(0, len(b) or 1, n_on)
+        o, nxt = offline.obs_idx[i], offline.next_obs_idx[i]
+        out = {k: getattr(offline, k)[i] for k in TD_KEYS}
+        out.update(obs_z=self.obs_z[o], chunk=self.chunk[i], next_obs_z=self.obs_z[nxt], next_cand=self.cand[nxt])
+        if n_on:  # offline rows, then online rows
+            online = {**{k: getattr(b, k) for k in TD_KEYS}, **b.extras}
+            out = {k: np.concatenate([v, online[k][j]]) for k, v in out.items()}
         return out
 
 
 # ----------------------------------------------------------------------------------------------------- acting / eval
-def make_act(agent: Agent):
+def make_act(nets: Nets, args: Args):
     @partial(jax.jit, static_argnames="n")
     def act(state, obs, rng, n: int, beta: float):
         """Best of n chunks by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean there [B],
-        and what the replay buffer caches for the critic: the head [B,W+S], the executed chunk [B,H,A] (normalised)."""
-        prefix = agent.model.prefix(state["pi"], agent.io.observe(obs))
-        a = agent.args
-        chunk, q = agent.best_of_n(
-            state["pi"], state["critic"], prefix, rng, n, a.flow_steps, beta, a.bon_slice if n == a.bon else 0
-        )
-        return agent.io.to_env(chunk, obs["state"]), q, agent.head(prefix), agent.io.executed(chunk)
+        and what the replay buffer caches: the critic's view [B,W+S] and the executed chunk [B,H,A] (normalised)."""
+        prefix = nets.pi.prefix(state["params"], nets.io.observe(obs))
+        slice_ = args.bon_slice if n == args.bon else 0
+        chunk, q = best_of_n(nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta, slice_)
+        return nets.io.to_env(chunk, obs["state"]), q, critic_obs(prefix), nets.io.executed(chunk)
 
     return act
 
 
-def evaluate_both(act, state, args: Args, rng) -> dict:
+def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
     """One episode in each of --eval-episodes envs per policy: success, return and the critic's calibration (its value
-    of the chunks it chose, eval/*q_pred, vs the discounted return that followed, eval/*q_realised)."""
-
-    def ev(n: int, beta: float, prefix: str) -> dict:  # best of n chunks by mean − β·std
-        policy = lambda obs, key: act(state, obs, key, n, beta)[:2]
-        return envs.evaluate(args, policy, rng, args.eval_episodes, gamma=args.gamma, prefix=prefix)
-
-    out = ev(args.bon, args.act_pessimism, "")  # best-of-N: the policy being trained
-    out.update(ev(1, 0.0, "plain_"))  # plain π₀: what the critic adds is the difference
+    of the chunks it chose, eval/*q_pred, vs the discounted return that followed, eval/*q_realised); printed."""
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_episodes, seed=args.seed + 10_000)
+    where.update(horizon=args.action_horizon, gamma=args.gamma)
+    policies = {"": (args.bon, args.act_pessimism), "plain_": (1, 0.0)}  # best-of-N (trained), plain π₀
     if args.act_pessimism:  # and what the pessimism adds: ranking by the ensemble mean alone
-        out.update(ev(args.bon, 0.0, "bon_mean_"))
+        policies["bon_mean_"] = (args.bon, 0.0)
+    out, shown = {}, []
+    for prefix, (n, beta) in policies.items():  # best of n chunks by mean − β·std
+        policy = lambda obs, key, n=n, beta=beta: act(state, obs, key, n, beta)[:2]
+        out.update(envs.evaluate(spec, policy, rng, prefix=prefix, **where))
+        q = f"Q pred {out[f'eval/{prefix}q_pred']:.3f} vs realised {out[f'eval/{prefix}q_realised']:.3f}"
+        shown.append(f"{prefix or f'BoN-{args.bon}_'}success {out[f'eval/{prefix}success_rate']:.1%} ({q})")
+    print(f"[{label}] " + " | ".join(shown), flush=True)
     return out
-
-
-def show(m: dict, n: int) -> str:
-    f = lambda p: (f"{m[f'eval/{p}success_rate']:.1%} (Q pred {m[f'eval/{p}q_pred']:.3f} vs realised "
-                   f"{m[f'eval/{p}q_realised']:.3f})")  # fmt: skip
-    extra = [f"BoN by mean only {f('bon_mean_')}"] if "eval/bon_mean_success_rate" in m else []
-    return " | ".join([f"BoN-{n} {f('')}", f"plain π₀ {f('plain_')}", *extra])
 
 
 # ----------------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
-    args = resolve(args)
+    # ---- setup: flags, devices, env, data, π₀, networks, optimisers, state
+    args = check(args)
     mesh.init_distributed()
     dev_mesh = mesh.make_mesh(args.fsdp_devices)
-    env = envs.from_args(args, args.num_envs, args.seed)
-    if args.dataset is None and args.env != "push":
-        raise ValueError(f"--env {args.env}: pass --dataset (prior data in robomimic/LIBERO HDF5 layout)")
-    dataset = args.dataset or envs.default_dataset(env="push", noise=0.6, image_size=args.image_size)
-    data = envs.load_dataset(dataset, args, env.prompts)  # HDF5 file/folder or LeRobot folder
-    if data.actions.shape[1] != env.action_dim:
-        raise ValueError(f"dataset actions have {data.actions.shape[1]} dims, env {args.env} has {env.action_dim}")
+    k_init, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 3)
+    k_pi, k_critic, k_cache = jax.random.split(k_init, 3)
+    spec = envs.make_spec(args.env, args.env_kwargs, args.dataset, args.image_size)
+    env = spec.make(args.num_envs, args.seed)
+    path = args.dataset or envs.default_dataset(env="push", noise=0.6, image_size=args.image_size)
+    data = envs.load_dataset(path, env, spec.image_size)
     offline = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-    H, H_m = args.action_horizon, args.model_horizon or args.action_horizon  # executed, π₀'s chunk
-    if args.pi0_checkpoint:
-        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, action_horizon=H_m, asset_id=args.asset_id)
-        params = {"pi": params}
-    else:
-        cams = tuple(pi0.CAMERAS[: len(env.camera_names)])
-        shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
-        cfg, stats, params = pi0.make_config(args.pi0_preset, **shape), qchunk.norm_stats(data), None
-    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(data.prompts, pi0.make_tokenizer(args.tokenizer, cfg))
-    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-    agent = Agent(args, model, pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile=cfg.pi05, horizon=H))
-
-    k_pi, k_c, k_run, k_cache = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    params = params or {"pi": model.init(k_pi)}
-    x = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + H * env.action_dim))
-    params["critic"] = jax.vmap(lambda k: agent.critic.init(k, x)["params"])(jax.random.split(k_c, args.num_qs))
-    pi_tx, c_tx = make_tx(args, model, params["pi"])
-    state = {**params, "target": jax.tree.map(jnp.copy, params["critic"])}
-    state.update(opt_pi=pi_tx.init(params["pi"]), opt_c=c_tx.init(params["critic"]))
+    stats = qchunk.norm_stats(data)
+    policy = runlog.make_policy(env, data.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
+    cfg = policy.model.config
+    nets = Nets(policy.model, policy.io, CriticMLP(tuple(args.critic_hidden)))
+    params = policy.params
+    z_dim = cfg.vlm.width + (cfg.state_dim or cfg.action_dim)
+    x = jnp.zeros((1, z_dim + args.action_horizon * env.action_dim))
+    critic = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(k_critic, args.num_qs))
+    tx, critic_tx = make_optimizers(args, nets, params)
+    state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
+    state["target_critic"] = jax.tree.map(jnp.copy, critic)
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
-    print(
-        f"π₀ {pi0.param_count(state['pi']) / 1e6:.2f}M params, critic {args.num_qs}×"
-        f"{pi0.param_count(state['critic']) / args.num_qs / 1e3:.0f}k, {len(offline)} offline chunks (H={H})"
-    )
+    n_pi, n_critic = pi0.param_count(state["params"]) / 1e6, pi0.param_count(state["critic"]) / args.num_qs / 1e3
+    print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline)} chunks from {path}")
+    run = runlog.Run.from_args(args, "acrlpd_pi0")
+    buffer = qchunk.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma)  # the critic's cache only
+    buffer_file = os.path.join(run.dir, "buffer.npz")
 
-    where = dict(run_dir=args.run_dir, resume=args.resume, track=args.track, wandb_project=args.wandb_project)
-    run = runlog.Run(args, "acrlpd_pi0", env=args.env, seed=args.seed, **where)
-    buffer = qchunk.ReplayBuffer(args.buffer_size, H, args.gamma, env.reset(seed=args.seed)[0])
-    step, buf_file = 0, os.path.join(run.dir, "buffer.npz")
+    # ---- restore
+    step = 0
     if args.resume and (restored := run.restore(state)) is not None:
         step, state, _ = restored
-        buffer.load(buf_file)
+        buffer.load(buffer_file)
         print(f"resumed {run.dir} at update {step} ({len(buffer)} online chunks)")
 
     def save(step):
-        run.save(step, state, {"step": step, "norm_stats": stats})
-        buffer.save(buf_file)
+        run.save(step, state, {"step": step, "norm_stats": policy.stats})
+        buffer.save(buffer_file)
 
-    (joint, critic_update), act, encode = make_updates(agent, pi_tx, c_tx), make_act(agent), jax.jit(agent.encode)
-    np_rng = np.random.default_rng(args.seed + step)
+    # ---- loop: offline (π₀ and critic on the prior data), then online (π₀ frozen, critic on cached features)
+    joint_update, critic_update = make_update(nets, args, tx, critic_tx)
+    act = make_act(nets, args)
+    encode_next = jax.jit(partial(encode, nets, args))
+    np_rng = np.random.default_rng([args.seed, step])
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
-    split = NamedSharding(dev_mesh, PartitionSpec(None, mesh.BATCH_AXES))  # [U,B,...]: B over the devices
-    stack = lambda bs: jax.device_put(jax.tree.map(lambda *v: np.stack(v), *bs), split)  # n batches -> [n,B,...]
-
-    total, results, info, obs = args.offline_steps + args.online_steps, {}, {}, env.reset(seed=args.seed)[0]
-    for phase in ("offline", "online"):
-        end = args.offline_steps if phase == "offline" else total
-        t_phase, s_phase, ep_returns, warm = time.time(), step, [], 0
+    total = args.offline_steps + args.online_steps
+    results, info = {}, {}
+    obs = env.reset(seed=args.seed)[0]
+    for phase, end in (("offline", args.offline_steps), ("online", total)):
+        t_phase, s_phase, warm = time.time(), step, 0
+        ep_success = []  # success flags of the online episodes that ended
         if phase == "online" and step < end:  # π₀ is frozen from here: encode the prior data once
-            cache = CriticData(agent, state["pi"], qchunk.MixedSampler(offline, buffer, args.online_fraction), k_cache)
-            print(f"encoded {len(cache.head)} offline frames for the critic in {time.time() - t_phase:.0f}s")
+            cache = CriticData(nets, args, state["params"], offline, buffer, k_cache)
+            print(f"encoded {len(cache.obs_z)} offline frames for the critic in {time.time() - t_phase:.0f}s")
         while step < end:
-            k_act, k_upd, k_enc = jax.random.split(jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer)), 3)
-            if phase == "offline":  # π₀ and critic together on prior data
+            key = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # warm-up steps add no updates
+            k_act, k_update, k_next = jax.random.split(key, 3)
+            if phase == "offline":
                 n = min(args.updates_per_call, end - step)
                 bs = [{k: v for k, v in offline.sample(np_rng, args.batch_size).items() if k in keys} for _ in range(n)]
-                state, info = joint(state, stack(bs), k_upd)
+                state, info = joint_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
             else:  # one chunk in every env, cache what the critic reads, then --utd critic updates
-                chunk, _, head, ex = act(state, obs, k_act, args.bon, args.act_pessimism)
+                chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
                 chunk = np.asarray(chunk)
                 next_obs, cs = envs.execute_chunk(env, obs, chunk, args.gamma)
-                next_head, next_cand = encode(state["pi"], cs.final_obs, k_enc)  # o_{t+H}, before any reset
-                extras = {"head": head, "chunk": ex, "next_head": next_head, "next_cand": next_cand}
+                next_z, next_cand = encode_next(state["params"], cs.final_obs, k_next)  # o_{t+H}, before any reset
+                extras = {"obs_z": obs_z, "chunk": executed, "next_obs_z": next_z, "next_cand": next_cand}
                 buffer.add(obs, chunk, cs, extras=jax.device_get(extras))
-                ep_returns += list(cs.success[cs.terminated | cs.truncated])
-                obs, n = next_obs, min(args.utd, end - step) if len(buffer) >= args.learning_starts else 0
+                ep_success += list(cs.success[cs.terminated | cs.truncated])
+                obs = next_obs
+                n = min(args.utd, end - step) if len(buffer) >= args.learning_starts else 0
                 if n:
                     bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
-                    state, info = critic_update(state, stack(bs), k_upd)
+                    state, info = critic_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
                 elif (tenth := 10 * len(buffer) // args.learning_starts) > warm:  # warm-up: progress, buffer kept
-                    buffer.save(buf_file)
+                    buffer.save(buffer_file)
                     print(f"[online] {len(buffer)}/{args.learning_starts} chunks before critic updates", flush=True)
                     warm = tenth
             prev, step = step, step + n
-            if step // args.log_every > prev // args.log_every or step == end:
-                m = {k: float(v) for k, v in jax.device_get(info).items()}
-                m["charts/updates_per_s"] = (step - s_phase) / (time.time() - t_phase)
-                if phase == "online" and ep_returns:
-                    m["charts/online_success_rate"] = float(np.mean(ep_returns[-100:]))
-                run.log(step, m)
-                shown = {k.split("/")[1]: m[k] for k in ("losses/bc", "losses/critic", "charts/q_data") if k in m}
-                run.progress(step, total, phase, s_phase, t_phase, **shown)
-            if args.eval_every and step // args.eval_every > prev // args.eval_every and step != end:
-                run.log(step, evaluate_both(act, state, args, jax.random.PRNGKey(step)))
-            if step // args.save_every > prev // args.save_every:
+            # ---- log
+            if runlog.crossed(prev, step, args.log_every) or (n and step == end):
+                m = {**info, "charts/online_success_rate": np.mean(ep_success[-100:])} if ep_success else info
+                run.report(step, m, phase, total, (s_phase, t_phase), ("losses/bc", "losses/critic", "charts/q_data"))
+            # ---- evaluate
+            if runlog.crossed(prev, step, args.eval_every) and step != end:
+                run.log(step, evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval {step}"))
+            # ---- save
+            if runlog.crossed(prev, step, args.save_every):
                 save(step)
         if step > s_phase:  # the phase ran: evaluate at its end
             rate = (step - s_phase) / max(time.time() - t_phase, 1e-9)
-            m = evaluate_both(act, state, args, jax.random.PRNGKey(step))
+            label = f"{phase} done, update {step}, {rate:.1f} updates/s"
+            m = evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), label)
             m[f"time/{phase}_updates_per_s"] = rate
             run.log(step, m)
             results.update({f"{phase}/{k}": v for k, v in m.items()})
             results.update({f"final/{k}": v for k, v in m.items()})
-            print(f"[{phase} done, update {step}, {rate:.1f} updates/s] " + show(m, args.bon), flush=True)
     save(step)
     env.close()
     run.close()
-    results.update({"step": step, "run_dir": run.dir, **{k: float(v) for k, v in jax.device_get(info).items()}})
+    results.update({k: float(v) for k, v in jax.device_get(info).items()})
+    results.update(step=step, run_dir=run.dir)
     return results
 
 

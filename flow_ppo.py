@@ -10,18 +10,20 @@ t=0, δ = 1/K) is a product of Gaussians, and PPO (Schulman et al. 2017) optimis
   --noise-method flow_sde (Flow-GRPO, Liu et al. 2025; πRL's flow-SDE): the reverse SDE with the flow ODE's marginals,
       σ_t = a·√(t/(1−t)), μ = x − δ·[v + σ_t²/(2t)·(x + (1−t)·v)], std σ_t·√δ (the score of x_t = t·ε + (1−t)·a is
       −(x + (1−t)·v)/t); one random step per chunk is stochastic, the others are the ODE; log π = that step's Gaussian.
-Both the stored and the recomputed log-likelihood come from `chain_logprob` on the stored chain, so the first ratio is 1.
-Rollouts run chunks open loop in vectorised envs; GAE(γ^H, λ) over chunk steps; clipped PPO (optional dual clip),
-clipped value loss on a value head over the detached prefix features; evaluation uses the deterministic ODE.
+Rollouts run chunks open loop in vectorised envs (stored and recomputed log-likelihoods both from `chain_logprob`:
+the first ratio is 1); GAE(γ^H, λ) over chunk steps; clipped PPO (optional dual clip), clipped value loss on a value
+head over the detached prefix features; evaluation uses the deterministic ODE.
 
-Full:  python flow_ppo.py                       (push: BC warm start of the CPU π₀, then PPO; ≤ 10 min on 2 cores)
-Smoke: python flow_ppo.py --bc-steps 20 --iterations 2 --num-envs 8 --num-steps 4 --eval-episodes 8
+  python flow_ppo.py                                     # push, CPU π₀ preset, BC warm start then PPO, < 10 min
+  python flow_ppo.py --env libero --pi0-checkpoint CKPT --num-envs 32 --no-freeze-backbone   # GPUs
+  python flow_ppo.py --bc-steps 20 --iterations 2 --num-envs 8 --num-steps 4 --eval-episodes 8   # smoke
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import flax.linen as nn
@@ -31,49 +33,44 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, libero, mesh, pi0, qchunk, runlog
+from common import envs, mesh, pi0, qchunk, runlog
 
 
 @dataclass
 class Args(runlog.RunArgs):
-    exp_name: str = "flow_ppo"
-    """name of the run (wandb group)"""
-    dataset: str | None = None
-    """prior data for the BC warm start: robomimic/LIBERO HDF5 or a LeRobot folder; push default: noise-0.6 demos"""
-    pi0_checkpoint: str | None = None
-    """start from an openpi checkpoint dir, or a run dir of acrlpd_pi0.py / chunk_awr.py / flow_ppo.py (skips BC)"""
     save_every: int = 50
-    """checkpoint every this many PPO iterations (and at the end)"""
+    """checkpoint every this many PPO iterations (and at the end of BC and of PPO)"""
     log_every: int = 5
-    """log metrics every this many PPO iterations (BC: every 10x this many steps)"""
+    """log metrics every this many PPO iterations (BC: every 10× this many BC updates)"""
     eval_every: int = 20
     """evaluate the deterministic policy every this many PPO iterations"""
     eval_episodes: int = 200
     """episodes per evaluation (run in parallel)"""
     num_envs: int = 128
     """parallel rollout envs"""
+
     action_horizon: int = 5
     """H: actions per chunk, executed open loop"""
     flow_steps: int = 4
     """K: Euler steps, the same in rollouts and evaluation"""
     freeze_backbone: bool = True
     """PPO: keep the VLM (prefix) fixed, train the action expert, projections and heads (stable value features)"""
-    asset_id: str | None = None
-    """norm-stats asset id inside --pi0-checkpoint (openpi)"""
-    # behaviour cloning warm start
+
     bc_steps: int = 10_000
-    """flow-matching BC steps on the prior data before PPO (0: none); ~2.5 min on 2 cores, ~35-45% success on push"""
+    """flow-matching BC updates on the prior data before PPO (0, or a --pi0-checkpoint: none); ~35-45% on push"""
     bc_batch_size: int = 64
     """BC batch size"""
     bc_lr: float = 1e-3
     """BC learning rate"""
-    # PPO
+    updates_per_call: int = 10
+    """BC updates per jitted call (lax.scan)"""
     noise_method: Literal["flow_noise", "flow_sde"] = "flow_noise"
     """how the denoising chain is made stochastic"""
-    iterations: int = 300
+    iterations: int = 200
     """PPO iterations (rollout + update)"""
-    time_limit_min: float = 9.5
-    """stop PPO (final eval + checkpoint) once the run has taken this many minutes (0: no limit)"""
+    time_budget_s: float = 0.0
+    """stop PPO after this many seconds of it (evaluation excluded; 0: no limit; a run that must be reproducible
+    is bounded by --iterations alone)"""
     num_steps: int = 8
     """chunk steps per env per rollout"""
     gamma: float = 0.99
@@ -88,6 +85,8 @@ class Args(runlog.RunArgs):
     """policy (π₀ + noise head) learning rate"""
     value_lr: float = 1e-3
     """value head learning rate"""
+    max_grad_norm: float = 1.0
+    """global-norm gradient clipping (BC and PPO)"""
     critic_warmup: int = 5
     """first iterations that train only the value head"""
     clip_coef: float = 0.2
@@ -100,8 +99,6 @@ class Args(runlog.RunArgs):
     """clip the value update around the old values (by ±clip_coef)"""
     ent_coef: float = 0.0
     """entropy bonus weight (flow_noise)"""
-    max_grad_norm: float = 1.0
-    """global-norm gradient clipping"""
     target_kl: float | None = 0.02
     """skip the rest of the update once the approximate KL exceeds this"""
     logprob_reduce: Literal["mean", "sum"] = "mean"
@@ -112,6 +109,20 @@ class Args(runlog.RunArgs):
     """flow_noise: upper bound of the per-step noise std"""
     sde_noise_level: float = 0.5
     """flow_sde: a in σ_t = a·√(t/(1−t)) (t clipped to 1−δ at the first step)"""
+
+
+def check(args: Args) -> Args:
+    """Refuse inconsistent flags."""
+    args.check_run(needs_data=args.pi0_checkpoint is None)  # a checkpoint needs no BC data
+    runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
+    runlog.check_at_least(args, 0, "iterations", "bc_steps")
+    if (n := args.num_envs * args.num_steps) % args.num_minibatches:
+        raise ValueError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
+    if args.noise_method == "flow_sde" and args.flow_steps < 2:
+        raise ValueError("flow_sde needs --flow-steps ≥ 2 (σ_t is evaluated at t ≤ 1 − δ, which is 0 for one step)")
+    if not 0 < args.min_std <= args.max_std:
+        raise ValueError(f"need 0 < --min-std ({args.min_std}) ≤ --max-std ({args.max_std})")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------------ networks
@@ -139,42 +150,48 @@ class ValueHead(nn.Module):
         return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
 
 
+@dataclass(frozen=True)
+class Nets:
+    """π₀, the env ↔ π₀ plumbing and the heads: what the losses and the acting functions close over."""
+
+    pi: pi0.Pi0
+    io: pi0.EnvIO
+    noise_head: NoiseHead
+    value_head: ValueHead
+
+
 def gaussian_logpdf(x, mean, std, mask):
     """log N(x; mean, std²) summed over the trailing H, A axes where mask [H,A] is 1 (executed). [..., H, A] -> [...]"""
-    log_n = -0.5 * jnp.square((x - mean) / std) - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi)
-    return jnp.sum(mask * log_n, axis=(-2, -1))
+    return jnp.sum(mask * (-0.5 * jnp.square((x - mean) / std) - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi)), (-2, -1))
 
 
-def flow_times(k: int):
-    """Flow times t_0..t_{K-1} of the Euler steps (t=1 noise → t=0 action) and the step size δ."""
+def flow_times(k: int):  # t_0..t_{K-1} of the Euler steps (t=1 noise → t=0 action) and the step size δ
     return 1.0 - jnp.arange(k, dtype=jnp.float32) / k, 1.0 / k
 
 
-def transition(args: Args, noise_head: NoiseHead, heads, v, out, x, t, delta):
+def transition(nets: Nets, args: Args, heads, v, out, x, t, delta):
     """The stochastic step's Gaussian (mean, std) at x_k, t_k (shapes [B,N,H,A], t [B,N]); ODE mean for flow_sde too."""
     if args.noise_method == "flow_noise":
-        return x - delta * v, noise_head.apply(heads["noise"], out)
+        return x - delta * v, nets.noise_head.apply(heads["noise"], out)
     tt = t[..., None, None]
     sigma = args.sde_noise_level * jnp.sqrt(jnp.minimum(tt, 1.0 - delta) / (1.0 - jnp.minimum(tt, 1.0 - delta)))
     mean = x - delta * (v + sigma**2 / (2 * tt) * (x + (1 - tt) * v))
     return mean, jnp.broadcast_to(sigma * jnp.sqrt(delta), x.shape)
 
 
-def chain_logprob(args: Args, model, noise_head, params, heads, prefix, chain, sde_step, mask):
+def chain_logprob(nets: Nets, args: Args, params, heads, prefix, chain, sde_step, mask):
     """log π(chain), entropy, mean std of the stochastic steps where `mask` [H,A] is 1 (`EnvIO.executed_mask`: what
-    reaches the env). chain [B,K+1,H,A], sde_step [B] -> [B], [B], [B].
-
-    Used both at rollout (the old log-likelihood) and in the loss, on the same stored chain (ratio 1 before an update).
-    All K steps of flow_noise are evaluated as N=K candidates sharing one prefix cache.
-    """
-    (B, K), rows = (chain.shape[0], chain.shape[1] - 1), jnp.arange(chain.shape[0])
+    reaches the env). chain [B,K+1,H,A], sde_step [B] -> [B], [B], [B]. Used at rollout (the old log-likelihood) and
+    in the loss, on the same stored chain; flow_noise's K steps are N=K candidates sharing one prefix cache."""
+    B, K = chain.shape[0], chain.shape[1] - 1
+    rows = jnp.arange(B)
     times, delta = flow_times(K)
     if args.noise_method == "flow_noise":  # x_k -> x_{k+1} for every k: [B,K,H,A], [B,K]
         x, t, nxt = chain[:, :K], jnp.broadcast_to(times, (B, K)), chain[:, 1:]
     else:  # the one stochastic step: [B,1,H,A], [B,1]
         x, t, nxt = chain[rows, sde_step][:, None], times[sde_step][:, None], chain[rows, sde_step + 1][:, None]
-    v, out = model.velocity(params, prefix, x, t)
-    mean, std = transition(args, noise_head, heads, v, out, x, t, delta)
+    v, out = nets.pi.velocity(params, prefix, x, t)
+    mean, std = transition(nets, args, heads, v, out, x, t, delta)
     terms = gaussian_logpdf(nxt, mean, std, mask)  # [B,K] or [B,1]
     if args.noise_method == "flow_noise":  # with log N(x_0; 0, I): constant, part of the chain's density
         terms = jnp.concatenate([gaussian_logpdf(chain[:, 0], 0.0, 1.0, mask)[:, None], terms], axis=1)
@@ -185,37 +202,166 @@ def chain_logprob(args: Args, model, noise_head, params, heads, prefix, chain, s
     return logp, mean_over(0.5 * jnp.log(2 * jnp.pi * jnp.e) + jnp.log(std)), mean_over(std)
 
 
-def sample_chain(args: Args, model, noise_head, params, heads, prefix, rng, batch: int):
+def sample_chain(nets: Nets, args: Args, params, heads, prefix, rng, batch: int):
     """Sample the stochastic chain. -> chain [B,K+1,H,A], sde_step [B] (the stochastic step of flow_sde)."""
-    K, (H, A) = args.flow_steps, (model.config.action_horizon, model.config.action_dim)
+    K, c = args.flow_steps, nets.pi.config
     times, delta = flow_times(K)
     k0, k_step, k_noise = jax.random.split(rng, 3)
     sde_step = jax.random.randint(k_step, (batch,), 0, K)
-    eps = jax.random.normal(k_noise, (K, batch, 1, H, A))
+    eps = jax.random.normal(k_noise, (K, batch, 1, c.action_horizon, c.action_dim))
 
     def step(x, inp):  # x [B,1,H,A]
         k, e = inp
         t = jnp.full((batch, 1), times[k])
-        v, out = model.velocity(params, prefix, x, t)
-        mean, std = transition(args, noise_head, heads, v, out, x, t, delta)
+        v, out = nets.pi.velocity(params, prefix, x, t)
+        mean, std = transition(nets, args, heads, v, out, x, t, delta)
         if args.noise_method == "flow_noise":
             nxt = mean + std * e
         else:  # only step `sde_step` is stochastic; the others follow the ODE
             nxt = jnp.where((sde_step == k)[:, None, None, None], mean + std * e, x - delta * v)
         return nxt, nxt[:, 0]
 
-    x0 = jax.random.normal(k0, (batch, 1, H, A))
+    x0 = jax.random.normal(k0, (batch, 1, c.action_horizon, c.action_dim))
     _, xs = jax.lax.scan(step, x0, (jnp.arange(K), eps))
     return jnp.concatenate([x0, jnp.moveaxis(xs, 0, 1)], axis=1), sde_step
 
 
-# ------------------------------------------------------------------------------------------------------ advantages
-def gae(rewards, values, next_value, terminated, truncated, final_values, gamma_chunk: float, lam: float):
-    """GAE(γ_c, λ) over chunk steps, [T,E] arrays; returns (advantages, returns) [T,E].
+# ------------------------------------------------------------------------------------------------------ losses
+def bc_loss(params, batch, rng, nets: Nets, args: Args):
+    """Flow-matching BC on the prior data's chunks (the warm start), weighted by valid. -> (loss, info)."""
+    actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
+    w = nets.io.step_weights(batch["valid"].astype(jnp.float32))  # [B,H_m]: 0 past the episode's end, discarded
+    per_step = nets.pi.flow_loss(params, nets.io.observe(batch["obs"]), actions, rng)
+    loss = jnp.sum(per_step * w) / jnp.maximum(w.sum(), 1.0)
+    return loss, {"losses/bc": loss}
 
-    A terminated chunk does not bootstrap; a truncated one bootstraps from V(final obs) (folded into its reward);
-    either way the recursion stops there because the env is reset at the chunk boundary.
-    """
+
+def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stored chains carry the randomness
+    """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus. -> (loss, info)."""
+    obs = nets.io.observe(batch["obs"])
+    prefix = nets.pi.prefix(train["params"], obs)  # prefix inside the loss: the backbone may train
+    if args.freeze_backbone:  # no backward pass through the VLM at all
+        prefix = jax.lax.stop_gradient(prefix)
+    mask = nets.io.executed_mask()
+    chain = (batch["chain"], batch["sde_step"])
+    logp, entropy, std = chain_logprob(nets, args, train["params"], train["heads"], prefix, *chain, mask)
+    logratio = logp - jax.lax.stop_gradient(batch["logp"])  # the old log-likelihood, stored at rollout
+    ratio = jnp.exp(logratio)
+    adv = jax.lax.stop_gradient(batch["advantages"])  # normalised over the whole rollout in `update`
+    pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
+    if args.dual_clip > 1.0:  # Ye et al. 2020: bound the loss of negative advantages at c·|A|
+        pg = jnp.where(adv < 0, jnp.minimum(pg, -args.dual_clip * adv), pg)
+    pg_loss = pg.mean()
+    value = nets.value_head.apply(train["heads"]["value"], prefix.features, obs.state)  # reads detached features
+    ret, old_v = jax.lax.stop_gradient(batch["returns"]), jax.lax.stop_gradient(batch["values"])
+    v_loss = jnp.square(value - ret)
+    if args.clip_vloss:
+        v_clip = old_v + jnp.clip(value - old_v, -args.clip_coef, args.clip_coef)
+        v_loss = jnp.maximum(v_loss, jnp.square(v_clip - ret))
+    v_loss = 0.5 * v_loss.mean()
+    ent = entropy.mean()
+    policy_term = jnp.where(batch["train_policy"], pg_loss - args.ent_coef * ent, 0.0)  # value-only warm-up
+    loss = policy_term + args.vf_coef * v_loss
+    info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": ent, "charts/noise_std": std.mean()}
+    info["losses/approx_kl"] = jnp.mean((ratio - 1) - logratio)
+    info["charts/clip_frac"] = jnp.mean(jnp.abs(ratio - 1) > args.clip_coef)
+    info["charts/ratio_mean"] = ratio.mean()
+    info["charts/ratio_max_dev"] = jnp.max(jnp.abs(ratio - 1))
+    return loss, info
+
+
+# ------------------------------------------------------------------------------------------------------ update
+def make_optimizers(args: Args, nets: Nets, train):
+    """PPO: clipped Adam (eps 1e-5, as CleanRL's PPO) with the policy's (π₀ + noise head) and the value head's own
+    learning rates, the VLM frozen under --freeze-backbone; BC: clipped Adam on π₀."""
+    adam = lambda lr: optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    labels = {"params": nets.pi.optimizer_labels(train["params"], "policy", args.freeze_backbone)}
+    labels["heads"] = {"noise": jax.tree.map(lambda _: "policy", train["heads"]["noise"])}
+    labels["heads"]["value"] = jax.tree.map(lambda _: "value", train["heads"]["value"])
+    txs = {"policy": adam(args.learning_rate), "value": adam(args.value_lr), "frozen": optax.set_to_zero()}
+    bc_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.bc_lr))
+    return optax.multi_transform(txs, labels), bc_tx
+
+
+def make_update(nets: Nets, args: Args, tx, bc_tx):
+    """The BC update (state, batches [K,B,...], rng) -> (state, info), K updates in one lax.scan, and the PPO update
+    (state, rollout batch, rng, train_policy) -> (state, info), epochs × minibatches in one lax.scan."""
+
+    def bc_step(state, batch, rng):
+        (_, info), g = jax.value_and_grad(bc_loss, has_aux=True)(state["params"], batch, rng, nets, args)
+        updates, bc_opt = bc_tx.update(g, state["bc_opt"], state["params"])
+        return {**state, "params": optax.apply_updates(state["params"], updates), "bc_opt": bc_opt}, info
+
+    def minibatch_step(carry, mb):
+        state, stopped = carry
+        train = {"params": state["params"], "heads": state["heads"]}
+        grads, info = jax.grad(ppo_loss, has_aux=True)(train, mb, None, nets, args)
+        updates, opt = tx.update(grads, state["opt"], train)
+        new = optax.apply_updates(train, updates)
+        new_state = {**state, "params": new["params"], "heads": new["heads"], "opt": opt}
+        # KL early stop: once exceeded, the remaining minibatches leave the state as it is
+        new_state = jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new_state, state)
+        if args.target_kl is not None:
+            stopped = stopped | (info["losses/approx_kl"] > args.target_kl)
+        info["charts/grad_norm"] = optax.tree.norm(grads)
+        return (new_state, stopped), info
+
+    def ppo_update(state, batch, rng, train_policy):
+        adv, n = batch["advantages"], batch["logp"].shape[0]
+        batch = {**batch, "advantages": (adv - adv.mean()) / (adv.std() + 1e-8)}  # normalised over the rollout
+        mb_size = n // args.num_minibatches
+
+        def epoch(carry, key):
+            perm = jax.random.permutation(key, n)[: mb_size * args.num_minibatches]
+            mbs = jax.tree.map(lambda x: x[perm].reshape(args.num_minibatches, mb_size, *x.shape[1:]), batch)
+            mbs["train_policy"] = jnp.broadcast_to(train_policy, (args.num_minibatches,))
+            return jax.lax.scan(minibatch_step, carry, mbs)
+
+        keys = jax.random.split(rng, args.update_epochs)
+        (state, stopped), info = jax.lax.scan(epoch, (state, jnp.bool_(False)), keys)
+        out = jax.tree.map(jnp.mean, info)
+        out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
+        out["charts/kl_stopped"] = stopped.astype(jnp.float32)
+        return state, out
+
+    return mesh.scan_updates(bc_step), jax.jit(ppo_update, donate_argnums=0)
+
+
+# ------------------------------------------------------------------------------------------------------ acting / eval
+def make_act(nets: Nets, args: Args):
+    """The rollout policy (chain, log-likelihood, value), the value alone, the evaluation policy (the ODE)."""
+
+    @jax.jit
+    def act(state, obs, rng):
+        o, params, heads = nets.io.observe(obs), state["params"], state["heads"]
+        prefix = nets.pi.prefix(params, o)
+        chain, sde_step = sample_chain(nets, args, params, heads, prefix, rng, o.state.shape[0])
+        logp, _, _ = chain_logprob(nets, args, params, heads, prefix, chain, sde_step, nets.io.executed_mask())
+        value = nets.value_head.apply(heads["value"], prefix.features, o.state)
+        return nets.io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
+
+    @jax.jit
+    def value_fn(state, obs):
+        o = nets.io.observe(obs)
+        return nets.value_head.apply(state["heads"]["value"], nets.pi.prefix(state["params"], o).features, o.state)
+
+    eval_act = jax.jit(partial(pi0.sample_env_actions, nets.pi, nets.io, steps=args.flow_steps))
+    return act, value_fn, eval_act
+
+
+def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
+    """The deterministic ODE policy, one episode per env; printed."""
+    policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_episodes, seed=args.seed + 10_000)
+    out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    print(f"[{label}] success {out['eval/success_rate']:.3f}", flush=True)
+    return out
+
+
+def gae(rewards, values, next_value, terminated, truncated, final_values, gamma_chunk: float, lam: float):
+    """GAE(γ_c, λ) over chunk steps, [T,E] arrays -> (advantages, returns) [T,E]. A terminated chunk does not
+    bootstrap; a truncated one bootstraps from V(final obs) (folded into its reward); either way the recursion stops
+    there because the env is reset at the chunk boundary."""
     rewards = rewards + gamma_chunk * final_values * truncated
     ended = jnp.logical_or(terminated, truncated)
     next_values = jnp.concatenate([values[1:], next_value[None]], axis=0)
@@ -230,269 +376,124 @@ def gae(rewards, values, next_value, terminated, truncated, final_values, gamma_
     return adv, adv + values
 
 
-# ------------------------------------------------------------------------------------------------------ losses
-def ppo_loss(train, batch, args: Args, model, io: pi0.EnvIO, noise_head, value_head, train_policy):
-    """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus. -> (loss, info)."""
-    obs = io.observe(batch["obs"])
-    prefix = model.prefix(train["params"], obs)  # prefix inside the loss: the backbone may train
-    if args.freeze_backbone:  # no backward pass through the VLM at all
-        prefix = jax.lax.stop_gradient(prefix)
-    chain, mask = (batch["chain"], batch["sde_step"]), io.executed_mask()
-    logp, entropy, std = chain_logprob(args, model, noise_head, train["params"], train["heads"], prefix, *chain, mask)
-    logratio = logp - jax.lax.stop_gradient(batch["logp"])  # the old log-likelihood, stored at rollout
-    ratio = jnp.exp(logratio)
-    adv = jax.lax.stop_gradient(batch["advantages"])  # normalised over the whole rollout in `update`
-    pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
-    if args.dual_clip > 1.0:  # Ye et al. 2020: bound the loss of negative advantages at c·|A|
-        pg = jnp.where(adv < 0, jnp.minimum(pg, -args.dual_clip * adv), pg)
-    pg_loss = pg.mean()
-    value = value_head.apply(train["heads"]["value"], prefix.features, obs.state)  # reads detached features
-    ret, old_v = jax.lax.stop_gradient(batch["returns"]), jax.lax.stop_gradient(batch["values"])
-    v_loss = jnp.square(value - ret)
-    if args.clip_vloss:
-        v_clip = old_v + jnp.clip(value - old_v, -args.clip_coef, args.clip_coef)
-        v_loss = jnp.maximum(v_loss, jnp.square(v_clip - ret))
-    v_loss = 0.5 * v_loss.mean()
-    ent = entropy.mean()
-    loss = jnp.where(train_policy, pg_loss - args.ent_coef * ent, 0.0) + args.vf_coef * v_loss  # value-only warmup
-    info = {
-        "losses/policy": pg_loss,
-        "losses/value": v_loss,
-        "losses/entropy": ent,
-        "losses/approx_kl": jnp.mean((ratio - 1) - logratio),
-        "charts/clip_frac": jnp.mean(jnp.abs(ratio - 1) > args.clip_coef),
-        "charts/noise_std": std.mean(),
-        "charts/ratio_mean": ratio.mean(),
-        "charts/ratio_max_dev": jnp.max(jnp.abs(ratio - 1)),
-    }
-    return loss, info
-
-
-def make_update(args: Args, model, io: pi0.EnvIO, noise_head, value_head, tx):
-    """update(state, batch, rng, train_policy) -> (state, info): epochs × minibatches in one lax.scan."""
-
-    def minibatch_step(carry, mb):
-        state, stopped = carry
-        train = {"params": state["params"], "heads": state["heads"]}
-        grads, info = jax.grad(ppo_loss, has_aux=True)(
-            train, mb, args, model, io, noise_head, value_head, mb["train_policy"]
-        )
-        updates, opt = tx.update(grads, state["opt"], train)
-        new = optax.apply_updates(train, updates)
-        new_state = {"params": new["params"], "heads": new["heads"], "opt": opt}
-        # KL early stop: once exceeded, the remaining minibatches leave the state as it is
-        new_state = jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new_state, state)
-        if args.target_kl is not None:
-            stopped = stopped | (info["losses/approx_kl"] > args.target_kl)
-        info["charts/grad_norm"] = optax.tree.norm(grads)
-        return (new_state, stopped), info
-
-    def update(state, batch, rng, train_policy):
-        n, adv = batch["logp"].shape[0], batch["advantages"]
-        batch = {**batch, "advantages": (adv - adv.mean()) / (adv.std() + 1e-8)}
-        mb_size = n // args.num_minibatches
-
-        def epoch(carry, key):
-            perm = jax.random.permutation(key, n)[: mb_size * args.num_minibatches]
-            mbs = jax.tree.map(lambda x: x[perm].reshape(args.num_minibatches, mb_size, *x.shape[1:]), batch)
-            mbs["train_policy"] = jnp.broadcast_to(train_policy, (args.num_minibatches,))
-            return jax.lax.scan(minibatch_step, carry, mbs)
-
-        (state, stopped), info = jax.lax.scan(
-            epoch, (state, jnp.bool_(False)), jax.random.split(rng, args.update_epochs)
-        )
-        out = jax.tree.map(jnp.mean, info)
-        out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
-        out["charts/kl_stopped"] = stopped.astype(jnp.float32)
-        return state, out
-
-    return update
-
-
-# ------------------------------------------------------------------------------------------------------ setup
-def behaviour_cloning(args: Args, model, io: pi0.EnvIO, params, chunks, run, log_step0: int):
-    """Flow-matching BC of π₀ on the prior data's chunks (the warm start)."""
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.bc_lr))
-    opt = tx.init(params)
-
-    @jax.jit
-    def bc_update(params, opt, batch, rng):
-        def loss_fn(p):
-            acts = io.to_model(batch["actions"])  # normalised, zero-padded to π₀'s action dim (openpi: 32)
-            w = io.step_weights(batch["valid"].astype(jnp.float32))  # [B,H_m]: 0 past the episode's end, discarded
-            return jnp.sum(model.flow_loss(p, io.observe(batch["obs"]), acts, rng) * w) / jnp.maximum(w.sum(), 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
-    np_rng, rng, start = np.random.default_rng(args.seed), jax.random.key(args.seed + 1), time.time()
-    for i in range(1, args.bc_steps + 1):
-        batch = {k: v for k, v in chunks.sample(np_rng, args.bc_batch_size).items() if k in ("obs", "actions", "valid")}
-        rng, key = jax.random.split(rng)
-        params, opt, loss = bc_update(params, opt, batch, key)
-        if i % (10 * args.log_every) == 0 or i == args.bc_steps:
-            run.log(log_step0 + i, {"losses/bc": loss, "time/bc_sps": (i) / (time.time() - start)})
-            run.progress(i, args.bc_steps, "bc", 0, start, loss=float(loss))
-    return params
-
-
-def flat(x) -> jax.Array:
-    """[T,E,...] -> [T·E,...]"""
-    return x.reshape(-1, *x.shape[2:])
+def rollout(act, value_fn, state, env, obs, rng, args: Args):
+    """--num-steps chunk steps in every env -> the PPO batch [T·E,...] (GAE(γ^H, λ) advantages), the next obs, the
+    success flags of the episodes that ended."""
+    roll, ep_success = [], []  # per chunk step: {"obs": .., "chain": [E,K+1,H,A], ...}
+    for t in range(args.num_steps):
+        actions, chain, sde_step, logp, value = act(state, obs, jax.random.fold_in(rng, t))
+        roll.append({"obs": obs, "chain": chain, "sde_step": sde_step, "logp": logp, "values": value})
+        obs, cs = envs.execute_chunk(env, obs, np.asarray(actions), args.gamma)
+        trunc = cs.truncated & ~cs.terminated
+        final_v = np.asarray(value_fn(state, cs.final_obs)) * trunc if trunc.any() else np.zeros(len(trunc))
+        roll[-1].update(rewards=cs.discounted_return, term=cs.terminated, trunc=trunc, final_v=final_v)
+        ep_success += cs.success[cs.terminated | cs.truncated].tolist()
+    r = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *roll)  # the T chunk steps stacked, [T,E,...]
+    term, trunc = r["term"].astype(jnp.float32), r["trunc"].astype(jnp.float32)
+    gamma_chunk = args.gamma**args.action_horizon  # a chunk step discounts by γ^H
+    last_v = value_fn(state, obs)
+    adv, ret = gae(r["rewards"], r["values"], last_v, term, trunc, r["final_v"], gamma_chunk, args.gae_lambda)
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # [T,E,...] -> [T·E,...]
+    batch = {k: jax.tree.map(flat, r[k]) for k in ("obs", "chain", "sde_step", "logp", "values")}
+    batch.update(advantages=flat(adv), returns=flat(ret))
+    return batch, obs, ep_success
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict[str, float]:
-    runlog.check_choices(args)
+    # ---- setup: flags, devices, env, data, π₀, networks, optimisers, state
+    args = check(args)
     mesh.init_distributed()
-    for name in ("num_envs", "num_steps", "flow_steps", "iterations", "update_epochs", "num_minibatches"):
-        if getattr(args, name) < (0 if name == "iterations" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
-    if (n := args.num_envs * args.num_steps) % args.num_minibatches:
-        raise ValueError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
-    if args.noise_method == "flow_sde" and args.flow_steps < 2:
-        raise ValueError("flow_sde needs --flow-steps ≥ 2 (σ_t is evaluated at t ≤ 1 − δ, which is 0 for one step)")
-    if not 0 < args.min_std <= args.max_std:
-        raise ValueError(f"need 0 < --min-std ({args.min_std}) ≤ --max-std ({args.max_std})")
-    t_main = time.time()
+    dev_mesh = mesh.make_mesh(args.fsdp_devices)
+    k_init, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 3)
+    k_pi, k_noise, k_value = jax.random.split(k_init, 3)
+    spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
+    env = spec.make(args.num_envs, args.seed)
+    bc_steps = 0 if args.pi0_checkpoint else args.bc_steps  # a checkpoint is the start of PPO
+    chunks = None  # the prior data: the norm stats and the BC warm start (a checkpoint brings its own stats)
+    if not args.pi0_checkpoint:
+        path = args.dataset or envs.default_dataset(env="push", noise=0.6)
+        chunks = qchunk.make_chunks(envs.load_dataset(path, env, spec.image_size), args.action_horizon, args.gamma)
+    stats, prompts = (qchunk.norm_stats(chunks.data), chunks.prompts) if chunks else (None, env.prompts)
+    policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
+    cfg = policy.model.config
+    nets = Nets(policy.model, policy.io, NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead())
+    heads = {"noise": nets.noise_head.init(k_noise, jnp.zeros((1, 1, args.action_horizon, cfg.expert.width)))}
+    z = (jnp.zeros((1, cfg.vlm.width)), jnp.zeros((1, cfg.state_dim or cfg.action_dim)))  # features, state
+    heads["value"] = nets.value_head.init(k_value, *z)
+    train = {"params": policy.params, "heads": heads}
+    tx, bc_tx = make_optimizers(args, nets, train)
+    state = {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"])}
+    state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
+    print(f"π₀ {pi0.param_count(state['params']) / 1e6:.2f}M params; {bc_steps} BC updates, {args.iterations} PPO its")
     run = runlog.Run.from_args(args, "flow_ppo")
-    np.random.seed(args.seed)
-    env = envs.from_args(args, args.num_envs, args.seed)
-    A, H, cams = env.action_dim, args.action_horizon, tuple(env.camera_names)
-    H_m = args.model_horizon or H  # π₀'s chunk; its first H actions are executed
-    if args.pi0_checkpoint:  # openpi, or a run folder of these scripts (the sizes its shapes leave open: the preset's)
-        rc = dict(max_token_len=pi0.PRESETS[args.pi0_preset].max_token_len, state_dim=env.state_dim, cameras=cams)
-        params, cfg, stats = runlog.load_pi0(args.pi0_checkpoint, H_m, asset_id=args.asset_id, run_config=rc)
-        cfg, chunks = replace(cfg, cameras=cams or cfg.cameras), None  # the env's cameras, where it has any; no BC
-    else:  # from scratch: the prior data gives the norm stats and the BC warm start
-        cfg = pi0.make_config(args.pi0_preset, action_dim=A, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
-        data = envs.load_dataset(args.dataset or envs.default_dataset(env=args.env, noise=0.6), args, env.prompts)
-        params, chunks, stats = None, qchunk.make_chunks(data, H, args.gamma), qchunk.norm_stats(data)
-    prompts = chunks.prompts if chunks is not None else env.prompts  # the env's first, then the data's new ones
-    model, table = pi0.Pi0(cfg), pi0.make_prompt_table(prompts, pi0.make_tokenizer(args.tokenizer, cfg))
-    delta = libero.openpi_delta_dims(stats) if args.pi0_checkpoint and args.env == "libero" else 0
-    io = pi0.EnvIO(cfg, table, stats, A, delta, quantile=cfg.pi05, horizon=H)  # env units <-> π₀'s
-    k_model, k_noise, k_value, rng = jax.random.split(jax.random.key(args.seed), 4)
-    params = model.init(k_model) if params is None else params
-    noise_head, value_head = NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead()
-    W, S = cfg.vlm.width, cfg.state_dim or cfg.action_dim
-    heads = {"noise": noise_head.init(k_noise, jnp.zeros((1, 1, H, cfg.expert.width)))}
-    heads["value"] = value_head.init(k_value, jnp.zeros((1, W)), jnp.zeros((1, S)))
-    train = {"params": params, "heads": heads}  # the policy (π₀ + noise head) and the value head: own lrs and clips
-    labels = jax.tree.map(lambda _: "policy", train)
-    labels["heads"]["value"] = jax.tree.map(lambda _: "value", heads["value"])
-    if args.freeze_backbone:
-        frozen = model.backbone_mask(params)
-        labels["params"] = jax.tree.map(lambda f, lab: "frozen" if f else lab, frozen, labels["params"])
-    opt = lambda lr: optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))  # noqa: E731
-    tx = {"policy": opt(args.learning_rate), "value": opt(args.value_lr), "frozen": optax.set_to_zero()}
-    tx = optax.multi_transform(tx, labels)
-    state = {"params": params, "heads": heads, "opt": tx.init(train)}
-    bc_done, iteration, env_steps = 0, 0, 0
-    if args.resume and (restored := run.restore({**state, "rng": jax.random.key_data(rng)})) is not None:
-        _, ckpt, extra = restored
-        state, rng = {k: ckpt[k] for k in state}, jax.random.wrap_key_data(ckpt["rng"])
-        bc_done, iteration, env_steps = extra["bc_step"], extra["iteration"], extra["env_steps"]
-        print(f"resumed {run.dir} at BC step {bc_done}, PPO iteration {iteration}")
-    bc_steps = args.bc_steps if args.pi0_checkpoint is None else 0
-    if bc_done < bc_steps:
-        print(f"π₀ ({pi0.param_count(params) / 1e3:.0f}k params): BC warm start for {bc_steps} steps")
-        state["params"] = behaviour_cloning(args, model, io, state["params"], chunks, run, 0)
-        bc_done = bc_steps
-    dev_mesh = mesh.make_mesh(args.fsdp_devices)  # FSDP: π₀ and its Adam moments sharded, the rollout batch split
-    state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
+    total = bc_steps + args.iterations
 
-    @jax.jit
-    def act(params, heads, obs, rng):
-        o = io.observe(obs)
-        prefix = model.prefix(params, o)
-        chain, sde_step = sample_chain(args, model, noise_head, params, heads, prefix, rng, o.state.shape[0])
-        logp, _, _ = chain_logprob(args, model, noise_head, params, heads, prefix, chain, sde_step, io.executed_mask())
-        value = value_head.apply(heads["value"], prefix.features, o.state)
-        return io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
-
-    @jax.jit
-    def value_fn(params, heads, obs):
-        o = io.observe(obs)
-        return value_head.apply(heads["value"], model.prefix(params, o).features, o.state)
-
-    @jax.jit
-    def eval_act(params, obs, rng):  # the deterministic ODE from one noise draw
-        prefix = model.prefix(params, io.observe(obs))
-        noise = jax.random.normal(rng, (obs["state"].shape[0], 1, cfg.action_horizon, cfg.action_dim))
-        return io.to_env(model.sample(params, prefix, noise, args.flow_steps)[:, 0], obs["state"])
-
-    update = jax.jit(make_update(args, model, io, noise_head, value_head, tx), donate_argnums=0)
-    gae_fn, gamma_chunk = jax.jit(gae, static_argnums=(6, 7)), args.gamma**H  # a chunk step discounts by γ^H
+    # ---- restore
+    step, env_steps = 0, 0
+    if args.resume and (restored := run.restore(state)) is not None:
+        step, state, extra = restored
+        env_steps = extra["env_steps"]
+        print(f"resumed {run.dir} at step {step} (BC updates, then PPO iterations)")
 
     def save(step):
-        extra = dict(bc_step=bc_done, iteration=iteration, env_steps=env_steps, norm_stats=stats)
-        run.save(step, {**state, "rng": jax.random.key_data(rng)}, extra)
+        run.save(step, state, {"step": step, "norm_stats": policy.stats, "env_steps": env_steps})
 
-    def evaluate() -> dict[str, float]:  # the deterministic ODE policy, one episode per env
-        policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
-        return envs.evaluate(args, policy, jax.random.key(args.seed + 10_000), args.eval_episodes)
-
-    final = {}
-    if iteration == 0:  # the start of PPO: BC (or the loaded checkpoint)
-        final = evaluate()
-        run.log(bc_done, final)
-        print(f"start of PPO: success {final['eval/success_rate']:.3f}")
-        final["eval/start_success_rate"] = final["eval/success_rate"]
-        save(bc_done)
-    obs, _ = env.reset(seed=args.seed)
-    start, start_it, info, first_dev, ep_success = time.time(), iteration, {}, 0.0, []  # ep_success: since the last log
-    limit_s = args.time_limit_min * 60 if args.time_limit_min > 0 else float("inf")
-    last = iteration >= args.iterations
-    while not last:
-        iteration += 1
-        roll = []  # per chunk step, what GAE and the update need: {"obs": .., "chain": [E,K+1,H,A], ...}
-        for _ in range(args.num_steps):
-            rng, key = jax.random.split(rng)
-            actions, chain, sde_step, logp, value = act(state["params"], state["heads"], obs, key)
-            roll.append({"obs": obs, "chain": chain, "sde_step": sde_step, "logp": logp, "values": value})
-            obs, step = envs.execute_chunk(env, obs, np.asarray(actions), args.gamma)
-            trunc = step.truncated & ~step.terminated
-            final_v = value_fn(state["params"], state["heads"], step.final_obs) if trunc.any() else np.zeros(len(trunc))
-            roll[-1].update(rewards=step.discounted_return, term=step.terminated, trunc=trunc)
-            roll[-1]["final_v"] = np.asarray(final_v) * trunc
-            ep_success += step.success[step.terminated | step.truncated].tolist()
-        env_steps += args.num_envs * args.num_steps * H
-        last_v = value_fn(state["params"], state["heads"], obs)
-        r = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *roll)  # the T chunk steps stacked, [T,E,...]
-        term, trunc = r["term"].astype(jnp.float32), r["trunc"].astype(jnp.float32)
-        adv, ret = gae_fn(r["rewards"], r["values"], last_v, term, trunc, r["final_v"], gamma_chunk, args.gae_lambda)
-        batch = {k: jax.tree.map(flat, r[k]) for k in ("obs", "chain", "sde_step", "logp", "values")}
-        batch.update(advantages=flat(adv), returns=flat(ret))
-        rng, key = jax.random.split(rng)
-        state, info = update(state, mesh.shard_batch(batch, dev_mesh), key, jnp.bool_(iteration > args.critic_warmup))
-        first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))
-        step_id = bc_done + iteration
-        last = iteration == args.iterations or time.time() - t_main > limit_s
-        if last and iteration < args.iterations:
-            print(f"time limit of {args.time_limit_min} min reached at PPO iteration {iteration}: stopping")
-        if iteration % args.log_every == 0 or last:
-            sps = (iteration - start_it) * args.num_envs * args.num_steps * H / (time.time() - start)
-            metrics = {**info, "time/sps": sps, "charts/env_steps": env_steps}
-            if ep_success:
-                metrics["charts/rollout_success"] = float(np.mean(ep_success))
-            run.log(step_id, metrics)
-            keys = ("charts/clip_frac", "charts/noise_std", "losses/approx_kl")
-            shown = {"rollout_success": np.mean(ep_success or [0]), **{k.split("/")[1]: info[k] for k in keys}}
-            run.progress(iteration, args.iterations, "ppo", start_it, start, **shown)
-            ep_success = []
-        if iteration % args.eval_every == 0 or last:
-            ev = evaluate()
-            run.log(step_id, ev)
-            final.update(ev)
-            print(f"[eval] iteration {iteration}: success {ev['eval/success_rate']:.3f}")
-        if iteration % args.save_every == 0 or last:
-            save(step_id)
+    # ---- loop: BC warm start, then PPO (rollout, GAE, epochs × minibatches)
+    bc_update, ppo_update = make_update(nets, args, tx, bc_tx)
+    act, value_fn, eval_act = make_act(nets, args)
+    np_rng = np.random.default_rng([args.seed, step])
+    final, info, first_dev, ep_success = {}, {}, 0.0, []  # ep_success: rollout episodes since the last log
+    obs = env.reset(seed=args.seed)[0]
+    for phase, end in (("bc", bc_steps), ("ppo", total)):
+        if phase == "ppo" and step == bc_steps:  # the start of PPO: BC (or the loaded checkpoint)
+            final = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), "start of PPO")
+            run.log(step, final)
+            final["eval/start_success_rate"] = final["eval/success_rate"]
+        t_phase, s_phase, phase_s = time.time(), step, 0.0
+        # cadences count BC updates (logs and saves every 10× --log-every / --save-every), then PPO iterations
+        start, scale = (0, 10) if phase == "bc" else (bc_steps, 1)
+        env_steps_per_step = 1 if phase == "bc" else args.num_envs * args.num_steps * args.action_horizon
+        while step < end and not (phase == "ppo" and 0 < args.time_budget_s <= phase_s):
+            t = time.time()
+            key = jax.random.fold_in(k_run, step)
+            if phase == "bc":  # flow matching on the prior data's chunks
+                n = min(args.updates_per_call, end - step)
+                bs = [chunks.sample(np_rng, args.bc_batch_size) for _ in range(n)]
+                bs = [{k: b[k] for k in ("obs", "actions", "valid")} for b in bs]
+                state, info = bc_update(state, mesh.stack_batches(bs, dev_mesh), key)
+            else:  # one rollout, then epochs × minibatches of PPO on it
+                n = 1
+                batch, obs, done = rollout(act, value_fn, state, env, obs, key, args)
+                ep_success += done
+                env_steps += env_steps_per_step
+                train_policy = jnp.bool_(step - bc_steps >= args.critic_warmup)
+                batch = mesh.shard_batch(batch, dev_mesh)
+                state, info = ppo_update(state, batch, jax.random.fold_in(key, 1), train_policy)
+                first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))
+            prev, step = step, step + n
+            phase_s += time.time() - t
+            last = step == end or (phase == "ppo" and 0 < args.time_budget_s <= phase_s)
+            # ---- log
+            if runlog.crossed(prev - start, step - start, scale * args.log_every) or last:
+                m = {**info, "charts/env_steps": env_steps, "time/sps": (step - s_phase) * env_steps_per_step / phase_s}
+                m.update({"charts/rollout_success": np.mean(ep_success)} if ep_success else {})
+                ep_success = []
+                keys = ("losses/bc", "charts/rollout_success", "charts/noise_std", "losses/approx_kl")
+                run.report(step, m, phase, total, (s_phase, t_phase), keys)
+            # ---- evaluate
+            if phase == "ppo" and (runlog.crossed(prev - start, step - start, args.eval_every) or last):
+                ev = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval {step}")
+                run.log(step, ev)
+                final.update(ev)
+            # ---- save
+            if runlog.crossed(prev - start, step - start, scale * args.save_every) or last:
+                save(step)
     env.close()
     run.close()
-    final |= {k: float(v) for k, v in info.items()} | {"run_dir": run.dir, "charts/first_ratio_dev_max": first_dev}
-    return final | {"charts/env_steps": env_steps, "time/wall_s": time.time() - start}
+    final |= {k: float(v) for k, v in jax.device_get(info).items()}
+    final |= {"run_dir": run.dir, "charts/first_ratio_dev_max": first_dev, "charts/env_steps": env_steps}
+    return final | {"step": step, "iterations": step - bc_steps, "time/wall_s": phase_s}
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def main(b: Bench) -> dict:
 
 def report(results: dict, offline: int) -> None:
     print(
-        f"\n{'seed':>4} {'update':>7} {'phase':>7} {'BoN':>6} {'plain':>6} {'BoN(mean)':>9} {'Q pred':>7} {'realised':>8}"
+        f"\n{'seed':>4} {'update':>7} {'phase':>7} {'BoN':>6} {'plain':>6} {'BoN(mean)':>9} {'Q pred':>7} "
+        f"{'realised':>8}"
     )
     for seed, c in results["runs"].items():
         for i, s in enumerate(c["step"]):

@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.envs import PUSH_PROMPTS, PushDemonstrator, PushEnv, execute_chunk, make_dataset  # noqa: E402
-from common.qchunk import MixedSampler, ReplayBuffer, load_episodes, make_chunks  # noqa: E402
+from common.qchunk import ReplayBuffer, load_episodes, make_chunks  # noqa: E402
 
 
 def rate(fn, items: int, seconds: float = 2.0) -> float:
@@ -65,9 +65,8 @@ def main() -> None:
                     f"{steps / (time.perf_counter() - start):,.0f} env steps/s",
                 )
             )
-            mixed = MixedSampler(chunks, buffer)
-            per_s = rate(lambda m=mixed: m.sample(rng, args.batch), args.batch)
-            rows.append((f"MixedSampler.sample 50/50, batch {args.batch}, image {size}", f"{per_s:,.0f} chunks/s"))
+            per_s = rate(lambda b=buffer: b.sample(rng, args.batch), args.batch)
+            rows.append((f"ReplayBuffer.sample, batch {args.batch}, image {size}", f"{per_s:,.0f} chunks/s"))
     width = max(len(r[0]) for r in rows)
     print(f"{'what':<{width}}  measured\n{'-' * width}  --------")
     for what, value in rows:

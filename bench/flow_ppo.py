@@ -32,7 +32,7 @@ class BenchArgs:
     bc_steps: int = fp.Args.bc_steps
     """BC warm-start steps (flow_ppo.py's default)"""
     ppo_minutes: float = 5.0
-    """wall-clock budget of each PPO run, start-up and compilation included (the reduced-budget knob)"""
+    """budget of each PPO run: rollouts and updates (flow_ppo.py --time-budget-s; start-up and evaluation excluded)"""
     iterations: int = 300
     """upper bound on PPO iterations per run"""
     eval_episodes: int = 200
@@ -99,7 +99,7 @@ def main(b: BenchArgs) -> list[dict]:
                     noise_method=method,
                     pi0_checkpoint=bc_dir,
                     iterations=b.iterations,
-                    time_limit_min=b.ppo_minutes,
+                    time_budget_s=60 * b.ppo_minutes,
                     eval_episodes=b.eval_episodes,
                     eval_every=10,
                 )

@@ -62,7 +62,8 @@ class PushEnv:
 
     A disc agent (radius 0.05) moves in [-1, 1]^2 with velocity `speed * clip(action, -1, 1)` per step and pushes a
     round block (radius 0.08, starting within 0.45 of the centre) kinematically: after the agent moves, an
-    overlapping block is moved out along the contact normal; a block held by a wall stops the agent. Three targets (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
+    overlapping block is moved out along the contact normal; a block held by a wall stops the agent. Three targets
+    (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
     rotation; the prompt names one. Reward 1 and termination when the block centre is within 0.12 of the named
     target; truncation after `max_episode_steps`. State (10): agent xy, block xy, red xy, green xy, blue xy.
     """
@@ -424,27 +425,40 @@ def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw:
     return GymVecEnv(name, num_envs, seed=seed, **kw)
 
 
-def from_args(args: Any, num_envs: int, seed: int, evaluation: bool = False) -> Any:
-    """`make_env` for a script's Args: `--env`, `--env-kwargs` (values decoded as JSON where they parse, e.g.
-    `--env-kwargs suite libero_goal task_ids [0,3] image_size 64`) and `--image-size` where the script has one.
-    LIBERO: images rendered at the size of the `--dataset`'s images unless an image size is given (online and offline
-    observations then match), and evaluation envs (`evaluation=True`) play the suite's fixed initial states in order.
-    """
-    kw = _env_kwargs(args)
-    if args.env == "libero":
-        if "image_size" not in kw and args.dataset and (size := dataset_image_size(args.dataset)):
-            kw["image_size"] = size
-        if evaluation:
-            kw.setdefault("eval_mode", True)
-    return make_env(args.env, num_envs, seed=seed, **kw)
+@dataclass(frozen=True)
+class EnvSpec:
+    """Which environment a run uses, from explicit values (a script builds it from its flags, `make_spec`):
+    `name` ('push', 'libero' or a gymnasium id), `kwargs` for `make_env` (decoded: `--env-kwargs suite libero_goal
+    task_ids [0,3]`), and the `dataset` whose images LIBERO renders at when `kwargs` set no image size (online and
+    offline observations then match)."""
+
+    name: str
+    kwargs: dict[str, Any]
+    dataset: str | None = None
+
+    def make(self, num_envs: int, seed: int, evaluation: bool = False) -> Any:
+        """`num_envs` vectorised envs; LIBERO evaluation envs (`evaluation`) play the suite's fixed initial states."""
+        kw = dict(self.kwargs)
+        if self.name == "libero":
+            if "image_size" not in kw and self.dataset and (size := dataset_image_size(self.dataset)):
+                kw["image_size"] = size
+            if evaluation:
+                kw.setdefault("eval_mode", True)
+        return make_env(self.name, num_envs, seed=seed, **kw)
+
+    @property
+    def image_size(self) -> int:
+        """The image size the kwargs ask for (0: the env's or the dataset's own)."""
+        return int(self.kwargs.get("image_size") or 0)
 
 
-def _env_kwargs(args: Any) -> dict[str, Any]:
-    """`--env-kwargs` decoded, with `--image-size` (where the script has one) unless the kwargs give one."""
-    kw = {k: _decode(v) for k, v in (getattr(args, "env_kwargs", None) or {}).items()}
-    if getattr(args, "image_size", 0):
-        kw.setdefault("image_size", args.image_size)
-    return kw
+def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None, image_size: int = 0) -> EnvSpec:
+    """An `EnvSpec` from flag values: `env_kwargs` values decoded as JSON where they parse (else kept as strings),
+    `image_size` (a script's `--image-size`) added unless the kwargs give one."""
+    kw = {k: _decode(v) for k, v in (env_kwargs or {}).items()}
+    if image_size:
+        kw.setdefault("image_size", image_size)
+    return EnvSpec(name, kw, dataset)
 
 
 def _decode(value: Any) -> Any:
@@ -460,23 +474,28 @@ LEROBOT_IMAGE_SIZE = 128  # LeRobot images are read resized to this unless told 
 
 
 def is_lerobot(path: str | os.PathLike) -> bool:
-    """A LeRobot dataset folder (`meta/tasks.jsonl` or `data/**/*.parquet`), e.g. openpi's physical-intelligence/libero."""
+    """A LeRobot dataset folder (`meta/tasks.jsonl` or `data/**/*.parquet`), e.g. openpi's
+    physical-intelligence/libero."""
     p = Path(path)
     return p.is_dir() and ((p / "meta" / "tasks.jsonl").exists() or any(p.glob("data/**/*.parquet")))
 
 
-def load_dataset(path: str | os.PathLike, args: Any, prompts: list[str]) -> Any:
-    """A script's prior data (`qchunk.EpisodeData`): robomimic/LIBERO HDF5 (a file or a folder of them) through
-    `qchunk.load_episodes`, or a LeRobot folder through `libero.load_lerobot` with its images resized to the env's
-    (`--env-kwargs image_size N`, `--image-size`, else `LEROBOT_IMAGE_SIZE`, the size `from_args` renders at)."""
-    if not is_lerobot(path):
+def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
+    """Prior data for `env` (`qchunk.EpisodeData`): robomimic/LIBERO HDF5 (a file or a folder of them) through
+    `qchunk.load_episodes`, or a LeRobot folder through `libero.load_lerobot` with its images resized to `image_size`
+    (0: `LEROBOT_IMAGE_SIZE`, the size `EnvSpec.make` renders LIBERO at for such a dataset). Prompt ids index the
+    env's prompts first, then the data's new ones; actions must have the env's dimension."""
+    if is_lerobot(path):
+        from common import libero
+
+        data = libero.load_lerobot(path, prompts=env.prompts, image_size=image_size or LEROBOT_IMAGE_SIZE)
+    else:
         from common import qchunk
 
-        return qchunk.load_episodes(path, prompts=prompts)
-    from common import libero
-
-    size = int(_env_kwargs(args).get("image_size") or LEROBOT_IMAGE_SIZE)
-    return libero.load_lerobot(path, prompts=prompts, image_size=size)
+        data = qchunk.load_episodes(path, prompts=env.prompts)
+    if data.actions.shape[1] != env.action_dim:
+        raise ValueError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
+    return data
 
 
 def dataset_image_size(path: str | os.PathLike) -> int | None:
@@ -562,34 +581,39 @@ def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tupl
 
 
 def evaluate(
-    args: Any,
+    spec: EnvSpec,
     act: Callable[[Obs, jax.Array], tuple[Any, Any]],
     rng: jax.Array,
+    *,
     episodes: int,
-    num_envs: int | None = None,
+    num_envs: int,
+    seed: int,
+    horizon: int,
     gamma: float = 1.0,
     prefix: str = "",
+    max_chunks: int | None = None,
 ) -> dict[str, float]:
-    """Evaluate a chunk policy on `episodes` episodes of the evaluation envs of a script's Args (`from_args(...,
-    evaluation=True)`, seed `args.seed + 10_000`): E = min(num_envs or episodes, episodes) envs, env e playing episodes
-    e, e + E, ...; every chunk executed open loop (`execute_chunk`).
+    """Evaluate a chunk policy on `episodes` episodes of `spec`'s evaluation envs (`spec.make(E, seed,
+    evaluation=True)`): E = min(num_envs, episodes) envs, env e playing episodes e, e + E, ...; every chunk of
+    `horizon` actions executed open loop (`execute_chunk`).
 
     act(obs, key) -> (actions [E,H,A] in env units, value [E] or None), `key` split off `rng` once per chunk; `value`
     is a critic's prediction of the discounted return from the chosen chunk on.
     Returns eval/{prefix}success_rate (a step of the episode reported success) and eval/{prefix}return (its summed
-    reward); an episode still running after ceil(max_episode_steps / H) + 1 chunks per episode counts as a failure
-    with return 0. With values also the critic's calibration over every chunk chosen in an evaluated episode:
-    eval/{prefix}q_pred (mean value), eval/{prefix}q_realised (mean discounted return, with `gamma`, that followed
-    until the episode's end) and eval/{prefix}q_gap (their difference).
+    reward). An episode still running after `max_chunks` chunks (None: ceil(max_episode_steps / H) + 1, one more than
+    the env's time limit allows) is stopped and counted as a failure with return 0. With values also the critic's
+    calibration over every chunk chosen in an evaluated episode: eval/{prefix}q_pred (mean value),
+    eval/{prefix}q_realised (mean discounted return, with `gamma`, that followed until the episode's end) and
+    eval/{prefix}q_gap (their difference).
     """
-    E = min(num_envs or episodes, episodes)
-    env = from_args(args, E, args.seed + 10_000, evaluation=True)
-    obs, _ = env.reset(seed=args.seed + 10_000)
+    E = min(num_envs, episodes)
+    env = spec.make(E, seed, evaluation=True)
+    obs, _ = env.reset(seed=seed)
     todo = (episodes - np.arange(E) + E - 1) // E  # episodes each env still has to play
     success, ret = np.zeros(E, bool), np.zeros(E)  # of each env's current episode
     n_success, total = 0, 0.0
     rewards, ends, decisions = [], [], []  # per step [E]: rewards (0 outside evaluated episodes), an episode ended
-    per_episode = math.ceil((getattr(env, "max_episode_steps", None) or 1000) / args.action_horizon) + 1
+    per_episode = max_chunks or math.ceil((getattr(env, "max_episode_steps", None) or 1000) / horizon) + 1
     for _ in range(per_episode * int(todo.max())):
         rng, key = jax.random.split(rng)
         actions, value = act(obs, key)

@@ -145,14 +145,6 @@ def openpi_delta_dims(stats: dict[str, dict[str, Any]]) -> int:
     return 6 if len(a) == len(s) == 6 and np.abs(a + s).max() < np.abs(a).max() else 0
 
 
-def state_offset(state: Any, action_dim: int, dims: int) -> Any:
-    """What to add to a chunk predicted relative to the state: [..., S] -> [..., 1, A], the first `dims` state entries
-    (zero beyond them); 0.0 when dims = 0. Works on numpy and jax arrays (needs S ≥ A when dims > 0)."""
-    if not dims:
-        return 0.0
-    return state[..., None, :action_dim] * (np.arange(action_dim) < dims)
-
-
 # ----------------------------------------------------------------------------------------------------- one env
 class LiberoTaskEnv:
     """One LIBERO simulator (in the current process) that can switch between the tasks of a suite.

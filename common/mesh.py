@@ -82,6 +82,27 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def stack_batches(batches: list[Any], mesh: Mesh) -> Any:
+    """This host's numpy batches (dicts of [B,...]) stacked [U,B,...] for `scan_updates`, placed on the mesh with B
+    split over the batch axes (each host passes its own slice)."""
+    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+    stacked = jax.tree.map(lambda *v: np.stack(v), *batches)
+    if jax.process_count() == 1:
+        return jax.device_put(stacked, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
+
+
+def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any:
+    """`fn(idx)` over row-index batches covering range(n), each padded to `batch_size` by repeating the last row (one
+    compiled shape), pulled to the host and concatenated: a pytree of numpy arrays [n, ...]. For computing something
+    of every frame of a dataset once (encoded features, advantages)."""
+    outs = []
+    for lo in range(0, n, batch_size):
+        idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)
+        outs.append(jax.tree.map(lambda x, k=n - lo: np.asarray(x)[:k], jax.device_get(fn(idx))))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
 def scan_updates(step: Callable[[Any, Any, jax.Array], tuple[Any, Any]], state_sharding: Any = None) -> Callable:
     """One jitted `update(state, batches, rng) -> (state, info)` that runs K updates `step(state, batch, key) ->
     (state, info)` in one `lax.scan` over batches stacked [K,B,...], one key split off `rng` per update, and returns

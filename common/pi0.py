@@ -8,8 +8,10 @@ Architecture (Black et al., "π₀: A Vision-Language-Action Flow Model", 2024; 
   and RoPE positions from the cumulative input mask. π₀.₅ conditions the action expert on t through adaRMS norms.
 
 The parameter tree is openpi's (`PaliGemma/llm/layers/attn/q_einsum/w`, ...), so `load_openpi_params` restores an
-openpi checkpoint with no renaming. Shape letters: B batch, N candidates, H chunk length, A action dim, P prefix
-tokens, S suffix tokens, L prompt tokens, W width, D depth, K kv heads, G query heads per kv head, E head dim.
+openpi checkpoint with no renaming. Shape letters: B batch, N candidates, H chunk length, A action dim, L prompt
+tokens, W width, D depth, K kv heads, G query heads per kv head, E head dim; in the attention einsums T the query
+tokens and S the key tokens of the group attended jointly, P the cached prefix tokens (suffix queries over a prefix
+cache: T = S = the suffix tokens).
 
 Performance: `prefix()` runs the VLM once per observation and returns its KV cache and pooled features; every
 denoising step and every one of N candidates attends to that cache by broadcasting (the cache is never tiled or
@@ -303,7 +305,7 @@ class Gemma(nn.Module):
         return self.embedder(tokens).astype(dtype) * jnp.sqrt(self.configs[0].width).astype(dtype)
 
     def __call__(self, xs, positions, mask, adarms_cond, cache=None):
-        """xs: per-expert token lists (None to skip an expert). cache: per-layer (k [D,...], v [D,...]) + prefix mask."""
+        """xs: per-expert token lists (None to skip an expert). cache: per-layer (k [D,...], v [D,...]), prefix mask."""
         layer_cache = None
         if cache is not None:  # the prefix mask is the same for every layer: give each scanned layer its copy
             layer_cache = (cache[0], cache[1], jnp.broadcast_to(cache[2], (cache[0].shape[0], *cache[2].shape)))
@@ -398,7 +400,7 @@ class Prefix:
     v: jax.Array  # [D,B,P,K,E]
     mask: jax.Array  # [B,P] valid prefix tokens
     features: jax.Array  # [B,W] mean of the VLM's final-normed outputs over valid prefix tokens
-    state: jax.Array  # [B,A] the state, for π₀'s state token
+    state: jax.Array  # [B,S_state] the normalised state padded to the model's state dim (π₀'s state token reads it)
 
 
 def make_attn_mask(input_mask, ar_mask):
@@ -580,6 +582,36 @@ class Pi0:
         (x, _), _ = jax.lax.scan(step, (noise, jnp.float32(1.0)), length=num_steps)
         return x
 
+    def sample_logp(self, params: Params, prefix: Prefix, noise: jax.Array, steps: int, rng: jax.Array,
+                    hutchinson: bool) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """`sample` with the log-density of each sample by the change of variables along the flow (chunk AWR's
+        entropy term): log π(A) = log N(x_1) + (1/K) Σ_k tr ∂v/∂x (x_k, t_k).
+
+        noise [B,N,H,A] -> (A [B,N,H,A], log π [B,N]). Exact trace: one JVP per coordinate (rows never interact);
+        Hutchinson: E[εᵀ J ε] with Rademacher ε.
+        """
+        B, N, H, A = noise.shape
+        dt = -1.0 / steps
+
+        def step(carry, key):
+            x, t, tr_sum = carry
+            f = lambda y: self.velocity(params, prefix, y, jnp.full((B, N), t))[0]  # noqa: E731
+            if hutchinson:
+                eps = jax.random.rademacher(key, x.shape, jnp.float32)
+                v, jv = jax.jvp(f, (x,), (eps,))
+                tr = (eps * jv).sum((-2, -1))
+            else:
+                basis = jnp.eye(H * A, dtype=jnp.float32).reshape(H * A, H, A)
+                v, jv = jax.vmap(lambda e: jax.jvp(f, (x,), (jnp.broadcast_to(e, x.shape),)))(basis)  # [HA,B,N,H,A]
+                v = v[0]
+                tr = jnp.einsum("dbnha,dha->bn", jv, basis)
+            return (x + dt * v, t + dt, tr_sum + tr), None
+
+        keys = jax.random.split(rng, steps)
+        (x, _, tr_sum), _ = jax.lax.scan(step, (noise, jnp.float32(1.0), jnp.zeros((B, N))), keys)
+        log_n = -0.5 * (noise**2).sum((-2, -1)) - 0.5 * H * A * math.log(2 * math.pi)
+        return x, log_n + tr_sum / steps
+
     def backbone_mask(self, params: Params) -> Params:
         """True for the VLM's parameters (SigLIP, embedder, expert 0): the ones a frozen backbone leaves alone."""
 
@@ -592,6 +624,11 @@ class Pi0:
             return not any(re.search(r"_1$", k) for k in keys[2:])
 
         return jax.tree_util.tree_map_with_path(lambda p, _: is_backbone(p), params)
+
+    def optimizer_labels(self, params: Params, label: str, freeze_backbone: bool) -> Params:
+        """`label` on every parameter, "frozen" on the VLM's when `freeze_backbone` (for `optax.multi_transform`)."""
+        frozen = self.backbone_mask(params)
+        return jax.tree.map(lambda f: "frozen" if f and freeze_backbone else label, frozen)
 
 
 def param_count(params: Params) -> int:
@@ -690,7 +727,8 @@ class EnvIO:
 
     `stats`: {"state", "actions"} norm stats (`normalize`'s layout); `quantile`: openpi's quantile normalisation
     (π₀.₅ checkpoints) instead of mean/std; `delta`: the first `delta` action dims are predicted relative to the state
-    (openpi's pi0_libero, `libero.openpi_delta_dims`), so the state is subtracted going in and added coming out.
+    (openpi's pi0_libero; the caller decides, e.g. `libero.openpi_delta_dims`), so the state is subtracted going in
+    and added coming out.
     `horizon`: the chunk the scripts work with, executed open loop, learned from and valued (default: the model's
     whole chunk); fewer than the model's `action_horizon` H_m keeps the first `horizon` actions of every sampled chunk
     and discards the rest, like openpi's `replan_steps` (pi0_libero: H_m = 50, 5 executed). Data chunks [.., horizon,
@@ -722,8 +760,8 @@ class EnvIO:
         return make_observation(self.config, obs, self.table, self.stats["state"], self.quantile)
 
     def to_model(self, actions: jax.Array, state: jax.Array | None = None) -> jax.Array:
-        """Env-unit chunks [..., H, A] -> normalised, zero-padded [..., H_m, A_m]; relative to `state` [B,S] on the delta
-        dims when it is given (a chunk [B,H,A] the policy should predict), absolute without it."""
+        """Env-unit chunks [..., H, A] -> normalised, zero-padded [..., H_m, A_m]; relative to `state` [B,S] on the
+        delta dims when it is given (a chunk [B,H,A] the policy should predict), absolute without it."""
         off = 0.0 if state is None else self.state_offset(state)
         a = normalize(actions - off, self.stats["actions"], self.quantile)
         pad_t = self.config.action_horizon - a.shape[-2]  # executed chunks [.., H, A]: discarded steps are 0
@@ -749,9 +787,26 @@ class EnvIO:
 
     def state_offset(self, state: jax.Array) -> jax.Array | float:
         """[B,S] -> [B,1,A]: the state on the delta dims, zero elsewhere (0.0 without delta dims)."""
-        from common.libero import state_offset  # the rule lives with LIBERO's conventions; a light module
-
         return state_offset(state, self.action_dim, self.delta)
+
+
+def sample_env_actions(model: Pi0, io: EnvIO, params: Params, obs: dict[str, Any], rng: jax.Array, steps: int,
+                       noise_scale: float = 1.0) -> jax.Array:  # fmt: skip
+    """π₀'s action chunk for a batch of env observations, the executed part in env units [B,H,A] (jittable): one
+    prefix pass, then `steps` Euler steps from noise_scale·N(0, I) (0: the deterministic mean-noise policy)."""
+    c = model.config
+    prefix = model.prefix(params, io.observe(obs))
+    noise = noise_scale * jax.random.normal(rng, (prefix.mask.shape[0], 1, c.action_horizon, c.action_dim))
+    return io.to_env(model.sample(params, prefix, noise, steps)[:, 0], obs["state"])
+
+
+def state_offset(state: Any, action_dim: int, dims: int) -> Any:
+    """What to add to a chunk predicted relative to the state: [..., S] -> [..., 1, A], the first `dims` state entries
+    (zero beyond them); 0.0 when dims = 0. Works on numpy and jax arrays (needs S ≥ A when dims > 0). Which dims are
+    relative is the checkpoint's convention (LIBERO: `libero.openpi_delta_dims`), passed in by the caller."""
+    if not dims:
+        return 0.0
+    return state[..., None, :action_dim] * (np.arange(action_dim) < dims)
 
 
 # ----------------------------------------------------------------------------------------------------------- tokenizers

@@ -6,19 +6,19 @@ A chunk transition at frame t of an episode of length L (H = horizon, gamma = di
   rewards r_{t+k} (0 where not valid); discounted_return = sum_k gamma^k r_{t+k} over valid k;
   next_obs o_{t+H}, or the episode's last stored frame o_{L-1} when t+H >= L;
   mask = 0 iff a true termination happens in steps t..t+H-1 (truncation is not termination);
-  discount = gamma^n with n the number of valid steps, so the TD target is
-  discounted_return + discount * mask * Q(next_obs, .).
-A dataset episode that ends without a termination (time limit, or a demo that just stops) keeps bootstrapping. Its
-successor of the last step is not stored, so the chunk bootstraps from the last stored frame o_{L-1} with gamma^n: an
-approximation, exact when rewards are zero there (as in push's truncated episodes). Online chunks (`ReplayBuffer`)
-store the true final observation, so there the target is exact.
+  n_valid = the number of valid steps (a script's TD target discounts its bootstrap by gamma^n_valid).
+A dataset episode that ends without a termination (time limit, or a demo that just stops) is not terminated. The
+successor of its last step is not stored, so next_obs is the last stored frame o_{L-1} there: bootstrapping from it
+is an approximation, exact when rewards are zero there (as in push's truncated episodes). Online chunks
+(`ReplayBuffer`) store the true final observation.
 
-Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`, `MixedSampler.sample`) are dicts of numpy arrays:
+Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`) are dicts of numpy arrays:
   obs / next_obs: {"state": f32[B, S], "prompt_id": i32[B], "images": {cam: u8[B, h, w, 3]}}, actions f32[B, H, A],
-  rewards f32[B, H], discounted_return f32[B], discount f32[B], mask f32[B], valid bool[B, H], subgoal bool[B]
+  rewards f32[B, H], discounted_return f32[B], n_valid i32[B], mask f32[B], valid bool[B, H], subgoal bool[B]
   (a subgoal flag was raised in a valid step of the chunk), return_to_go f32[B] (sum_k gamma^k r_{t+k} from o_t to the
   episode's end, the Monte Carlo return of the data's policy; NaN for online chunks, whose episode had not ended when
-  they were stored), and from `MixedSampler` also is_online bool[B].
+  they were stored). A `ReplayBuffer` made without an observation example stores no observations (a script that
+  caches what it reads of them in `extras`).
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ def load_episodes(
     file key or camera name; [] for none); LIBERO's `agentview_rgb` / `eye_in_hand_rgb` become `base_0_rgb` /
     `left_wrist_0_rgb` rotated 180° (`img[::-1, ::-1]`); other keys pass through unchanged. The instruction is the
     demo attr `language_instruction`, else `problem_info["language_instruction"]` of the file's `data` group; it is
-    mapped to an index into `prompts` (new instructions appended, first those listed in `problem_info["prompts"]`). `dones` are taken as given (LIBERO demos end at
-    success with done=1 on the last step; a demo ending with done=0 keeps bootstrapping). Truncation per episode from
-    the demo attr `truncated` (default False); `subgoal` from `obs/subgoal` (default all False).
+    mapped to an index into `prompts` (new instructions appended, first those listed in `problem_info["prompts"]`).
+    `dones` are taken as given (LIBERO demos end at success with done=1 on the last step; a demo ending with done=0
+    keeps bootstrapping). Truncation per episode from the demo attr `truncated` (default False); `subgoal` from
+    `obs/subgoal` (default all False).
     """
     prompts = list(prompts or [])
     files = _dataset_files(paths)
@@ -194,7 +195,8 @@ def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | N
         state_dim = sum(int(np.prod(o[k].shape[1:])) for k in LIBERO_STATE_KEYS)
     else:
         raise DatasetError(
-            f"{where}/obs: no 'state' key and not the LIBERO keys {list(LIBERO_STATE_KEYS)}; it has {sorted(o.keys())}. "
+            f"{where}/obs: no 'state' key and not the LIBERO keys {list(LIBERO_STATE_KEYS)}; "
+            f"it has {sorted(o.keys())}. "
             "Store the proprioceptive state as obs/state."
         )
     found = {k: o[k] for k in o if o[k].dtype == np.uint8 and o[k].ndim == 4 and o[k].shape[-1] == 3}
@@ -209,51 +211,20 @@ def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | N
 
 
 # ----------------------------------------------------------------------------------------------------- normalisation
-@dataclass
-class NormStats:
-    """Per-dimension statistics (openpi's norm_stats.json entry layout)."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    q01: np.ndarray
-    q99: np.ndarray
-
-    def normalize(self, x: np.ndarray, mode: str = "meanstd") -> np.ndarray:
-        """meanstd: (x - mean) / std; quantile: [q01, q99] -> [-1, 1] (openpi's rule)."""
-        if mode == "meanstd":
-            return (x - self.mean) / np.maximum(self.std, 1e-6)
-        if mode == "quantile":
-            return (x - self.q01) / (self.q99 - self.q01 + 1e-6) * 2.0 - 1.0
-        raise ValueError(f"unknown normalisation mode {mode!r}; use 'meanstd' or 'quantile'.")
-
-    def unnormalize(self, x: np.ndarray, mode: str = "meanstd") -> np.ndarray:
-        """Inverse of `normalize`."""
-        if mode == "meanstd":
-            return x * np.maximum(self.std, 1e-6) + self.mean
-        if mode == "quantile":
-            return (x + 1.0) / 2.0 * (self.q99 - self.q01 + 1e-6) + self.q01
-        raise ValueError(f"unknown normalisation mode {mode!r}; use 'meanstd' or 'quantile'.")
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {k: np.asarray(getattr(self, k), np.float32).tolist() for k in ("mean", "std", "q01", "q99")}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NormStats:
-        return cls(**{k: np.asarray(d[k], np.float32) for k in ("mean", "std", "q01", "q99")})
-
-
-def compute_norm_stats(x: np.ndarray) -> NormStats:
-    """Statistics over all leading axes of x[..., D]."""
+def compute_norm_stats(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-dimension statistics over all leading axes of x[..., D] (openpi's norm_stats.json entry layout):
+    {"mean", "std", "q01", "q99"}, float32 [D]."""
     x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
     q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
-    return NormStats(*(np.asarray(v, np.float32) for v in (x.mean(0), x.std(0), q01, q99)))
+    stats = {"mean": x.mean(0), "std": x.std(0), "q01": q01, "q99": q99}
+    return {k: np.asarray(v, np.float32) for k, v in stats.items()}
 
 
 def norm_stats(data: EpisodeData) -> dict[str, dict[str, np.ndarray]]:
     """The state and action statistics of a dataset, in the dict layout of openpi's norm_stats.json and
     `pi0.normalize`: {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}, float32 arrays."""
     pairs = (("state", data.obs["state"]), ("actions", data.actions))
-    return {k: {s: np.asarray(v, np.float32) for s, v in vars(compute_norm_stats(x)).items()} for k, x in pairs}
+    return {k: compute_norm_stats(x) for k, x in pairs}
 
 
 # ----------------------------------------------------------------------------------------------------- chunks
@@ -263,11 +234,13 @@ def gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
     return {"state": obs["state"][idx], "prompt_id": obs["prompt_id"][idx], "images": images}
 
 
-def _batch(src: Any, i: np.ndarray, obs: dict, actions: np.ndarray, next_obs: dict) -> Batch:
+def _batch(src: Any, i: np.ndarray, obs: dict | None, actions: np.ndarray, next_obs: dict | None) -> Batch:
     """The batch dict (module docstring): rows `i` of `src`'s per-chunk arrays plus the gathered obs and actions."""
-    keys = ("rewards", "discounted_return", "discount", "mask", "valid", "subgoal", "return_to_go")
+    keys = ("rewards", "discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go")
     batch = {k: getattr(src, k)[i] for k in keys}
-    batch.update(obs=obs, actions=actions, next_obs=next_obs)
+    batch["actions"] = actions
+    if obs is not None:
+        batch.update(obs=obs, next_obs=next_obs)
     return batch
 
 
@@ -285,9 +258,7 @@ class ChunkDataset:
     discounted_return: np.ndarray  # f32[M]
     valid: np.ndarray  # bool[M, H], step t+k inside the episode and not after a termination
     mask: np.ndarray  # f32[M], 0 iff a termination happens inside the chunk
-    discount_steps: np.ndarray  # i64[M], number of valid steps
-    discount: np.ndarray  # f32[M], gamma ** discount_steps
-    terminal_any: np.ndarray  # bool[M]
+    n_valid: np.ndarray  # i32[M], number of valid steps
     subgoal: np.ndarray  # bool[M]
     return_to_go: np.ndarray  # f32[M], discounted return from o_t to the episode's end
 
@@ -346,9 +317,7 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
         discounted_return=discounted,
         valid=valid,
         mask=(~terminal_any).astype(np.float32),
-        discount_steps=n_valid,
-        discount=(gamma ** n_valid.astype(np.float64)).astype(np.float32),
-        terminal_any=terminal_any,
+        n_valid=n_valid.astype(np.int32),
         subgoal=(data.subgoal[frame] & valid).any(1),
         return_to_go=togo.astype(np.float32),
     )
@@ -358,18 +327,21 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
 class ReplayBuffer:
     """Circular buffer of online chunk transitions, sampled in the same batch form as `ChunkDataset`.
 
-    `obs_example`: one observation in the shared format, batched ([E, ...]) or not; only trailing shapes are used.
+    `obs_example`: one observation in the shared format, batched ([E, ...]) or not (only trailing shapes are used);
+    None: no observations are stored (o_t and o_{t+H} take the most memory, images above all; a script that reads
+    only what it cached at acting time keeps that in `extras`).
     """
 
-    def __init__(self, capacity: int, horizon: int, gamma: float, obs_example: dict[str, Any]):
+    def __init__(self, capacity: int, horizon: int, gamma: float, obs_example: dict[str, Any] | None = None):
         self.capacity, self.horizon, self.gamma = capacity, horizon, gamma
         self.size, self._next = 0, 0
-        state_dim = np.shape(obs_example["state"])[-1]
-        images = {k: np.shape(v)[-3:] for k, v in obs_example.get("images", {}).items()}
 
-        def obs_storage() -> dict[str, Any]:
+        def obs_storage() -> dict[str, Any] | None:
+            if obs_example is None:
+                return None
+            images = {k: np.shape(v)[-3:] for k, v in obs_example.get("images", {}).items()}
             return {
-                "state": np.zeros((capacity, state_dim), np.float32),
+                "state": np.zeros((capacity, np.shape(obs_example["state"])[-1]), np.float32),
                 "prompt_id": np.zeros(capacity, np.int32),
                 "images": {k: np.zeros((capacity, *s), np.uint8) for k, s in images.items()},
             }
@@ -379,7 +351,7 @@ class ReplayBuffer:
         self.rewards = np.zeros((capacity, horizon), np.float32)
         self.valid = np.zeros((capacity, horizon), bool)
         self.discounted_return = np.zeros(capacity, np.float32)
-        self.discount = np.zeros(capacity, np.float32)
+        self.n_valid = np.zeros(capacity, np.int32)
         self.mask = np.zeros(capacity, np.float32)
         self.subgoal = np.zeros(capacity, bool)
         self.return_to_go = np.full(capacity, np.nan, np.float32)  # unknown when stored (the episode goes on)
@@ -405,17 +377,19 @@ class ReplayBuffer:
             self.actions = np.zeros((self.capacity, h, actions.shape[-1]), np.float32)
         next_obs = step.final_obs if next_obs is None else next_obs
         idx = (self._next + np.arange(e)) % self.capacity
-        for store, src in ((self.obs, obs), (self.next_obs, next_obs)):
-            store["state"][idx] = src["state"]
-            store["prompt_id"][idx] = src["prompt_id"]
-            for k, v in store["images"].items():
-                v[idx] = src["images"][k]
+        if self.obs is not None:
+            for store, src in ((self.obs, obs), (self.next_obs, next_obs)):
+                store["state"][idx] = src["state"]
+                store["prompt_id"][idx] = src["prompt_id"]
+                for k, v in store["images"].items():
+                    v[idx] = src["images"][k]
         valid = np.asarray(step.valid, bool)
         rewards = np.where(valid, step.rewards, 0.0)
         self.actions[idx] = actions
-        self.rewards[idx], self.valid[idx] = rewards, valid
+        self.rewards[idx] = rewards
+        self.valid[idx] = valid
         self.discounted_return[idx] = (rewards * self.gamma ** np.arange(h, dtype=np.float64)).sum(1)
-        self.discount[idx] = self.gamma ** valid.sum(1).astype(np.float64)
+        self.n_valid[idx] = valid.sum(1)
         self.mask[idx] = 1.0 - np.asarray(step.terminated, np.float32)
         self.subgoal[idx] = (np.asarray(step.subgoal, bool) & valid).any(1)
         for k, v in (extras or {}).items():
@@ -427,19 +401,23 @@ class ReplayBuffer:
         self.size = min(self.size + e, self.capacity)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        """A uniformly sampled batch (with replacement) of stored transitions."""
+        """A uniformly sampled batch (with replacement) of stored transitions (obs only when they are stored)."""
         if self.size == 0:
             raise ValueError("the replay buffer is empty; add transitions before sampling.")
         i = rng.integers(0, self.size, batch_size)
+        if self.obs is None:
+            return _batch(self, i, None, self.actions[i], None)
         return _batch(self, i, gather_obs(self.obs, i), self.actions[i], gather_obs(self.next_obs, i))
 
-    _SAVED = ("obs", "next_obs", "actions", "rewards", "valid", "discounted_return", "discount", "mask", "subgoal")
+    _SAVED = ("obs", "next_obs", "actions", "rewards", "valid", "discounted_return", "n_valid", "mask", "subgoal")
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """The stored arrays by flat name ("obs/state", "obs/images/base_0_rgb", "rewards", ...)."""
         out: dict[str, np.ndarray] = {}
         for k in self._SAVED:
             v = getattr(self, k)
+            if v is None:
+                continue
             if k in ("obs", "next_obs"):
                 out.update({f"{k}/{n}": v[n] for n in ("state", "prompt_id")})
                 out.update({f"{k}/images/{c}": img for c, img in v["images"].items()})
@@ -468,35 +446,3 @@ class ReplayBuffer:
             for k, v in self._arrays().items():
                 v[:n] = z[k]
             self.size, self._next = n, int(z["next"])
-
-
-def _concat(a: Any, b: Any) -> Any:
-    if isinstance(a, dict):
-        return {k: _concat(a[k], b[k]) for k in a}
-    return np.concatenate([a, b], 0)
-
-
-class MixedSampler:
-    """RLPD symmetric sampling: `online_fraction` of each batch from the replay buffer, the rest offline."""
-
-    def __init__(self, offline: ChunkDataset, online: ReplayBuffer, online_fraction: float = 0.5):
-        shapes = [{k: v.shape[1:] for k, v in o["images"].items()} for o in (offline.data.obs, online.obs)]
-        if shapes[0] != shapes[1]:
-            raise ValueError(
-                f"dataset images {shapes[0]} and environment images {shapes[1]} differ: render the env at the "
-                "dataset's size (--image-size, or --env-kwargs image_size N)"
-            )
-        self.offline, self.online, self.online_fraction = offline, online, online_fraction
-
-    def n_online(self, batch_size: int) -> int:
-        """How many rows of a batch come from the buffer: `online_fraction` of it, none while the buffer is empty."""
-        return int(round(batch_size * self.online_fraction)) if len(self.online) > 0 else 0
-
-    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        """Offline rows first, then online rows; all offline while the buffer is empty. Adds `is_online`."""
-        n_online = self.n_online(batch_size)
-        batch = self.offline.sample(rng, batch_size - n_online)
-        if n_online:
-            batch = _concat(batch, self.online.sample(rng, n_online))
-        batch["is_online"] = np.arange(batch_size) >= batch_size - n_online
-        return batch

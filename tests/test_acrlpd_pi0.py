@@ -53,7 +53,8 @@ def test_smoke_and_resume(tmp_path):
     assert any(np.isfinite(r.get("losses/bc", np.nan)) for r in rows)  # the offline joint update
     assert any("eval/q_realised" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
     with np.load(os.path.join(run_dir, "buffer.npz")) as z:  # acting's cache per transition: 1 warm-up + 2 steps
-        assert z["extras/head"].shape[0] == 2 * 3 and z["extras/next_cand"].shape[1:] == (2, 5, 2)
+        assert z["extras/obs_z"].shape[0] == 2 * 3 and z["extras/next_cand"].shape[1:] == (2, 5, 2)
+        assert not any(k.startswith(("obs/", "next_obs/")) for k in z.files)  # the critic reads only the cache
     out = ac.main(ac.Args(offline_steps=8, online_steps=8, run_dir=run_dir, resume=True, **TINY))
     assert out["step"] == 16 and "online/eval/success_rate" in out and "offline/eval/success_rate" not in out
 
@@ -84,43 +85,40 @@ def test_command_line(tmp_path):
     assert "[online done" in res.stdout and "Q pred" in res.stdout
 
 
-def make_agent(**kw):
-    args = ac.resolve(ac.Args(**{**TINY, **kw}))
+def make_nets(**kw):
+    args = ac.check(ac.Args(**{**TINY, **kw}))
     env = envs.make_env("push", 2)
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=args.action_horizon)
     model = pi0.Pi0(cfg)
-    stats = {
-        "state": qchunk.NormStats(*[np.zeros(10, np.float32)] * 2 + [np.ones(10, np.float32)] * 2).to_dict(),
-        "actions": qchunk.NormStats(*[np.zeros(2, np.float32)] * 2 + [np.ones(2, np.float32)] * 2).to_dict(),
-    }
-    stats = jax.tree.map(lambda v: np.asarray(v, np.float32), stats, is_leaf=lambda x: isinstance(x, list))
+    unit = lambda d: {"mean": np.zeros(d, np.float32), "std": np.ones(d, np.float32), "q01": -np.ones(d, np.float32),
+                      "q99": np.ones(d, np.float32)}  # fmt: skip
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    agent = ac.Agent(args, model, pi0.EnvIO(cfg, table, stats, 2))
+    nets = ac.Nets(model, pi0.EnvIO(cfg, table, {"state": unit(10), "actions": unit(2)}, 2), ac.CriticMLP((16,)))
     x = jnp.zeros((1, cfg.vlm.width + 10 + args.action_horizon * 2))
-    critic = jax.vmap(lambda k: agent.critic.init(k, x)["params"])(jax.random.split(jax.random.key(1), args.num_qs))
-    target = jax.vmap(lambda k: agent.critic.init(k, x)["params"])(jax.random.split(jax.random.key(2), args.num_qs))
-    return agent, {"pi": model.init(jax.random.key(0)), "critic": critic}, target, env
+    critic = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(jax.random.key(1), args.num_qs))
+    target = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(jax.random.key(2), args.num_qs))
+    return nets, args, {"params": model.init(jax.random.key(0)), "critic": critic}, target, env
 
 
 def test_td_target_by_hand():
     for agg in ("mean", "min2"):
-        agent, params, target, env = make_agent(q_agg=agg, target_n=4)
+        nets, args, params, target, env = make_nets(q_agg=agg, target_n=4)
         obs = env.reset(seed=0)[0]
-        prefix = agent.model.prefix(params["pi"], agent.io.observe(obs))
-        next_cand, _ = agent.sample(params["pi"], prefix, jax.random.key(4), 4, 2)  # [B,4,H,A]
+        prefix = nets.pi.prefix(params["params"], nets.io.observe(obs))
+        next_cand, _ = ac.sample_chunks(nets, params["params"], prefix, jax.random.key(4), 4, 2)  # [B,4,H,A]
         batch = {
             "discounted_return": jnp.array([0.5, 0.0]),
-            "discount": jnp.array([0.99**5, 0.99**2]),
+            "n_valid": jnp.array([5, 2]),
             "mask": jnp.array([1.0, 0.0]),
-            "next_head": agent.head(prefix),
+            "next_obs_z": ac.critic_obs(prefix),
             "next_cand": next_cand,
         }
         rng = jax.random.key(3)
-        y, _ = ac.td_target(agent, params["critic"], target, batch, rng)
+        y, _ = ac.td_target(params["critic"], target, batch, rng, nets, args)
         # by hand: each member on its own, the candidate ranked by the ONLINE critic's mean, valued by the TARGET
-        head = np.concatenate([np.asarray(prefix.features), np.asarray(prefix.state)], -1)  # [B,W+S]
-        flat = lambda c, head=head: np.concatenate([head, np.asarray(c).reshape(2, -1)], -1)
-        member = lambda tree, e, c, agent=agent, flat=flat: agent.critic.apply(
+        z = np.concatenate([np.asarray(prefix.features), np.asarray(prefix.state)], -1)  # [B,W+S]
+        flat = lambda c, z=z: np.concatenate([z, np.asarray(c).reshape(2, -1)], -1)
+        member = lambda tree, e, c, nets=nets, flat=flat: nets.critic.apply(
             {"params": jax.tree.map(lambda p: p[e], tree)}, flat(c)
         )
         q_on = np.stack([[member(params["critic"], e, next_cand[:, i]) for i in range(4)] for e in range(3)])  # [E,N,B]
@@ -131,58 +129,60 @@ def test_td_target_by_hand():
         else:
             pair = np.asarray(jax.random.choice(rng, 3, (2,), replace=False))
             q_bar = q_t[pair].min(0)
-        want = np.array([0.5, 0.0]) + np.array([0.99**5, 0.99**2]) * np.array([1.0, 0.0]) * q_bar
+        gamma = args.gamma  # the push preset's
+        want = np.array([0.5, 0.0]) + np.array([gamma**5, gamma**2]) * np.array([1.0, 0.0]) * q_bar
         np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
         assert abs(want[1]) < 1e-6  # a terminated chunk does not bootstrap
 
 
 def test_best_of_n_is_the_critic_argmax():
-    agent, params, _, env = make_agent()
-    prefix = agent.model.prefix(params["pi"], agent.io.observe(env.reset(seed=0)[0]))
-    head = agent.head(prefix)
+    nets, _, params, _, env = make_nets()
+    p, c = params["params"], params["critic"]
+    prefix = nets.pi.prefix(p, nets.io.observe(env.reset(seed=0)[0]))
+    z = ac.critic_obs(prefix)
     for slice_ in (0, 2):
-        chunk, q = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 0.0, slice_)
+        chunk, q = ac.best_of_n(nets, p, c, prefix, jax.random.key(5), 8, 2, 0.0, slice_)
         # score every candidate the same way, independently of the selection
         S = slice_ or 8
-        cand = jnp.concatenate(
-            [agent.sample(params["pi"], prefix, k, S, 2)[1] for k in jax.random.split(jax.random.key(5), 8 // S)], 1
-        )  # [B,8,H,A]
-        q_all = agent.q(params["critic"], head, cand).mean(0)  # [B,8]
+        keys = jax.random.split(jax.random.key(5), 8 // S)
+        cand = jnp.concatenate([ac.sample_chunks(nets, p, prefix, k, S, 2)[1] for k in keys], 1)  # [B,8,H,A]
+        q_all = ac.q_values(nets, c, z, cand).mean(0)  # [B,8]
         idx = jnp.abs(cand - chunk[:, None]).sum((2, 3)).argmin(1)  # which candidate was returned
         rows = jnp.arange(2)  # the pick is the argmax up to float ties between near-equal untrained values
         np.testing.assert_allclose(np.asarray(chunk), np.asarray(cand[rows, idx]), atol=1e-6)
         np.testing.assert_allclose(np.asarray(q_all[rows, idx]), np.asarray(q_all.max(1)), atol=1e-5)
         np.testing.assert_allclose(np.asarray(q), np.asarray(q_all.max(1)), atol=1e-5)
     # pessimism: mean − β·std, with β large enough the pick follows the least uncertain candidate
-    chunk, _ = agent.best_of_n(params["pi"], params["critic"], prefix, jax.random.key(5), 8, 2, 1e6)
+    chunk, _ = ac.best_of_n(nets, p, c, prefix, jax.random.key(5), 8, 2, 1e6)
     (key,) = jax.random.split(jax.random.key(5), 1)
-    cand = agent.sample(params["pi"], prefix, key, 8, 2)[1]
+    cand = ac.sample_chunks(nets, p, prefix, key, 8, 2)[1]
     idx = jnp.abs(cand - chunk[:, None]).sum((2, 3)).argmin(1)
-    q_e = agent.q(params["critic"], head, cand)  # [E,B,8]
+    q_e = ac.q_values(nets, c, z, cand)  # [E,B,8]
     np.testing.assert_allclose(np.asarray(q_e.std(0)[jnp.arange(2), idx]), np.asarray(q_e.std(0).min(1)), atol=1e-6)
 
 
 def test_critic_batches_from_the_cache():
-    """The online critic batches: offline rows from the once-encoded prior data (o_t's head, o_{t+H}'s head and
-    π₀ chunks), online rows from what acting stored in the buffer's extras."""
-    agent, params, _, env = make_agent(target_n=2)
+    """The online critic batches: offline rows from the once-encoded prior data (o_t's view, o_{t+H}'s view and
+    π₀ chunks), online rows from what acting stored in the buffer's extras (the buffer keeps no observations)."""
+    nets, args, params, _, env = make_nets(target_n=2)
     data = qchunk.load_episodes(envs.default_dataset(env="push", noise=0.6, episodes=12), prompts=env.prompts)
     offline = qchunk.make_chunks(data, 5, 0.99)
     obs = env.reset(seed=0)[0]
-    buffer = qchunk.ReplayBuffer(16, 5, 0.99, obs)
-    cache = ac.CriticData(agent, params["pi"], qchunk.MixedSampler(offline, buffer, 0.5), jax.random.key(0), bs=64)
-    assert cache.head.shape == (len(data), 64 + 10) and cache.cand.shape == (len(data), 2, 5, 2)
+    buffer = qchunk.ReplayBuffer(16, 5, 0.99)
+    cache = ac.CriticData(nets, args, params["params"], offline, buffer, jax.random.key(0), bs=64)
+    assert cache.obs_z.shape == (len(data), 64 + 10) and cache.cand.shape == (len(data), 2, 5, 2)
+    assert "obs" not in cache.sample(np.random.default_rng(0), 4)  # an empty buffer: all rows offline
     _, step = envs.execute_chunk(env, obs, np.zeros((2, 5, 2), np.float32), 0.99)
-    extras = {"head": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
-    extras.update(next_head=np.full((2, 74), 8.0), next_cand=np.full((2, 2, 5, 2), 8.0))
+    extras = {"obs_z": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
+    extras.update(next_obs_z=np.full((2, 74), 8.0), next_cand=np.full((2, 2, 5, 2), 8.0))
     buffer.add(obs, np.zeros((2, 5, 2), np.float32), step, extras=extras)
     b = cache.sample(np.random.default_rng(0), 10)
-    assert (b["head"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
-    np.testing.assert_allclose(b["discount"][5:], 0.99**5)
-    i = np.flatnonzero((cache.head[:, None] == b["head"][None, :5]).all(-1))  # offline rows are encoded frames
-    assert len(np.unique(i)) >= 1 and not (b["head"][:5] == 7).any()
+    assert (b["obs_z"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
+    assert (b["n_valid"][5:] == 5).all()
+    i = np.flatnonzero((cache.obs_z[:, None] == b["obs_z"][None, :5]).all(-1))  # offline rows are encoded frames
+    assert len(np.unique(i)) >= 1 and not (b["obs_z"][:5] == 7).any()
     # the data chunks in the critic's (normalised) units: EnvIO.to_model of the dataset's actions
-    want = agent.io.executed(agent.io.to_model(data.actions[offline.action_idx[:3]], data.obs["state"][:3]))
+    want = nets.io.executed(nets.io.to_model(data.actions[offline.action_idx[:3]], data.obs["state"][:3]))
     np.testing.assert_allclose(cache.chunk[:3], np.asarray(want), atol=1e-6)
 
 
@@ -202,10 +202,13 @@ def test_longer_model_chunk_executes_its_first_actions(tmp_path):
 
 def test_bad_flags_get_clear_errors():
     with pytest.raises(ValueError, match="--learning-starts 500 > --buffer-size 100"):
-        ac.resolve(ac.Args(**{**TINY, "learning_starts": 500, "buffer_size": 100}))
+        ac.check(ac.Args(**{**TINY, "learning_starts": 500, "buffer_size": 100}))
     with pytest.raises(ValueError, match="--bon-slice 2 must divide --bon 3"):
-        ac.resolve(ac.Args(**{**TINY, "bon_slice": 2}))
-    assert ac.resolve(ac.Args()).learning_starts == 32_000  # the push preset
+        ac.check(ac.Args(**{**TINY, "bon_slice": 2}))
+    assert ac.check(ac.Args()).learning_starts == 32_000  # the push preset
+    with pytest.raises(ValueError, match="--env Pendulum-v1: pass --dataset"):
+        ac.check(ac.Args(env="Pendulum-v1"))
+    assert ac.check(ac.Args(env="Pendulum-v1", dataset="d.h5")).bon == ac.PRESETS["gym"]["bon"]  # documented preset
 
 
 def test_sharded_run_matches_one_device(tmp_path):

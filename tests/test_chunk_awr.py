@@ -77,6 +77,8 @@ def test_command_line(tmp_path):
         "5",
         "--reward",
         "subgoal",
+        "--critic-target",
+        "td",
         "--beta",
         "5",
         "--max-weight",
@@ -98,6 +100,8 @@ def test_command_line(tmp_path):
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert bad.returncode != 0 and "--schedule" in bad.stderr
+    with pytest.raises(ValueError, match="--reward subgoal is the TD target's chunk reward"):
+        chunk_awr.check(chunk_awr.Args(reward="subgoal"))  # the Monte Carlo target would ignore it
 
 
 def _episodes(flags: list[list[int]], terminal_last: list[bool]) -> qchunk.EpisodeData:
@@ -143,7 +147,7 @@ def test_weight_clipping():
     np.testing.assert_array_equal(np.asarray(g), np.zeros(5))
 
 
-def _learner(beta: float):
+def _setup(beta: float):
     args = chunk_awr.check(chunk_awr.Args(beta=beta))
     env = envs.make_env("push", 1)
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=5)
@@ -153,19 +157,11 @@ def _learner(beta: float):
         for k, d in (("state", 10), ("actions", 2))
     }
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    learner = chunk_awr.Learner(args, model, pi0.EnvIO(cfg, table, stats, 2))
-    params = model.init(jax.random.key(0))
-    hp = learner.heads.init(jax.random.key(1), cfg.vlm.width, 10, 10)
-    state = {
-        "params": params,
-        "opt": learner.pi_tx.init(params),
-        "q": hp["q"],
-        "v": hp["v"],
-        "q_target": hp["q"],
-        "h_opt": learner.h_tx.init(hp),
-        "adv": jnp.zeros(3),
-        "rng": jax.random.PRNGKey(0),
-    }
+    nets = chunk_awr.Nets(model, pi0.EnvIO(cfg, table, stats, 2), chunk_awr.MLP((16,)), chunk_awr.MLP((16,)))
+    x = jnp.zeros((1, cfg.vlm.width + 10 + 10))
+    q = jax.vmap(lambda k: nets.q.init(k, x)["params"])(jax.random.split(jax.random.key(1), 2))
+    v = nets.v.init(jax.random.key(2), jnp.zeros((1, cfg.vlm.width + 10)))["params"]
+    train = {"params": model.init(jax.random.key(0)), "critic": {"q": q, "v": v, "target_q": q}}
     rng = np.random.default_rng(0)
     batch = {
         "obs": {
@@ -176,36 +172,54 @@ def _learner(beta: float):
         "actions": rng.uniform(-1, 1, (6, 5, 2)).astype(np.float32),
         "valid": np.array([[1] * 5] * 4 + [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], bool),
         "adv": rng.normal(size=6).astype(np.float32) * 0.3,
+        "return_to_go": rng.uniform(size=6).astype(np.float32),
     }
-    return learner, state, batch
+    return nets, args, train, batch
 
 
 def test_beta_zero_is_exactly_bc():
-    learner, state, batch = _learner(beta=0.0)
+    nets, args, train, batch = _setup(beta=0.0)
     rng = jax.random.key(7)
-    _, info = learner.step(state, batch, rng, "policy")  # the AWR update's own code path
+    _, info = chunk_awr.total_loss(train, batch, rng, "policy", nets, args)  # the AWR update's own code path
     k_pi, _ = jax.random.split(rng)
-    obs = learner.io.observe(batch["obs"])
-    per_step = learner.model.flow_loss(state["params"], obs, learner.io.to_model(batch["actions"]), k_pi)  # [B,H]
+    obs = nets.io.observe(batch["obs"])
+    per_step = nets.pi.flow_loss(train["params"], obs, nets.io.to_model(batch["actions"]), k_pi)  # [B,H]
     valid = batch["valid"].astype(np.float32)
     bc = float((per_step * valid).sum() / valid.sum())
     assert float(info["losses/policy"]) == pytest.approx(bc, rel=1e-6)
     assert float(info["charts/weight_mean"]) == 1.0 and float(info["charts/weight_max"]) == 1.0
     # with β > 0 the same batch gives a different (weighted) loss
-    learner2, state2, _ = _learner(beta=20.0)
-    _, info2 = learner2.step(state2, batch, rng, "policy")
+    nets2, args2, train2, _ = _setup(beta=20.0)
+    _, info2 = chunk_awr.total_loss(train2, batch, rng, "policy", nets2, args2)
     assert float(info2["losses/policy"]) != pytest.approx(bc, rel=1e-4)
 
 
+def test_twin_critics_are_two_networks_read_in_pi0_action_form():
+    """Q is two independently initialised critics (min of the targets for Q̄), and reads the chunk as π₀ predicts it:
+    EnvIO.to_model with the state (relative on delta dims), the form of the chunks π₀ samples for the value target."""
+    nets, args, train, batch = _setup(beta=1.0)
+    q = train["critic"]["q"]
+    assert not np.allclose(q["Dense_0"]["kernel"][0], q["Dense_0"]["kernel"][1])  # two trunks, not two outputs
+    prefix = nets.pi.prefix(train["params"], nets.io.observe(batch["obs"]))
+    z = chunk_awr.critic_obs(prefix.features, prefix.state)
+    chunks = nets.io.executed(nets.io.to_model(batch["actions"], batch["obs"]["state"]))
+    qs = chunk_awr.q_values(nets, q, z, chunks)  # [2,B]
+    assert qs.shape == (2, 6) and not np.allclose(qs[0], qs[1])
+    _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), "critic", nets, args)
+    want = float(jnp.mean(jnp.square(qs - batch["return_to_go"][None])))  # Monte Carlo target, both members
+    assert float(info["losses/q"]) == pytest.approx(want, rel=1e-5)
+
+
 def test_flow_log_prob_exact_vs_hutchinson():
-    learner, state, batch = _learner(beta=1.0)
-    prefix = learner.model.prefix(state["params"], learner.io.observe(batch["obs"]))
+    nets, _, train, batch = _setup(beta=1.0)
+    params = train["params"]
+    prefix = nets.pi.prefix(params, nets.io.observe(batch["obs"]))
     noise = jax.random.normal(jax.random.key(3), (6, 2, 5, 2))
-    a_ex, lp_ex = chunk_awr.sample_logp(learner.model, state["params"], prefix, noise, 3, jax.random.key(4), False)
-    hutch = jax.jit(
-        jax.vmap(lambda k: chunk_awr.sample_logp(learner.model, state["params"], prefix, noise, 3, k, True)[1])
-    )(jax.random.split(jax.random.key(5), 64))
-    np.testing.assert_allclose(a_ex, learner.model.sample(state["params"], prefix, noise, 3), atol=1e-5)
+    a_ex, lp_ex = nets.pi.sample_logp(params, prefix, noise, 3, jax.random.key(4), False)
+    hutch = jax.jit(jax.vmap(lambda k: nets.pi.sample_logp(params, prefix, noise, 3, k, True)[1]))(
+        jax.random.split(jax.random.key(5), 64)
+    )
+    np.testing.assert_allclose(a_ex, nets.pi.sample(params, prefix, noise, 3), atol=1e-5)
     assert np.all(np.isfinite(lp_ex)) and np.all(np.isfinite(hutch))
     se = np.asarray(hutch).std(0) / 8.0  # standard error of the 64-sample mean
     assert np.all(np.abs(np.asarray(hutch).mean(0) - lp_ex) < 4 * se + 1e-3)

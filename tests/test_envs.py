@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from common import envs
 from common.envs import (
     PUSH_PROMPTS,
     GymVecEnv,
@@ -17,9 +16,9 @@ from common.envs import (
     default_dataset,
     evaluate,
     execute_chunk,
-    from_args,
     main,
     make_env,
+    make_spec,
 )
 
 
@@ -146,12 +145,13 @@ def test_bad_env_ids() -> None:
             make_env("libero", num_envs=1)
 
 
-def test_from_args_decodes_env_kwargs() -> None:
-    args = SimpleNamespace(env="push", env_kwargs={"max_episode_steps": "5"}, image_size=16, dataset=None)
-    env = from_args(args, 2, seed=0)
+def test_env_spec_decodes_env_kwargs() -> None:
+    spec = make_spec("push", {"max_episode_steps": "5", "name": "plain text"}, image_size=16)
+    assert spec.kwargs == {"max_episode_steps": 5, "name": "plain text", "image_size": 16} and spec.image_size == 16
+    env = make_spec("push", {"max_episode_steps": "5"}, image_size=16).make(2, seed=0)
     assert (env.max_episode_steps, env.image_size, env.camera_names) == (5, 16, ["base_0_rgb"])
-    args = SimpleNamespace(env="Pendulum-v1", env_kwargs={"max_episode_steps": "7"}, dataset=None)
-    assert from_args(args, 1, seed=0, evaluation=True).max_episode_steps == 7
+    assert make_spec("push", {"image_size": "8"}, image_size=16).image_size == 8  # --env-kwargs wins
+    assert make_spec("Pendulum-v1", {"max_episode_steps": "7"}).make(1, seed=0, evaluation=True).max_episode_steps == 7
 
 
 def test_cli_and_default_dataset(tmp_path, monkeypatch, capsys) -> None:
@@ -206,15 +206,14 @@ class CountdownEnv:
 
 def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> None:
     made = []
-    monkeypatch.setattr(envs, "from_args", lambda args, n, *a, **kw: made.append(n) or CountdownEnv(n))
-    args = SimpleNamespace(seed=0, action_horizon=2)
+    spec = SimpleNamespace(make=lambda n, seed, evaluation=False: made.append(n) or CountdownEnv(n))
     values = iter([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])  # one per chunk, the same for every env
 
     def act(obs, key):
         return np.zeros((len(obs["state"]), 2, 1), np.float32), np.full(len(obs["state"]), next(values))
 
     g = 0.5
-    out = evaluate(args, act, jax.random.key(0), episodes=3, num_envs=2, gamma=g, prefix="p_")
+    out = evaluate(spec, act, jax.random.key(0), episodes=3, num_envs=2, seed=0, horizon=2, gamma=g, prefix="p_")
     # 2 envs for 3 episodes: env 0 plays two (chunks of 2 and 1 steps each), env 1 one; 4 chunks in all
     assert made == [2] and next(values) == 50.0
     # successes: the first episode of each env, not env 0's second; every return is 3
@@ -227,20 +226,19 @@ def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> Non
     )
     assert out["eval/p_q_gap"] == pytest.approx(np.mean(pred) - np.mean(real))
     still = lambda obs, key: (np.zeros((len(obs["state"]), 2, 1), np.float32), None)  # no values: no calibration
-    without = evaluate(args, still, jax.random.key(0), episodes=2)
-    assert set(without) == {"eval/success_rate", "eval/return"} and made[-1] == 2  # one episode per env by default
+    without = evaluate(spec, still, jax.random.key(0), episodes=2, num_envs=2, seed=0, horizon=2)
+    assert set(without) == {"eval/success_rate", "eval/return"} and made[-1] == 2
 
 
 def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
-    args = SimpleNamespace(seed=1, env="push", env_kwargs={}, dataset=None, image_size=0, action_horizon=5)
     made, calls = [], []
-    real = envs.from_args
-    monkeypatch.setattr(envs, "from_args", lambda a, n, *rest, **kw: made.append(n) or real(a, n, *rest, **kw))
+    real = make_spec("push", {})
+    spec = SimpleNamespace(make=lambda n, seed, evaluation=False: made.append(n) or real.make(n, seed, evaluation))
 
     def act(obs, key):  # stand still: every push episode is truncated after 80 steps = 16 chunks
         calls.append(1)
-        return np.zeros((len(obs["state"]), args.action_horizon, 2), np.float32), None
+        return np.zeros((len(obs["state"]), 5, 2), np.float32), None
 
-    out = evaluate(args, act, jax.random.key(0), episodes=5, num_envs=2, gamma=0.99)
+    out = evaluate(spec, act, jax.random.key(0), episodes=5, num_envs=2, seed=1, horizon=5, gamma=0.99)
     # 2 envs for 5 episodes: env 0 plays episodes 0, 2, 4 and env 1 episodes 1, 3; the last chunk ends env 0's third
     assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}

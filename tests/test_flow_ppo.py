@@ -69,7 +69,7 @@ def test_command_line(tmp_path, method):
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline", **CACHE}
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "start of PPO: success" in res.stdout and "[eval] iteration 2" in res.stdout
+    assert "[start of PPO] success" in res.stdout and f"[eval {TINY['bc_steps'] + 2}] success" in res.stdout
 
 
 def test_gae_against_loop():
@@ -101,13 +101,14 @@ def setup(method: str, K: int, reduce: str = "sum"):
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=5)
     model = pi0.Pi0(cfg)
     params = model.init(jax.random.key(0))
-    head = fp.NoiseHead(2, args.min_std, args.max_std)
-    heads = {"noise": head.init(jax.random.key(1), jnp.zeros((1, 1, 5, cfg.expert.width)))}
+    noise_head = fp.NoiseHead(2, args.min_std, args.max_std)
+    heads = {"noise": noise_head.init(jax.random.key(1), jnp.zeros((1, 1, 5, cfg.expert.width)))}
+    nets = fp.Nets(model, None, noise_head, fp.ValueHead())
     o = model.dummy_observation(3)
     o = o.replace(tokens=o.tokens.at[:, 1].set(5), state=jax.random.normal(jax.random.key(2), o.state.shape))
     prefix = model.prefix(params, o)
     chain = jax.random.normal(jax.random.key(3), (3, K + 1, 5, 2))
-    return args, model, head, params, heads, prefix, chain
+    return args, nets, params, heads, prefix, chain
 
 
 ALL = jnp.ones((5, 2))  # every step and dim of the chunk is executed
@@ -120,10 +121,10 @@ def log_normal(x, mean, std):
 
 
 def test_one_step_chain_logprob_by_hand():
-    args, model, head, params, heads, prefix, chain = setup("flow_noise", K=1)
-    logp, entropy, _ = fp.chain_logprob(args, model, head, params, heads, prefix, chain, jnp.zeros(3, jnp.int32), ALL)
-    v, out = model.velocity(params, prefix, chain[:, :1], jnp.ones((3, 1)))  # one Euler step from t=1, δ=1
-    std = head.apply(heads["noise"], out)[:, 0]
+    args, nets, params, heads, prefix, chain = setup("flow_noise", K=1)
+    logp, entropy, _ = fp.chain_logprob(nets, args, params, heads, prefix, chain, jnp.zeros(3, jnp.int32), ALL)
+    v, out = nets.pi.velocity(params, prefix, chain[:, :1], jnp.ones((3, 1)))  # one Euler step from t=1, δ=1
+    std = nets.noise_head.apply(heads["noise"], out)[:, 0]
     want = log_normal(chain[:, 0], 0.0, 1.0) + log_normal(chain[:, 1], chain[:, 0] - v[:, 0], std)
     np.testing.assert_allclose(logp, want, rtol=1e-5)
     assert (std >= args.min_std).all() and (std <= args.max_std).all()
@@ -131,20 +132,18 @@ def test_one_step_chain_logprob_by_hand():
         entropy, np.mean(0.5 * np.log(2 * np.pi * np.e * np.asarray(std) ** 2), (1, 2)), rtol=1e-5
     )
     args_mean = fp.Args(noise_method="flow_noise", flow_steps=1, logprob_reduce="mean")
-    logp_mean, _, _ = fp.chain_logprob(
-        args_mean, model, head, params, heads, prefix, chain, jnp.zeros(3, jnp.int32), ALL
-    )
+    logp_mean, _, _ = fp.chain_logprob(nets, args_mean, params, heads, prefix, chain, jnp.zeros(3, jnp.int32), ALL)
     np.testing.assert_allclose(logp_mean, want / 2, rtol=1e-5)
 
 
 def test_sde_step_logprob_by_hand():
-    args, model, head, params, heads, prefix, chain = setup("flow_sde", K=2)
+    args, nets, params, heads, prefix, chain = setup("flow_sde", K=2)
     step = jnp.array([0, 1, 1])
-    logp, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, chain, step, ALL)
+    logp, _, _ = fp.chain_logprob(nets, args, params, heads, prefix, chain, step, ALL)
     a, delta = args.sde_noise_level, 0.5
     t = 1.0 - np.asarray(step) * delta  # [B]
     x = chain[jnp.arange(3), step]  # [B,H,A]
-    v = np.asarray(model.velocity(params, prefix, x[:, None], jnp.asarray(t, jnp.float32)[:, None])[0][:, 0])
+    v = np.asarray(nets.pi.velocity(params, prefix, x[:, None], jnp.asarray(t, jnp.float32)[:, None])[0][:, 0])
     for b in range(3):
         ts = min(t[b], 1 - delta)  # σ_t = a √(t / (1 − t)), with t clipped to 1 − δ at the first step
         sigma = a * math.sqrt(ts / (1 - ts))
@@ -158,15 +157,15 @@ def test_sde_step_logprob_by_hand():
 def test_chain_logprob_counts_only_the_executed_part(method):
     """With π₀'s chunk longer than the executed one (--model-horizon), or action dims padded beyond the env's, what
     never reaches the env must not enter the likelihood ratio: changing it leaves log π unchanged."""
-    args, model, head, params, heads, prefix, chain = setup(method, K=2)
+    args, nets, params, heads, prefix, chain = setup(method, K=2)
     mask = jnp.zeros((5, 2)).at[:3, :1].set(1.0)  # 3 of 5 steps executed, 1 of 2 dims is the env's
     step = jnp.array([0, 1, 1])
-    logp, entropy, std = fp.chain_logprob(args, model, head, params, heads, prefix, chain, step, mask)
+    logp, entropy, std = fp.chain_logprob(nets, args, params, heads, prefix, chain, step, mask)
     # only the last denoising state's discarded part changes (earlier ones feed the velocity of the kept part too)
     changed = chain.at[:, -1, 3:].add(5.0).at[:, -1, :, 1:].add(-3.0)
-    logp2, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, changed, step, mask)
+    logp2, _, _ = fp.chain_logprob(nets, args, params, heads, prefix, changed, step, mask)
     np.testing.assert_allclose(logp2, logp, rtol=1e-6)
-    full, _, _ = fp.chain_logprob(args, model, head, params, heads, prefix, changed, step, ALL)
+    full, _, _ = fp.chain_logprob(nets, args, params, heads, prefix, changed, step, ALL)
     assert np.all(np.abs(np.asarray(full) - np.asarray(logp)) > 1e-3) and np.isfinite(entropy).all()
 
 

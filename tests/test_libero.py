@@ -7,12 +7,11 @@ Simulator tests skip when the `libero` extra is not installed (pip install -e ".
 import importlib.util
 import io
 import json
-import types
 
 import numpy as np
 import pytest
 
-from common import envs, libero
+from common import envs, libero, pi0
 from common.qchunk import load_episodes
 
 SIZE = 32  # tiny renders keep the tests fast; the mapping does not depend on the size
@@ -35,9 +34,9 @@ def test_openpi_delta_dims_and_state_offset() -> None:
     assert libero.openpi_delta_dims({"state": state, "actions": plain}) == 0
     assert libero.openpi_delta_dims({"state": state, "actions": delta}) == 6
     s = np.arange(16.0).reshape(2, 8)
-    off = libero.state_offset(s, 7, 6)  # added to every step of a chunk [B, H, 7]
+    off = pi0.state_offset(s, 7, 6)  # added to every step of a chunk [B, H, 7]
     assert off.shape == (2, 1, 7) and np.array_equal(off[:, 0, :6], s[:, :6]) and not off[..., 6].any()
-    assert libero.state_offset(s, 7, 0) == 0.0
+    assert pi0.state_offset(s, 7, 0) == 0.0
 
 
 def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,8 +164,7 @@ def test_load_lerobot_parquet(tmp_path) -> None:
     assert small.episode_lengths.tolist() == [4, 3] and small.obs["images"]["base_0_rgb"].shape == (7, 4, 4, 3)
     assert small.prompts == tasks and small.obs["prompt_id"].tolist() == [1] * 4 + [0] * 3  # meta/ above data/
     # the scripts' --dataset: a LeRobot folder is recognised and read at the env's image size
-    args = types.SimpleNamespace(env_kwargs={"image_size": "6"}, image_size=0)
     assert envs.is_lerobot(tmp_path) and envs.dataset_image_size(tmp_path) == envs.LEROBOT_IMAGE_SIZE
-    via = envs.load_dataset(tmp_path, args, prompts=["open the drawer"])
+    via = envs.load_dataset(tmp_path, prompts=["open the drawer"], image_size=6)
     assert via.obs["images"]["base_0_rgb"].shape == (12, 6, 6, 3) and via.prompts == data.prompts
     assert not envs.is_lerobot(tmp_path / "meta")

@@ -9,8 +9,6 @@ import pytest
 from common.envs import PUSH_PROMPTS, ChunkStep, make_dataset
 from common.qchunk import (
     DatasetError,
-    MixedSampler,
-    NormStats,
     ReplayBuffer,
     compute_norm_stats,
     gather_obs,
@@ -65,24 +63,23 @@ def test_episode_storage(chunks) -> None:
 
 
 @pytest.mark.parametrize(
-    "t, valid, rewards, ret, mask, discount, nxt, act",
+    "t, valid, rewards, ret, mask, nxt, act",
     [
-        (0, [1, 1, 1], [0, 0, 0], 0.0, 1, G**3, 3, [0, 1, 2]),  # inside the episode
-        (2, [1, 1, 1], [0, 0, 1], G**2, 0, G**3, 4, [2, 3, 4]),  # ends exactly at the termination
-        (3, [1, 1, 0], [0, 1, 0], G, 0, G**2, 4, [3, 4, 4]),  # crosses the termination: padded, masked
-        (6, [1, 1, 1], [0.5, 0, 0], 0.5, 1, G**3, 8, [6, 7, 8]),  # ends at the truncation: keeps bootstrapping
-        (7, [1, 1, 0], [0, 0, 0], 0.0, 1, G**2, 8, [7, 8, 8]),  # crosses the truncation: bootstrap from last frame
-        (9, [1, 1, 0], [0, 0, 0], 0.0, 0, G**2, 10, [9, 10, 10]),  # H longer than the episode
+        (0, [1, 1, 1], [0, 0, 0], 0.0, 1, 3, [0, 1, 2]),  # inside the episode
+        (2, [1, 1, 1], [0, 0, 1], G**2, 0, 4, [2, 3, 4]),  # ends exactly at the termination
+        (3, [1, 1, 0], [0, 1, 0], G, 0, 4, [3, 4, 4]),  # crosses the termination: padded, masked
+        (6, [1, 1, 1], [0.5, 0, 0], 0.5, 1, 8, [6, 7, 8]),  # ends at the truncation: keeps bootstrapping
+        (7, [1, 1, 0], [0, 0, 0], 0.0, 1, 8, [7, 8, 8]),  # crosses the truncation: bootstrap from last frame
+        (9, [1, 1, 0], [0, 0, 0], 0.0, 0, 10, [9, 10, 10]),  # H longer than the episode
     ],
 )
-def test_chunk_targets(chunks, t, valid, rewards, ret, mask, discount, nxt, act) -> None:
+def test_chunk_targets(chunks, t, valid, rewards, ret, mask, nxt, act) -> None:
     b = chunks.get(np.array([t]))
     assert b["valid"][0].tolist() == [bool(v) for v in valid]
     np.testing.assert_allclose(b["rewards"][0], rewards)
     np.testing.assert_allclose(b["discounted_return"][0], ret, rtol=1e-6)
-    assert b["mask"][0] == mask and chunks.terminal_any[t] == (mask == 0)
-    np.testing.assert_allclose(b["discount"][0], discount, rtol=1e-6)
-    assert chunks.discount_steps[t] == sum(valid)
+    assert b["mask"][0] == mask
+    assert b["n_valid"][0] == sum(valid)  # the TD target discounts its bootstrap by gamma ** n_valid
     assert b["obs"]["state"][0, 0] == t and b["next_obs"]["state"][0, 0] == nxt
     assert b["actions"][0, :, 0].tolist() == act
     assert b["subgoal"][0] == (t in (0, 1, 2))
@@ -189,44 +186,47 @@ def chunk_step(rewards, valid, terminated) -> ChunkStep:
     )
 
 
-def test_mixing_needs_the_same_image_shapes(chunks) -> None:
-    obs = {"state": np.zeros((1, 2), np.float32), "prompt_id": np.zeros(1, np.int32)}
-    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example={**obs, "images": {"cam": np.zeros((1, 8, 8, 3))}})
-    with pytest.raises(ValueError, match="render the env at the dataset's size"):
-        MixedSampler(chunks, buf)
-
-
-def test_replay_buffer_and_mixing(chunks) -> None:
+def test_replay_buffer(chunks) -> None:
     obs = {"state": np.zeros((3, 2), np.float32), "prompt_id": np.zeros(3, np.int32), "images": {}}
     buf = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs)
-    mixed = MixedSampler(chunks, buf, online_fraction=0.5)
     rng = np.random.default_rng(0)
-    assert not mixed.sample(rng, 8)["is_online"].any()
     step = chunk_step([[0, 0, 1], [1, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 0, 0], [1, 1, 1]], [True, True, False])
     buf.add(obs, np.ones((3, 3, 2), np.float32), step)
     np.testing.assert_allclose(buf.discounted_return[:3], [G**2, 1, 0], rtol=1e-6)
-    np.testing.assert_allclose(buf.discount[:3], [G**3, G, G**3], rtol=1e-6)
+    assert buf.n_valid[:3].tolist() == [3, 1, 3]
     assert buf.mask[:3].tolist() == [0, 0, 1] and (buf.next_obs["state"][:3] == 7).all()
     buf.add(obs, np.full((3, 3, 2), 2, np.float32), step)  # wraps around: capacity 4
     assert len(buf) == 4 and buf.actions[:, 0, 0].tolist() == [2, 2, 1, 2]
-    b = mixed.sample(rng, 10)
-    assert b["is_online"].sum() == 5 and (b["actions"][b["is_online"]] >= 1).all()
+    b = buf.sample(rng, 10)
     offline = chunks.sample(rng, 2)
-    assert set(b) == set(offline) | {"is_online"} and b["obs"]["state"].shape == (10, 2)
+    assert set(b) == set(offline) and b["obs"]["state"].shape == (10, 2)
     assert b["actions"].shape == (10, 3, 2) and b["next_obs"]["images"] == {}
 
 
-def test_norm_stats_round_trip() -> None:
+def test_replay_buffer_without_observations(tmp_path) -> None:
+    """No obs example: only the chunk arrays and the extras are stored (acrlpd_pi0.py caches what its critic reads)."""
+    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G)
+    step = chunk_step([[0, 0, 1], [1, 0, 0]], [[1, 1, 1], [1, 0, 0]], [True, False])
+    buf.add(None, np.ones((2, 3, 2), np.float32), step, extras={"z": np.ones((2, 5), np.float32)})
+    b = buf.sample(np.random.default_rng(0), 6)
+    assert "obs" not in b and "next_obs" not in b and b["actions"].shape == (6, 3, 2)
+    buf.save(tmp_path / "b.npz")
+    with np.load(tmp_path / "b.npz") as z:
+        assert not any(k.startswith(("obs/", "next_obs/")) for k in z.files) and z["extras/z"].shape == (2, 5)
+    back = ReplayBuffer(capacity=4, horizon=3, gamma=G)
+    back.load(tmp_path / "b.npz")
+    np.testing.assert_equal(back.sample(np.random.default_rng(1), 6), buf.sample(np.random.default_rng(1), 6))
+
+
+def test_norm_stats_values() -> None:
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(1000, 3)).astype(np.float32)
-    x[:, 2] = 1.0  # constant dimension: std floored
+    x[:, 2] = 1.0  # constant dimension
     stats = compute_norm_stats(x)
-    back = NormStats.from_dict(json.loads(json.dumps(stats.to_dict())))
-    assert set(stats.to_dict()) == {"mean", "std", "q01", "q99"}
-    for mode in ("meanstd", "quantile"):
-        y = back.normalize(x, mode)
-        assert np.isfinite(y).all()
-        np.testing.assert_allclose(back.unnormalize(y, mode), x, atol=1e-4)
-    assert abs(back.normalize(x)[:, 0].mean()) < 1e-3 and back.normalize(x, "quantile")[:, :2].max() > 1.0
+    assert set(stats) == {"mean", "std", "q01", "q99"} and all(v.dtype == np.float32 for v in stats.values())
+    np.testing.assert_allclose(stats["mean"], x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["std"], x.std(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["q01"], np.quantile(x, 0.01, axis=0), rtol=1e-5)
+    assert stats["std"][2] == 0.0 and stats["q99"][2] == 1.0
 
 
 def test_norm_stats_of_a_dataset_and_gather_obs(chunks) -> None:
@@ -234,7 +234,7 @@ def test_norm_stats_of_a_dataset_and_gather_obs(chunks) -> None:
     stats = norm_stats(data)
     for key, x in (("state", data.obs["state"]), ("actions", data.actions)):
         assert set(stats[key]) == {"mean", "std", "q01", "q99"}
-        for s, v in compute_norm_stats(x).to_dict().items():
+        for s, v in compute_norm_stats(x).items():
             assert stats[key][s].dtype == np.float32
             np.testing.assert_array_equal(stats[key][s], np.asarray(v, np.float32))
     rows = gather_obs(data.obs, np.array([4, 1]))

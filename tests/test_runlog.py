@@ -32,6 +32,8 @@ def stats(state_dim: int, action_dim: int) -> dict:
 def test_run_block_and_choices(tmp_path, capsys) -> None:
     args = Args(run_dir=str(tmp_path / "run"), seed=3)
     assert [f.name for f in dataclasses.fields(args)][:3] == ["exp_name", "seed", "env"] and args.exp_name == "test"
+    assert runlog.crossed(9, 11, 5) and runlog.crossed(4, 5, 5) and not runlog.crossed(5, 9, 5)
+    assert not runlog.crossed(0, 100, 0)  # 0: never
     runlog.check_choices(Args(mode="b-c"))
     with pytest.raises(ValueError, match="--mode 'd': choose one of"):
         runlog.check_choices(Args(mode="d"))
