@@ -378,7 +378,8 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dic
         policy = lambda obs, key, n=n, beta=beta: act(state, obs, key, n, beta)[:2]
         out.update(envs.evaluate(spec, policy, rng, prefix=prefix, **where))
         q = f"Q pred {out[f'eval/{prefix}q_pred']:.3f} vs realised {out[f'eval/{prefix}q_realised']:.3f}"
-        shown.append(f"{prefix or f'BoN-{args.bon}_'}success {out[f'eval/{prefix}success_rate']:.1%} ({q})")
+        name = {"": f"BoN-{args.bon}", "plain_": "plain π₀"}.get(prefix, "BoN by mean only")
+        shown.append(f"{name} {out[f'eval/{prefix}success_rate']:.1%} ({q})")
     print(f"[{label}] " + " | ".join(shown), flush=True)
     return out
 

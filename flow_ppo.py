@@ -125,7 +125,7 @@ def check(args: Args) -> Args:
     return args
 
 
-# ------------------------------------------------------------------------------------------------------ networks
+# ----------------------------------------------------------------------------------------------------- networks
 class NoiseHead(nn.Module):
     """Per-step, per-dimension std from the (detached) action-expert outputs, bounded in [min_std, max_std]."""
 
@@ -226,7 +226,7 @@ def sample_chain(nets: Nets, args: Args, params, heads, prefix, rng, batch: int)
     return jnp.concatenate([x0, jnp.moveaxis(xs, 0, 1)], axis=1), sde_step
 
 
-# ------------------------------------------------------------------------------------------------------ losses
+# ----------------------------------------------------------------------------------------------------- losses
 def bc_loss(params, batch, rng, nets: Nets, args: Args):
     """Flow-matching BC on the prior data's chunks (the warm start), weighted by valid. -> (loss, info)."""
     actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
@@ -270,7 +270,7 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
     return loss, info
 
 
-# ------------------------------------------------------------------------------------------------------ update
+# ----------------------------------------------------------------------------------------------------- update
 def make_optimizers(args: Args, nets: Nets, train):
     """PPO: clipped Adam (eps 1e-5, as CleanRL's PPO) with the policy's (π₀ + noise head) and the value head's own
     learning rates, the VLM frozen under --freeze-backbone; BC: clipped Adam on π₀."""
@@ -327,7 +327,7 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
     return mesh.scan_updates(bc_step), jax.jit(ppo_update, donate_argnums=0)
 
 
-# ------------------------------------------------------------------------------------------------------ acting / eval
+# ----------------------------------------------------------------------------------------------------- acting / eval
 def make_act(nets: Nets, args: Args):
     """The rollout policy (chain, log-likelihood, value), the value alone, the evaluation policy (the ODE)."""
 
@@ -399,7 +399,7 @@ def rollout(act, value_fn, state, env, obs, rng, args: Args):
     return batch, obs, ep_success
 
 
-# ------------------------------------------------------------------------------------------------------ main
+# ----------------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict[str, float]:
     # ---- setup: flags, devices, env, data, π₀, networks, optimisers, state
     args = check(args)
@@ -483,7 +483,7 @@ def main(args: Args) -> dict[str, float]:
                 run.report(step, m, phase, total, (s_phase, t_phase), keys)
             # ---- evaluate
             if phase == "ppo" and (runlog.crossed(prev - start, step - start, args.eval_every) or last):
-                ev = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval {step}")
+                ev = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval, it {step - start}")
                 run.log(step, ev)
                 final.update(ev)
             # ---- save

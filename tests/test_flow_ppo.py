@@ -69,7 +69,7 @@ def test_command_line(tmp_path, method):
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline", **CACHE}
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "[start of PPO] success" in res.stdout and f"[eval {TINY['bc_steps'] + 2}] success" in res.stdout
+    assert "[start of PPO] success" in res.stdout and "[eval, it 2] success" in res.stdout
 
 
 def test_gae_against_loop():

@@ -7,6 +7,7 @@ Simulator tests skip when the `libero` extra is not installed (pip install -e ".
 import importlib.util
 import io
 import json
+import types
 
 import numpy as np
 import pytest
@@ -165,6 +166,9 @@ def test_load_lerobot_parquet(tmp_path) -> None:
     assert small.prompts == tasks and small.obs["prompt_id"].tolist() == [1] * 4 + [0] * 3  # meta/ above data/
     # the scripts' --dataset: a LeRobot folder is recognised and read at the env's image size
     assert envs.is_lerobot(tmp_path) and envs.dataset_image_size(tmp_path) == envs.LEROBOT_IMAGE_SIZE
-    via = envs.load_dataset(tmp_path, prompts=["open the drawer"], image_size=6)
+    env = types.SimpleNamespace(prompts=["open the drawer"], action_dim=7)  # what load_dataset reads of an env
+    via = envs.load_dataset(tmp_path, env, image_size=6)
+    with pytest.raises(ValueError, match="actions have 7 dims, the environment's 2"):
+        envs.load_dataset(tmp_path, types.SimpleNamespace(prompts=[], action_dim=2))
     assert via.obs["images"]["base_0_rgb"].shape == (12, 6, 6, 3) and via.prompts == data.prompts
     assert not envs.is_lerobot(tmp_path / "meta")
