@@ -450,6 +450,7 @@ def main(args: Args) -> dict:
             n = min(args.updates_per_call * (5 if phase == "critic" else 1), end - step)
             size = args.critic_batch_size if phase == "critic" else args.batch_size
             state, info = updates[phase](state, batches(n, size, phase), jax.random.fold_in(k_run, step))
+            info = jax.block_until_ready(info)  # the budget counts the compute, not the asynchronous dispatch
             prev, step = step, step + n
             train_s += time.time() - t
             phase_s += time.time() - t

@@ -96,7 +96,7 @@ def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any
     """`fn(idx)` over row-index batches covering range(n), each padded to `batch_size` by repeating the last row (one
     compiled shape), pulled to the host and concatenated: a pytree of numpy arrays [n, ...]. For computing something
     of every frame of a dataset once (encoded features, advantages)."""
-    outs = []
+    outs, batch_size = [], min(batch_size, n)  # a small dataset is not padded up to a large batch
     for lo in range(0, n, batch_size):
         idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)
         outs.append(jax.tree.map(lambda x, k=n - lo: np.asarray(x)[:k], jax.device_get(fn(idx))))

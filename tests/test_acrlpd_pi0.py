@@ -211,6 +211,7 @@ def test_bad_flags_get_clear_errors():
     assert ac.check(ac.Args(env="Pendulum-v1", dataset="d.h5")).bon == ac.PRESETS["gym"]["bon"]  # documented preset
 
 
+@pytest.mark.slow  # ~100 s: two subprocesses (1 and 4 forced devices), each compiling both phases' updates
 def test_sharded_run_matches_one_device(tmp_path):
     """4 forced CPU devices, --fsdp-devices 2 (batch split 2 × 2, large arrays sharded): the same losses as on one
     device, offline (the joint update) and online (critic updates on cached features), up to reduction order."""

@@ -71,6 +71,7 @@ def test_dataset_image_size_sets_the_render_size(libero_demo):
         env.close()
 
 
+@pytest.mark.slow  # ~70 s: the real LIBERO simulator built and rendered for the online phase and two evaluations
 def test_acrlpd_pi0(libero_demo, tmp_path, seen):
     run_dir = str(tmp_path / "run")
     args = acrlpd_pi0.Args(
