@@ -74,22 +74,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _place_local(tree: Any, sharding: NamedSharding) -> Any:
+    """This host's numpy arrays placed with `sharding` (on several hosts each passes its own slice)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place this host's numpy batch on the mesh, split over the batch axes (each host passes its own slice)."""
-    sharding = data_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    return _place_local(batch, data_sharding(mesh))
 
 
 def stack_batches(batches: list[Any], mesh: Mesh) -> Any:
     """This host's numpy batches (dicts of [B,...]) stacked [U,B,...] for `scan_updates`, placed on the mesh with B
     split over the batch axes (each host passes its own slice)."""
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
     stacked = jax.tree.map(lambda *v: np.stack(v), *batches)
-    if jax.process_count() == 1:
-        return jax.device_put(stacked, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
+    return _place_local(stacked, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
 
 
 def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any:

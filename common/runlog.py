@@ -279,10 +279,10 @@ def make_policy(
 ) -> Policy:
     """The π₀ a run starts from (the run block's flags, passed explicitly): `checkpoint` (openpi or a run folder,
     `load_pi0`, with its norm stats) or the `preset` sized to `env`, initialised from `rng`, with `data_stats` (the
-    prior data's); prompts
-    tokenised once into a table (`prompts`: the env's first, then the data's new ones); π₀'s chunk `model_horizon`
-    (0: `action_horizon`) of which the first `action_horizon` actions are executed. An openpi checkpoint used on
-    LIBERO predicts the first six dims relative to the state when its stats say so (`libero.openpi_delta_dims`)."""
+    prior data's); prompts tokenised once into a table (`prompts`: the env's first, then the data's new ones); π₀'s
+    chunk `model_horizon` (0: `action_horizon`) of which the first `action_horizon` actions are executed. An openpi
+    checkpoint used on LIBERO predicts the first six dims relative to the state when its stats say so
+    (`libero.openpi_delta_dims`)."""
     cams = tuple(env.camera_names)
     H_m = model_horizon or action_horizon
     if checkpoint:  # what a run folder's shapes leave open comes from the preset and the env
