@@ -133,6 +133,7 @@ def check(args: Args) -> Args:
     preset = PRESETS[args.env if args.env in PRESETS else "gym"]
     args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
     args.check_run()
+    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs")
     if args.q_agg == "min2" and args.num_qs < 2:
         raise ValueError("--q-agg min2 needs --num-qs >= 2")
     if args.bon < 1 or args.target_n < 1:

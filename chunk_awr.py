@@ -130,6 +130,7 @@ class Args(runlog.RunArgs):
 def check(args: Args) -> Args:
     """Fill the defaults that depend on --env and refuse inconsistent flags."""
     args.check_run()
+    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size")
     if args.action_horizon is None:
         args = dataclasses.replace(args, action_horizon=HORIZONS.get(args.env, 5))
     if args.beta < 0 or args.max_weight <= 0:

@@ -115,6 +115,7 @@ def check(args: Args) -> Args:
     """Refuse inconsistent flags."""
     args.check_run(needs_data=args.pi0_checkpoint is None)  # a checkpoint needs no BC data
     runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
+    runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size")  # 0 updates per call would never end BC
     runlog.check_at_least(args, 0, "iterations", "bc_steps")
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
         raise ValueError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
@@ -297,8 +298,7 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         train = {"params": state["params"], "heads": state["heads"]}
         grads, info = jax.grad(ppo_loss, has_aux=True)(train, mb, None, nets, args)
         updates, opt = tx.update(grads, state["opt"], train)
-        new = optax.apply_updates(train, updates)
-        new_state = {**state, "params": new["params"], "heads": new["heads"], "opt": opt}
+        new_state = {**state, **optax.apply_updates(train, updates), "opt": opt}  # params, heads and their moments
         # KL early stop: once exceeded, the remaining minibatches leave the state as it is
         new_state = jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new_state, state)
         if args.target_kl is not None:
