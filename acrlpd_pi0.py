@@ -26,7 +26,6 @@ discounted return that actually followed (eval/*q_realised).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +38,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, mesh, pi0, qchunk, runlog
+from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 # Presets by --env (push, libero; any other gymnasium id: gym). A flag given explicitly (not None) wins.
 _BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000)
@@ -130,18 +129,22 @@ class Args(runlog.RunArgs):
 
 def check(args: Args) -> Args:
     """Fill the preset fields left at None (push, libero, else gym) and refuse inconsistent flags."""
+    args = runlog.resumed(args, "acrlpd_pi0")  # --resume: the run's own flags
     preset = PRESETS[args.env if args.env in PRESETS else "gym"]
     args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
     args.check_run()
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs")
+    runlog.check_at_least(args, 1, "bon", "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
+    runlog.check_at_least(args, 0, "offline_steps", "online_steps", "learning_starts", "bon_slice")
     if args.q_agg == "min2" and args.num_qs < 2:
-        raise ValueError("--q-agg min2 needs --num-qs >= 2")
-    if args.bon < 1 or args.target_n < 1:
-        raise ValueError("--bon and --target-n must be >= 1")
+        raise RunError("--q-agg min2 needs --num-qs >= 2")
     if args.learning_starts > args.buffer_size:
-        raise ValueError(f"--learning-starts {args.learning_starts} > --buffer-size {args.buffer_size}: never updates")
+        raise RunError(f"--learning-starts {args.learning_starts} > --buffer-size {args.buffer_size}: never updates")
     if args.bon_slice and args.bon % args.bon_slice:
-        raise ValueError(f"--bon-slice {args.bon_slice} must divide --bon {args.bon}")
+        raise RunError(f"--bon-slice {args.bon_slice} must divide --bon {args.bon}")
+    runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), lr=(0, None), critic_lr=(0, None), max_grad_norm=(0, None))
+    if not 0 <= args.online_fraction <= 1:
+        raise RunError(f"--online-fraction must be in [0, 1] (got {args.online_fraction})")
     return args
 
 
@@ -405,7 +408,7 @@ def main(args: Args) -> dict:
     params = policy.params
     z_dim = cfg.vlm.width + (cfg.state_dim or cfg.action_dim)
     x = jnp.zeros((1, z_dim + args.action_horizon * env.action_dim))
-    critic = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(k_critic, args.num_qs))
+    critic = jax.jit(jax.vmap(lambda k: nets.critic.init(k, x)["params"]))(jax.random.split(k_critic, args.num_qs))
     tx, critic_tx = make_optimizers(args, nets, params)
     state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
     state["target_critic"] = jax.tree.map(jnp.copy, critic)
@@ -414,40 +417,37 @@ def main(args: Args) -> dict:
     print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline)} chunks from {path}")
     run = runlog.Run.from_args(args, "acrlpd_pi0")
     buffer = qchunk.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma)  # the critic's cache only
-    buffer_file = os.path.join(run.dir, "buffer.npz")
 
-    # ---- restore
-    step = 0
-    if args.resume and (restored := run.restore(state)) is not None:
-        step, state, _ = restored
-        buffer.load(buffer_file)
-        print(f"resumed {run.dir} at update {step} ({len(buffer)} online chunks)")
+    # ---- restore: the train state, and on the host the buffer, the envs and the online episodes' successes
+    step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []  # ep_success: the online episodes' last 100
+    if (restored := run.restore(state)) is not None:
+        step, state, _, host = restored
+        buffer.load_state_dict(host["buffer"])
+        obs, ep_success = envs.resume_loop(env, host["loop"], args.seed + step), list(host["ep_success"])
 
-    def save(step):
-        run.save(step, state, {"step": step, "norm_stats": policy.stats})
-        buffer.save(buffer_file)
+    def save(step):  # a repeated step (warm-up: no updates) rewrites the host part only
+        host = {"buffer": buffer.state_dict(), "loop": envs.loop_state(env, obs), "ep_success": ep_success}
+        run.save(step, state, {"step": step, "norm_stats": policy.stats}, host)
 
     # ---- loop: offline (π₀ and critic on the prior data), then online (π₀ frozen, critic on cached features)
     joint_update, critic_update = make_update(nets, args, tx, critic_tx)
     act = make_act(nets, args)
     encode_next = jax.jit(partial(encode, nets, args))
-    np_rng = np.random.default_rng([args.seed, step])
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
     total = args.offline_steps + args.online_steps
     results, info = {}, {}
-    obs = env.reset(seed=args.seed)[0]
     for phase, end in (("offline", args.offline_steps), ("online", total)):
-        t_phase, s_phase, warm = time.time(), step, 0
-        ep_success = []  # success flags of the online episodes that ended
+        t_phase, s_phase, warm = time.time(), step, 10 * len(buffer) // max(args.learning_starts, 1)
         if phase == "online" and step < end:  # π₀ is frozen from here: encode the prior data once
             cache = CriticData(nets, args, state["params"], offline, buffer, k_cache)
             print(f"encoded {len(cache.obs_z)} offline frames for the critic in {time.time() - t_phase:.0f}s")
         while step < end:
             key = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # warm-up steps add no updates
             k_act, k_update, k_next = jax.random.split(key, 3)
+            np_rng = np.random.default_rng([args.seed, step])  # the data order, a function of the step (resume)
             if phase == "offline":
                 n = min(args.updates_per_call, end - step)
-                bs = [{k: v for k, v in offline.sample(np_rng, args.batch_size).items() if k in keys} for _ in range(n)]
+                bs = [offline.sample(np_rng, args.batch_size, keys) for _ in range(n)]
                 state, info = joint_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
             else:  # one chunk in every env, cache what the critic reads, then --utd critic updates
                 chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
@@ -456,28 +456,28 @@ def main(args: Args) -> dict:
                 next_z, next_cand = encode_next(state["params"], cs.final_obs, k_next)  # o_{t+H}, before any reset
                 extras = {"obs_z": obs_z, "chunk": executed, "next_obs_z": next_z, "next_cand": next_cand}
                 buffer.add(obs, chunk, cs, extras=jax.device_get(extras))
-                ep_success += list(cs.success[cs.terminated | cs.truncated])
+                ep_success = (ep_success + cs.success[cs.terminated | cs.truncated].tolist())[-100:]
                 obs = next_obs
                 n = min(args.utd, end - step) if len(buffer) >= args.learning_starts else 0
                 if n:
                     bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
                     state, info = critic_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
                 elif (tenth := 10 * len(buffer) // args.learning_starts) > warm:  # warm-up: progress, buffer kept
-                    buffer.save(buffer_file)
                     print(f"[online] {len(buffer)}/{args.learning_starts} chunks before critic updates", flush=True)
+                    save(step)
                     warm = tenth
             prev, step = step, step + n
             # ---- log
             if runlog.crossed(prev, step, args.log_every) or (n and step == end):
-                m = {**info, "charts/online_success_rate": np.mean(ep_success[-100:])} if ep_success else info
+                m = {**info, "charts/online_success_rate": np.mean(ep_success)} if ep_success else info
                 run.report(step, m, phase, total, (s_phase, t_phase), ("losses/bc", "losses/critic", "charts/q_data"))
             # ---- evaluate
             if runlog.crossed(prev, step, args.eval_every) and step != end:
                 run.log(step, evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval {step}"))
-            # ---- save
-            if runlog.crossed(prev, step, args.save_every):
+            # ---- save (SIGINT / SIGTERM: save here and exit)
+            if (runlog.crossed(prev, step, args.save_every) or run.stopping) and step != end:
                 save(step)
-        if step > s_phase:  # the phase ran: evaluate at its end
+        if step > s_phase:  # the phase ran: evaluate at its end, then save
             rate = (step - s_phase) / max(time.time() - t_phase, 1e-9)
             label = f"{phase} done, update {step}, {rate:.1f} updates/s"
             m = evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), label)
@@ -485,7 +485,7 @@ def main(args: Args) -> dict:
             run.log(step, m)
             results.update({f"{phase}/{k}": v for k, v in m.items()})
             results.update({f"final/{k}": v for k, v in m.items()})
-    save(step)
+            save(step)
     env.close()
     run.close()
     results.update({k: float(v) for k, v in jax.device_get(info).items()})
@@ -494,4 +494,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with runlog.one_line_errors():
+        main(tyro.cli(Args))

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, mesh, pi0, qchunk, runlog
+from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 HORIZONS = {"push": 5, "libero": 10}  # default chunk length H by --env; any other env: 5
 
@@ -129,16 +129,20 @@ class Args(runlog.RunArgs):
 
 def check(args: Args) -> Args:
     """Fill the defaults that depend on --env and refuse inconsistent flags."""
+    args = runlog.resumed(args, "chunk_awr")  # --resume: the run's own flags
     args.check_run()
-    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size")
+    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size", "num_envs", "flow_steps")
+    runlog.check_at_least(args, 1, "eval_episodes", "num_samples", "value_flow_steps")
+    runlog.check_at_least(args, 0, "critic_steps", "policy_steps")
+    runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
     if args.action_horizon is None:
         args = dataclasses.replace(args, action_horizon=HORIZONS.get(args.env, 5))
     if args.beta < 0 or args.max_weight <= 0:
-        raise ValueError("--beta must be ≥ 0 and --max-weight > 0")
+        raise RunError("--beta must be ≥ 0 and --max-weight > 0")
     if args.alpha < 0 or (args.alpha > 0 and args.value_loss != "sampled"):
-        raise ValueError("--alpha > 0 needs --value-loss sampled (log π of π₀'s own chunks)")
+        raise RunError("--alpha > 0 needs --value-loss sampled (log π of π₀'s own chunks)")
     if args.reward == "subgoal" and args.critic_target != "td":
-        raise ValueError("--reward subgoal is the TD target's chunk reward: add --critic-target td")
+        raise RunError("--reward subgoal is the TD target's chunk reward: add --critic-target td")
     return args
 
 
@@ -367,7 +371,7 @@ def main(args: Args) -> dict:
     params = policy.params
     z = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim)))
     x = jnp.zeros((1, z.shape[1] + args.action_horizon * env.action_dim))
-    q = jax.vmap(lambda k: nets.q.init(k, x)["params"])(jax.random.split(k_q, 2))  # twin critics
+    q = jax.jit(jax.vmap(lambda k: nets.q.init(k, x)["params"]))(jax.random.split(k_q, 2))  # twin critics
     critic = {"q": q, "v": nets.v.init(k_v, z)["params"]}
     tx, critic_tx = make_optimizers(args)
     state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
@@ -380,20 +384,19 @@ def main(args: Args) -> dict:
     total = critic_steps + args.policy_steps
 
     # ---- restore
-    step = 0
-    if args.resume and (restored := run.restore(state)) is not None:
-        step, state = restored[0], jax.device_put(restored[1], shardings)
-        print(f"resumed {run.dir} at update {step}")
+    step, train_s = 0, 0.0
+    if (restored := run.restore(state)) is not None:
+        step, state, extra, _ = restored
+        state, train_s = jax.device_put(state, shardings), extra["train_s"]
 
     def save(step):
-        run.save(step, state, {"step": step, "norm_stats": policy.stats, "critic_steps": critic_steps})
+        run.save(step, state, {"step": step, "norm_stats": policy.stats, "train_s": train_s})
 
     # ---- loop: Q and V on the frozen initial π₀'s features, then π₀ by advantage-weighted flow matching
     updates = make_update(nets, args, tx, critic_tx, shardings)
     advantage = make_advantage(nets, data, chunks)
     act = make_act(nets, args)
-    np_rng = np.random.default_rng([args.seed, step])
-    views, cdf, train_s, result, last_eval = None, None, 0.0, {}, -1
+    views, cdf, result, last_eval = None, None, {}, step  # an evaluation at the restored step came before its save
 
     @jax.jit
     def encode(params, obs):  # the critics' view [B,W+S] of observations, without gradients
@@ -412,7 +415,7 @@ def main(args: Args) -> dict:
         print(f"[eval] update {step}: success {result['eval/success_rate']:.2f} (train {train_s:.0f}s)", flush=True)
 
     def batches(n, size, phase):  # n batches stacked [n,B,...] on the mesh
-        rows = []
+        rows, np_rng = [], np.random.default_rng([args.seed, step])  # the data order, a function of the step
         for _ in range(n):
             if phase == "policy" and cdf is not None:  # weighted sampling: P(i) ∝ w_i (inverse CDF)
                 i = np.minimum(np.searchsorted(cdf, np_rng.uniform(0, cdf[-1], size)), len(chunks) - 1)
@@ -443,7 +446,7 @@ def main(args: Args) -> dict:
             adv_table = np.asarray(state["adv"])
             if args.weighting == "sample" and args.beta > 0 and phase == "policy":
                 cdf = np.cumsum(np.minimum(np.exp(args.beta * adv_table.astype(np.float64)), args.max_weight))
-            if step == critic_steps:  # the start of π₀'s training: evaluate
+            if step == 0:  # the start of π₀'s training without a critic phase: evaluate
                 do_eval(step)
             t_phase = time.time()
         while step < end and not (phase != "critic" and args.time_budget_s and train_s >= args.time_budget_s):
@@ -459,10 +462,10 @@ def main(args: Args) -> dict:
             if runlog.crossed(prev, step, args.log_every) or step == end:
                 run.report(step, info, phase, total, (s_phase, t_phase), ("losses/q", "losses/v", "losses/policy"))
             # ---- evaluate
-            if phase != "critic" and runlog.crossed(prev - critic_steps, step - critic_steps, args.eval_every):
+            if phase != "critic" and runlog.crossed(prev, step, args.eval_every, critic_steps):
                 do_eval(step)
-            # ---- save
-            if runlog.crossed(prev, step, args.save_every):
+            # ---- save (SIGINT / SIGTERM: save here and exit)
+            if (runlog.crossed(prev, step, args.save_every) or run.stopping) and step != end:
                 save(step)
         if phase == "critic" and step > s_phase:  # A = min Q̄ − V of every dataset chunk, once
             views = views if views is not None else encode_all(state["params"])
@@ -473,10 +476,11 @@ def main(args: Args) -> dict:
             print(f"[critic] advantage std {adv.std():.4f}; weights mean {w.mean():.3g}, clipped "
                   f"{(w >= args.max_weight).mean():.1%}")  # fmt: skip
             train_s = time.time() - t_phase  # the whole critic phase counts as training (features, advantages)
+            do_eval(step)  # the start of π₀'s training
             save(step)
-    save(step)
     if last_eval != step:  # the final evaluation, unless one just ran
         do_eval(step)
+    save(step)
     run.close()
     out = {**result, "step": step, "policy_updates": step - critic_steps, "run_dir": run.dir, "time/train_s": train_s}
     out["time/policy_updates_per_s"] = (step - s_phase) / max(phase_s, 1e-9)
@@ -484,4 +488,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with runlog.one_line_errors():
+        main(tyro.cli(Args))

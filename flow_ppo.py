@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import envs, mesh, pi0, qchunk, runlog
+from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 
 @dataclass
@@ -69,8 +69,7 @@ class Args(runlog.RunArgs):
     iterations: int = 200
     """PPO iterations (rollout + update)"""
     time_budget_s: float = 0.0
-    """stop PPO after this many seconds of it (evaluation excluded; 0: no limit; a run that must be reproducible
-    is bounded by --iterations alone)"""
+    """stop PPO after this many seconds of it (evaluation excluded; 0: none; unlike --iterations, not reproducible)"""
     num_steps: int = 8
     """chunk steps per env per rollout"""
     gamma: float = 0.99
@@ -113,16 +112,17 @@ class Args(runlog.RunArgs):
 
 def check(args: Args) -> Args:
     """Refuse inconsistent flags."""
+    args = runlog.resumed(args, "flow_ppo")  # --resume: the run's own flags
     args.check_run(needs_data=args.pi0_checkpoint is None)  # a checkpoint needs no BC data
     runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
-    runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size")  # 0 updates per call would never end BC
+    runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes")
     runlog.check_at_least(args, 0, "iterations", "bc_steps")
+    runlog.check_ranges(args, gamma=(0, 1), learning_rate=(0, None), bc_lr=(0, None), value_lr=(0, None))
+    runlog.check_ranges(args, min_std=(0, args.max_std))
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
-        raise ValueError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
+        raise RunError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.noise_method == "flow_sde" and args.flow_steps < 2:
-        raise ValueError("flow_sde needs --flow-steps ≥ 2 (σ_t is evaluated at t ≤ 1 − δ, which is 0 for one step)")
-    if not 0 < args.min_std <= args.max_std:
-        raise ValueError(f"need 0 < --min-std ({args.min_std}) ≤ --max-std ({args.max_std})")
+        raise RunError("flow_sde needs --flow-steps ≥ 2 (σ_t is evaluated at t ≤ 1 − δ, which is 0 for one step)")
     return args
 
 
@@ -299,8 +299,7 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         grads, info = jax.grad(ppo_loss, has_aux=True)(train, mb, None, nets, args)
         updates, opt = tx.update(grads, state["opt"], train)
         new_state = {**state, **optax.apply_updates(train, updates), "opt": opt}  # params, heads and their moments
-        # KL early stop: once exceeded, the remaining minibatches leave the state as it is
-        new_state = jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new_state, state)
+        new_state = jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new_state, state)  # KL early stop: no update
         if args.target_kl is not None:
             stopped = stopped | (info["losses/approx_kl"] > args.target_kl)
         info["charts/grad_norm"] = optax.tree.norm(grads)
@@ -420,8 +419,7 @@ def main(args: Args) -> dict[str, float]:
     nets = Nets(policy.model, policy.io, NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead())
     heads = {"noise": nets.noise_head.init(k_noise, jnp.zeros((1, 1, args.action_horizon, cfg.expert.width)))}
     z = (jnp.zeros((1, cfg.vlm.width)), jnp.zeros((1, cfg.state_dim or cfg.action_dim)))  # features, state
-    heads["value"] = nets.value_head.init(k_value, *z)
-    train = {"params": policy.params, "heads": heads}
+    train = {"params": policy.params, "heads": {**heads, "value": nets.value_head.init(k_value, *z)}}
     tx, bc_tx = make_optimizers(args, nets, train)
     state = {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"])}
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
@@ -429,72 +427,74 @@ def main(args: Args) -> dict[str, float]:
     run = runlog.Run.from_args(args, "flow_ppo")
     total = bc_steps + args.iterations
 
-    # ---- restore
-    step, env_steps = 0, 0
-    if args.resume and (restored := run.restore(state)) is not None:
-        step, state, extra = restored
-        env_steps = extra["env_steps"]
-        print(f"resumed {run.dir} at step {step} (BC updates, then PPO iterations)")
+    # ---- restore: the train state, counters, and on the host the envs and the episodes since the last log
+    step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []
+    counts = {"charts/env_steps": 0, "time/ppo_s": 0.0}  # continued across resumes (ppo_s: --time-budget-s)
+    if (restored := run.restore(state)) is not None:
+        step, state, extra, host = restored
+        counts = {k: extra[k] for k in counts}
+        obs, ep_success = envs.resume_loop(env, host["loop"], args.seed + step), list(host["ep_success"])
 
     def save(step):
-        run.save(step, state, {"step": step, "norm_stats": policy.stats, "env_steps": env_steps})
+        host = {"loop": envs.loop_state(env, obs), "ep_success": ep_success}
+        run.save(step, state, {"step": step, "norm_stats": policy.stats, **counts}, host)
 
     # ---- loop: BC warm start, then PPO (rollout, GAE, epochs × minibatches)
     bc_update, ppo_update = make_update(nets, args, tx, bc_tx)
     act, value_fn, eval_act = make_act(nets, args)
-    np_rng = np.random.default_rng([args.seed, step])
-    final, info, first_dev, ep_success = {}, {}, 0.0, []  # ep_success: rollout episodes since the last log
-    obs = env.reset(seed=args.seed)[0]
+    final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
-        if phase == "ppo" and step == bc_steps:  # the start of PPO: BC (or the loaded checkpoint)
+        if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
             final = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), "start of PPO")
             run.log(step, final)
             final["eval/start_success_rate"] = final["eval/success_rate"]
+            save(step)
         t_phase, s_phase, phase_s = time.time(), step, 0.0
-        # cadences count BC updates (logs and saves every 10× --log-every / --save-every), then PPO iterations
-        start, scale = (0, 10) if phase == "bc" else (bc_steps, 1)
+        start, scale = (0, 10) if phase == "bc" else (bc_steps, 1)  # cadences: BC updates ×10, then PPO iterations
         env_steps_per_step = 1 if phase == "bc" else args.num_envs * args.num_steps * args.action_horizon
-        while step < end and not (phase == "ppo" and 0 < args.time_budget_s <= phase_s):
+        while step < end and not (phase == "ppo" and 0 < args.time_budget_s <= counts["time/ppo_s"]):
             t = time.time()
-            key = jax.random.fold_in(k_run, step)
+            key, np_rng = jax.random.fold_in(k_run, step), np.random.default_rng([args.seed, step])  # resumable
             if phase == "bc":  # flow matching on the prior data's chunks
                 n = min(args.updates_per_call, end - step)
-                bs = [chunks.sample(np_rng, args.bc_batch_size) for _ in range(n)]
-                bs = [{k: b[k] for k in ("obs", "actions", "valid")} for b in bs]
+                bs = [chunks.sample(np_rng, args.bc_batch_size, ("obs", "actions", "valid")) for _ in range(n)]
                 state, info = bc_update(state, mesh.stack_batches(bs, dev_mesh), key)
             else:  # one rollout, then epochs × minibatches of PPO on it
                 n = 1
                 batch, obs, done = rollout(act, value_fn, state, env, obs, key, args)
-                ep_success += done
-                env_steps += env_steps_per_step
+                ep_success += done  # the rollout episodes since the last log
+                counts["charts/env_steps"] += env_steps_per_step
                 train_policy = jnp.bool_(step - bc_steps >= args.critic_warmup)
                 batch = mesh.shard_batch(batch, dev_mesh)
                 state, info = ppo_update(state, batch, jax.random.fold_in(key, 1), train_policy)
-                first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))
-            prev, step = step, step + n
-            phase_s += time.time() - t
-            last = step == end or (phase == "ppo" and 0 < args.time_budget_s <= phase_s)
+                first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))  # this session's
+            prev, step, dt = step, step + n, time.time() - t
+            phase_s, counts["time/ppo_s"] = phase_s + dt, counts["time/ppo_s"] + dt * (phase == "ppo")
+            last = step == end or (phase == "ppo" and 0 < args.time_budget_s <= counts["time/ppo_s"])
             # ---- log
-            if runlog.crossed(prev - start, step - start, scale * args.log_every) or last:
-                m = {**info, "charts/env_steps": env_steps, "time/sps": (step - s_phase) * env_steps_per_step / phase_s}
+            if runlog.crossed(prev, step, scale * args.log_every, start) or last:
+                sps = (step - s_phase) * env_steps_per_step / phase_s
+                m = {**info, "charts/env_steps": counts["charts/env_steps"], "time/sps": sps}
                 m.update({"charts/rollout_success": np.mean(ep_success)} if ep_success else {})
                 ep_success = []
                 keys = ("losses/bc", "charts/rollout_success", "charts/noise_std", "losses/approx_kl")
                 run.report(step, m, phase, total, (s_phase, t_phase), keys)
             # ---- evaluate
-            if phase == "ppo" and (runlog.crossed(prev - start, step - start, args.eval_every) or last):
+            if phase == "ppo" and (runlog.crossed(prev, step, args.eval_every, start) or last):
                 ev = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval, it {step - start}")
                 run.log(step, ev)
                 final.update(ev)
-            # ---- save
-            if runlog.crossed(prev - start, step - start, scale * args.save_every) or last:
+            # ---- save (SIGINT / SIGTERM: here; BC's last step is saved at the start of PPO)
+            saving = runlog.crossed(prev, step, scale * args.save_every, start) or last or run.stopping
+            if saving and step != bc_steps:
                 save(step)
     env.close()
     run.close()
     final |= {k: float(v) for k, v in jax.device_get(info).items()}
-    final |= {"run_dir": run.dir, "charts/first_ratio_dev_max": first_dev, "charts/env_steps": env_steps}
+    final |= {"run_dir": run.dir, "charts/first_ratio_dev_max": first_dev, **counts}
     return final | {"step": step, "iterations": step - bc_steps, "time/wall_s": phase_s}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with runlog.one_line_errors():
+        main(tyro.cli(Args))

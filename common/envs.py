@@ -33,6 +33,8 @@ import h5py
 import jax
 import numpy as np
 
+from common import RunError
+
 Obs = dict[str, Any]
 
 PUSH_PROMPTS = [
@@ -150,6 +152,21 @@ class PushEnv:
         info = {"success": success, "subgoal": act & (self.moved | touch)}
         info.update(episode_return=self.episode_return.copy(), episode_length=self.elapsed.copy())
         return self._obs(), reward, success, truncated, info
+
+    _STATE = ("agent", "block", "targets", "prompt_id", "elapsed", "moved", "episode_return")
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Everything that changes as the envs run, the generator included: `set_state` continues exactly."""
+        rng = np.array(json.dumps(self._rng.bit_generator.state))
+        return {"rng": rng, **{k: getattr(self, k).copy() for k in self._STATE}}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from `get_state`'s output (of as many envs)."""
+        if len(state["agent"]) != self.num_envs:
+            raise RunError(f"the saved push state has {len(state['agent'])} envs, this one {self.num_envs}")
+        for k in self._STATE:
+            setattr(self, k, np.array(state[k], dtype=getattr(self, k).dtype))
+        self._rng.bit_generator.state = json.loads(str(state["rng"]))
 
     def _obs(self) -> Obs:
         state = np.concatenate([self.agent, self.block, self.targets.reshape(-1, 6)], -1).astype(np.float32)
@@ -331,19 +348,23 @@ class GymVecEnv:
     def __init__(self, env_id: str, num_envs: int, seed: int = 0, **make_kwargs: Any):
         try:
             self.envs = [gym.make(env_id, **make_kwargs) for _ in range(num_envs)]
+        except TypeError as err:  # a keyword the env does not take
+            raise RunError(
+                f"--env-kwargs {make_kwargs}: gymnasium.make({env_id!r}, ...) refused them ({err})"
+            ) from None
         except (gym.error.Error, ModuleNotFoundError) as err:
-            raise ValueError(
+            raise RunError(
                 f"unknown environment {env_id!r} ({err}). Use 'push', 'libero', or any gymnasium id registered in "
                 "this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import my_module first)."
             ) from err
         obs_space, act_space = self.envs[0].observation_space, self.envs[0].action_space
         if not isinstance(obs_space, gym.spaces.Box):
-            raise ValueError(
+            raise RunError(
                 f"{env_id!r} has observation space {obs_space}; only Box observations are supported. Wrap the env "
                 "(e.g. gymnasium.wrappers.FlattenObservation) and register the wrapped env under a new id."
             )
         if not isinstance(act_space, gym.spaces.Box):
-            raise ValueError(
+            raise RunError(
                 f"{env_id!r} has action space {act_space}; only continuous Box actions are supported (action chunks "
                 "are float vectors). Pick a continuous-control env."
             )
@@ -421,7 +442,7 @@ def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw:
             kw["image_size"] = image_size
         return libero.make_libero_env(num_envs=num_envs, seed=seed, **kw)
     if image_size:
-        raise ValueError(f"image_size={image_size}: gymnasium envs ({name!r}) are state-only; use image_size=0.")
+        raise RunError(f"image_size={image_size}: gymnasium envs ({name!r}) are state-only; use image_size=0.")
     return GymVecEnv(name, num_envs, seed=seed, **kw)
 
 
@@ -453,20 +474,34 @@ class EnvSpec:
 
 
 def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None, image_size: int = 0) -> EnvSpec:
-    """An `EnvSpec` from flag values: `env_kwargs` values decoded as JSON where they parse (else kept as strings),
-    `image_size` (a script's `--image-size`) added unless the kwargs give one."""
-    kw = {k: _decode(v) for k, v in (env_kwargs or {}).items()}
+    """An `EnvSpec` from flag values: `env_kwargs` values decoded as JSON where they parse (a bare word stays a
+    string: `suite libero_goal`), `image_size` (a script's `--image-size`) added unless the kwargs give one. Refused
+    before any env is made: a value that starts like JSON ([, {, ") but does not parse, and for push and libero a
+    key their constructor does not take."""
+    kw = {k: _decode(k, v) for k, v in (env_kwargs or {}).items()}
+    if name in ("push", "libero"):
+        if name == "push":
+            target = PushEnv
+        else:
+            from common import libero
+
+            target = libero.LiberoVecEnv
+        takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed")]
+        if unknown := sorted(set(kw) - set(takes)):
+            raise RunError(f"--env-kwargs {' '.join(unknown)}: {name} does not take it; it takes {', '.join(takes)}")
     if image_size:
         kw.setdefault("image_size", image_size)
     return EnvSpec(name, kw, dataset)
 
 
-def _decode(value: Any) -> Any:
+def _decode(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if value.lstrip().startswith(("[", "{", '"')):
+            raise RunError(f"--env-kwargs {key} {value}: not valid JSON ({e.msg}); e.g. {key} '[0,3]'") from None
         return value  # a plain string, e.g. a suite name
 
 
@@ -494,7 +529,12 @@ def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
 
         data = qchunk.load_episodes(path, prompts=env.prompts)
     if data.actions.shape[1] != env.action_dim:
-        raise ValueError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
+        raise RunError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
+    for key, x in (("state", data.obs["state"]), ("actions", data.actions), ("rewards", data.rewards)):
+        if not np.isfinite(x).all():  # caught per file and demo by qchunk; this covers every loader
+            frame = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
+            episode = int(np.searchsorted(data.episode_starts, frame, side="right") - 1)
+            raise RunError(f"{path}: episode {episode} has NaN or inf in {key} (frame {frame}); fix or drop it")
     return data
 
 
@@ -507,10 +547,13 @@ def dataset_image_size(path: str | os.PathLike) -> int | None:
     files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
     if not files or not h5py.is_hdf5(files[0]):
         return None
-    with h5py.File(files[0], "r") as f:
-        demos = sorted(f.get("data", {}))
-        obs = f["data"][demos[0]].get("obs", {}) if demos else {}
-        shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
+    try:
+        with h5py.File(files[0], "r") as f:
+            demos = sorted(f.get("data", {}))
+            obs = f["data"][demos[0]].get("obs", {}) if demos else {}
+            shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
+    except OSError:  # a truncated file: `qchunk.load_episodes` says so when it reads it
+        return None
     return int(shapes[0][1]) if shapes else None
 
 
@@ -578,6 +621,23 @@ def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tupl
     ended = terminated | truncated
     next_obs = env.reset_where(ended) if ended.any() else _copy_obs(final_obs)
     return next_obs, step
+
+
+def loop_state(env: Any, obs: Obs) -> dict[str, Any]:
+    """What continuing a script's env loop exactly needs, for a checkpoint's host arrays: the current observation and
+    the env's own state where it can save it (`get_state`: push); {} when it cannot (gymnasium, LIBERO)."""
+    return {"obs": obs, "env": env.get_state()} if hasattr(env, "get_state") else {}
+
+
+def resume_loop(env: Any, saved: dict[str, Any], seed: int) -> Obs:
+    """The observation to continue the env loop from, after `loop_state`'s output was restored into `saved`. An env
+    that could not save its state starts new episodes here, seeded `seed`: from this point on, a resumed run is not
+    the run it would have been (the README says so)."""
+    if saved:
+        env.set_state(saved["env"])
+        return saved["obs"]
+    print(f"{type(env).__name__} cannot save its state: its envs start new episodes at the resume (seed {seed})")
+    return env.reset(seed=seed)[0]
 
 
 def evaluate(

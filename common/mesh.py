@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from common import RunError
+
 BATCH_AXES = ("batch", "fsdp")  # the batch is split over every device
 
 
@@ -41,7 +43,7 @@ def make_mesh(fsdp_devices: int = 1) -> Mesh:
     """All devices as a (batch, fsdp) grid; fsdp_devices must divide the device count."""
     n = jax.device_count()
     if fsdp_devices < 1 or n % fsdp_devices:
-        raise ValueError(f"--fsdp-devices {fsdp_devices} must divide the number of devices ({n})")
+        raise RunError(f"--fsdp-devices {fsdp_devices} must divide the number of devices ({n})")
     return Mesh(np.asarray(jax.devices()).reshape(n // fsdp_devices, fsdp_devices), BATCH_AXES)
 
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import RunError
+
 Params = dict[str, Any]
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's camera order
 
@@ -113,7 +115,7 @@ PRESETS: dict[str, Pi0Config] = {
 def make_config(preset: str, **overrides: Any) -> Pi0Config:
     """A preset with fields replaced, e.g. `make_config("cpu", action_dim=7, cameras=("base_0_rgb",))`."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown π₀ preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise RunError(f"unknown π₀ preset {preset!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
@@ -517,10 +519,16 @@ class Pi0:
         )
 
     def init(self, rng: jax.Array) -> Params:
+        """Fresh parameters, initialised in one jitted call (op by op, a full π₀ compiles hundreds of tiny programs)."""
         c = self.config
-        x = jnp.zeros((1, c.action_horizon, c.action_dim), jnp.float32)
-        params = self.module.init(rng, self.dummy_observation(1), x, jnp.ones((1,)))["params"]
-        return jax.tree.map(lambda p: p.astype(c.dtype), params) if c.dtype != "float32" else params
+
+        @jax.jit
+        def init(rng):
+            x = jnp.zeros((1, c.action_horizon, c.action_dim), jnp.float32)
+            params = self.module.init(rng, self.dummy_observation(1), x, jnp.ones((1,)))["params"]
+            return jax.tree.map(lambda p: p.astype(c.dtype), params) if c.dtype != "float32" else params
+
+        return init(rng)
 
     def prefix(self, params: Params, obs: Observation) -> Prefix:
         """One VLM pass: the KV cache of every layer and the pooled prefix features [B,W]."""
@@ -829,8 +837,8 @@ class PaligemmaTokenizer:
 
     def __init__(self, model_path: str, max_len: int):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(
-                f"tokenizer model {model_path!r} not found: pass --tokenizer with the path of "
+            raise RunError(
+                f"--tokenizer {model_path!r}: no such file; pass the path of "
                 "openpi's paligemma_tokenizer.model (it is in openpi's asset cache)"
             )
         import sentencepiece
@@ -887,7 +895,7 @@ def make_prompt_table(prompts: Sequence[str], tokenizer) -> PromptTable:
 
 
 # ----------------------------------------------------------------------------------------------------------- openpi
-class CheckpointError(ValueError):
+class CheckpointError(RunError):
     """An openpi checkpoint that cannot be used as asked; the message says what was wrong and how to fix it."""
 
 

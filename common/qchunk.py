@@ -32,6 +32,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from common import RunError
+
 Batch = dict[str, Any]
 
 # LIBERO camera keys -> openpi camera names. LIBERO's stored images are upside down (OpenGL): rotate them 180°.
@@ -41,7 +43,7 @@ LIBERO_CAMERAS = {"agentview_rgb": "base_0_rgb", "eye_in_hand_rgb": "left_wrist_
 LIBERO_STATE_KEYS = ("ee_pos", "ee_ori", "gripper_states")
 
 
-class DatasetError(ValueError):
+class DatasetError(RunError):
     """A dataset file is missing or does not have the expected layout."""
 
 
@@ -81,6 +83,15 @@ def _dataset_files(paths: str | Path | list) -> list[Path]:
     return files
 
 
+def _open(path: Path) -> h5py.File:
+    """`h5py.File(path, "r")`, or a DatasetError naming the file when it is empty, truncated or not HDF5."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DatasetError(f"{path}: not a readable HDF5 file ({e}); is it empty, truncated or still being written? "
+                           "Write it again (python -m common.envs make-dataset for push)") from None  # fmt: skip
+
+
 def _demo_names(data: h5py.Group) -> list[str]:
     return sorted(data.keys(), key=lambda k: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", k)])
 
@@ -114,31 +125,36 @@ def load_episodes(
     plan: list[tuple[Path, str, int, str, bool]] = []
     layout: dict[str, Any] | None = None
     for path in files:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise DatasetError(f"{path}: no 'data' group (found {list(f.keys())}); expected data/demo_<i>/... .")
-            info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}")
-            prompts += [p for p in info.get("prompts", []) if p not in prompts]  # keep a writer's prompt order
-            for name in _demo_names(f["data"]):
-                if max_episodes is not None and len(plan) >= max_episodes:
-                    break
-                g = f["data"][name]
-                here = _demo_layout(path, name, g, image_keys)
-                if layout is None:
-                    layout = here
-                elif here != layout:
+        try:
+            with _open(path) as f:
+                if "data" not in f:
                     raise DatasetError(
-                        f"{path}:{name}: observation layout {here} differs from the first demo's {layout}."
+                        f"{path}: no 'data' group (found {list(f.keys())}); expected data/demo_<i>/... ."
                     )
-                length = len(g["actions"])
-                if length < min_length:
-                    raise DatasetError(
-                        f"{path}:{name}: episode of length {length} is shorter than min_length={min_length}; "
-                        "drop it from the file or lower min_length."
-                    )
-                lang = g.attrs.get("language_instruction", info.get("language_instruction", ""))
-                lang = lang.decode() if isinstance(lang, bytes) else str(lang)
-                plan.append((path, name, length, lang, bool(g.attrs.get("truncated", False))))
+                info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}")
+                prompts += [p for p in info.get("prompts", []) if p not in prompts]  # keep a writer's prompt order
+                for name in _demo_names(f["data"]):
+                    if max_episodes is not None and len(plan) >= max_episodes:
+                        break
+                    g = f["data"][name]
+                    here = _demo_layout(path, name, g, image_keys)
+                    if layout is None:
+                        layout = here
+                    elif here != layout:
+                        raise DatasetError(
+                            f"{path}:{name}: observation layout {here} differs from the first demo's {layout}."
+                        )
+                    length = len(g["actions"])
+                    if length < min_length:
+                        raise DatasetError(
+                            f"{path}:{name}: episode of length {length} is shorter than min_length={min_length}; "
+                            "drop it from the file or lower min_length."
+                        )
+                    lang = g.attrs.get("language_instruction", info.get("language_instruction", ""))
+                    lang = lang.decode() if isinstance(lang, bytes) else str(lang)
+                    plan.append((path, name, length, lang, bool(g.attrs.get("truncated", False))))
+        except OSError as e:  # a truncated file: h5py opens it, reading its index fails
+            raise DatasetError(f"{path}: unreadable ({e}); the file looks truncated or still being written") from None
     if not plan or layout is None:
         raise DatasetError(f"{files}: no episodes found under data/.")
     n, lengths = sum(p[2] for p in plan), np.array([p[2] for p in plan], np.int64)
@@ -155,29 +171,39 @@ def load_episodes(
         mine = [(i, p) for i, p in enumerate(plan) if p[0] == path]
         if not mine:
             continue
-        with h5py.File(path, "r") as f:
+        with _open(path) as f:
             for i, (_, name, length, lang, _) in mine:
-                g, sl = f["data"][name], slice(starts[i], starts[i] + length)
-                o = g["obs"]
-                if "state" in o:
-                    obs["state"][sl] = np.asarray(o["state"]).reshape(length, -1)
-                else:
-                    obs["state"][sl] = np.concatenate(
-                        [np.asarray(o[k]).reshape(length, -1) for k in LIBERO_STATE_KEYS], 1
-                    )
+                try:
+                    _read_demo(f["data"][name], slice(starts[i], starts[i] + length), length, layout, obs, actions,
+                               rewards, terminals, subgoal)  # fmt: skip
+                except OSError as e:  # a half-written file: its index is there, its data is not
+                    raise DatasetError(f"{path}:data/{name}: unreadable ({e}); the file looks truncated") from None
+                for key, x in (("obs/state", obs["state"]), ("actions", actions), ("rewards", rewards)):
+                    if not np.isfinite(x[starts[i] : starts[i] + length]).all():
+                        raise DatasetError(f"{path}:data/{name}: {key} holds NaN or inf; fix or drop this episode")
                 if lang not in prompts:
                     prompts.append(lang)
-                obs["prompt_id"][sl] = prompts.index(lang)
-                for cam, (key, _) in layout["images"].items():
-                    img = np.asarray(o[key])
-                    obs["images"][cam][sl] = img[:, ::-1, ::-1] if key in LIBERO_CAMERAS else img
-                actions[sl] = np.asarray(g["actions"]).reshape(length, -1)
-                rewards[sl] = np.asarray(g["rewards"]).reshape(length)
-                terminals[sl] = np.asarray(g["dones"]).reshape(length) > 0
-                if "subgoal" in o:
-                    subgoal[sl] = np.asarray(o["subgoal"]).reshape(length) > 0
+                obs["prompt_id"][starts[i] : starts[i] + length] = prompts.index(lang)
     truncated = np.array([p[4] for p in plan], bool)
     return EpisodeData(obs, actions, rewards, terminals, subgoal, starts, lengths, truncated, prompts)
+
+
+def _read_demo(g: h5py.Group, sl: slice, length: int, layout: dict, obs: dict, actions: np.ndarray,
+               rewards: np.ndarray, terminals: np.ndarray, subgoal: np.ndarray) -> None:  # fmt: skip
+    """Copy one demo group into the preallocated arrays at rows `sl`."""
+    o = g["obs"]
+    if "state" in o:
+        obs["state"][sl] = np.asarray(o["state"]).reshape(length, -1)
+    else:
+        obs["state"][sl] = np.concatenate([np.asarray(o[k]).reshape(length, -1) for k in LIBERO_STATE_KEYS], 1)
+    for cam, (key, _) in layout["images"].items():
+        img = np.asarray(o[key])
+        obs["images"][cam][sl] = img[:, ::-1, ::-1] if key in LIBERO_CAMERAS else img
+    actions[sl] = np.asarray(g["actions"]).reshape(length, -1)
+    rewards[sl] = np.asarray(g["rewards"]).reshape(length)
+    terminals[sl] = np.asarray(g["dones"]).reshape(length) > 0
+    if "subgoal" in o:
+        subgoal[sl] = np.asarray(o["subgoal"]).reshape(length) > 0
 
 
 def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | None) -> dict[str, Any]:
@@ -239,8 +265,7 @@ def _batch(src: Any, i: np.ndarray, obs: dict | None, actions: np.ndarray, next_
     keys = ("rewards", "discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go")
     batch = {k: getattr(src, k)[i] for k in keys}
     batch["actions"] = actions
-    if obs is not None:
-        batch.update(obs=obs, next_obs=next_obs)
+    batch.update({k: v for k, v in (("obs", obs), ("next_obs", next_obs)) if v is not None})
     return batch
 
 
@@ -269,15 +294,18 @@ class ChunkDataset:
     def __len__(self) -> int:
         return len(self.obs_idx)
 
-    def get(self, indices: np.ndarray) -> Batch:
-        """The batch for the given chunk indices (e.g. to weight every chunk of the dataset)."""
-        i, frames = np.asarray(indices), self.data.obs
-        obs, next_obs = gather_obs(frames, self.obs_idx[i]), gather_obs(frames, self.next_obs_idx[i])
-        return _batch(self, i, obs, self.data.actions[self.action_idx[i]], next_obs)
+    def get(self, indices: np.ndarray, keys: tuple[str, ...] | None = None) -> Batch:
+        """The batch for the given chunk indices (e.g. to weight every chunk of the dataset), only its `keys` (None:
+        all): what a loss does not read (o_{t+H} and its images for BC) is never gathered."""
+        i, frames, want = np.asarray(indices), self.data.obs, lambda k: keys is None or k in keys
+        obs = gather_obs(frames, self.obs_idx[i]) if want("obs") else None
+        next_obs = gather_obs(frames, self.next_obs_idx[i]) if want("next_obs") else None
+        batch = _batch(self, i, obs, self.data.actions[self.action_idx[i]], next_obs)
+        return batch if keys is None else {k: batch[k] for k in keys}
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        """A uniformly sampled batch (with replacement)."""
-        return self.get(rng.integers(0, len(self), batch_size))
+    def sample(self, rng: np.random.Generator, batch_size: int, keys: tuple[str, ...] | None = None) -> Batch:
+        """A uniformly sampled batch (with replacement) of the `keys` (None: all)."""
+        return self.get(rng.integers(0, len(self), batch_size), keys)
 
     def all_indices(self, batch_size: int):
         """Yield index arrays covering every chunk once, in order (the last one may be shorter)."""
@@ -426,23 +454,32 @@ class ReplayBuffer:
         out.update({f"extras/{k}": v for k, v in self.extras.items()})
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write the stored transitions (and the write position) to an .npz file, to continue a run; nothing while
-        the buffer is empty. `return_to_go` is not saved: it is NaN for every online chunk."""
-        if self.size:
-            np.savez(path, next=self._next, **{k: v[: self.size] for k, v in self._arrays().items()})
+    def state_dict(self) -> dict[str, Any]:
+        """The stored transitions and the write position, for a checkpoint (`runlog.Run.save`'s host arrays).
+        `return_to_go` is left out: it is NaN for every online chunk."""
+        return {"next": np.asarray(self._next), **{k: v[: self.size] for k, v in self._arrays().items()}}
 
-    def load(self, path: str | Path) -> None:
-        """Fill this (empty, same-shaped) buffer from a file written by `save`; no file: it stays empty."""
-        if not Path(path).exists():
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Fill this (empty, same-shaped) buffer from `state_dict`'s output (flat keys or the nested dicts a
+        checkpoint gives back)."""
+        flat = _flat(saved)
+        n = len(flat.get("rewards", ()))
+        if n == 0:  # saved empty
             return
-        with np.load(path) as z:
-            n = len(z["rewards"])
-            if n > self.capacity:
-                raise ValueError(f"{path} holds {n} transitions, more than this buffer's capacity {self.capacity}.")
-            self.actions = np.zeros((self.capacity, *z["actions"].shape[1:]), np.float32)
-            for k in (f for f in z.files if f.startswith("extras/")):
-                self.extras[k[7:]] = np.zeros((self.capacity, *z[k].shape[1:]), z[k].dtype)
-            for k, v in self._arrays().items():
-                v[:n] = z[k]
-            self.size, self._next = n, int(z["next"])
+        if n > self.capacity:
+            raise DatasetError(
+                f"the saved replay buffer holds {n} transitions, more than --buffer-size {self.capacity}"
+            )
+        self.actions = np.zeros((self.capacity, *flat["actions"].shape[1:]), np.float32)
+        for k in (f for f in flat if f.startswith("extras/")):
+            self.extras[k[7:]] = np.zeros((self.capacity, *flat[k].shape[1:]), flat[k].dtype)
+        for k, v in self._arrays().items():
+            v[:n] = flat[k]
+        self.size, self._next = n, int(flat["next"])
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -1,18 +1,33 @@
-"""Run plumbing shared by the scripts: the run block of their Args (`RunArgs`, `check_choices`), the run folder
-(metrics.jsonl (+ wandb), args.json, orbax checkpoints, progress lines), and loading the π₀ a run starts from (an
-openpi checkpoint or another run's folder, `load_pi0`).
+"""Run plumbing shared by the scripts: the run block of their Args (`RunArgs`, `resumed`, `check_choices`), the run
+folder (metrics.jsonl (+ wandb), args.json, orbax checkpoints, progress lines, stopping on SIGINT/SIGTERM), one-line
+errors for the command line, and loading the π₀ a run starts from (an openpi checkpoint or a run folder, `load_pi0`).
 
 runs/<env>__<script>__<seed>__<time>/
-    args.json        the Args the run started with
+    args.json        the Args the run started with (+ "_script"); `--resume` reads them back
     metrics.jsonl    one JSON object per log step: {"step": ..., "losses/...": ..., "eval/...": ...}
-    checkpoints/     orbax CheckpointManager: {"state": train state pytree, "extra": JSON (norm stats, step, ...)}
+    checkpoints/     orbax CheckpointManager: {"state": train state pytree, "extra": JSON (norm stats, counters)}
+    host/            per checkpoint step and process, <step>.p<i>.npz: what lives on the host (replay buffer, env
+                     state, current observation), written before the orbax checkpoint of the same step
+
+A run folder belongs to one run: a new run refuses a non-empty --run-dir, `--resume` continues the run with its own
+args.json. Every file is replaced atomically (a temporary file, then `os.replace`; orbax commits a step by renaming
+its folder), so a kill at any moment leaves the last complete checkpoint and its host file. Resuming truncates
+metrics.jsonl to the restored step: an interrupted and resumed run logs each step once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
+import shutil
+import signal
+import sys
+import threading
 import time
 import typing
 from typing import Any
@@ -21,7 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import pi0
+from common import RunError, pi0
+
+# flags a resumed run may change: where it runs and logs, not what it computes
+RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices")
 
 
 @dataclasses.dataclass
@@ -58,33 +76,103 @@ class RunArgs:
     wandb_project: str = "pi0-rl"
     """wandb project"""
     run_dir: str | None = None
-    """run folder; default runs/<env>__<exp_name>__<seed>__<time>"""
+    """run folder (new or empty); default runs/<env>__<exp_name>__<seed>__<time>"""
     resume: bool = False
-    """continue from the last checkpoint in --run-dir"""
+    """continue the run in --run-dir from its last checkpoint, with its own flags (args.json)"""
     fsdp_devices: int = 1
     """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
 
     def check_run(self, needs_data: bool = True) -> None:
-        """Refuse a run block that cannot start: a `Literal` flag outside its choices (`check_choices`), or an env
-        other than push (the only one with a default dataset) without --dataset when the run `needs_data`."""
+        """Refuse a run block that cannot start, before any work: a `Literal` flag outside its choices, an env other
+        than push (the only one with a default dataset) without --dataset when the run `needs_data`, paths that do
+        not exist or are of the wrong kind, a new run in a folder that holds something."""
         check_choices(self)
         if needs_data and self.dataset is None and self.env != "push":
-            raise ValueError(f"--env {self.env}: pass --dataset (prior data: robomimic/LIBERO HDF5 or LeRobot folder)")
+            raise RunError(f"--env {self.env}: pass --dataset (prior data: robomimic/LIBERO HDF5 or LeRobot folder)")
+        if self.dataset is not None and not os.path.exists(os.path.expanduser(self.dataset)):
+            raise RunError(f"--dataset {self.dataset}: no such file or folder")
+        if self.pi0_checkpoint is not None and not os.path.isdir(os.path.expanduser(self.pi0_checkpoint)):
+            what = "is a file" if os.path.exists(os.path.expanduser(self.pi0_checkpoint)) else "does not exist"
+            raise RunError(
+                f"--pi0-checkpoint {self.pi0_checkpoint} {what}: pass an openpi checkpoint directory "
+                "(holding params/ and assets/) or a run folder of these scripts"
+            )
+        if self.tokenizer is not None and not os.path.isfile(os.path.expanduser(self.tokenizer)):
+            raise RunError(f"--tokenizer {self.tokenizer}: no such file (openpi's paligemma_tokenizer.model)")
+        if self.fsdp_devices < 1:
+            raise RunError(f"--fsdp-devices must be ≥ 1 (got {self.fsdp_devices})")
+        if not self.resume and self.run_dir and os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
+            raise RunError(
+                f"--run-dir {self.run_dir} is not empty (a run folder belongs to one run): continue that "
+                f"run with --resume --run-dir {self.run_dir}, or pick a new folder"
+            )
 
     def pi0_flags(self) -> dict[str, Any]:
-        """The run block's flags that choose the π₀ a run starts from, as `make_policy`'s arguments."""
+        """The run block's flags that choose the π₀ a run starts from, as `make_policy`'s arguments; a resumed run's
+        norm stats are its own (its checkpoint's), whatever the data or the checkpoint hold now."""
         return dict(env_name=self.env, checkpoint=self.pi0_checkpoint, preset=self.pi0_preset,
-                    tokenizer=self.tokenizer, asset_id=self.asset_id, model_horizon=self.model_horizon)  # fmt: skip
+                    tokenizer=self.tokenizer, asset_id=self.asset_id, model_horizon=self.model_horizon,
+                    resume_dir=self.run_dir if self.resume else None)  # fmt: skip
+
+
+def resumed(args: Any, script: str) -> Any:
+    """`args` as the run in --run-dir was started (its args.json) when --resume is set; else `args` unchanged.
+
+    Flags given again with a value other than their default must agree with the run's (else one RunError naming
+    them); only `RESUME_MAY_CHANGE` are taken from `args`. A folder of another script, or none, is refused."""
+    if not args.resume:
+        return args
+    if not args.run_dir:
+        raise RunError("--resume needs --run-dir: the run folder to continue (e.g. runs/push__acrlpd_pi0__1__...)")
+    file = os.path.join(args.run_dir, "args.json")
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise RunError(
+            f"--resume --run-dir {args.run_dir}: no args.json there, so not a run folder of these "
+            "scripts; pass the folder that holds args.json and checkpoints/"
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{file}: unreadable ({e}); the run cannot be resumed with its flags") from None
+    owner = saved.pop("_script", None)
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    if owner not in (None, script) or set(saved) != set(fields):
+        other = f"{owner}.py" if owner else "another script"
+        raise RunError(
+            f"--run-dir {args.run_dir} is a run of {other}, not {script}.py: resume it with that script, "
+            "or pick another folder"
+        )
+    values, clash = {}, []
+    for name, f in fields.items():
+        given, value = getattr(args, name), saved[name]
+        value = tuple(value) if isinstance(value, list) else value
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if name in RESUME_MAY_CHANGE:
+            value = given
+        elif given != default and given != value:
+            clash.append(f"--{name.replace('_', '-')} {given} (the run has {value})")
+        values[name] = value
+    if clash:
+        raise RunError(
+            f"--resume: {', '.join(clash)}; a resumed run keeps its own flags (args.json): drop them, or "
+            "start a new run in another --run-dir"
+        )
+    return dataclasses.replace(args, **values)
 
 
 class Run:
-    """One training run's folder. `resume=True` reopens `run_dir` and `restore()` returns its last checkpoint."""
+    """One training run's folder (see the module docstring). `resume=True` reopens `run_dir`; `restore()` then returns
+    its last checkpoint. From construction to `close()` the first SIGINT or SIGTERM sets `stopping`: the script's loop
+    saves at its next update boundary (`save` then exits with status 0 and prints the resume command); a second one
+    acts as usual (Ctrl-C: KeyboardInterrupt)."""
 
     def __init__(
         self,
         args: Any,
         script: str,
         *,
+        name: str,
         env: str,
         seed: int,
         run_dir: str | None = None,
@@ -93,30 +181,30 @@ class Run:
         wandb_project: str = "pi0-rl",
         keep: int = 2,
     ):
-        if resume and not run_dir:
-            raise ValueError(
-                "--resume needs --run-dir: the run folder to continue (e.g. runs/push__acrlpd_pi0__1__...)"
+        self.script, self.resume, self.is_main = script, resume, jax.process_index() == 0
+        if run_dir is None:  # a new folder of its own, even for two runs started in the same second
+            base = os.path.join(
+                "runs", f"{env.replace(':', '_').replace('/', '_')}__{name}__{seed}__{int(time.time())}"
             )
-        if resume and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            raise FileNotFoundError(f"--resume: no checkpoints in {run_dir}; start it without --resume first")
-        name = f"{env.replace(':', '_').replace('/', '_')}__{script}__{seed}__{int(time.time())}"
-        self.dir = os.path.abspath(run_dir or os.path.join("runs", name))
+            run_dir = next(d for i in range(1000) if not os.path.exists(d := base + (f"_{i}" if i else "")))
+        self.dir = os.path.abspath(run_dir)
+        if not resume and os.path.isdir(self.dir) and os.listdir(self.dir):
+            raise RunError(f"--run-dir {run_dir} is not empty: continue it with --resume, or pick a new folder")
         os.makedirs(self.dir, exist_ok=True)
-        self.is_main = jax.process_index() == 0
         if self.is_main and not resume:
-            with open(os.path.join(self.dir, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2, default=str)
-        self._metrics = open(os.path.join(self.dir, "metrics.jsonl"), "a") if self.is_main else None
+            text = json.dumps({**dataclasses.asdict(args), "_script": script}, indent=2, default=str)
+            atomic_write(os.path.join(self.dir, "args.json"), text.encode())
+        self._metrics = None  # opened at the first log (after `restore` truncated it)
         self._wandb = None
         if track and self.is_main:
             try:
                 import wandb
             except ImportError as e:
-                raise ImportError("--track needs wandb: pip install wandb") from e
+                raise RunError("--track needs wandb: pip install wandb") from e
             self._wandb = wandb.init(
                 project=wandb_project,
                 name=os.path.basename(self.dir),
-                group=script,
+                group=name,
                 dir=self.dir,
                 config=dataclasses.asdict(args),
                 resume="allow",
@@ -125,34 +213,67 @@ class Run:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self._mgr = ocp.CheckpointManager(
-            os.path.join(self.dir, "checkpoints"), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # synchronous saves: a failure (a full disk) is raised here, not printed by a background thread
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
         )
+        self._mgr = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"), options=options)
+        self.saved_step = self._mgr.latest_step()  # the last complete checkpoint
         self._t0 = time.time()
+        self.stopping: str | None = None  # the name of the signal that asked the run to stop
+        self._handlers = {}
+        with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
 
     @classmethod
     def from_args(cls, args: RunArgs, script: str) -> Run:
         """The run of a script's Args (its run block): named --exp-name, or the script's name."""
         keys = ("env", "seed", "run_dir", "resume", "track", "wandb_project")
-        return cls(args, args.exp_name or script, **{k: getattr(args, k) for k in keys})
+        return cls(args, script, name=args.exp_name or script, **{k: getattr(args, k) for k in keys})
+
+    @property
+    def resume_command(self) -> str:
+        return f"python {self.script}.py --resume --run-dir {self.dir}"
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = signal.Signals(signum).name
+        for sig, handler in self._handlers.items():  # a second signal: what it did before this run
+            signal.signal(sig, handler)
+        print(f"\n{self.stopping}: saving at the next update boundary, then stopping (again: stop now)", flush=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Write namespaced scalar metrics (pull them from the device once, here)."""
         row = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         row = {"step": int(step), **row, "time/elapsed_s": time.time() - self._t0}
-        if self._metrics:
-            self._metrics.write(json.dumps(row) + "\n")
-            self._metrics.flush()
+        if self.is_main:
+            try:
+                if self._metrics is None:
+                    self._metrics = open(os.path.join(self.dir, "metrics.jsonl"), "a")
+                self._metrics.write(json.dumps(row) + "\n")
+                self._metrics.flush()
+            except OSError as e:
+                raise self._failed(
+                    f"writing {self.dir}/metrics.jsonl failed ({e.strerror}); {self._last_good()}"
+                ) from e
         if self._wandb:
             self._wandb.log(row, step=int(step))
 
     def report(self, step: int, metrics: dict[str, Any], phase: str, total: int, start: tuple[int, float],
                show: tuple[str, ...]) -> None:  # fmt: skip
         """`log` the metrics with the phase's rate (time/{phase}_steps_per_s, since `start` = (step, time)) and print
-        a progress line (`progress`) with the `show` metrics that are there."""
+        a progress line (`progress`) with the `show` metrics that are there. A loss (losses/*) that is NaN or inf
+        stops the run here with a RunError (the step, the loss, the last good checkpoint)."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics[f"time/{phase}_steps_per_s"] = (step - start[0]) / max(time.time() - start[1], 1e-9)
         self.log(step, metrics)
+        bad = {k: v for k, v in metrics.items() if k.startswith("losses/") and not np.isfinite(v)}
+        if bad:
+            what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            raise self._failed(
+                f"{phase} step {step}: {what}, the run stopped; {self._last_good()}. Lower the learning "
+                "rate or check the data, then start a new run (--pi0-checkpoint can start from it)"
+            )
         self.progress(step, total, phase, *start, **{k.split("/")[-1]: metrics[k] for k in show if k in metrics})
 
     def progress(self, step: int, total: int, phase: str, start_step: int, start_time: float, **shown: float) -> None:
@@ -162,50 +283,261 @@ class Run:
         extra = "  ".join(f"{k}={float(v):.3g}" for k, v in shown.items())
         print(f"[{phase}] step {step}/{total}  {rate:.1f} steps/s  ETA {eta / 60:.1f} min  {extra}", flush=True)
 
-    def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
-        """An orbax checkpoint of the train state and a JSON side car (norm stats, phase, counters)."""
-        ocp = self._ocp
-        self._mgr.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(_jsonable(extra)))
-        )
-        self._mgr.wait_until_finished()
+    def _failed(self, message: str) -> RunError:
+        """The RunError that ends the run, after closing it (signal handlers given back, files closed)."""
+        with contextlib.suppress(Exception):  # a folder that cannot be written may also fail to close
+            self.close()
+        return RunError(message)
 
-    def restore(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state shaped like `target`, extra) of the latest checkpoint, or None if there is none."""
-        step = self._mgr.latest_step()
-        if step is None:
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is step {self.saved_step} in {self.dir}/checkpoints"
+
+    def save(self, step: int, state: Any, extra: dict[str, Any], host: dict[str, Any] | None = None) -> None:
+        """Checkpoint `step`: the `host` arrays (nested dicts of numpy arrays: replay buffer, env state; per process,
+        `host/<step>.p<i>.npz`), then an orbax checkpoint of the train `state` with the JSON `extra` (norm stats,
+        counters). Saving again at the step last saved rewrites the host file only (the train state does not change
+        without a step: acrlpd's warm-up). A state with NaN or inf is not saved (RunError). When a signal asked the
+        run to stop (`stopping`), the run is closed and the process exits with status 0 after the save."""
+        ocp, new = self._ocp, step != self.saved_step
+        if new and not _all_finite(state):
+            raise self._failed(f"step {step}: the train state holds NaN or inf and was not saved; {self._last_good()}")
+        try:
+            need = (_nbytes(state) if new else 0) + (_nbytes(host) if host is not None else 0)
+            if (free := shutil.disk_usage(self.dir).free) < 1.1 * need + 2**20:
+                raise OSError(errno.ENOSPC, f"{need / 2**30:.2f} GiB to write, {free / 2**30:.2f} GiB free")
+            if host is not None:
+                atomic_write(self._host_file(step), lambda f: np.savez(f, **_flatten(host)))
+            if new:  # a failed write is reported below, once, not again by orbax's and tensorstore's threads
+                restore = _quiet_stragglers()
+                extra = _jsonable({**extra, "_host": host is not None})
+                items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
+                self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+                self._mgr.wait_until_finished()
+                restore()
+            self._prune_host(step)
+        except Exception as e:  # a full disk, a folder gone: one line, the last good checkpoint
+            raise self._failed(
+                f"saving step {step} in {self.dir} failed ({_reason(e)}); {self._last_good()}: free "
+                f"space or fix the folder, then {self.resume_command}"
+            ) from e
+        self.saved_step = step
+        if self.stopping:
+            self.close()
+            print(f"{self.stopping}: saved step {step}, stopped. Resume with:\n  {self.resume_command}", flush=True)
+            raise SystemExit(0)
+
+    def _host_file(self, step: int) -> str:
+        return os.path.join(self.dir, "host", f"{step}.p{jax.process_index()}.npz")
+
+    def _prune_host(self, step: int) -> None:
+        """Drop host files of steps orbax no longer keeps and a killed write's temporary file (harmless till then)."""
+        keep, folder = {*self._mgr.all_steps(), step}, os.path.join(self.dir, "host")
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if ".tmp" in name or (name.split(".")[0].isdigit() and int(name.split(".")[0]) not in keep):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+    def restore(self, target: Any) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
+        """(step, state shaped like `target`, extra, host arrays or {}) of the last checkpoint when resuming, and
+        metrics.jsonl truncated to that step; None for a new run, or a resumed one that had saved nothing yet (it
+        starts over, its metrics emptied)."""
+        if not self.resume:
             return None
-        ocp = self._ocp
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self._mgr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
-        )
-        return step, out["state"], out["extra"]
+        step, ocp = self._mgr.latest_step(), self._ocp
+        self._truncate_metrics(-1 if step is None else step)
+        if step is None:
+            print(f"{self.dir}: no checkpoint yet, the run starts over")
+            return None
+        where = os.path.join(self.dir, "checkpoints", str(step))
+        try:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+            items = dict(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
+            out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise self._failed(
+                f"{where} does not fit this script's train state ({_reason(e)}); was it written by another "
+                "version of the script? Start a new run (--pi0-checkpoint can start from it)"
+            ) from e
+        host, file = {}, self._host_file(step)
+        if out["extra"].get("_host"):  # this step was saved with host arrays: they must be there
+            try:
+                with np.load(file) as z:
+                    host = _unflatten({k: z[k] for k in z.files})
+            except Exception as e:
+                earlier = [s for s in self._mgr.all_steps() if s < step]
+                fix = (
+                    f"move {where} out of the run folder to resume from step {max(earlier)}"
+                    if earlier
+                    else ("start a new run")
+                )
+                raise self._failed(
+                    f"{file}: {_reason(e)}; the replay buffer and env state of step {step} are lost: {fix}"
+                ) from e
+        self.saved_step = step
+        print(f"resumed {self.dir} at step {step}")
+        return step, out["state"], out["extra"], host
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep the rows of metrics.jsonl up to `step` (a kill can leave a partial last line: dropped)."""
+        file = os.path.join(self.dir, "metrics.jsonl")
+        if not self.is_main or not os.path.exists(file):
+            return
+        rows = []
+        with open(file) as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["step"] <= step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(file, "".join(rows).encode())
 
     def close(self) -> None:
+        for sig, handler in self._handlers.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
+        self._handlers = {}
         self._mgr.wait_until_finished()
         self._mgr.close()
         if self._metrics:
             self._metrics.close()
+            self._metrics = None
         if self._wandb:
             self._wandb.finish()
+            self._wandb = None
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """For a script's `__main__`: a `RunError` (bad flag, file, run folder, full disk, NaN) prints its one line to
+    stderr and exits with status 2; Ctrl-C before the run could save says so (status 130)."""
+    try:
+        yield
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted before the run saved anything", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def atomic_write(path: str, data: bytes | typing.Callable[[typing.BinaryIO], Any]) -> None:
+    """Write `data` (bytes, or a function that writes to a binary file) to a temporary file next to `path`, flush it
+    to disk, then rename it over `path`: a reader (or a resume after a kill) sees the old file or the new one, never
+    a part of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data) if isinstance(data, bytes) else data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts of arrays -> {"a/b/c": array}; an empty dict is kept as the key "a/b/" (so `_unflatten` rebuilds
+    it: an observation without images still has "images": {})."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/") if v else {f"{prefix}{k}/": np.zeros(0)})
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        *path, last = key.split("/")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        if last:
+            node[last] = v
+    return out
+
+
+def _reason(e: BaseException) -> str:
+    """The root cause of an exception chain in a few words: an OSError's strerror (No space left on device), else
+    the type and the first line of the message."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror}: {seen.filename}" if seen.filename else seen.strerror
+        if code := re.search(r"os_error_code='?(\d+)", str(seen)):  # tensorstore's OS errors (orbax writes)
+            return os.strerror(int(code.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float64)).itemsize
+               for x in jax.tree.leaves(tree))  # fmt: skip
+
+
+def _quiet_stragglers() -> typing.Callable[[], None]:
+    """While orbax writes: a failed write makes its and tensorstore's worker threads report the same failure again
+    (logged errors, tracebacks of a closed event loop, unretrieved task exceptions), burying the one line that says
+    what happened; keep those quiet. Returns the function that undoes it (after a successful save)."""
+    hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+    loggers = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+    echo = lambda v: not (isinstance(v, RuntimeError) and "Event loop is closed" in str(v))
+    sys.excepthook = lambda k, v, tb: echo(v) and hooks[0](k, v, tb)
+    threading.excepthook = lambda a: echo(a.exc_value) and hooks[1](a)
+    sys.unraisablehook = lambda u: echo(u.exc_value) and hooks[2](u)
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def restore() -> None:
+        sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+
+    return restore
+
+
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(state: Any) -> bool:
+    """Whether every floating-point leaf of `state` is finite (one jitted reduction)."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return bool(_finite(leaves)) if leaves else True
 
 
 def check_choices(args: Any) -> None:
-    """Raise ValueError naming the flag when a field of the Args dataclass typed `Literal[...]` holds another value
+    """Raise RunError naming the flag when a field of the Args dataclass typed `Literal[...]` holds another value
     (tyro already refuses one on the command line; this also covers `main(Args(...))`)."""
     hints = typing.get_type_hints(type(args))
     for f in dataclasses.fields(args):
         choices, value = typing.get_args(hints[f.name]), getattr(args, f.name)
         if typing.get_origin(hints[f.name]) is typing.Literal and value not in choices:
-            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: choose one of {choices}")
+            raise RunError(f"--{f.name.replace('_', '-')} {value!r}: choose one of {choices}")
 
 
 def check_at_least(args: Any, minimum: int, *names: str) -> None:
-    """Raise ValueError naming the flag when one of the integer fields `names` of `args` is below `minimum`."""
+    """Raise RunError naming the flag when one of the integer fields `names` of `args` is below `minimum`."""
     for name in names:
         if getattr(args, name) < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ {minimum} (got {getattr(args, name)})")
+            raise RunError(f"--{name.replace('_', '-')} must be ≥ {minimum} (got {getattr(args, name)})")
+
+
+def check_ranges(args: Any, **ranges: tuple[float, float | None]) -> None:
+    """Raise RunError naming the flag when a float field `name` of `args` is outside lo < value ≤ hi (hi None: no
+    upper bound), e.g. `check_ranges(args, gamma=(0, 1), lr=(0, None))`."""
+    for name, (lo, hi) in ranges.items():
+        value = getattr(args, name)
+        if not (lo < value and (hi is None or value <= hi)):
+            bound = f"in ({lo}, {hi}]" if hi is not None else f"> {lo}"
+            raise RunError(f"--{name.replace('_', '-')} must be {bound} (got {value})")
 
 
 def load_pi0(
@@ -230,12 +562,12 @@ def load_pi0(
     mgr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
     step = mgr.latest_step()
     if step is None:
-        raise FileNotFoundError(f"--pi0-checkpoint {path}: its checkpoints/ folder is empty")
+        raise RunError(f"--pi0-checkpoint {path}: its checkpoints/ folder is empty (the run saved nothing)")
     out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
     state, extra = out["state"], out["extra"]
     key = next((k for k in ("params", "pi") if isinstance(state, dict) and k in state), None)
     if key is None or "norm_stats" not in extra:
-        raise ValueError(
+        raise RunError(
             f"--pi0-checkpoint {path}: expected the π₀ params at state['params'] and extra['norm_stats'] (a run "
             f"folder of acrlpd_pi0.py, chunk_awr.py or flow_ppo.py); found state keys "
             f"{list(state) if isinstance(state, dict) else type(state)}"
@@ -246,10 +578,10 @@ def load_pi0(
     return params, cfg, stats
 
 
-def crossed(prev: int, step: int, every: int) -> bool:
-    """Whether the steps (prev, step] passed a multiple of `every` (0: never): the cadence test of every script's
-    log, evaluate and save, for loops that advance several steps at a time."""
-    return every > 0 and step // every > prev // every
+def crossed(prev: int, step: int, every: int, start: int = 0) -> bool:
+    """Whether the steps (prev, step] passed `start` + a multiple of `every` (0: never): the cadence test of every
+    script's log, evaluate and save, for loops that advance several steps at a time."""
+    return every > 0 and (step - start) // every > (prev - start) // every
 
 
 @dataclasses.dataclass
@@ -276,13 +608,15 @@ def make_policy(
     asset_id: str | None,
     action_horizon: int,
     model_horizon: int,
+    resume_dir: str | None = None,
 ) -> Policy:
     """The π₀ a run starts from (the run block's flags, passed explicitly): `checkpoint` (openpi or a run folder,
     `load_pi0`, with its norm stats) or the `preset` sized to `env`, initialised from `rng`, with `data_stats` (the
     prior data's); prompts tokenised once into a table (`prompts`: the env's first, then the data's new ones); π₀'s
     chunk `model_horizon` (0: `action_horizon`) of which the first `action_horizon` actions are executed. An openpi
     checkpoint used on LIBERO predicts the first six dims relative to the state when its stats say so
-    (`libero.openpi_delta_dims`)."""
+    (`libero.openpi_delta_dims`). `resume_dir`: the run being resumed, whose last checkpoint's norm stats win (its
+    parameters are restored by the script). A checkpoint whose dimensions do not fit `env` is refused here."""
     cams = tuple(env.camera_names)
     H_m = model_horizon or action_horizon
     if checkpoint:  # what a run folder's shapes leave open comes from the preset and the env
@@ -291,10 +625,14 @@ def make_policy(
         cfg = dataclasses.replace(cfg, cameras=cams or cfg.cameras)  # the env's cameras, where it has any
     else:
         if data_stats is None:
-            raise ValueError("π₀ from scratch needs prior data for its norm stats: pass --dataset or --pi0-checkpoint")
+            raise RunError("π₀ from scratch needs prior data for its norm stats: pass --dataset or --pi0-checkpoint")
         params, stats = None, data_stats
         shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
         cfg = pi0.make_config(preset, **shape)
+    if resume_dir and (saved := latest_extra(resume_dir)) is not None:
+        stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in saved["norm_stats"].items()}
+    if checkpoint:
+        stats = fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
     table = pi0.make_prompt_table(prompts, pi0.make_tokenizer(tokenizer, cfg))
     delta = 0
     if checkpoint and env_name == "libero":
@@ -304,6 +642,44 @@ def make_policy(
     io = pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile=cfg.pi05, horizon=action_horizon)
     model = pi0.Pi0(cfg)
     return Policy(model, model.init(rng) if params is None else params, io, stats)
+
+
+def latest_extra(run_dir: str) -> dict[str, Any] | None:
+    """The JSON side car (norm stats, counters) of a run folder's last checkpoint, None if it has none."""
+    import orbax.checkpoint as ocp
+
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    with ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+        step = mgr.latest_step()
+        return (
+            None if step is None else mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        )
+
+
+def fit_stats(checkpoint: str, cfg: pi0.Pi0Config, stats: dict[str, Any], env: Any, run_folder: bool) -> dict:
+    """A checkpoint's norm stats for `env`, or a RunError before any work when the checkpoint was made for another
+    env: a run folder's stats must have the env's state and action dims; an openpi checkpoint's at least as many (cut
+    to the env's, as openpi does); π₀ must take at least the env's dims."""
+    dims = {"actions": env.action_dim, "state": env.state_dim}
+    out = dict(stats)
+    for key, have in dims.items():
+        if key not in stats:
+            continue
+        d = len(stats[key]["mean"])
+        if d < have or (run_folder and d != have):
+            raise RunError(
+                f"--pi0-checkpoint {checkpoint}: its norm stats have {d} {key} dims, the env has {have} (action "
+                f"{env.action_dim}, state {env.state_dim}): use a checkpoint made for this env (or its --asset-id)"
+            )
+        out[key] = {s: np.asarray(x)[..., :have] for s, x in stats[key].items()}
+    if cfg.action_dim < env.action_dim or (cfg.state_dim or cfg.action_dim) < env.state_dim:
+        raise RunError(
+            f"--pi0-checkpoint {checkpoint}: π₀ takes {cfg.state_dim or cfg.action_dim} state and {cfg.action_dim} "
+            f"action dims, fewer than the env's {env.state_dim} and {env.action_dim}: use a checkpoint for this env"
+        )
+    return out
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Tests for chunk_awr.py: smoke + resume, command line, the sub-goal chunk reward, weight clipping, β = 0 is BC."""
+"""Tests for chunk_awr.py: smoke, flag checks, the sub-goal chunk reward, weight clipping, β = 0 is BC."""
 
 from __future__ import annotations
 
@@ -41,56 +41,19 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_smoke_and_resume(tmp_path):
+def test_smoke(tmp_path):
+    """The critic phase, then the weighted flow-matching phase from the stored advantages (kills and resumes:
+    test_reliability.py)."""
     run_dir = str(tmp_path / "run")
-    out = chunk_awr.main(chunk_awr.Args(critic_steps=20, policy_steps=0, run_dir=run_dir, **TINY))
-    assert out["step"] == 20
+    out = chunk_awr.main(chunk_awr.Args(critic_steps=20, policy_steps=10, run_dir=run_dir, **TINY))
+    assert out["step"] == 30 and 0.0 <= out["eval/success_rate"] <= 1.0
     rows = _metrics(run_dir)
-    losses = [r[k] for r in rows for k in ("losses/q", "losses/v") if k in r]
-    assert losses and all(math.isfinite(x) for x in losses)
-    assert os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    # resume: the step count continues into the weighted flow-matching phase, from the stored advantages
-    out = chunk_awr.main(chunk_awr.Args(critic_steps=20, policy_steps=10, run_dir=run_dir, resume=True, **TINY))
-    assert out["step"] == 30
-    rows = _metrics(run_dir)
-    pol = [r["losses/policy"] for r in rows if "losses/policy" in r]
-    assert pol and all(math.isfinite(x) for x in pol) and max(r["step"] for r in rows) == 30
-    assert 0.0 <= out["eval/success_rate"] <= 1.0
+    losses = [r[k] for r in rows for k in ("losses/q", "losses/v", "losses/policy") if k in r]
+    assert losses and all(math.isfinite(x) for x in losses) and max(r["step"] for r in rows) == 30
+    assert any("losses/policy" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
 
 
-def test_command_line(tmp_path):
-    run_dir = str(tmp_path / "cli")
-    cmd = [
-        sys.executable,
-        "chunk_awr.py",
-        "--critic-steps",
-        "10",
-        "--policy-steps",
-        "0",
-        "--episodes",
-        "12",
-        "--eval-episodes",
-        "2",
-        "--critic-batch-size",
-        "16",
-        "--updates-per-call",
-        "5",
-        "--reward",
-        "subgoal",
-        "--critic-target",
-        "td",
-        "--beta",
-        "5",
-        "--max-weight",
-        "10",
-        "--run-dir",
-        run_dir,
-    ]
-    res = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT}
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "[eval]" in res.stdout and os.path.isfile(os.path.join(run_dir, "args.json"))
+def test_check():
     bad = subprocess.run(
         [sys.executable, "chunk_awr.py", "--schedule", "nope"],
         cwd=ROOT,

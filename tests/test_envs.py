@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from common import RunError
 from common.envs import (
     PUSH_PROMPTS,
     GymVecEnv,
@@ -146,8 +147,12 @@ def test_bad_env_ids() -> None:
 
 
 def test_env_spec_decodes_env_kwargs() -> None:
-    spec = make_spec("push", {"max_episode_steps": "5", "name": "plain text"}, image_size=16)
-    assert spec.kwargs == {"max_episode_steps": 5, "name": "plain text", "image_size": 16} and spec.image_size == 16
+    spec = make_spec("Pendulum-v1", {"max_episode_steps": "5", "render_mode": "rgb_array"})  # a bare word: a string
+    assert spec.kwargs == {"max_episode_steps": 5, "render_mode": "rgb_array"} and spec.image_size == 0
+    with pytest.raises(RunError, match="--env-kwargs name: push does not take it; it takes image_size"):
+        make_spec("push", {"name": "x"})  # push and libero: their constructor's keywords only
+    with pytest.raises(RunError, match=r"--env-kwargs task_ids \[0,3: not valid JSON"):
+        make_spec("Pendulum-v1", {"task_ids": "[0,3"})  # looks like JSON, is not
     env = make_spec("push", {"max_episode_steps": "5"}, image_size=16).make(2, seed=0)
     assert (env.max_episode_steps, env.image_size, env.camera_names) == (5, 16, ["base_0_rgb"])
     assert make_spec("push", {"image_size": "8"}, image_size=16).image_size == 8  # --env-kwargs wins

@@ -1,11 +1,9 @@
-"""flow_ppo.py: smoke + resume and command line for both noise methods, ratio = 1 before the first update, GAE against
+"""flow_ppo.py: smoke for both noise methods, ratio = 1 before the first update, GAE against
 a plain loop with terminations and truncations, and the chain log-likelihood against the Gaussian density by hand."""
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +29,13 @@ TINY = dict(
     critic_warmup=1,
     flow_steps=2,
 )
-CACHE = {"JAX_COMPILATION_CACHE_DIR": "/tmp/flow_ppo_test_jax_cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compile_cache():
-    """Share compiled programs between the in-process runs and the command-line runs (same shapes)."""
-    jax.config.update("jax_compilation_cache_dir", CACHE["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-
-
-@pytest.mark.parametrize("method", ["flow_noise", "flow_sde"])
-def test_smoke_resume_and_ratio(tmp_path, method):
+def test_smoke_and_ratio(tmp_path):
+    """BC, then PPO with flow_noise, in-process (flow_sde, kills and resumes from the command line:
+    test_reliability.py)."""
     run_dir = str(tmp_path / "run")
-    out = fp.main(fp.Args(noise_method=method, run_dir=run_dir, **TINY))
+    out = fp.main(fp.Args(noise_method="flow_noise", logprob_reduce="sum", run_dir=run_dir, **TINY))
     for k in ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "charts/noise_std"):
         assert np.isfinite(out[k]), k
     # the stored and the recomputed chain log-likelihood come from the same function: ratio 1 before any update
@@ -54,22 +44,7 @@ def test_smoke_resume_and_ratio(tmp_path, method):
     evals = [r for r in rows if "eval/success_rate" in r]
     assert evals[0]["step"] == TINY["bc_steps"] and "eval/start_success_rate" in out  # the BC start comes first
     assert any("time/sps" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    out = fp.main(fp.Args(noise_method=method, run_dir=run_dir, resume=True, **{**TINY, "iterations": 3}))
-    last = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
-    assert last["step"] == TINY["bc_steps"] + 3 and "eval/start_success_rate" not in out
-
-
-@pytest.mark.parametrize("method", ["flow_noise", "flow_sde"])
-def test_command_line(tmp_path, method):
-    cmd = [sys.executable, "flow_ppo.py", "--noise-method", method, "--run-dir", str(tmp_path / "cli")]
-    cmd += ["--no-freeze-backbone", "--dual-clip", "3.0"] if method == "flow_sde" else ["--logprob-reduce", "sum"]
-    for k, v in TINY.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    res = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline", **CACHE}
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "[start of PPO] success" in res.stdout and "[eval, it 2] success" in res.stdout
+    assert rows[-1]["step"] == TINY["bc_steps"] + TINY["iterations"]
 
 
 def test_gae_against_loop():

@@ -102,8 +102,9 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
     out = acrlpd_pi0.main(args)
     assert out["step"] == 6 and "online/eval/success_rate" in out and "online/eval/plain_success_rate" in out
     check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/critic", "charts/q_target"))
-    buf = np.load(os.path.join(run_dir, "buffer.npz"))  # the online chunks: 7-D actions and what the critic reads
-    assert not any(k.startswith(("obs/", "next_obs/")) for k in buf.files)  # no camera images: never read online
+    with np.load(os.path.join(run_dir, "host", "6.p0.npz")) as z:  # the online chunks: 7-D actions, the critic's view
+        buf = {k[7:]: z[k] for k in z.files if k.startswith("buffer/")}
+    assert not any(k.startswith(("obs/", "next_obs/")) for k in buf)  # no camera images: never read online
     assert buf["actions"].shape == (2, 4, 7) and buf["extras/obs_z"].shape[0] == 2
     assert buf["extras/next_cand"].shape == (2, 2, 4, 7)  # the critic's cache: 2 π₀ chunks at o_{t+H}, executed part
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import pi0
+from common import RunError, pi0
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
@@ -176,12 +176,12 @@ def test_tokenizers(tmp_path):
     assert red[0] == 1 and (red != blue).sum() == 1 and mask.sum() == 9 and red.max() < 128
     long, mask = tok.tokenize(" ".join(["word"] * 40))
     assert mask.all() and long.shape == (12,)
-    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+    with pytest.raises(RunError, match="--tokenizer"):
         pi0.PaligemmaTokenizer(str(tmp_path / "missing.model"), 48)
     config = pi0.make_config("cpu", max_token_len=7, vocab_size=100)
     tok = pi0.make_tokenizer(None, config)  # no --tokenizer: the built-in one, at the config's sizes
     assert isinstance(tok, pi0.BuiltinTokenizer) and (tok.max_len, tok.vocab_size) == (7, 100)
-    with pytest.raises(FileNotFoundError, match="--tokenizer"):  # a path: PaliGemma's SentencePiece model
+    with pytest.raises(RunError, match="--tokenizer"):  # a path: PaliGemma's SentencePiece model
         pi0.make_tokenizer(str(tmp_path / "missing.model"), config)
 
 

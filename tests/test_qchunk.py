@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from common import runlog
 from common.envs import PUSH_PROMPTS, ChunkStep, make_dataset
 from common.qchunk import (
     DatasetError,
@@ -203,18 +204,17 @@ def test_replay_buffer(chunks) -> None:
     assert b["actions"].shape == (10, 3, 2) and b["next_obs"]["images"] == {}
 
 
-def test_replay_buffer_without_observations(tmp_path) -> None:
+def test_replay_buffer_without_observations() -> None:
     """No obs example: only the chunk arrays and the extras are stored (acrlpd_pi0.py caches what its critic reads)."""
     buf = ReplayBuffer(capacity=4, horizon=3, gamma=G)
     step = chunk_step([[0, 0, 1], [1, 0, 0]], [[1, 1, 1], [1, 0, 0]], [True, False])
     buf.add(None, np.ones((2, 3, 2), np.float32), step, extras={"z": np.ones((2, 5), np.float32)})
     b = buf.sample(np.random.default_rng(0), 6)
     assert "obs" not in b and "next_obs" not in b and b["actions"].shape == (6, 3, 2)
-    buf.save(tmp_path / "b.npz")
-    with np.load(tmp_path / "b.npz") as z:
-        assert not any(k.startswith(("obs/", "next_obs/")) for k in z.files) and z["extras/z"].shape == (2, 5)
+    saved = buf.state_dict()
+    assert not any(k.startswith(("obs/", "next_obs/")) for k in saved) and saved["extras/z"].shape == (2, 5)
     back = ReplayBuffer(capacity=4, horizon=3, gamma=G)
-    back.load(tmp_path / "b.npz")
+    back.load_state_dict(saved)
     np.testing.assert_equal(back.sample(np.random.default_rng(1), 6), buf.sample(np.random.default_rng(1), 6))
 
 
@@ -241,7 +241,7 @@ def test_norm_stats_of_a_dataset_and_gather_obs(chunks) -> None:
     assert rows["state"][:, 0].tolist() == [4, 1] and rows["prompt_id"].shape == (2,) and rows["images"] == {}
 
 
-def test_replay_buffer_save_load_round_trip(tmp_path) -> None:
+def test_replay_buffer_state_round_trip() -> None:
     rng = np.random.default_rng(0)
 
     def obs(e: int) -> dict:
@@ -252,28 +252,26 @@ def test_replay_buffer_save_load_round_trip(tmp_path) -> None:
             "images": images,
         }
 
-    path = tmp_path / "buffer.npz"
+    through_a_file = lambda d: runlog._unflatten(runlog._flatten(d))  # as a checkpoint's host file gives it back
     buf = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
-    buf.save(path)
-    assert not path.exists()  # an empty buffer writes nothing ...
     empty = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
-    empty.load(path)
-    assert len(empty) == 0 and empty.actions is None  # ... and loading no file leaves the buffer empty
+    empty.load_state_dict(through_a_file(buf.state_dict()))
+    assert len(empty) == 0 and empty.actions is None  # an empty buffer comes back empty
     for _ in range(2):  # 6 transitions into 5 slots: the buffer wraps around
         step = chunk_step(rng.uniform(size=(3, 3)), [[1, 1, 1], [1, 1, 0], [1, 0, 0]], [False, True, False])
         step.final_obs, step.subgoal = obs(3), rng.uniform(size=(3, 3)) < 0.5
         extras = {"head": rng.normal(size=(3, 4)).astype(np.float32), "cand": rng.normal(size=(3, 2, 3, 2))}
         buf.add(obs(3), rng.normal(size=(3, 3, 2)).astype(np.float32), step, extras=extras)
-    buf.save(path)
+    saved = buf.state_dict()
     back = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
-    back.load(path)
+    back.load_state_dict(through_a_file(saved))
     assert (len(back), back._next) == (len(buf), buf._next) == (5, 1)
     np.testing.assert_equal(back.sample(np.random.default_rng(1), 8), buf.sample(np.random.default_rng(1), 8))
     np.testing.assert_equal(back.extras, buf.extras)  # cached per-transition arrays come back too
     assert buf.extras["head"].shape == (5, 4) and buf.extras["cand"].dtype == np.float64
-    with np.load(path) as z:  # the file's layout (acrlpd_pi0.py's buffer.npz): flat names, the stored rows only
-        assert {"next", "obs/state", "obs/images/cam", "next_obs/prompt_id", "actions", "subgoal"} <= set(z.files)
-        assert z["obs/images/cam"].shape == (5, 4, 4, 3)
+    # the layout (a checkpoint's host file, buffer/...): flat names, the stored rows only
+    assert {"next", "obs/state", "obs/images/cam", "next_obs/prompt_id", "actions", "subgoal"} <= set(saved)
+    assert saved["obs/images/cam"].shape == (5, 4, 4, 3)
     small = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs(1))
-    with pytest.raises(ValueError, match="capacity"):
-        small.load(path)
+    with pytest.raises(ValueError, match="more than --buffer-size 4"):
+        small.load_state_dict(saved)

@@ -1,9 +1,11 @@
-"""Run folders: the shared run block of Args, choice checking, progress lines, and loading the starting π₀ from a
+"""Run folders: the shared run block of Args, choice checking, progress lines, resuming with the run's own flags,
+checkpoints with host arrays, metrics truncated at a resume, stopping on SIGTERM, and loading the starting π₀ from a
 run folder of the scripts or an openpi checkpoint."""
 
 import dataclasses
 import json
 import os
+import signal
 from typing import Literal
 
 import jax
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import pi0, runlog
+from common import RunError, pi0, runlog
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures")
 
@@ -48,7 +50,7 @@ def test_run_block_and_choices(tmp_path, capsys) -> None:
 def test_load_pi0_from_a_run_folder(tmp_path, key) -> None:
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=5)
     params = pi0.Pi0(cfg).init(jax.random.key(0))
-    run = runlog.Run(Args(), "script", env="push", seed=1, run_dir=str(tmp_path / "run"))
+    run = runlog.Run(Args(), "script", name="script", env="push", seed=1, run_dir=str(tmp_path / "run"))
     run.save(7, {key: params, "other": jnp.zeros(3)}, {"norm_stats": stats(10, 2), "step": 7})
     run.close()
     got, got_cfg, got_stats = runlog.load_pi0(
@@ -59,13 +61,13 @@ def test_load_pi0_from_a_run_folder(tmp_path, key) -> None:
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(10, 2))
     assert got_stats["state"]["mean"].dtype == np.float32
     assert runlog.load_pi0(str(tmp_path / "run"), action_horizon=3)[1].max_token_len == 48  # the default
-    bad = runlog.Run(Args(), "script", env="push", seed=1, run_dir=str(tmp_path / "bad"))
+    bad = runlog.Run(Args(), "script", name="script", env="push", seed=1, run_dir=str(tmp_path / "bad"))
     bad.save(1, {"weights": jnp.zeros(2)}, {"norm_stats": stats(10, 2)})
     bad.close()
     with pytest.raises(ValueError, match="expected the π₀ params"):
         runlog.load_pi0(str(tmp_path / "bad"), action_horizon=5)
     os.makedirs(tmp_path / "empty" / "checkpoints")
-    with pytest.raises(FileNotFoundError, match="empty"):
+    with pytest.raises(RunError, match="empty"):
         runlog.load_pi0(str(tmp_path / "empty"), action_horizon=5)
 
 
@@ -83,3 +85,47 @@ def test_load_pi0_from_an_openpi_checkpoint(tmp_path) -> None:
     assert cfg == want_cfg and cfg.max_token_len == 48
     jax.tree.map(np.testing.assert_array_equal, params, want)
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(8, 7))
+
+
+def test_resume_takes_the_runs_own_flags(tmp_path) -> None:
+    run_dir = str(tmp_path / "run")
+    runlog.Run.from_args(Args(run_dir=run_dir, seed=3, mode="b-c"), "script").close()
+    back = runlog.resumed(Args(run_dir=run_dir, resume=True, track=True), "script")  # run flags may change
+    assert (back.seed, back.mode, back.track, back.resume) == (3, "b-c", True, True)
+    assert runlog.resumed(Args(run_dir=run_dir, resume=True, seed=3), "script").seed == 3  # given again: agrees
+    with pytest.raises(RunError, match=r"--seed 4 \(the run has 3\), --mode 'a'|--seed 4 \(the run has 3\)"):
+        runlog.resumed(Args(run_dir=run_dir, resume=True, seed=4), "script")
+    with pytest.raises(RunError, match="is a run of script.py, not other.py"):
+        runlog.resumed(Args(run_dir=run_dir, resume=True), "other")
+    with pytest.raises(RunError, match="is not empty"):
+        Args(run_dir=run_dir).check_run()
+
+
+def test_save_restore_truncate_and_stop(tmp_path) -> None:
+    """A checkpoint with host arrays comes back whole; metrics logged after it are dropped at the resume; a host-only
+    save at the same step; SIGTERM: the next save exits with status 0."""
+    run_dir, state = str(tmp_path / "run"), {"w": jnp.arange(3.0)}
+    run = runlog.Run.from_args(Args(run_dir=run_dir), "script")
+    host = {"buffer": {"x": np.ones((2, 2))}, "loop": {"obs": {"state": np.zeros(2), "images": {}}}, "flags": [True]}
+    for step in (1, 2):
+        run.log(step, {"losses/a": step})
+        run.save(step, {"w": state["w"] * step}, {"norm_stats": {}, "n": step}, host)
+    run.save(2, state, {}, {**host, "flags": [False]})  # the same step again: the host file only
+    run.log(3, {"losses/a": 3.0})  # after the last checkpoint: gone at the resume
+    run.close()
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 2, "losses/a"')  # a row cut by a kill
+    back = runlog.Run.from_args(Args(run_dir=run_dir, resume=True), "script")
+    step, got, extra, saved = back.restore(state)
+    assert step == 2 and extra["n"] == 2 and saved["loop"]["obs"]["images"] == {} and not saved["flags"][0]
+    np.testing.assert_array_equal(got["w"], state["w"] * 2)  # the orbax state of the first save at step 2
+    assert [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))] == [1, 2]
+    assert sorted(os.listdir(os.path.join(run_dir, "host"))) == ["1.p0.npz", "2.p0.npz"]
+    before = back._handlers[signal.SIGTERM]
+    signal.raise_signal(signal.SIGTERM)  # handled: the run stops at its next save
+    assert back.stopping == "SIGTERM"
+    with pytest.raises(SystemExit) as stop:
+        back.save(3, state, {}, host)
+    assert stop.value.code == 0 and signal.getsignal(signal.SIGTERM) is before  # handlers given back
+    with pytest.raises(RunError, match="holds NaN or inf and was not saved"):
+        runlog.Run.from_args(Args(run_dir=str(tmp_path / "nan")), "script").save(1, {"w": jnp.full(2, jnp.nan)}, {})
