@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from typing import Any
 
 import jax
@@ -220,7 +221,7 @@ class Run:
         self._mgr = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"), options=options)
         self.saved_step = self._mgr.latest_step()  # the last complete checkpoint
         self._t0 = time.time()
-        self.stopping: str | None = None  # the name of the signal that asked the run to stop
+        self._signal: str | None = None  # the name of the signal that asked this process to stop
         self._handlers = {}
         with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -236,11 +237,23 @@ class Run:
     def resume_command(self) -> str:
         return f"python {self.script}.py --resume --run-dir {self.dir}"
 
+    @property
+    def stopping(self) -> str | None:
+        """The signal (SIGINT, SIGTERM) that asked the run to stop at its next update boundary, or None. On several
+        hosts one host's signal stops them all: the processes agree on it (a tiny all-gather) so that they save
+        the same step together."""
+        if jax.process_count() == 1:
+            return self._signal
+        from jax.experimental import multihost_utils
+
+        anyone = multihost_utils.process_allgather(np.int32(self._signal is not None)).max()
+        return (self._signal or "a signal to another host") if anyone else None
+
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stopping = signal.Signals(signum).name
+        self._signal = signal.Signals(signum).name
         for sig, handler in self._handlers.items():  # a second signal: what it did before this run
             signal.signal(sig, handler)
-        print(f"\n{self.stopping}: saving at the next update boundary, then stopping (again: stop now)", flush=True)
+        print(f"\n{self._signal}: saving at the next update boundary, then stopping (again: stop now)", flush=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Write namespaced scalar metrics (pull them from the device once, here)."""
@@ -323,9 +336,9 @@ class Run:
                 f"space or fix the folder, then {self.resume_command}"
             ) from e
         self.saved_step = step
-        if self.stopping:
+        if stopping := self.stopping:
             self.close()
-            print(f"{self.stopping}: saved step {step}, stopped. Resume with:\n  {self.resume_command}", flush=True)
+            print(f"{stopping}: saved step {step}, stopped. Resume with:\n  {self.resume_command}", flush=True)
             raise SystemExit(0)
 
     def _host_file(self, step: int) -> str:
@@ -483,10 +496,12 @@ def _nbytes(tree: Any) -> int:
 
 def _quiet_stragglers() -> typing.Callable[[], None]:
     """While orbax writes: a failed write makes its and tensorstore's worker threads report the same failure again
-    (logged errors, tracebacks of a closed event loop, unretrieved task exceptions), burying the one line that says
+    (logged errors, tracebacks of a closed event loop, unretrieved tasks and coroutines), burying the one line that says
     what happened; keep those quiet. Returns the function that undoes it (after a successful save)."""
     hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
     loggers = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+    filters = warnings.filters[:]
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)  # the writes a failure left
     echo = lambda v: not (isinstance(v, RuntimeError) and "Event loop is closed" in str(v))
     sys.excepthook = lambda k, v, tb: echo(v) and hooks[0](k, v, tb)
     threading.excepthook = lambda a: echo(a.exc_value) and hooks[1](a)
@@ -496,6 +511,7 @@ def _quiet_stragglers() -> typing.Callable[[], None]:
 
     def restore() -> None:
         sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+        warnings.filters[:] = filters
         for name, level in loggers.items():
             logging.getLogger(name).setLevel(level)
 

@@ -97,3 +97,12 @@ def libero_demo(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(
         demo=demo, dir=str(folder), file=str(folder / "libero_spatial_demo.hdf5"), steps=LIBERO_STEPS, size=LIBERO_SIZE
     )
+
+
+# ----------------------------------------------------------------------------------------------------- push data
+@pytest.fixture(scope="session")
+def small_push(tmp_path_factory) -> str:
+    """16 demonstrator episodes of push (the tiny runs of tests/tiny.py train on it)."""
+    from common import envs
+
+    return envs.make_dataset(str(tmp_path_factory.mktemp("push") / "push16.h5"), "push", 16, 0.6, seed=3)

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 import acrlpd_pi0 as ac
 from common import envs, pi0, qchunk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
 TINY = dict(
     batch_size=8,
     online_batch_size=8,
@@ -33,14 +35,6 @@ TINY = dict(
 )
 
 
-def cli_flags(flags: dict) -> list[str]:
-    """Args fields as command-line flags: {"num_qs": 3, "critic_hidden": (16,)} -> --num-qs 3 --critic-hidden 16."""
-    out = []
-    for k, v in flags.items():
-        out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
-    return out
-
-
 def host_file(run_dir) -> dict:
     """The arrays of the last checkpoint's host file (replay buffer, env state), flat names."""
     step = max(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")))
@@ -48,11 +42,11 @@ def host_file(run_dir) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def test_smoke(tmp_path):
-    """Offline then online in-process (kills and resumes: test_reliability.py)."""
+def test_smoke(tmp_path, small_push):
+    """Offline then online in-process (the same run killed and resumed from the command line: test_reliability.py)."""
     run_dir = str(tmp_path / "run")
-    out = ac.main(ac.Args(offline_steps=8, online_steps=4, run_dir=run_dir, **TINY))
-    assert out["step"] == 12
+    out = ac.main(ac.Args(**tiny.ACRLPD, dataset=small_push, run_dir=run_dir))
+    assert out["step"] == 16
     assert all(np.isfinite(out[k]) for k in ("losses/critic", "charts/q_target"))  # the online (critic-only) update
     assert "losses/bc" not in out  # π₀ is frozen online
     for key in ("offline/eval/success_rate", "online/eval/plain_success_rate", "final/eval/q_gap"):
@@ -60,8 +54,8 @@ def test_smoke(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert any(np.isfinite(r.get("losses/bc", np.nan)) for r in rows)  # the offline joint update
     assert any("eval/q_realised" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    z = host_file(run_dir)  # acting's cache per transition: 1 warm-up + 2 steps of 2 envs
-    assert z["buffer/extras/obs_z"].shape[0] == 2 * 3 and z["buffer/extras/next_cand"].shape[1:] == (2, 5, 2)
+    z = host_file(run_dir)  # acting's cache per transition: 1 warm-up + 4 steps of 2 envs
+    assert z["buffer/extras/obs_z"].shape[0] == 2 * 5 and z["buffer/extras/next_cand"].shape[1:] == (2, 5, 2)
     assert not any(k.startswith(("buffer/obs/", "buffer/next_obs/")) for k in z)  # the critic reads only the cache
     assert z["loop/env/agent"].shape == (2, 2) and z["loop/obs/state"].shape == (2, 10)  # where the envs were
 
@@ -193,24 +187,23 @@ def test_bad_flags_get_clear_errors(tmp_path):
     assert ac.check(ac.Args(env="Pendulum-v1", dataset=str(tmp_path / "d.h5"))).bon == ac.PRESETS["gym"]["bon"]
 
 
-@pytest.mark.slow  # ~100 s: two subprocesses (1 and 4 forced devices), each compiling both phases' updates
-def test_sharded_run_matches_one_device(tmp_path):
+@pytest.mark.slow  # ~70 s: two subprocesses at once; the 4-device one compiles both phases' sharded updates
+def test_sharded_run_matches_one_device(tmp_path, small_push):
     """4 forced CPU devices, --fsdp-devices 2 (batch split 2 × 2, large arrays sharded): the same losses as on one
-    device, offline (the joint update) and online (critic updates on cached features), up to reduction order."""
-    flags = {**TINY, "num_envs": 4, "bon": 4, "online_batch_size": 8, "eval_episodes": 2, "log_every": 2}
-    flags.update(offline_steps=4, online_steps=2, num_qs=2, learning_starts=4)
+    device, offline (the joint update) and online (critic updates on cached features), up to reduction order. The
+    one-device run is test_smoke's (its programs come from the persistent compilation cache)."""
     rows, procs = {}, {}
     for devices in (1, 4):  # both at once: compiling is single-threaded
-        cmd = [sys.executable, "acrlpd_pi0.py", "--fsdp-devices", str(min(devices, 2)), "--run-dir"]
-        cmd.append(str(tmp_path / f"d{devices}"))
-        cmd += cli_flags(flags)
-        env = {**os.environ, "WANDB_MODE": "offline", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        cmd = [sys.executable, "acrlpd_pi0.py", "--fsdp-devices", str(min(devices, 2)), "--dataset", small_push]
+        cmd += ["--run-dir", str(tmp_path / f"d{devices}"), *tiny.flags(tiny.ACRLPD)]
+        env = {**os.environ, "WANDB_MODE": "offline", "JAX_COMPILATION_CACHE_DIR": CACHE}
+        env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if devices == 4 else {})
         procs[devices] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                           env=env)  # fmt: skip
     for devices, proc in procs.items():
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
         lines = [json.loads(line) for line in open(tmp_path / f"d{devices}" / "metrics.jsonl")]
         rows[devices] = {r["step"]: r for r in lines if "losses/critic" in r}
-    for step, key in ((4, "losses/bc"), (4, "losses/critic"), (6, "losses/critic"), (6, "charts/q_target")):
+    for step, key in ((4, "losses/bc"), (4, "losses/critic"), (12, "losses/critic"), (12, "charts/q_target")):
         got, want = rows[4][step][key], rows[1][step][key]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=f"{key} at update {step}")

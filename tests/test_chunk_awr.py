@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tiny  # noqa: E402
+
 import chunk_awr  # noqa: E402
 from common import envs, pi0, qchunk  # noqa: E402
 
@@ -41,15 +43,15 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_smoke(tmp_path):
-    """The critic phase, then the weighted flow-matching phase from the stored advantages (kills and resumes:
-    test_reliability.py)."""
+def test_smoke(tmp_path, small_push):
+    """The critic phase (TD on sub-goal chunk rewards), then the weighted flow-matching phase from the stored
+    advantages (the same run killed and resumed from the command line: test_reliability.py)."""
     run_dir = str(tmp_path / "run")
-    out = chunk_awr.main(chunk_awr.Args(critic_steps=20, policy_steps=10, run_dir=run_dir, **TINY))
-    assert out["step"] == 30 and 0.0 <= out["eval/success_rate"] <= 1.0
+    out = chunk_awr.main(chunk_awr.Args(**tiny.CHUNK_AWR, dataset=small_push, run_dir=run_dir))
+    assert out["step"] == 20 and 0.0 <= out["eval/success_rate"] <= 1.0
     rows = _metrics(run_dir)
     losses = [r[k] for r in rows for k in ("losses/q", "losses/v", "losses/policy") if k in r]
-    assert losses and all(math.isfinite(x) for x in losses) and max(r["step"] for r in rows) == 30
+    assert losses and all(math.isfinite(x) for x in losses) and max(r["step"] for r in rows) == 20
     assert any("losses/policy" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
 
 

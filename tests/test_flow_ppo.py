@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 import flow_ppo as fp
 from common import pi0
@@ -31,20 +32,20 @@ TINY = dict(
 )
 
 
-def test_smoke_and_ratio(tmp_path):
-    """BC, then PPO with flow_noise, in-process (flow_sde, kills and resumes from the command line:
-    test_reliability.py)."""
+def test_smoke_and_ratio(tmp_path, small_push):
+    """BC, then PPO with flow_sde, the backbone trained (the same run killed and resumed from the command line:
+    test_reliability.py; flow_noise: below)."""
     run_dir = str(tmp_path / "run")
-    out = fp.main(fp.Args(noise_method="flow_noise", logprob_reduce="sum", run_dir=run_dir, **TINY))
+    out = fp.main(fp.Args(**tiny.FLOW_PPO, dataset=small_push, run_dir=run_dir))
     for k in ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "charts/noise_std"):
         assert np.isfinite(out[k]), k
     # the stored and the recomputed chain log-likelihood come from the same function: ratio 1 before any update
     assert out["charts/first_ratio_dev_max"] < 1e-5
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     evals = [r for r in rows if "eval/success_rate" in r]
-    assert evals[0]["step"] == TINY["bc_steps"] and "eval/start_success_rate" in out  # the BC start comes first
+    assert evals[0]["step"] == tiny.FLOW_PPO["bc_steps"] and "eval/start_success_rate" in out  # the BC start first
     assert any("time/sps" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    assert rows[-1]["step"] == TINY["bc_steps"] + TINY["iterations"]
+    assert rows[-1]["step"] == tiny.FLOW_PPO["bc_steps"] + tiny.FLOW_PPO["iterations"]
 
 
 def test_gae_against_loop():
@@ -145,5 +146,5 @@ def test_chain_logprob_counts_only_the_executed_part(method):
 
 
 def test_longer_model_chunk_executes_its_first_actions(tmp_path):
-    out = fp.main(fp.Args(model_horizon=6, action_horizon=2, run_dir=str(tmp_path), **TINY))
+    out = fp.main(fp.Args(model_horizon=6, action_horizon=2, logprob_reduce="sum", run_dir=str(tmp_path), **TINY))
     assert np.isfinite(out["losses/policy"]) and out["charts/first_ratio_dev_max"] < 1e-5

@@ -17,44 +17,24 @@ import time
 import h5py
 import numpy as np
 import pytest
+from tiny import ACRLPD, RUNS, flags
 
 import acrlpd_pi0 as ac
 import chunk_awr
 import flow_ppo as fp
-from common import RunError, envs
+from common import RunError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
 ENV = {**os.environ, "WANDB_MODE": "offline", "JAX_COMPILATION_CACHE_DIR": CACHE,
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "PYTHONUNBUFFERED": "1"}  # fmt: skip
 
-ACRLPD = dict(offline_steps=8, online_steps=8, batch_size=8, online_batch_size=8, updates_per_call=4, utd=2,
-              learning_starts=4, eval_episodes=3, num_envs=2, log_every=4, save_every=4, num_qs=3,
-              critic_hidden=(16,), target_n=2, bon=3, target_flow_steps=2, flow_steps=2)  # fmt: skip
-CHUNK_AWR = dict(critic_steps=10, policy_steps=10, eval_episodes=2, num_envs=2, batch_size=8, critic_batch_size=16,
-                 updates_per_call=5, log_every=5, eval_every=5, save_every=5)  # fmt: skip
-FLOW_PPO = dict(bc_steps=3, bc_batch_size=8, iterations=4, num_envs=4, num_steps=2, update_epochs=1, num_minibatches=2,
-                eval_episodes=4, log_every=1, eval_every=2, save_every=1, critic_warmup=1, flow_steps=2)  # fmt: skip
-# the crash runs also cover flags the in-process tests leave at their defaults (tyro parses them)
-SCRIPTS = {
-    "acrlpd_pi0": (ACRLPD, ["--q-agg", "min2", "--cql-weight", "0.1", "--freeze-backbone", "--bon-slice", "1"]),
-    "chunk_awr": (CHUNK_AWR, ["--reward", "subgoal", "--critic-target", "td", "--beta", "5", "--max-weight", "10"]),
-    "flow_ppo": (FLOW_PPO, ["--noise-method", "flow_sde", "--no-freeze-backbone", "--dual-clip", "3.0"]),
-}
-
-
-def flags(d: dict) -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
-    return out
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, small_push):
     """Small push datasets: a good one and broken copies (empty, cut in half, a NaN action)."""
     d = tmp_path_factory.mktemp("data")
-    good = envs.make_dataset(str(d / "push.h5"), "push", 16, 0.6, seed=3)
+    good = shutil.copy(small_push, d / "push.h5")
     (d / "empty.h5").write_bytes(b"")
     raw = open(good, "rb").read()
     (d / "half.h5").write_bytes(raw[: len(raw) // 2])
@@ -105,10 +85,9 @@ def interrupt(proc: subprocess.Popen, run_dir: str, how: str, rng: random.Random
 
 
 @pytest.mark.slow  # 30-50 s per script: five starts of the script (two at once), three of them interrupted
-@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("script", list(RUNS))
 def test_killed_and_resumed_runs_log_what_an_uninterrupted_run_logs(tmp_path, data, script):
-    base, extra = SCRIPTS[script]
-    cmd = flags(base) + extra + ["--dataset", data["push"]]
+    cmd = flags(RUNS[script]) + ["--dataset", data["push"]]
     ref_log = open(tmp_path / "ref.log", "w")
     ref = launch(script, str(tmp_path / "ref"), cmd, ref_log)  # uninterrupted, alongside (2 cores)
     run_dir, rng, outcomes = str(tmp_path / "run"), random.Random(f"{script}-{time.time()}"), []
@@ -158,7 +137,7 @@ def snapshot(folder) -> dict:
 def finished(tmp_path_factory, data):
     """A finished acrlpd_pi0 run on push (the folder the bad inputs must leave alone)."""
     run_dir = str(tmp_path_factory.mktemp("runs") / "done")
-    ac.main(ac.Args(**{**ACRLPD, "online_steps": 0}, dataset=data["push"], run_dir=run_dir))
+    ac.main(ac.Args(**ACRLPD, dataset=data["push"], run_dir=run_dir))
     return run_dir
 
 
@@ -210,16 +189,19 @@ def test_bad_buffer_on_resume(tmp_path, finished):
     """A lost or broken host file (replay buffer, env state) stops the resume with what to do."""
     run_dir = str(tmp_path / "copy")
     shutil.copytree(finished, run_dir)
-    open(os.path.join(run_dir, "host", "8.p0.npz"), "wb").close()  # the last step's, as a kill left it before
-    with pytest.raises(RunError, match="the replay buffer and env state of step 8 are lost: move .*checkpoints/8 out"):
+    open(os.path.join(run_dir, "host", "16.p0.npz"), "wb").close()  # the last step's, as a kill left it before
+    with pytest.raises(
+        RunError, match="the replay buffer and env state of step 16 are lost: move .*checkpoints/16 out .* from step 12"
+    ):
         ac.main(ac.Args(run_dir=run_dir, resume=True))
 
 
 def test_nan_loss_stops_at_the_next_log(tmp_path, data):
+    """`Run.report` (every script's log) stops at a NaN loss; nothing NaN is saved, the signal handlers are back."""
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunError, match=r"offline step 4: losses/bc = nan.*no checkpoint was saved yet"):
         ac.main(ac.Args(**{**ACRLPD, "lr": 1e9, "critic_lr": 1e9}, dataset=data["push"], run_dir=str(tmp_path / "a")))
-    with pytest.raises(RunError, match=r"bc step 3: losses/bc = nan"):
-        fp.main(fp.Args(**{**FLOW_PPO, "bc_lr": 1e9}, dataset=data["push"], run_dir=str(tmp_path / "b")))
+    assert os.listdir(tmp_path / "a" / "checkpoints") == [] and signal.getsignal(signal.SIGINT) is handler
 
 
 def test_command_line_errors_are_one_line(tmp_path, data):

@@ -1,0 +1,28 @@
+"""The tiny runs that the script tests share, in-process (tests/test_<script>.py) and from the command line
+(tests/test_reliability.py): the same flags and data give the same XLA programs, so the persistent compilation cache
+compiles each once per suite. Each also sets flags the defaults leave off, so that they are run somewhere."""
+
+ACRLPD = dict(offline_steps=8, online_steps=8, batch_size=8, online_batch_size=8, updates_per_call=4, utd=2,
+              learning_starts=4, eval_episodes=3, num_envs=2, log_every=4, save_every=4, num_qs=3,
+              critic_hidden=(16,), target_n=2, bon=3, target_flow_steps=2, flow_steps=2,
+              q_agg="min2", cql_weight=0.1, freeze_backbone=True, bon_slice=1)  # fmt: skip
+CHUNK_AWR = dict(critic_steps=10, policy_steps=10, eval_episodes=2, num_envs=2, batch_size=8, critic_batch_size=16,
+                 updates_per_call=5, log_every=5, eval_every=5, save_every=5,
+                 reward="subgoal", critic_target="td", beta=5.0, max_weight=10.0)  # fmt: skip
+FLOW_PPO = dict(bc_steps=3, bc_batch_size=8, iterations=4, num_envs=4, num_steps=2, update_epochs=1, num_minibatches=2,
+                eval_episodes=4, log_every=1, eval_every=2, save_every=1, critic_warmup=1, flow_steps=2,
+                noise_method="flow_sde", freeze_backbone=False, dual_clip=3.0)  # fmt: skip
+RUNS = {"acrlpd_pi0": ACRLPD, "chunk_awr": CHUNK_AWR, "flow_ppo": FLOW_PPO}
+
+
+def flags(args: dict) -> list[str]:
+    """Args fields as command-line flags: {"num_qs": 3, "critic_hidden": (16,), "freeze_backbone": False} ->
+    --num-qs 3 --critic-hidden 16 --no-freeze-backbone."""
+    out = []
+    for k, v in args.items():
+        name = k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(f"--{name}" if v else f"--no-{name}")
+        else:
+            out += [f"--{name}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return out
