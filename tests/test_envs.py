@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from common import RunError
+from common import RunError, runlog
 from common.envs import (
     PUSH_PROMPTS,
     GymVecEnv,
@@ -17,9 +17,11 @@ from common.envs import (
     default_dataset,
     evaluate,
     execute_chunk,
+    loop_state,
     main,
     make_env,
     make_spec,
+    resume_loop,
 )
 
 
@@ -247,3 +249,24 @@ def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
     out = evaluate(spec, act, jax.random.key(0), episodes=5, num_envs=2, seed=1, horizon=5, gamma=0.99)
     # 2 envs for 5 episodes: env 0 plays episodes 0, 2, 4 and env 1 episodes 1, 3; the last chunk ends env 0's third
     assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}
+
+
+def test_loop_state_continues_push_exactly() -> None:
+    """A push env restored from `loop_state` (through a checkpoint's host file) continues as the original does,
+    resets and their generator included; an env that cannot save its state starts new episodes at the resume."""
+    rng = np.random.default_rng(0)
+    env = PushEnv(3, seed=5)
+    obs = env.reset(seed=5)[0]
+    for _ in range(30):
+        obs = env.step(rng.uniform(-1, 1, (3, 2)))[0]
+    saved = runlog._unflatten(runlog._flatten(loop_state(env, obs)))  # as Run.save / Run.restore give it back
+    back = PushEnv(3, seed=0)
+    np.testing.assert_equal(resume_loop(back, saved, seed=99), obs)
+    for t in range(200):
+        a = rng.uniform(-1, 1, (3, 2))
+        (o1, r1, te1, tr1, _), (o2, r2, te2, tr2, _) = env.step(a), back.step(a)
+        np.testing.assert_equal((o1, r1, te1, tr1), (o2, r2, te2, tr2))
+        if (ended := te1 | tr1 | (t % 37 == 0)).any():  # new episodes draw from the restored generator
+            np.testing.assert_equal(env.reset_where(ended), back.reset_where(ended))
+    gym = GymVecEnv("Pendulum-v1", 2, seed=1)
+    assert loop_state(gym, gym.reset()[0]) == {} and resume_loop(gym, {}, seed=7)["state"].shape == (2, 3)
