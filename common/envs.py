@@ -480,12 +480,7 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
     key their constructor does not take."""
     kw = {k: _decode(k, v) for k, v in (env_kwargs or {}).items()}
     if name in ("push", "libero"):
-        if name == "push":
-            target = PushEnv
-        else:
-            from common import libero
-
-            target = libero.LiberoVecEnv
+        target = PushEnv if name == "push" else importlib.import_module("common.libero").LiberoVecEnv
         takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed")]
         if unknown := sorted(set(kw) - set(takes)):
             raise RunError(f"--env-kwargs {' '.join(unknown)}: {name} does not take it; it takes {', '.join(takes)}")
@@ -520,22 +515,29 @@ def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
     `qchunk.load_episodes`, or a LeRobot folder through `libero.load_lerobot` with its images resized to `image_size`
     (0: `LEROBOT_IMAGE_SIZE`, the size `EnvSpec.make` renders LIBERO at for such a dataset). Prompt ids index the
     env's prompts first, then the data's new ones; actions must have the env's dimension."""
-    if is_lerobot(path):
+    lerobot = is_lerobot(path)
+    if lerobot:
         from common import libero
 
         data = libero.load_lerobot(path, prompts=env.prompts, image_size=image_size or LEROBOT_IMAGE_SIZE)
     else:
         from common import qchunk
 
-        data = qchunk.load_episodes(path, prompts=env.prompts)
+        data = qchunk.load_episodes(path, prompts=env.prompts)  # refuses NaN / inf per file and demo as it reads
     if data.actions.shape[1] != env.action_dim:
         raise RunError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
+    if lerobot:
+        _refuse_non_finite(path, data)
+    return data
+
+
+def _refuse_non_finite(path: str | os.PathLike, data: Any) -> None:
+    """A RunError naming the episode, key and frame of the first NaN or inf in a dataset's state, actions, rewards."""
     for key, x in (("state", data.obs["state"]), ("actions", data.actions), ("rewards", data.rewards)):
-        if not np.isfinite(x).all():  # caught per file and demo by qchunk; this covers every loader
+        if not np.isfinite(x).all():
             frame = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
             episode = int(np.searchsorted(data.episode_starts, frame, side="right") - 1)
             raise RunError(f"{path}: episode {episode} has NaN or inf in {key} (frame {frame}); fix or drop it")
-    return data
 
 
 def dataset_image_size(path: str | os.PathLike) -> int | None:
