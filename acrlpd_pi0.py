@@ -427,7 +427,7 @@ def main(args: Args) -> dict:
 
     def save(step):  # a repeated step (warm-up: no updates) rewrites the host part only
         host = {"buffer": buffer.state_dict(), "loop": envs.loop_state(env, obs), "ep_success": ep_success}
-        run.save(step, state, {"step": step, "norm_stats": policy.stats}, host)
+        run.save(step, state, {"step": step, **policy.record()}, host)
 
     # ---- loop: offline (π₀ and critic on the prior data), then online (π₀ frozen, critic on cached features)
     joint_update, critic_update = make_update(nets, args, tx, critic_tx)

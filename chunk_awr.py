@@ -390,7 +390,7 @@ def main(args: Args) -> dict:
         state, train_s = jax.device_put(state, shardings), extra["train_s"]
 
     def save(step):
-        run.save(step, state, {"step": step, "norm_stats": policy.stats, "train_s": train_s})
+        run.save(step, state, {"step": step, **policy.record(), "train_s": train_s})
 
     # ---- loop: Q and V on the frozen initial π₀'s features, then π₀ by advantage-weighted flow matching
     updates = make_update(nets, args, tx, critic_tx, shardings)

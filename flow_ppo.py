@@ -437,7 +437,7 @@ def main(args: Args) -> dict[str, float]:
 
     def save(step):
         host = {"loop": envs.loop_state(env, obs), "ep_success": ep_success}
-        run.save(step, state, {"step": step, "norm_stats": policy.stats, **counts}, host)
+        run.save(step, state, {"step": step, **policy.record(), **counts}, host)
 
     # ---- loop: BC warm start, then PPO (rollout, GAE, epochs × minibatches)
     bc_update, ppo_update = make_update(nets, args, tx, bc_tx)

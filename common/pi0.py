@@ -68,6 +68,7 @@ class Pi0Config:
     expert: GemmaConfig
     vit: SigLIPConfig
     pi05: bool = False
+    discrete_state: bool | None = None  # π₀.₅: the state as 256-bin text in the prompt (None: = pi05, like openpi)
     vocab_size: int = 257_152
     action_dim: int = 32
     state_dim: int | None = None  # π₀'s state token input; None: the action dim (openpi pads state to it)
@@ -76,6 +77,11 @@ class Pi0Config:
     cameras: tuple[str, ...] = CAMERAS  # empty: state and prompt only (no SigLIP parameters at all)
     dtype: str = "float32"  # activations; "bfloat16" end to end with bfloat16 parameters
     remat: bool = False  # rematerialise each layer in the backward pass (large models)
+
+    @property
+    def state_in_prompt(self) -> bool:
+        """openpi's `discrete_state_input`: π₀.₅ reads its state from the prompt unless the config says otherwise."""
+        return self.pi05 if self.discrete_state is None else self.discrete_state
 
     def __post_init__(self):
         for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
@@ -685,12 +691,51 @@ def unnormalize(x: jax.Array, stats: dict[str, Any] | None, quantile: bool = Fal
     return jnp.concatenate([head, x[..., d:]], axis=-1) if x.shape[-1] > d else head
 
 
+STATE_BINS = 256  # openpi's π₀.₅ discretises each normalised state dim into 256 bins over [-1, 1]
+
+
+def discretize_state(state: jax.Array) -> jax.Array:
+    """openpi's `np.digitize(state, np.linspace(-1, 1, 257)[:-1]) - 1` in JAX: [..., S] -> int32 bins in [-1, 255]
+    (below -1: bin -1, as openpi writes it). The edges k/128 − 1 are exact in float32, so no value moves a bin."""
+    edges = jnp.arange(STATE_BINS, dtype=jnp.float32) / (STATE_BINS / 2) - 1.0
+    return (jnp.searchsorted(edges, state.astype(jnp.float32), side="right") - 1).astype(jnp.int32)
+
+
 @flax.struct.dataclass
 class PromptTable:
-    """Every instruction tokenised once; observations carry `prompt_id` into it. tokens/mask [P,L]."""
+    """Every instruction tokenised once; observations carry `prompt_id` into it. tokens/mask [P,L].
+
+    With the state in the prompt (π₀.₅, `state_in_prompt`): `tokens` holds each prompt's part before the state (for
+    openpi: BOS "Task: <text>, State:"), and `bins` [2,257,M] / `bin_len` [2,257] the token ids of every bin value
+    b ∈ [-1, 255] (row b+1) as a middle dim ([0]: " <b>") and as the last dim ([1]: " <b>;\nAction: "), zero-padded
+    to M. `state_prompt` assembles a batch's tokens from them inside jit: no host round trip per step.
+    """
 
     tokens: jax.Array
     mask: jax.Array
+    bins: jax.Array | None = None
+    bin_len: jax.Array | None = None
+
+
+def state_prompt(table: PromptTable, pid: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """π₀.₅'s prompt with the state: [B] prompt ids, [B,S] normalised state -> tokens [B,L], mask [B,L] (jittable).
+
+    The prefix of prompt `pid`, then each dim's bin tokens in order (the last dim's variant closes the prompt),
+    scattered to their offsets (prefix length + the lengths before them); tokens past L are dropped, as openpi
+    truncates a long prompt."""
+    B, S = state.shape
+    L, M = table.tokens.shape[1], table.bins.shape[-1]
+    row = discretize_state(state) + 1  # [B,S] row of each bin value in the tables
+    last = (jnp.arange(S) == S - 1).astype(jnp.int32)  # [S] which table: middle or last dim
+    seg = table.bins[last[None, :], row]  # [B,S,M]
+    seg_len = table.bin_len[last[None, :], row]  # [B,S]
+    prefix_len = table.mask[pid].sum(-1)  # [B]
+    start = prefix_len[:, None] + jnp.cumsum(seg_len, axis=1) - seg_len  # [B,S] where each dim's tokens begin
+    pos = start[..., None] + jnp.arange(M)  # [B,S,M]
+    pos = jnp.where(jnp.arange(M) < seg_len[..., None], pos, L)  # padding of the tables goes out of range: dropped
+    tokens = table.tokens[pid].at[jnp.arange(B)[:, None, None], pos].set(seg, mode="drop")
+    mask = jnp.arange(L)[None] < (prefix_len + seg_len.sum(-1))[:, None]
+    return tokens, mask
 
 
 def make_observation(
@@ -713,6 +758,11 @@ def make_observation(
             f"the observation's state has {state.shape[-1]} dims but the model takes {state_dim} "
             "(set state_dim in the π₀ config, or use a checkpoint made for this robot)"
         )
+    pid = jnp.asarray(obs["prompt_id"], jnp.int32)
+    if prompts.bins is None:
+        tokens, token_mask = prompts.tokens[pid], prompts.mask[pid]
+    else:  # π₀.₅: the normalised state (the env's dims, before padding, as openpi) written into the prompt
+        tokens, token_mask = state_prompt(prompts, pid, state)
     state = jnp.pad(state, ((0, 0), (0, state_dim - state.shape[-1])))
     B, s = state.shape[0], config.vit.image_size
     images, masks = {}, {}
@@ -723,10 +773,7 @@ def make_observation(
             masks[cam] = jnp.ones((B,), bool)
         else:
             images[cam], masks[cam] = -jnp.ones((B, s, s, 3), jnp.float32), jnp.zeros((B,), bool)
-    pid = jnp.asarray(obs["prompt_id"], jnp.int32)
-    return Observation(
-        images=images, image_masks=masks, state=state, tokens=prompts.tokens[pid], token_mask=prompts.mask[pid]
-    )
+    return Observation(images=images, image_masks=masks, state=state, tokens=tokens, token_mask=token_mask)
 
 
 class EnvIO:
@@ -829,10 +876,19 @@ def _pad(ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, np.arange(max_len) < len(ids)
 
 
-class PaligemmaTokenizer:
-    """The PaliGemma SentencePiece model with openpi's prompt format: BOS + cleaned text + "\\n", padded with a mask.
+def _bin_values() -> range:
+    return range(-1, STATE_BINS)  # np.digitize writes -1 for a state below -1
 
-    With `state` (π₀.₅): "Task: <text>, State: <256-bin discretised state>;\\nAction: ".
+
+class PaligemmaTokenizer:
+    """The PaliGemma SentencePiece model with openpi's prompt formats, padded to `max_len` with a mask. π₀: BOS +
+    cleaned text, then "\\n" encoded alone; π₀.₅ with the state: BOS + "Task: <text>, State: <bins>;\\nAction: " with
+    the 256-bin discretised state written as space-separated integers.
+
+    For jit, the π₀.₅ prompt is cut into parts (`state_parts`): the text before the state, and each bin value as a
+    middle or last dim, each part's ids read off SentencePiece's own encoding of a longer string. That is exact when
+    SentencePiece splits at the spaces before the numbers (its default), and `make_prompt_table` checks it against
+    the whole-string encoding before a run starts.
     """
 
     def __init__(self, model_path: str, max_len: int):
@@ -846,39 +902,77 @@ class PaligemmaTokenizer:
         self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         self.max_len, self.vocab_size = max_len, self.sp.get_piece_size()
 
-    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def ids(self, prompt: str, state: np.ndarray | None = None) -> list[int]:
+        """The unpadded token ids, computed on the host from whole strings (the reference for `state_parts`)."""
         text = _clean(prompt)
         if state is None:
-            return _pad(self.sp.encode(text, add_bos=True) + self.sp.encode("\n"), self.max_len)
-        bins = np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-        full = f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: "
-        return _pad(self.sp.encode(full, add_bos=True), self.max_len)
+            return self.sp.encode(text, add_bos=True) + self.sp.encode("\n")
+        bins = np.digitize(state, bins=np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
+        return self.sp.encode(f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: ", add_bos=True)
+
+    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return _pad(self.ids(prompt, state), self.max_len)
+
+    def _after(self, head: str, text: str) -> list[int]:
+        """The ids `head + text` encodes to after those of `head` alone (what `text` adds in that context)."""
+        base, full = self.sp.encode(head), self.sp.encode(head + text)
+        return full[len(base) :] if full[: len(base)] == base else [-1]  # -1: not separable (caught by the check)
+
+    def state_parts(self, prompt: str) -> tuple[list[int], list[list[int]], list[list[int]]]:
+        """(ids before the state, [ids of " <b>" as a middle dim], [ids of " <b>;\\nAction: " as the last dim]),
+        the bin lists indexed by b + 1 for b in [-1, 255]."""
+        prefix = self.sp.encode(f"Task: {_clean(prompt)}, State:", add_bos=True)
+        mid = [self._after("State:", f" {b}") for b in _bin_values()]
+        last = [self._after("State:", f" {b};\nAction: ") for b in _bin_values()]
+        return prefix, mid, last
 
 
 class BuiltinTokenizer:
     """A word-level tokenizer that needs no file, for the CPU preset: common robot-task words get their own ids,
-    every other word hashes (crc32, stable across runs) into the remaining ids. 0 = pad, 1 = BOS, 2 = newline."""
+    every other word hashes (crc32, stable across runs) into the ids left. 0 = pad, 1 = BOS, 2 = newline; the last 12
+    ids of the vocabulary write numbers (digits, minus, and a separator) for the π₀.₅ variant, which puts the
+    discretised state after the text: BOS, words, newline, then per dim its digits and a separator (newline after
+    the last)."""
 
     WORDS = (
         "push pick place put open close turn on off the a an to in into onto of and at on top left right front "
         "back behind near next middle center block cube bowl plate mug cup drawer cabinet door stove basket "
         "box target red green blue yellow black white wooden ketchup bottle"
     ).split()
+    NUMBER_IDS = 12  # "0".."9", "-", the separator between dims
 
     def __init__(self, max_len: int, vocab_size: int = 128):
-        if vocab_size < len(self.WORDS) + 8:
+        if vocab_size < len(self.WORDS) + self.NUMBER_IDS + 8:
             raise ValueError(
-                f"vocab_size {vocab_size} too small for the built-in tokenizer (needs ≥ {len(self.WORDS) + 8})"
+                f"vocab_size {vocab_size} too small for the built-in tokenizer "
+                f"(needs ≥ {len(self.WORDS) + self.NUMBER_IDS + 8})"
             )
         self.max_len, self.vocab_size = max_len, vocab_size
-        self.ids = {w: 3 + i for i, w in enumerate(self.WORDS)}
+        self.ids_of = {w: 3 + i for i, w in enumerate(self.WORDS)}
+        first = vocab_size - self.NUMBER_IDS
+        self.number_ids = {c: first + i for i, c in enumerate("0123456789-")} | {" ": vocab_size - 1}
+
+    def _words(self, prompt: str) -> list[int]:
+        base, n_hash = 3 + len(self.WORDS), self.vocab_size - 3 - len(self.WORDS) - self.NUMBER_IDS
+        words = re.findall(r"[a-z0-9]+", _clean(prompt).lower())
+        return [self.ids_of.get(w, base + zlib.crc32(w.encode()) % n_hash) for w in words]
+
+    def _number(self, b: int, end: int) -> list[int]:
+        return [self.number_ids[c] for c in str(b)] + [end]
+
+    def ids(self, prompt: str, state: np.ndarray | None = None) -> list[int]:
+        if state is None:
+            return [1, *self._words(prompt), 2]
+        bins = np.digitize(state, bins=np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
+        numbers = [self._number(int(b), self.number_ids[" "]) for b in bins[:-1]] + [self._number(int(bins[-1]), 2)]
+        return [1, *self._words(prompt), 2, *(i for n in numbers for i in n)]
 
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        del state  # the CPU preset's π₀.₅ variant ignores the discretised state
-        base, n_hash = 3 + len(self.WORDS), self.vocab_size - 3 - len(self.WORDS)
-        words = re.findall(r"[a-z0-9]+", _clean(prompt).lower())
-        ids = [self.ids.get(w, base + zlib.crc32(w.encode()) % n_hash) for w in words]
-        return _pad([1, *ids, 2], self.max_len)
+        return _pad(self.ids(prompt, state), self.max_len)
+
+    def state_parts(self, prompt: str) -> tuple[list[int], list[list[int]], list[list[int]]]:
+        mid = [self._number(b, self.number_ids[" "]) for b in _bin_values()]
+        return [1, *self._words(prompt), 2], mid, [self._number(b, 2) for b in _bin_values()]
 
 
 def make_tokenizer(path: str | None, config: Pi0Config) -> PaligemmaTokenizer | BuiltinTokenizer:
@@ -889,9 +983,38 @@ def make_tokenizer(path: str | None, config: Pi0Config) -> PaligemmaTokenizer | 
     return BuiltinTokenizer(config.max_token_len, config.vocab_size)
 
 
-def make_prompt_table(prompts: Sequence[str], tokenizer) -> PromptTable:
-    toks, masks = zip(*(tokenizer.tokenize(p) for p in prompts), strict=True) if prompts else ((), ())
-    return PromptTable(tokens=jnp.asarray(np.stack(toks)), mask=jnp.asarray(np.stack(masks)))
+def make_prompt_table(prompts: Sequence[str], tokenizer, state_in_prompt: bool = False) -> PromptTable:
+    """Every prompt tokenised once. With `state_in_prompt` (π₀.₅): the parts `state_prompt` assembles per step, each
+    prompt's assembly checked against the tokenizer's whole-string encoding (every bin value, in the middle and at
+    the end) so that a tokenizer that cannot be cut this way stops here instead of feeding π₀.₅ wrong prompts."""
+    if not state_in_prompt:
+        toks, masks = zip(*(tokenizer.tokenize(p) for p in prompts), strict=True) if prompts else ((), ())
+        return PromptTable(tokens=jnp.asarray(np.stack(toks)), mask=jnp.asarray(np.stack(masks)))
+    toks, masks = [], []
+    _, mid, last = tokenizer.state_parts("")
+    probe = np.linspace(-1, 1, STATE_BINS + 1)[:-1] + 1e-3  # one value in every bin, then below -1 (bin -1)
+    probe = np.concatenate([probe, [-1.5]])
+    for p in prompts:
+        prefix, mid, last = tokenizer.state_parts(p)
+        for end in (-1.5, 0.3, 1.0):  # the last dim: below the range, inside, and the top bin
+            state = np.concatenate([probe, [end]]).astype(np.float32)
+            bins = np.digitize(state, np.linspace(-1, 1, STATE_BINS + 1)[:-1])  # b + 1: the table rows
+            assembled = prefix + [i for b in bins[:-1] for i in mid[b]] + last[bins[-1]]
+            if assembled != tokenizer.ids(p, state):
+                raise RunError(
+                    f"the tokenizer cannot write π₀.₅'s state into the prompt part by part (prompt {p!r}): its "
+                    "encoding of a number depends on its neighbours; use openpi's paligemma_tokenizer.model, or "
+                    "--no-discrete-state if this checkpoint was trained without the state in its prompt"
+                )
+        t, m = _pad(prefix, tokenizer.max_len)
+        toks.append(t), masks.append(m)
+    width = max(len(x) for x in (*mid, *last))
+    bins = np.zeros((2, len(mid), width), np.int32)
+    for k, parts in enumerate((mid, last)):
+        for i, ids in enumerate(parts):
+            bins[k, i, : len(ids)] = ids
+    lens = np.array([[len(x) for x in mid], [len(x) for x in last]], np.int32)
+    return PromptTable(jnp.asarray(np.stack(toks)), jnp.asarray(np.stack(masks)), jnp.asarray(bins), jnp.asarray(lens))
 
 
 # ----------------------------------------------------------------------------------------------------------- openpi

@@ -39,6 +39,8 @@ import numpy as np
 
 from common import RunError, pi0
 
+EXPORT_RECORD = "pi0rl.json"  # beside an exported openpi checkpoint: how its prompts are made (openpi ignores it)
+
 # flags a resumed run may change: where it runs and logs, not what it computes
 RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices")
 
@@ -69,6 +71,9 @@ class RunArgs:
     """π₀ size when no checkpoint is given: cpu, pi0, pi05"""
     tokenizer: str | None = None
     """path of paligemma_tokenizer.model (openpi checkpoints); None: the built-in word tokenizer (CPU preset)"""
+    discrete_state: bool | None = None
+    """π₀.₅: the state as 256-bin text in the prompt (openpi's discrete_state_input); None: as the checkpoint was
+    trained (recorded by our runs and exports; openpi's pi05_libero: off; other π₀.₅: on)"""
     model_horizon: int = 0
     """π₀'s chunk length H_m when it exceeds the executed --action-horizon (openpi pi0_libero: 50, execute 5): the
     first --action-horizon actions of each chunk are executed, learned from and valued; 0: = --action-horizon"""
@@ -113,6 +118,7 @@ class RunArgs:
         norm stats are its own (its checkpoint's), whatever the data or the checkpoint hold now."""
         return dict(env_name=self.env, checkpoint=self.pi0_checkpoint, preset=self.pi0_preset,
                     tokenizer=self.tokenizer, asset_id=self.asset_id, model_horizon=self.model_horizon,
+                    discrete_state=self.discrete_state,
                     resume_dir=self.run_dir if self.resume else None)  # fmt: skip
 
 
@@ -572,6 +578,18 @@ def load_pi0(
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         params, cfg = pi0.load_openpi_params(path, action_horizon=action_horizon, max_token_len=48)
+        record = {}
+        if os.path.isfile(os.path.join(path, EXPORT_RECORD)):  # written by `python -m common.export`
+            with open(os.path.join(path, EXPORT_RECORD)) as f:
+                record = json.load(f)
+        # openpi's defaults: 200 prompt tokens for π₀.₅, 48 for π₀; pi05_libero was trained without the state in
+        # its prompt (its config sets discrete_state_input=False), every other π₀.₅ with it
+        trained_without = any(part.startswith("pi05_libero") for part in path.split(os.sep))
+        cfg = dataclasses.replace(
+            cfg,
+            max_token_len=record.get("max_token_len", 200 if cfg.pi05 else 48),
+            discrete_state=record.get("discrete_state", cfg.pi05 and not trained_without),
+        )
         return params, cfg, pi0.load_norm_stats(path, asset_id)
     import orbax.checkpoint as ocp
 
@@ -589,7 +607,10 @@ def load_pi0(
             f"{list(state) if isinstance(state, dict) else type(state)}"
         )
     params = jax.tree.map(jnp.asarray, state[key])
-    cfg = pi0.config_from_params(params, action_horizon=action_horizon, **{"max_token_len": 48, **(run_config or {})})
+    record = extra.get("pi0", {})  # what the run's π₀ read (prompt length, state in the prompt), when recorded
+    cfg = pi0.config_from_params(
+        params, action_horizon=action_horizon, **{"max_token_len": 48, **(run_config or {}), **record}
+    )
     stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in extra["norm_stats"].items()}
     return params, cfg, stats
 
@@ -610,6 +631,13 @@ class Policy:
     io: pi0.EnvIO
     stats: dict[str, dict[str, np.ndarray]]
 
+    def record(self) -> dict[str, Any]:
+        """What every checkpoint keeps next to π₀'s parameters to be read the same way again (by --pi0-checkpoint,
+        a resume, `common.export`): the norm stats and the prompt's form."""
+        c = self.model.config
+        prompt = {"max_token_len": c.max_token_len, "discrete_state": c.state_in_prompt}
+        return {"norm_stats": self.stats, "pi0": prompt}
+
 
 def make_policy(
     env: Any,
@@ -624,6 +652,7 @@ def make_policy(
     asset_id: str | None,
     action_horizon: int,
     model_horizon: int,
+    discrete_state: bool | None = None,
     resume_dir: str | None = None,
 ) -> Policy:
     """The π₀ a run starts from (the run block's flags, passed explicitly): `checkpoint` (openpi or a run folder,
@@ -649,7 +678,12 @@ def make_policy(
         stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in saved["norm_stats"].items()}
     if checkpoint:
         stats = fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
-    table = pi0.make_prompt_table(prompts, pi0.make_tokenizer(tokenizer, cfg))
+    if discrete_state is not None:
+        cfg = dataclasses.replace(cfg, discrete_state=discrete_state)
+    if cfg.pi05:
+        how = "written into the prompt (256 bins, assembled in jit)" if cfg.state_in_prompt else "not in the prompt"
+        print(f"π₀.₅: the state is {how}; prompts of {cfg.max_token_len} tokens (--discrete-state to change)")
+    table = pi0.make_prompt_table(prompts, pi0.make_tokenizer(tokenizer, cfg), cfg.state_in_prompt)
     delta = 0
     if checkpoint and env_name == "libero":
         from common import libero
