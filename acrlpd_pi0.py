@@ -19,7 +19,7 @@ Every evaluation logs the critic's calibration: its value of the chunks it chose
 discounted return that actually followed (eval/*q_realised).
 
   python acrlpd_pi0.py                                   # push, CPU π₀ preset, offline then online, < 10 min
-  python acrlpd_pi0.py --env libero --dataset DIR --pi0-checkpoint CKPT --bon 32   # GPUs
+  python acrlpd_pi0.py --env libero --bon 32          # GPUs: openpi's pi0_libero and LIBERO data from their caches
   python acrlpd_pi0.py --offline-steps 20 --online-steps 8 --eval-episodes 4 --batch-size 8   # smoke
 """
 
@@ -41,12 +41,13 @@ import tyro
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 # Presets by --env (push, libero; any other gymnasium id: gym). A flag given explicitly (not None) wins.
-_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000)
+_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000,
+             eval_episodes=100, buffer_size=200_000)  # fmt: skip
 # push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
 _PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, utd=32, num_envs=64)
 PRESETS = {
     "push": dict(_BASE, **_PUSH, learning_starts=32_000),
-    "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8),
+    "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8, eval_episodes=50),  # a 16-core, 128 GB GPU host
     "gym": dict(_BASE, action_horizon=5, bon=8, target_n=4, lr=3e-4),
 }
 
@@ -59,8 +60,8 @@ class Args(runlog.RunArgs):
     """log losses every this many updates"""
     eval_every: int = 0
     """evaluate every this many updates (0: only at the end of each phase)"""
-    eval_episodes: int = 100
-    """episodes per evaluation (run in parallel, one per env)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (run in parallel, one per env; preset)"""
     num_envs: int | None = None
     """parallel environments in the online phase (preset)"""
 
@@ -123,16 +124,15 @@ class Args(runlog.RunArgs):
     """transitions per online critic update (cached features: cheap)"""
     online_fraction: float = 0.5
     """share of online transitions in each online batch (RLPD: 0.5)"""
-    buffer_size: int = 200_000
-    """replay buffer capacity (chunks)"""
+    buffer_size: int | None = None
+    """replay buffer capacity (chunks; it keeps only the critic's cached arrays, ~20 kB a chunk for π₀; preset)"""
 
 
 def check(args: Args) -> Args:
     """Fill the preset fields left at None (push, libero, else gym) and refuse inconsistent flags."""
-    args = runlog.resumed(args, "acrlpd_pi0")  # --resume: the run's own flags
-    preset = PRESETS[args.env if args.env in PRESETS else "gym"]
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    args.check_run()
+    args = runlog.prepared(args, "acrlpd_pi0", PRESETS, data_with_checkpoint="optional")
+    if args.pi0_checkpoint and args.dataset is None:  # no prior data: RL online from π₀, no offline phase
+        args = dataclasses.replace(args, offline_steps=0)
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs")
     runlog.check_at_least(args, 1, "bon", "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
     runlog.check_at_least(args, 0, "offline_steps", "online_steps", "learning_starts", "bon_slice")
@@ -332,17 +332,22 @@ class CriticData:
     once with the frozen π₀, and the online transitions' ones, stored in the replay buffer's extras when acting;
     --online-fraction of each batch online (RLPD's symmetric sampling), all offline while the buffer is empty."""
 
-    def __init__(self, nets: Nets, args: Args, params, offline: qchunk.ChunkDataset, buffer, rng, bs: int = 1024):
+    def __init__(self, nets: Nets, args: Args, params, offline: qchunk.ChunkDataset | None, buffer, rng, bs=1024):
+        self.offline, self.buffer, self.online_fraction = offline, buffer, args.online_fraction
+        if offline is None:  # no prior data: every batch from the buffer
+            return
         data, enc = offline.data, jax.jit(partial(encode, nets, args))
         encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]))
         self.obs_z, self.cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A]
         to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
         chunk_rows = lambda i: to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
         self.chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # the data chunks as the critic reads them
-        self.offline, self.buffer, self.online_fraction = offline, buffer, args.online_fraction
 
     def sample(self, rng: np.random.Generator, n: int) -> dict:
         offline, b = self.offline, self.buffer
+        online = {**{k: getattr(b, k) for k in TD_KEYS}, **b.extras}
+        if offline is None:
+            return {k: v[rng.integers(0, len(b), n)] for k, v in online.items()}
         n_on = int(round(n * self.online_fraction)) if len(b) else 0
         i = rng.integers(0, len(offline), n - n_on)
         j = rng.integers(0, len(b) or 1, n_on)
@@ -350,7 +355,6 @@ class CriticData:
         out = {k: getattr(offline, k)[i] for k in TD_KEYS}
         out.update(obs_z=self.obs_z[o], chunk=self.chunk[i], next_obs_z=self.obs_z[nxt], next_cand=self.cand[nxt])
         if n_on:  # offline rows, then online rows
-            online = {**{k: getattr(b, k) for k in TD_KEYS}, **b.extras}
             out = {k: np.concatenate([v, online[k][j]]) for k, v in out.items()}
         return out
 
@@ -398,25 +402,23 @@ def main(args: Args) -> dict:
     k_pi, k_critic, k_cache = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset, args.image_size)
     env = spec.make(args.num_envs, args.seed)
-    path = args.dataset or envs.default_dataset(env="push", noise=0.6, image_size=args.image_size)
-    data = envs.load_dataset(path, env, spec.image_size)
-    offline = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-    stats = qchunk.norm_stats(data)
-    policy = runlog.make_policy(env, data.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
+    path = args.dataset or (None if args.pi0_checkpoint else envs.default_dataset("push", image_size=args.image_size))
+    data = envs.load_dataset(path, env, spec.image_size) if path else None  # None: online only, from π₀
+    offline = qchunk.make_chunks(data, args.action_horizon, args.gamma) if data else None
+    stats, prompts = (qchunk.norm_stats(data), data.prompts) if data else (None, env.prompts)
+    policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     nets = Nets(policy.model, policy.io, CriticMLP(tuple(args.critic_hidden)))
-    params = policy.params
-    z_dim = cfg.vlm.width + (cfg.state_dim or cfg.action_dim)
-    x = jnp.zeros((1, z_dim + args.action_horizon * env.action_dim))
+    x = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + args.action_horizon * env.action_dim))
     critic = jax.jit(jax.vmap(lambda k: nets.critic.init(k, x)["params"]))(jax.random.split(k_critic, args.num_qs))
-    tx, critic_tx = make_optimizers(args, nets, params)
-    state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
-    state["target_critic"] = jax.tree.map(jnp.copy, critic)
+    tx, critic_tx = make_optimizers(args, nets, policy.params)
+    state = {"params": policy.params, "opt": tx.init(policy.params), "critic": critic}
+    state.update(critic_opt=critic_tx.init(critic), target_critic=jax.tree.map(jnp.copy, critic))
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
     n_pi, n_critic = pi0.param_count(state["params"]) / 1e6, pi0.param_count(state["critic"]) / args.num_qs / 1e3
-    print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline)} chunks from {path}")
+    print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline or ())} chunks from {path}")
     run = runlog.Run.from_args(args, "acrlpd_pi0")
-    buffer = qchunk.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma)  # the critic's cache only
+    buffer = qchunk.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma, td_only=True)  # + critic's cache
 
     # ---- restore: the train state, and on the host the buffer, the envs and the online episodes' successes
     step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []  # ep_success: the online episodes' last 100
@@ -440,7 +442,7 @@ def main(args: Args) -> dict:
         t_phase, s_phase, warm = time.time(), step, 10 * len(buffer) // max(args.learning_starts, 1)
         if phase == "online" and step < end:  # π₀ is frozen from here: encode the prior data once
             cache = CriticData(nets, args, state["params"], offline, buffer, k_cache)
-            print(f"encoded {len(cache.obs_z)} offline frames for the critic in {time.time() - t_phase:.0f}s")
+            print(f"critic cache of {len(offline or ())} offline chunks ready in {time.time() - t_phase:.0f}s")
         while step < end:
             key = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # warm-up steps add no updates
             k_act, k_update, k_next = jax.random.split(key, 3)
@@ -463,7 +465,8 @@ def main(args: Args) -> dict:
                     bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
                     state, info = critic_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
                 elif (tenth := 10 * len(buffer) // args.learning_starts) > warm:  # warm-up: progress, buffer kept
-                    print(f"[online] {len(buffer)}/{args.learning_starts} chunks before critic updates", flush=True)
+                    kb = buffer.bytes_per_transition() / 1e3
+                    print(f"[online] {len(buffer)}/{args.learning_starts} chunks ({kb:.1f} kB each) before updates")
                     save(step)
                     warm = tenth
             prev, step = step, step + n
@@ -477,7 +480,7 @@ def main(args: Args) -> dict:
             # ---- save (SIGINT / SIGTERM: save here and exit)
             if (runlog.crossed(prev, step, args.save_every) or run.stopping) and step != end:
                 save(step)
-        if step > s_phase:  # the phase ran: evaluate at its end, then save
+        if step > s_phase or (step == end == 0 and run.saved_step is None):  # the phase ran (or none: π₀'s start)
             rate = (step - s_phase) / max(time.time() - t_phase, 1e-9)
             label = f"{phase} done, update {step}, {rate:.1f} updates/s"
             m = evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), label)
@@ -488,8 +491,7 @@ def main(args: Args) -> dict:
             save(step)
     env.close()
     run.close()
-    results.update({k: float(v) for k, v in jax.device_get(info).items()})
-    results.update(step=step, run_dir=run.dir)
+    results.update({k: float(v) for k, v in jax.device_get(info).items()}, step=step, run_dir=run.dir)
     return results
 
 

@@ -21,13 +21,12 @@ two-phase form 10+ points above BC, hence the default. --beta 0 gives w ≡ 1 ex
 the same update (the benchmark's baseline; the critic phase is then skipped, since nothing reads it).
 
   python chunk_awr.py                                    # push, mixed-quality demos, CPU π₀ preset, < 10 min
-  python chunk_awr.py --env libero --dataset DIR --pi0-checkpoint CKPT --tokenizer TOK   # GPUs
+  python chunk_awr.py --env libero                       # GPUs: openpi's pi0_libero and LIBERO data from their caches
   python chunk_awr.py --critic-steps 20 --policy-steps 10 --episodes 30 --eval-episodes 4 --batch-size 8   # smoke
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -42,7 +41,8 @@ import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
-HORIZONS = {"push": 5, "libero": 10}  # default chunk length H by --env; any other env: 5
+_BASE = dict(action_horizon=5, eval_episodes=100, num_envs=100)  # presets by --env (gym: any other); a flag wins
+PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16), "gym": _BASE}
 
 
 @dataclass
@@ -53,13 +53,13 @@ class Args(runlog.RunArgs):
     """log losses every this many updates"""
     eval_every: int = 2000
     """evaluate every this many policy updates (0: only at the end of each phase)"""
-    eval_episodes: int = 100
-    """episodes per evaluation"""
-    num_envs: int = 100
-    """parallel evaluation environments (eval_episodes are spread over them)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (preset)"""
+    num_envs: int | None = None
+    """parallel evaluation environments, eval_episodes spread over them (preset; libero: 16 simulator processes)"""
 
     action_horizon: int | None = None
-    """H, the chunk length executed open loop (push 5, libero 10, else 5)"""
+    """H, the chunk length executed open loop (preset: push 5, libero 10, else 5)"""
     flow_steps: int = 4
     """Euler steps when acting (a prototype: 4 beat 5 and 10 for flow BC on push)"""
     eval_noise: float = 0.0
@@ -129,14 +129,11 @@ class Args(runlog.RunArgs):
 
 def check(args: Args) -> Args:
     """Fill the defaults that depend on --env and refuse inconsistent flags."""
-    args = runlog.resumed(args, "chunk_awr")  # --resume: the run's own flags
-    args.check_run()
+    args = runlog.prepared(args, "chunk_awr", PRESETS, data_with_checkpoint="needed")
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size", "num_envs", "flow_steps")
     runlog.check_at_least(args, 1, "eval_episodes", "num_samples", "value_flow_steps")
     runlog.check_at_least(args, 0, "critic_steps", "policy_steps")
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
-    if args.action_horizon is None:
-        args = dataclasses.replace(args, action_horizon=HORIZONS.get(args.env, 5))
     if args.beta < 0 or args.max_weight <= 0:
         raise RunError("--beta must be ≥ 0 and --max-weight > 0")
     if args.alpha < 0 or (args.alpha > 0 and args.value_loss != "sampled"):

@@ -15,7 +15,7 @@ the first ratio is 1); GAE(γ^H, λ) over chunk steps; clipped PPO (optional dua
 head over the detached prefix features; evaluation uses the deterministic ODE.
 
   python flow_ppo.py                                     # push, CPU π₀ preset, BC warm start then PPO, < 10 min
-  python flow_ppo.py --env libero --pi0-checkpoint CKPT --num-envs 32 --no-freeze-backbone   # GPUs
+  python flow_ppo.py --env libero --no-freeze-backbone   # GPUs: openpi's pi0_libero from its cache, no BC
   python flow_ppo.py --bc-steps 20 --iterations 2 --num-envs 8 --num-steps 4 --eval-episodes 8   # smoke
 """
 
@@ -35,6 +35,9 @@ import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
+_BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128)  # presets by --env (gym: any other); a flag wins
+PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16), "gym": _BASE}
+
 
 @dataclass
 class Args(runlog.RunArgs):
@@ -44,13 +47,13 @@ class Args(runlog.RunArgs):
     """log metrics every this many PPO iterations (BC: every 10× this many BC updates)"""
     eval_every: int = 20
     """evaluate the deterministic policy every this many PPO iterations"""
-    eval_episodes: int = 200
-    """episodes per evaluation (run in parallel)"""
-    num_envs: int = 128
-    """parallel rollout envs"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (run in parallel; preset)"""
+    num_envs: int | None = None
+    """parallel rollout envs (preset)"""
 
-    action_horizon: int = 5
-    """H: actions per chunk, executed open loop"""
+    action_horizon: int | None = None
+    """H: actions per chunk, executed open loop (preset)"""
     flow_steps: int = 4
     """K: Euler steps, the same in rollouts and evaluation"""
     freeze_backbone: bool = True
@@ -112,8 +115,7 @@ class Args(runlog.RunArgs):
 
 def check(args: Args) -> Args:
     """Refuse inconsistent flags."""
-    args = runlog.resumed(args, "flow_ppo")  # --resume: the run's own flags
-    args.check_run(needs_data=args.pi0_checkpoint is None)  # a checkpoint needs no BC data
+    args = runlog.prepared(args, "flow_ppo", PRESETS, data_with_checkpoint="unused")  # a checkpoint: no BC
     runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
     runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes")
     runlog.check_at_least(args, 0, "iterations", "bc_steps")
@@ -409,10 +411,9 @@ def main(args: Args) -> dict[str, float]:
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
     env = spec.make(args.num_envs, args.seed)
     bc_steps = 0 if args.pi0_checkpoint else args.bc_steps  # a checkpoint is the start of PPO
-    chunks = None  # the prior data: the norm stats and the BC warm start (a checkpoint brings its own stats)
-    if not args.pi0_checkpoint:
-        path = args.dataset or envs.default_dataset(env="push", noise=0.6)
-        chunks = qchunk.make_chunks(envs.load_dataset(path, env, spec.image_size), args.action_horizon, args.gamma)
+    path = None if args.pi0_checkpoint else args.dataset or envs.default_dataset("push")  # a checkpoint: its stats
+    data = envs.load_dataset(path, env, spec.image_size) if path else None  # prior data: norm stats, BC warm start
+    chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma) if data else None
     stats, prompts = (qchunk.norm_stats(chunks.data), chunks.prompts) if chunks else (None, env.prompts)
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
@@ -490,9 +491,8 @@ def main(args: Args) -> dict[str, float]:
                 save(step)
     env.close()
     run.close()
-    final |= {k: float(v) for k, v in jax.device_get(info).items()}
-    final |= {"run_dir": run.dir, "charts/first_ratio_dev_max": first_dev, **counts}
-    return final | {"step": step, "iterations": step - bc_steps, "time/wall_s": phase_s}
+    final |= {k: float(v) for k, v in jax.device_get(info).items()} | {"charts/first_ratio_dev_max": first_dev}
+    return final | {"run_dir": run.dir, "step": step, "iterations": step - bc_steps, "time/wall_s": phase_s, **counts}
 
 
 if __name__ == "__main__":

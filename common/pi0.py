@@ -1142,12 +1142,8 @@ def load_openpi_params(
 def load_norm_stats(path: str, asset_id: str | None = None) -> dict[str, dict[str, np.ndarray]]:
     """`<ckpt>/assets/<asset_id>/norm_stats.json` -> {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}."""
     assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
-    if asset_id is None:
-        found = (
-            sorted(d for d in os.listdir(assets) if os.path.isfile(os.path.join(assets, d, "norm_stats.json")))
-            if os.path.isdir(assets)
-            else []
-        )
+    if asset_id is None:  # asset ids are paths (openpi's LIBERO: physical-intelligence/libero)
+        found = sorted(os.path.relpath(d, assets) for d, _, files in os.walk(assets) if "norm_stats.json" in files)
         if len(found) != 1:
             raise CheckpointError(
                 f"cannot choose the norm stats in {assets}: found {found or 'none'}; "

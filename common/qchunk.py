@@ -357,11 +357,19 @@ class ReplayBuffer:
 
     `obs_example`: one observation in the shared format, batched ([E, ...]) or not (only trailing shapes are used);
     None: no observations are stored (o_t and o_{t+H} take the most memory, images above all; a script that reads
-    only what it cached at acting time keeps that in `extras`).
+    only what it cached at acting time keeps that in `extras`). `td_only`: of the chunk itself keep only what a TD
+    target reads (`discounted_return`, `n_valid`, `mask`), not the actions, per-step rewards and flags.
     """
 
-    def __init__(self, capacity: int, horizon: int, gamma: float, obs_example: dict[str, Any] | None = None):
-        self.capacity, self.horizon, self.gamma = capacity, horizon, gamma
+    def __init__(
+        self,
+        capacity: int,
+        horizon: int,
+        gamma: float,
+        obs_example: dict[str, Any] | None = None,
+        td_only: bool = False,
+    ):
+        self.capacity, self.horizon, self.gamma, self.td_only = capacity, horizon, gamma, td_only
         self.size, self._next = 0, 0
 
         def obs_storage() -> dict[str, Any] | None:
@@ -376,13 +384,14 @@ class ReplayBuffer:
 
         self.obs, self.next_obs = obs_storage(), obs_storage()
         self.actions: np.ndarray | None = None  # allocated at the first add, when A is known
-        self.rewards = np.zeros((capacity, horizon), np.float32)
-        self.valid = np.zeros((capacity, horizon), bool)
+        per_step = (lambda dtype: None) if td_only else (lambda dtype: np.zeros((capacity, horizon), dtype))
+        self.rewards, self.valid = per_step(np.float32), per_step(bool)
         self.discounted_return = np.zeros(capacity, np.float32)
         self.n_valid = np.zeros(capacity, np.int32)
         self.mask = np.zeros(capacity, np.float32)
-        self.subgoal = np.zeros(capacity, bool)
-        self.return_to_go = np.full(capacity, np.nan, np.float32)  # unknown when stored (the episode goes on)
+        self.subgoal = None if td_only else np.zeros(capacity, bool)
+        # unknown when stored (the episode goes on)
+        self.return_to_go = None if td_only else np.full(capacity, np.nan, np.float32)
         self.extras: dict[str, np.ndarray] = {}  # per-transition arrays a script caches (e.g. encoded features)
 
     def __len__(self) -> int:
@@ -401,7 +410,7 @@ class ReplayBuffer:
         e, h = actions.shape[:2]
         if h != self.horizon:
             raise ValueError(f"actions have chunk length {h}, the buffer was made for horizon {self.horizon}.")
-        if self.actions is None:
+        if self.actions is None and not self.td_only:
             self.actions = np.zeros((self.capacity, h, actions.shape[-1]), np.float32)
         next_obs = step.final_obs if next_obs is None else next_obs
         idx = (self._next + np.arange(e)) % self.capacity
@@ -413,13 +422,14 @@ class ReplayBuffer:
                     v[idx] = src["images"][k]
         valid = np.asarray(step.valid, bool)
         rewards = np.where(valid, step.rewards, 0.0)
-        self.actions[idx] = actions
-        self.rewards[idx] = rewards
-        self.valid[idx] = valid
         self.discounted_return[idx] = (rewards * self.gamma ** np.arange(h, dtype=np.float64)).sum(1)
         self.n_valid[idx] = valid.sum(1)
         self.mask[idx] = 1.0 - np.asarray(step.terminated, np.float32)
-        self.subgoal[idx] = (np.asarray(step.subgoal, bool) & valid).any(1)
+        if not self.td_only:
+            self.actions[idx] = actions
+            self.rewards[idx] = rewards
+            self.valid[idx] = valid
+            self.subgoal[idx] = (np.asarray(step.subgoal, bool) & valid).any(1)
         for k, v in (extras or {}).items():
             v = np.asarray(v)
             if k not in self.extras:
@@ -432,6 +442,8 @@ class ReplayBuffer:
         """A uniformly sampled batch (with replacement) of stored transitions (obs only when they are stored)."""
         if self.size == 0:
             raise ValueError("the replay buffer is empty; add transitions before sampling.")
+        if self.td_only:
+            raise ValueError("a td_only buffer keeps no chunks to sample as a Batch; read its arrays and extras")
         i = rng.integers(0, self.size, batch_size)
         if self.obs is None:
             return _batch(self, i, None, self.actions[i], None)
@@ -454,6 +466,12 @@ class ReplayBuffer:
         out.update({f"extras/{k}": v for k, v in self.extras.items()})
         return out
 
+    def bytes_per_transition(self) -> int:
+        """Host memory one stored chunk transition takes (allocated arrays and extras; `state_dict` saves these)."""
+        return sum(v.nbytes // self.capacity for v in self._arrays().values()) + (
+            0 if self.return_to_go is None else self.return_to_go.itemsize
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The stored transitions and the write position, for a checkpoint (`runlog.Run.save`'s host arrays).
         `return_to_go` is left out: it is NaN for every online chunk."""
@@ -463,14 +481,15 @@ class ReplayBuffer:
         """Fill this (empty, same-shaped) buffer from `state_dict`'s output (flat keys or the nested dicts a
         checkpoint gives back)."""
         flat = _flat(saved)
-        n = len(flat.get("rewards", ()))
+        n = len(flat.get("n_valid", ()))
         if n == 0:  # saved empty
             return
         if n > self.capacity:
             raise DatasetError(
                 f"the saved replay buffer holds {n} transitions, more than --buffer-size {self.capacity}"
             )
-        self.actions = np.zeros((self.capacity, *flat["actions"].shape[1:]), np.float32)
+        if "actions" in flat:
+            self.actions = np.zeros((self.capacity, *flat["actions"].shape[1:]), np.float32)
         for k in (f for f in flat if f.startswith("extras/")):
             self.extras[k[7:]] = np.zeros((self.capacity, *flat[k].shape[1:]), flat[k].dtype)
         for k, v in self._arrays().items():

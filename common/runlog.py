@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import glob
 import json
 import logging
 import os
@@ -67,8 +68,9 @@ class RunArgs:
     --pi0-preset trained from scratch"""
     asset_id: str | None = None
     """norm-stats asset inside an openpi --pi0-checkpoint (e.g. physical-intelligence/libero)"""
-    pi0_preset: str = "cpu"
-    """π₀ size when no checkpoint is given: cpu, pi0, pi05"""
+    pi0_preset: str | None = None
+    """π₀ size: cpu, pi0, pi05 (None: pi0 with --env libero, else cpu); with --env libero, pi0 and pi05 start from
+    openpi's pi0_libero / pi05_libero found in its cache unless --pi0-checkpoint says otherwise"""
     tokenizer: str | None = None
     """path of paligemma_tokenizer.model (openpi checkpoints); None: the built-in word tokenizer (CPU preset)"""
     discrete_state: bool | None = None
@@ -144,7 +146,7 @@ def resumed(args: Any, script: str) -> Any:
         raise RunError(f"{file}: unreadable ({e}); the run cannot be resumed with its flags") from None
     owner = saved.pop("_script", None)
     fields = {f.name: f for f in dataclasses.fields(args)}
-    if owner not in (None, script) or set(saved) != set(fields):
+    if owner not in (None, script) or set(saved) - set(fields):  # a flag added since the run started: its default
         other = f"{owner}.py" if owner else "another script"
         raise RunError(
             f"--run-dir {args.run_dir} is a run of {other}, not {script}.py: resume it with that script, "
@@ -152,9 +154,9 @@ def resumed(args: Any, script: str) -> Any:
         )
     values, clash = {}, []
     for name, f in fields.items():
-        given, value = getattr(args, name), saved[name]
-        value = tuple(value) if isinstance(value, list) else value
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        given, value = getattr(args, name), saved.get(name, default)
+        value = tuple(value) if isinstance(value, list) else value
         if name in RESUME_MAY_CHANGE:
             value = given
         elif given != default and given != value:
@@ -166,6 +168,97 @@ def resumed(args: Any, script: str) -> Any:
             "start a new run in another --run-dir"
         )
     return dataclasses.replace(args, **values)
+
+
+LIBERO_REPO = "physical-intelligence/libero"  # openpi's LIBERO data on the Hugging Face hub (LeRobot format)
+OPENPI_LIBERO_HORIZON = {"pi0": 50, "pi05": 10}  # action_horizon of openpi's pi0_libero / pi05_libero configs
+
+
+def prepared(args: Any, script: str, presets: dict[str, dict[str, Any]], *, data_with_checkpoint: str) -> Any:
+    """The flags a run starts with, the first line of every script's `check`: the resumed run's own (`resumed`),
+    LIBERO's inputs found in openpi's and LeRobot's caches (`located`), the fields left at None filled from
+    `presets[env]` (`presets["gym"]` for a gymnasium id), and the run block checked (`RunArgs.check_run`). Prior
+    data is always needed without a checkpoint; with one, `data_with_checkpoint` says: "needed", "optional" (used
+    when there is some) or "unused"."""
+    args = located(resumed(args, script), data_with_checkpoint=data_with_checkpoint)
+    preset = presets[args.env if args.env in presets else "gym"]
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    args.check_run(needs_data=not args.pi0_checkpoint or data_with_checkpoint == "needed")
+    return args
+
+
+def openpi_home() -> str:
+    """openpi's cache (openpi/shared/download.py): $OPENPI_DATA_HOME, default ~/.cache/openpi."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("OPENPI_DATA_HOME", "~/.cache/openpi")))
+
+
+def lerobot_home() -> str:
+    """LeRobot's cache (lerobot/utils/constants.py): $HF_LEROBOT_HOME, default $HF_HOME/lerobot, where HF_HOME is
+    huggingface_hub's ($HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface)."""
+    if "HF_LEROBOT_HOME" in os.environ:
+        return os.path.abspath(os.path.expanduser(os.environ["HF_LEROBOT_HOME"]))
+    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    hf_home = os.environ.get("HF_HOME", os.path.join(xdg, "huggingface"))
+    return os.path.abspath(os.path.join(os.path.expanduser(hf_home), "lerobot"))
+
+
+def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
+    """`args` with π₀'s preset chosen (None: pi0 for --env libero, else cpu) and, for --env libero, the inputs left
+    unset found where openpi and LeRobot put them (nothing is downloaded):
+      --pi0-checkpoint  $OPENPI_DATA_HOME/openpi-assets/checkpoints/<preset>_libero (pi0 / pi05 presets)
+      --tokenizer       $OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model (for an openpi checkpoint)
+      --dataset         $HF_LEROBOT_HOME/physical-intelligence/libero, else LeRobot's hub snapshots under
+                        $HF_LEROBOT_HOME/hub/datasets--physical-intelligence--libero/snapshots/ (newest first)
+    A run folder given as --pi0-checkpoint lends its own --tokenizer. What was found is printed; what is needed and
+    not found stops the run with one RunError listing every path looked at and the flag that replaces it. The data
+    is looked for unless a checkpoint is used and `data_with_checkpoint` is "unused", and needed unless it is
+    "optional" (acrlpd_pi0.py then runs online only)."""
+    preset = args.pi0_preset or ("pi0" if args.env == "libero" else "cpu")
+    found: dict[str, Any] = {"pi0_preset": preset}
+    ckpt = os.path.expanduser(args.pi0_checkpoint or "")
+    run_folder = bool(ckpt) and os.path.isdir(os.path.join(ckpt, "checkpoints"))
+    if run_folder and args.tokenizer is None and os.path.isfile(os.path.join(ckpt, "args.json")):
+        with open(os.path.join(ckpt, "args.json")) as f:
+            found["tokenizer"] = json.load(f).get("tokenizer")  # the prompts its π₀ learned from
+    if args.env != "libero" or args.resume:  # a resumed run keeps what it found when it started (args.json)
+        return dataclasses.replace(args, **found)
+    home, missing = openpi_home(), []
+
+    def first(flag: str, paths: list[str], kind: str = "dir") -> str | None:
+        hit = next((p for p in paths if (os.path.isdir if kind == "dir" else os.path.isfile)(p)), None)
+        if hit:
+            print(f"--env libero: {flag} {hit} (found in the cache)")
+        else:
+            missing.append((flag, paths))
+        return hit
+
+    checkpoint = args.pi0_checkpoint
+    if checkpoint is None and preset in ("pi0", "pi05"):
+        checkpoint = found["pi0_checkpoint"] = first(
+            "--pi0-checkpoint", [os.path.join(home, "openpi-assets", "checkpoints", f"{preset}_libero")]
+        )
+        if checkpoint and not args.model_horizon:  # the chunk openpi trained it on (its pi0_libero / pi05_libero)
+            found["model_horizon"] = OPENPI_LIBERO_HORIZON[preset]
+    if checkpoint and not run_folder and args.tokenizer is None:
+        found["tokenizer"] = first(
+            "--tokenizer", [os.path.join(home, "big_vision", "paligemma_tokenizer.model")], kind="file"
+        )
+    if args.dataset is None and not (checkpoint and data_with_checkpoint == "unused"):
+        hub = os.path.join(lerobot_home(), "hub", f"datasets--{LIBERO_REPO.replace('/', '--')}", "snapshots")
+        snapshots = sorted(glob.glob(os.path.join(hub, "*")), key=os.path.getmtime, reverse=True)
+        paths = [os.path.join(lerobot_home(), *LIBERO_REPO.split("/")), *(snapshots or [os.path.join(hub, "*")])]
+        found["dataset"] = first("--dataset", paths)
+        if found["dataset"] is None and checkpoint and data_with_checkpoint == "optional":
+            missing.pop()  # optional here: start from π₀ with no prior data
+            print(f"--env libero: no prior data (looked at {', '.join(paths)}): starting from π₀ alone")
+    if missing:
+        lines = [f"{flag} (looked at: {', '.join(paths)})" for flag, paths in missing]
+        raise RunError(
+            "--env libero: not found in openpi's or LeRobot's cache (nothing is downloaded): "
+            + "; ".join(lines)
+            + ". Pass the flags, or point OPENPI_DATA_HOME / HF_LEROBOT_HOME at the caches"
+        )
+    return dataclasses.replace(args, **found)
 
 
 class Run:
