@@ -10,7 +10,7 @@ Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025
     ensemble (--act-pessimism β) is executed open loop. --bon 1 is plain π₀.
   - Conservative term (--cql-weight, offline): the critic's mean value of π₀'s own chunks at o_t minus that of the
     data chunk, bounded below by the data's Monte Carlo return (Cal-QL).
-  - Offline phase on the prior data: one jitted update trains π₀ (BC) and the critic together.
+  - Offline phase on the prior data: one jitted update trains π₀ (BC) and the critic (none without data: online only).
   - Online phase, π₀ frozen as the proposal distribution: each env chunk step stores the critic's view of o_t and
     o_{t+H} (pooled features and state) and --target-n π₀ chunks at o_{t+H}, all computed by acting anyway, and --utd
     critic updates run on those cached arrays (50/50 offline/online batches, one lax.scan): no VLM or flow pass per
@@ -47,7 +47,7 @@ _BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, nu
 _PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, utd=32, num_envs=64)
 PRESETS = {
     "push": dict(_BASE, **_PUSH, learning_starts=32_000),
-    "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8, eval_episodes=50),  # a 16-core, 128 GB GPU host
+    "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8, eval_episodes=50, eval_envs=16),  # 16 cores, 128 GB
     "gym": dict(_BASE, action_horizon=5, bon=8, target_n=4, lr=3e-4),
 }
 
@@ -376,7 +376,7 @@ def make_act(nets: Nets, args: Args):
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
     """One episode in each of --eval-episodes envs per policy: success, return and the critic's calibration (its value
     of the chunks it chose, eval/*q_pred, vs the discounted return that followed, eval/*q_realised); printed."""
-    where = dict(episodes=args.eval_episodes, num_envs=args.eval_episodes, seed=args.seed + 10_000)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
     where.update(horizon=args.action_horizon, gamma=args.gamma)
     policies = {"": (args.bon, args.act_pessimism), "plain_": (1, 0.0)}  # best-of-N (trained), plain π₀
     if args.act_pessimism:  # and what the pessimism adds: ranking by the ensemble mean alone

@@ -42,7 +42,7 @@ import tyro
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 _BASE = dict(action_horizon=5, eval_episodes=100, num_envs=100)  # presets by --env (gym: any other); a flag wins
-PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16), "gym": _BASE}
+PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16), "gym": _BASE}
 
 
 @dataclass
@@ -340,7 +340,7 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng) -> dict:
     """The policy from one noise draw (scaled by --eval-noise), --eval-episodes spread over --num-envs envs."""
     t = time.time()
     policy = lambda obs, key: (act(state["params"], obs, key), None)
-    where = dict(episodes=args.eval_episodes, num_envs=args.num_envs, seed=args.seed + 10_000)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.num_envs, seed=args.seed + 10_000)
     out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     out["time/eval_s"] = time.time() - t
     return out

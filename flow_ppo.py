@@ -36,7 +36,7 @@ import tyro
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 _BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128)  # presets by --env (gym: any other); a flag wins
-PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16), "gym": _BASE}
+PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16), "gym": _BASE}
 
 
 @dataclass
@@ -353,7 +353,7 @@ def make_act(nets: Nets, args: Args):
 def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
     """The deterministic ODE policy, one episode per env; printed."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
-    where = dict(episodes=args.eval_episodes, num_envs=args.eval_episodes, seed=args.seed + 10_000)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
     out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     print(f"[{label}] success {out['eval/success_rate']:.3f}", flush=True)
     return out

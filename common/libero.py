@@ -502,7 +502,8 @@ def load_lerobot(
     except ImportError as err:
         raise ImportError(f"load_lerobot needs pyarrow. {INSTALL_HINT}") from err
     root = Path(path)
-    files = sorted(root.glob("**/*.parquet")) if root.is_dir() else [root]
+    data = root / "data" if (root / "data").is_dir() else root  # meta/ may hold parquet files too (LeRobot v3)
+    files = sorted(data.glob("**/*.parquet")) if root.is_dir() else [root]
     if not files or not files[0].exists():
         raise DatasetError(f"{root}: no parquet files (expected a LeRobot dataset folder with data/**/*.parquet)")
     meta = (root if root.is_dir() else root.parent) / "meta" / "tasks.jsonl"

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -1122,7 +1123,9 @@ def load_openpi_params(
     """
     import orbax.checkpoint as ocp
 
-    restored = ocp.PyTreeCheckpointer().restore(_params_dir(path))
+    with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we place the arrays ourselves)
+        warnings.filterwarnings("ignore", "Sharding info not provided")
+        restored = ocp.PyTreeCheckpointer().restore(_params_dir(path))
     params = restored.get("params", restored) if isinstance(restored, dict) else restored
     # openpi's nnx states store leaves as {"value": array}; keep the plain tree
     params = jax.tree.map(

@@ -43,7 +43,7 @@ from common import RunError, pi0
 EXPORT_RECORD = "pi0rl.json"  # beside an exported openpi checkpoint: how its prompts are made (openpi ignores it)
 
 # flags a resumed run may change: where it runs and logs, not what it computes
-RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices")
+RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices", "eval_envs")
 
 
 @dataclasses.dataclass
@@ -89,6 +89,9 @@ class RunArgs:
     """continue the run in --run-dir from its last checkpoint, with its own flags (args.json)"""
     fsdp_devices: int = 1
     """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
+    eval_envs: int | None = None
+    """simulator processes an evaluation plays its episodes on (None: the script's own number; libero preset: 16).
+    LIBERO's evaluation plays the same init states whatever this is: it trades memory (~1.5 GB a process) for time"""
 
     def check_run(self, needs_data: bool = True) -> None:
         """Refuse a run block that cannot start, before any work: a `Literal` flag outside its choices, an env other

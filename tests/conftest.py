@@ -106,3 +106,53 @@ def small_push(tmp_path_factory) -> str:
     from common import envs
 
     return envs.make_dataset(str(tmp_path_factory.mktemp("push") / "push16.h5"), "push", 16, 0.6, seed=3)
+
+
+# ----------------------------------------------------------------------------------------------------- openpi caches
+def train_sentencepiece(path, sentences: list[str], vocab_size: int = 300, **options) -> str:
+    """A real SentencePiece model trained by sentencepiece's own trainer (the PaliGemma file cannot be downloaded
+    here). Default options as Gemma's / PaliGemma's tokenizer: BPE, digits split, no dummy prefix, whitespace and
+    text kept as written, byte fallback."""
+    import io as _io
+
+    import sentencepiece
+
+    gemma_like = dict(model_type="bpe", split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+                      normalization_rule_name="identity", allow_whitespace_only_pieces=True)  # fmt: skip
+    buf = _io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, byte_fallback=True,
+        character_coverage=1.0, minloglevel=2, **{**gemma_like, **options},
+    )  # fmt: skip
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return str(path)
+
+
+def robot_sentences(rng: np.random.Generator, n: int = 400) -> list[str]:
+    """Instructions with numbers in openpi's π₀.₅ prompt format, for a small tokenizer to learn pieces from."""
+    words = ("pick up the black bowl between plate and ramekin place it on cookie box open top drawer of cabinet "
+             "put cream cheese in basket turn stove push").split()  # fmt: skip
+    out = []
+    for _ in range(n):
+        text = " ".join(rng.choice(words, rng.integers(3, 10)))
+        nums = " ".join(map(str, rng.integers(-1, 256, rng.integers(1, 9))))
+        out += [f"Task: {text}, State: {nums};\nAction: ", text]
+    return out
+
+
+def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: int = 0) -> str:
+    """A π₀ of `config` (random weights) in openpi's checkpoint layout: folder/params (orbax, {"params": tree}) and
+    folder/assets/<asset_id>/norm_stats.json ({"norm_stats": {"state": {...}, "actions": {...}}})."""
+    import orbax.checkpoint as ocp
+
+    from common import pi0
+
+    params = pi0.Pi0(config).init(jax.random.key(seed))
+    ocp.PyTreeCheckpointer().save(os.path.join(str(folder), "params"), {"params": params})
+    path = os.path.join(str(folder), "assets", asset_id, "norm_stats.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"norm_stats": {k: {s: np.asarray(x).tolist() for s, x in v.items()} for k, v in stats.items()}}, f)
+    return str(folder)

@@ -59,6 +59,16 @@ def test_smoke(tmp_path, small_push):
     assert not any(k.startswith(("buffer/obs/", "buffer/next_obs/")) for k in z)  # the critic reads only the cache
     assert z["loop/env/agent"].shape == (2, 2) and z["loop/obs/state"].shape == (2, 10)  # where the envs were
 
+    # online only: π₀ from that run folder and no prior data: no offline phase, π₀ evaluated at the start
+    online_dir = str(tmp_path / "online")
+    out = ac.main(ac.Args(**tiny.ACRLPD, pi0_checkpoint=run_dir, run_dir=online_dir))
+    assert out["step"] == tiny.ACRLPD["online_steps"] and "offline/eval/success_rate" in out
+    assert json.load(open(os.path.join(online_dir, "args.json")))["offline_steps"] == 0
+    rows = [json.loads(line) for line in open(os.path.join(online_dir, "metrics.jsonl"))]
+    assert rows[0]["step"] == 0 and "eval/success_rate" in rows[0] and not any("losses/bc" in r for r in rows)
+    z = host_file(online_dir)  # every critic batch came from here: 1 warm-up + 4 steps of 2 envs
+    assert z["buffer/extras/obs_z"].shape[0] == 2 * 5 and "buffer/actions" not in z
+
 
 def make_nets(**kw):
     args = ac.check(ac.Args(**{**TINY, **kw}))
@@ -170,7 +180,7 @@ def test_longer_model_chunk_executes_its_first_actions(tmp_path):
     )
     assert out["step"] == 6 and np.isfinite(out["losses/critic"])
     z = host_file(run_dir)
-    assert z["buffer/actions"].shape[1:] == (3, 2) and z["buffer/rewards"].shape[1:] == (3,)
+    assert z["buffer/extras/chunk"].shape[1:] == (3, 2) and z["buffer/extras/next_cand"].shape[2:] == (3, 2)
     with pytest.raises(ValueError, match="--action-horizon between 1 and --model-horizon"):
         ac.main(ac.Args(offline_steps=1, online_steps=0, model_horizon=2, action_horizon=3, **TINY))
 

@@ -1,5 +1,9 @@
-"""`--env libero` end to end: each script's `main` on a tiny LIBERO dataset recorded from the simulator (conftest's
-`libero_demo`), with the real simulator for rollouts and evaluation, rendered 32x32 camera images, and the CPU π₀.
+"""`--env libero` end to end, as an openpi user runs it: no data, checkpoint or tokenizer flags. Each script finds
+them where openpi and LeRobot cache them (`runlog.located`): a tiny π₀ / π₀.₅ in openpi's checkpoint layout at
+$OPENPI_DATA_HOME/openpi-assets/checkpoints/{pi0,pi05}_libero, a SentencePiece model trained here at
+$OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model, and the LIBERO demo recorded from the simulator (conftest's
+`libero_demo`) as a LeRobot folder at $HF_LEROBOT_HOME/physical-intelligence/libero; the real simulator for rollouts
+and evaluation, rendered 32x32.
 
 Skipped when the `libero` extra is not installed (pip install -e ".[libero]").
 """
@@ -14,15 +18,18 @@ import pytest
 
 pytest.importorskip("libero")
 
+from conftest import robot_sentences, train_sentencepiece, write_openpi_checkpoint  # noqa: E402
+
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
 import flow_ppo  # noqa: E402
-from common import envs, pi0  # noqa: E402
+from common import RunError, envs, pi0, runlog  # noqa: E402
 
 # One task, 8-step episodes, one settling step, the simulators in this process (no worker start-up; test_libero.py
 # covers the worker processes). Values as on the command line (`--env-kwargs task_ids [0] max_episode_steps 8 ...`),
 # decoded as JSON by envs.make_spec.
 ENV_KW = {"task_ids": "[0]", "max_episode_steps": "8", "num_steps_wait": "1", "async_envs": "false"}
+ENV_32 = {**ENV_KW, "image_size": "32"}  # renders at the tiny checkpoint's and the data's size
 CAMERAS = ["base_0_rgb", "left_wrist_0_rgb"]
 
 
@@ -38,9 +45,10 @@ def seen(monkeypatch):
         out["state_dims"].add(np.shape(obs["state"])[-1])
         return make_observation(config, obs, *a, **kw)
 
-    def prompt_table(prompts, tokenizer):
+    def prompt_table(prompts, tokenizer, state_in_prompt=False):
         out["prompts"] += list(prompts)
-        return make_prompt_table(prompts, tokenizer)
+        out["state_in_prompt"] = state_in_prompt
+        return make_prompt_table(prompts, tokenizer, state_in_prompt)
 
     monkeypatch.setattr(pi0, "make_observation", observation)
     monkeypatch.setattr(pi0, "make_prompt_table", prompt_table)
@@ -61,6 +69,64 @@ def check_run(run_dir: str, seen: dict, demo, keys: tuple[str, ...], env_kwargs=
     return rows
 
 
+def tiny_openpi_config(pi05: bool) -> pi0.Pi0Config:
+    """openpi's π₀ / π₀.₅ shape at toy sizes: three cameras through a SigLIP (32 px, patch 8), 8 action dims."""
+    vit = pi0.SigLIPConfig(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, image_size=32)
+    return pi0.make_config("cpu", pi05=pi05, cameras=pi0.CAMERAS, vit=vit, vocab_size=320, action_dim=8, state_dim=None)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, libero_demo) -> dict:
+    """openpi's and LeRobot's caches as an openpi user has them after openpi's LIBERO example: the environment
+    variables that point at them (set with monkeypatch by each test)."""
+    root = tmp_path_factory.mktemp("caches")
+    openpi, lerobot = root / "openpi", root / "lerobot"
+    rng = np.random.default_rng(0)
+    train_sentencepiece(openpi / "big_vision" / "paligemma_tokenizer.model", robot_sentences(rng), vocab_size=320)
+    stat = lambda d: {"mean": rng.normal(0, 0.1, d), "std": rng.uniform(0.5, 1, d), "q01": -np.ones(d),
+                      "q99": np.ones(d)}  # fmt: skip
+    for name, pi05 in (("pi0_libero", False), ("pi05_libero", True)):
+        folder = openpi / "openpi-assets" / "checkpoints" / name
+        write_openpi_checkpoint(folder, tiny_openpi_config(pi05), {"state": stat(8), "actions": stat(7)},
+                                "physical-intelligence/libero")  # fmt: skip
+    write_lerobot(lerobot / "physical-intelligence" / "libero", libero_demo.demo)
+    return {"OPENPI_DATA_HOME": str(openpi), "HF_LEROBOT_HOME": str(lerobot)}
+
+
+@pytest.fixture
+def in_caches(caches, monkeypatch) -> dict:
+    for k, v in caches.items():
+        monkeypatch.setenv(k, v)
+    return caches
+
+
+def test_located_lists_every_path_and_uses_default_cache_paths(tmp_path, monkeypatch, caches):
+    """Nothing cached: one RunError naming each path looked at and the flag for it. Caches under HOME (the defaults
+    ~/.cache/openpi and ~/.cache/huggingface/lerobot): found without any variable."""
+    for k in ("OPENPI_DATA_HOME", "HF_LEROBOT_HOME", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = acrlpd_pi0.Args(env="libero")
+    with pytest.raises(RunError) as err:
+        runlog.located(args, data_with_checkpoint="optional")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.count("looked at") == 2  # the checkpoint, and the data (optional only with one)
+    assert f"--pi0-checkpoint (looked at: {tmp_path}/.cache/openpi/openpi-assets/checkpoints/pi0_libero)" in msg
+    assert f"--dataset (looked at: {tmp_path}/.cache/huggingface/lerobot/physical-intelligence/libero, " in msg
+    assert "hub/datasets--physical-intelligence--libero/snapshots/*" in msg and "OPENPI_DATA_HOME" in msg
+    with pytest.raises(RunError, match=f"--dataset \\(looked at: {tmp_path}/.cache/huggingface/lerobot/physical"):
+        runlog.located(chunk_awr.Args(env="libero", pi0_preset="cpu"), data_with_checkpoint="needed")
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
+    os.symlink(caches["OPENPI_DATA_HOME"], tmp_path / ".cache" / "openpi")
+    os.symlink(caches["HF_LEROBOT_HOME"], tmp_path / ".cache" / "huggingface" / "lerobot")
+    found = runlog.located(chunk_awr.Args(env="libero", pi0_preset="pi05"), data_with_checkpoint="needed")
+    assert found.pi0_checkpoint == f"{tmp_path}/.cache/openpi/openpi-assets/checkpoints/pi05_libero"
+    assert found.tokenizer == f"{tmp_path}/.cache/openpi/big_vision/paligemma_tokenizer.model"
+    assert found.dataset == f"{tmp_path}/.cache/huggingface/lerobot/physical-intelligence/libero"
+    assert found.model_horizon == 10  # openpi's pi05_libero chunk
+    assert runlog.located(acrlpd_pi0.Args(), data_with_checkpoint="optional").pi0_preset == "cpu"  # push: nothing
+
+
 def test_dataset_image_size_sets_the_render_size(libero_demo):
     assert envs.dataset_image_size(libero_demo.dir) == envs.dataset_image_size(libero_demo.file) == libero_demo.size
     env = envs.make_spec("libero", ENV_KW, libero_demo.dir).make(1, seed=0, evaluation=True)
@@ -72,12 +138,12 @@ def test_dataset_image_size_sets_the_render_size(libero_demo):
 
 
 @pytest.mark.slow  # ~70 s: the real LIBERO simulator built and rendered for the online phase and two evaluations
-def test_acrlpd_pi0(libero_demo, tmp_path, seen):
+def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
+    """openpi's pi0_libero, its tokenizer and the LeRobot data from the caches: offline, then online."""
     run_dir = str(tmp_path / "run")
     args = acrlpd_pi0.Args(
         env="libero",
-        env_kwargs=ENV_KW,
-        dataset=libero_demo.dir,
+        env_kwargs=ENV_32,
         run_dir=run_dir,
         offline_steps=2,  # one joint update call, the prior data encoded for the critic, then 2 chunk steps in the
         online_steps=4,  # simulator, each followed by 2 critic updates
@@ -101,11 +167,18 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen):
     )
     out = acrlpd_pi0.main(args)
     assert out["step"] == 6 and "online/eval/success_rate" in out and "online/eval/plain_success_rate" in out
-    check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/critic", "charts/q_target"))
-    with np.load(os.path.join(run_dir, "host", "6.p0.npz")) as z:  # the online chunks: 7-D actions, the critic's view
+    check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/critic", "charts/q_target"), ENV_32)
+    used = json.load(open(os.path.join(run_dir, "args.json")))  # what was found, recorded for a resume
+    assert used["pi0_checkpoint"] == os.path.join(in_caches["OPENPI_DATA_HOME"], "openpi-assets/checkpoints/pi0_libero")
+    assert used["tokenizer"] == os.path.join(in_caches["OPENPI_DATA_HOME"], "big_vision/paligemma_tokenizer.model")
+    assert used["dataset"] == os.path.join(in_caches["HF_LEROBOT_HOME"], "physical-intelligence/libero")
+    assert used["pi0_preset"] == "pi0" and seen["state_in_prompt"] is False
+    with np.load(os.path.join(run_dir, "host", "6.p0.npz")) as z:  # the online chunks: the critic's view only
         buf = {k[7:]: z[k] for k in z.files if k.startswith("buffer/")}
     assert not any(k.startswith(("obs/", "next_obs/")) for k in buf)  # no camera images: never read online
-    assert buf["actions"].shape == (2, 4, 7) and buf["extras/obs_z"].shape[0] == 2
+    assert sorted(buf) == ["discounted_return", "extras/chunk", "extras/next_cand", "extras/next_obs_z",
+                           "extras/obs_z", "mask", "n_valid", "next"]  # fmt: skip
+    assert buf["extras/chunk"].shape == (2, 4, 7) and buf["extras/obs_z"].shape[0] == 2
     assert buf["extras/next_cand"].shape == (2, 2, 4, 7)  # the critic's cache: 2 π₀ chunks at o_{t+H}, executed part
 
 
@@ -140,14 +213,15 @@ def write_lerobot(folder, demo: dict, episodes: int = 2) -> str:
     return str(folder)
 
 
-def test_chunk_awr(libero_demo, tmp_path, seen):
-    """From a LeRobot folder (openpi's LIBERO data format) as --dataset, read at the env's image size."""
+def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
+    """openpi's pi05_libero from the cache, told to read its state from the prompt (openpi's pi05 default), on the
+    cached LeRobot data (openpi's LIBERO data format) read at the env's image size."""
     run_dir = str(tmp_path / "run")
-    env_kwargs = {**ENV_KW, "image_size": str(libero_demo.size)}
     args = chunk_awr.Args(
         env="libero",
-        env_kwargs=env_kwargs,
-        dataset=write_lerobot(tmp_path / "lerobot", libero_demo.demo),
+        env_kwargs=ENV_32,
+        pi0_preset="pi05",
+        discrete_state=True,
         run_dir=run_dir,
         critic_steps=2,
         policy_steps=2,
@@ -161,18 +235,21 @@ def test_chunk_awr(libero_demo, tmp_path, seen):
     )
     out = chunk_awr.main(args)
     assert out["step"] == 4 and out["policy_updates"] == 2 and 0.0 <= out["eval/success_rate"] <= 1.0
-    check_run(run_dir, seen, libero_demo, ("losses/q", "losses/v", "losses/policy"), env_kwargs)
+    check_run(run_dir, seen, libero_demo, ("losses/q", "losses/v", "losses/policy"), ENV_32)
+    assert seen["state_in_prompt"] is True  # π₀.₅'s prompts assembled with the state, inside jit
+    used = json.load(open(os.path.join(run_dir, "args.json")))
+    assert used["pi0_checkpoint"].endswith("pi05_libero") and used["model_horizon"] == 10
 
 
-def test_flow_ppo(libero_demo, tmp_path, seen):
+def test_flow_ppo(libero_demo, tmp_path, seen, in_caches):
+    """openpi's pi0_libero from the cache: PPO from it, no BC, so no data looked for."""
     run_dir = str(tmp_path / "run")
     args = flow_ppo.Args(
         env="libero",
-        env_kwargs=ENV_KW,
-        dataset=libero_demo.dir,
+        env_kwargs=ENV_32,
         run_dir=run_dir,
-        bc_steps=2,
-        bc_batch_size=4,
+        model_horizon=10,
+        action_horizon=5,
         iterations=1,
         num_envs=1,
         num_steps=2,  # 2 chunks of 5 steps: one 8-step episode, truncated inside its second chunk
@@ -186,4 +263,6 @@ def test_flow_ppo(libero_demo, tmp_path, seen):
     )
     out = flow_ppo.main(args)
     assert out["charts/env_steps"] == 2 * 5 and "eval/start_success_rate" in out
-    check_run(run_dir, seen, libero_demo, ("losses/bc", "losses/policy", "losses/value"))
+    check_run(run_dir, seen, libero_demo, ("losses/policy", "losses/value"), ENV_32)
+    used = json.load(open(os.path.join(run_dir, "args.json")))
+    assert used["pi0_checkpoint"].endswith("pi0_libero") and used["dataset"] is None

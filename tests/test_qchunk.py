@@ -275,3 +275,35 @@ def test_replay_buffer_state_round_trip() -> None:
     small = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs(1))
     with pytest.raises(ValueError, match="more than --buffer-size 4"):
         small.load_state_dict(saved)
+
+
+def test_td_only_buffer_keeps_what_a_td_target_reads() -> None:
+    """acrlpd_pi0.py's buffer at the full π₀'s LIBERO sizes (width 2048, state padded to 32, H=10, A=7, --target-n 8):
+    the TD arrays and the critic's cache only, 19,172 bytes a chunk (README), against 19,507 with the unread per-step
+    arrays and 216,187 with o_t's and o_{t+H}'s two 128² cameras; the TD arrays as the full buffer computes them."""
+    E, H, A, Z, N = 2, 10, 7, 2048 + 32, 8
+    rng = np.random.default_rng(0)
+    extras = {"obs_z": rng.normal(size=(E, Z)).astype(np.float32), "chunk": np.zeros((E, H, A), np.float32),
+              "next_obs_z": np.zeros((E, Z), np.float32), "next_cand": np.zeros((E, N, H, A), np.float32)}  # fmt: skip
+    cams = {c: np.zeros((E, 128, 128, 3), np.uint8) for c in ("base_0_rgb", "left_wrist_0_rgb")}
+    obs = {"state": np.zeros((E, 8), np.float32), "prompt_id": np.zeros(E, np.int32), "images": cams}
+    step = chunk_step(rng.uniform(size=(E, H)), np.r_[np.ones((1, H)), np.arange(H)[None] < 4], [False, True])
+    step.final_obs, step.subgoal = obs, np.zeros((E, H), bool)
+    sizes, bufs = [], []
+    for kw in (dict(td_only=True), {}, dict(obs_example=obs)):
+        buf = ReplayBuffer(capacity=8, horizon=H, gamma=G, **kw)
+        buf.add(obs, np.zeros((E, H, A), np.float32), step, extras=extras)
+        sizes.append(buf.bytes_per_transition())
+        bufs.append(buf)
+    assert sizes == [19_172, 19_507, 216_187]
+    td, full = bufs[0], bufs[1]
+    assert td.actions is None and td.rewards is None and td.return_to_go is None
+    for k in ("discounted_return", "n_valid", "mask"):
+        np.testing.assert_array_equal(getattr(td, k)[:E], getattr(full, k)[:E])
+    assert sorted(td.state_dict()) == ["discounted_return", "extras/chunk", "extras/next_cand", "extras/next_obs_z",
+                                       "extras/obs_z", "mask", "n_valid", "next"]  # fmt: skip
+    back = ReplayBuffer(capacity=8, horizon=H, gamma=G, td_only=True)
+    back.load_state_dict(td.state_dict())
+    np.testing.assert_array_equal(back.extras["obs_z"][:E], extras["obs_z"])
+    with pytest.raises(ValueError, match="td_only buffer keeps no chunks"):
+        td.sample(rng, 2)

@@ -82,9 +82,16 @@ def test_load_pi0_from_an_openpi_checkpoint(tmp_path) -> None:
     (ckpt / "assets" / "org" / "robot" / "norm_stats.json").write_text(json.dumps({"norm_stats": raw}))
     params, cfg, got_stats = runlog.load_pi0(str(ckpt), action_horizon=10, asset_id="org/robot")
     want, want_cfg = pi0.load_openpi_params(params_dir, action_horizon=10, max_token_len=48)
-    assert cfg == want_cfg and cfg.max_token_len == 48
+    assert cfg == dataclasses.replace(want_cfg, discrete_state=False) and cfg.max_token_len == 48
     jax.tree.map(np.testing.assert_array_equal, params, want)
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(8, 7))
+    # π₀.₅ as openpi configures it: 200 prompt tokens, the state in the prompt, except in openpi's pi05_libero
+    for name, state_in_prompt in (("pi05_base", True), ("pi05_libero", False)):
+        (tmp_path / name / "assets" / "x").mkdir(parents=True)
+        os.symlink(os.path.join(FIXTURES, "openpi_pi05_tiny", "params"), tmp_path / name / "params")
+        (tmp_path / name / "assets" / "x" / "norm_stats.json").write_text(json.dumps({"norm_stats": raw}))
+        cfg = runlog.load_pi0(str(tmp_path / name), action_horizon=10)[1]
+        assert cfg.pi05 and cfg.max_token_len == 200 and cfg.state_in_prompt == state_in_prompt, name
 
 
 def test_resume_takes_the_runs_own_flags(tmp_path) -> None:
