@@ -3,55 +3,30 @@ host path (the whole string "Task: <text>, State: <bins>;\\nAction: " encoded by
 and states, with real SentencePiece models trained here by sentencepiece's own trainer (the PaliGemma file cannot be
 downloaded; the code path is the one it takes)."""
 
-import io
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import robot_sentences, train_sentencepiece
 
 from common import RunError, pi0
 
 WORDS = "pick up the black bowl between plate and ramekin place it on cookie box open top drawer of cabinet".split()
 
 
-def _corpus(rng: np.random.Generator, n: int = 400) -> list[str]:
-    """Instructions with numbers in openpi's π₀.₅ format, so the model learns pieces around them."""
-    out = []
-    for _ in range(n):
-        text = " ".join(rng.choice(WORDS, rng.integers(3, 10)))
-        nums = " ".join(map(str, rng.integers(-1, 256, rng.integers(1, 9))))
-        out += [f"Task: {text}, State: {nums};\nAction: ", text]
-    return out
+_SP_DEFAULTS = dict(add_dummy_prefix=True, remove_extra_whitespaces=True, normalization_rule_name="nmt_nfkc")
+# Gemma's / PaliGemma's settings (conftest's default: digits split, no dummy prefix, whitespace kept), and two other
+# kinds of model with sentencepiece's own defaults
+SP_OPTIONS = {
+    "bpe_gemma_like": {},
+    "unigram_default": dict(_SP_DEFAULTS, model_type="unigram", split_digits=False, allow_whitespace_only_pieces=False),
+    "bpe_digits_merge": dict(_SP_DEFAULTS, model_type="bpe", split_digits=False, allow_whitespace_only_pieces=False),
+}
 
 
 def _train(tmp_path, **options) -> str:
-    import sentencepiece
-
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(np.random.default_rng(0))),
-        model_writer=buf,
-        vocab_size=300,
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-        **options,
-    )
     path = tmp_path / f"sp_{len(list(tmp_path.iterdir()))}.model"
-    path.write_bytes(buf.getvalue())
-    return str(path)
-
-
-# Gemma's / PaliGemma's settings (digits split, no dummy prefix, whitespace kept), and two other kinds of model
-SP_OPTIONS = {
-    "bpe_gemma_like": dict(
-        model_type="bpe", split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True,
-    ),
-    "unigram_default": dict(model_type="unigram"),
-    "bpe_digits_merge": dict(model_type="bpe", split_digits=False),
-}  # fmt: skip
+    return train_sentencepiece(path, robot_sentences(np.random.default_rng(0)), vocab_size=300, **options)
 
 
 def _random_case(rng, prompts, S):
