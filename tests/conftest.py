@@ -156,3 +156,15 @@ def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: in
     with open(path, "w") as f:
         json.dump({"norm_stats": {k: {s: np.asarray(x).tolist() for s, x in v.items()} for k, v in stats.items()}}, f)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_acrlpd_run(tmp_path_factory, small_push) -> tuple[str, dict]:
+    """(run folder, main's result) of the tiny acrlpd_pi0.py run of tests/tiny.py, made once: its smoke test reads
+    the result, the export and online-only tests start from the folder (read only)."""
+    import tiny
+
+    import acrlpd_pi0
+
+    run_dir = str(tmp_path_factory.mktemp("acrlpd") / "run")
+    return run_dir, acrlpd_pi0.main(acrlpd_pi0.Args(**tiny.ACRLPD, dataset=small_push, run_dir=run_dir))

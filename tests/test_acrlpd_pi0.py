@@ -42,10 +42,9 @@ def host_file(run_dir) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def test_smoke(tmp_path, small_push):
+def test_smoke(tmp_path, tiny_acrlpd_run):
     """Offline then online in-process (the same run killed and resumed from the command line: test_reliability.py)."""
-    run_dir = str(tmp_path / "run")
-    out = ac.main(ac.Args(**tiny.ACRLPD, dataset=small_push, run_dir=run_dir))
+    run_dir, out = tiny_acrlpd_run
     assert out["step"] == 16
     assert all(np.isfinite(out[k]) for k in ("losses/critic", "charts/q_target"))  # the online (critic-only) update
     assert "losses/bc" not in out  # π₀ is frozen online

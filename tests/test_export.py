@@ -9,9 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tiny
 
-import acrlpd_pi0
 from common import RunError, envs, pi0, runlog
 from common.export import export
 
@@ -45,10 +43,9 @@ def openpi_restore(params_dir: str) -> dict:
         return ckpt.restore(params_dir, ocp.args.PyTreeRestore(item=item, restore_args=args))["params"]
 
 
-def test_run_round_trip(tmp_path, small_push):
+def test_run_round_trip(tmp_path, tiny_acrlpd_run):
     """A tiny acrlpd run exported: the same parameters, norm stats and sampled chunks as the run folder itself."""
-    run = str(tmp_path / "run")
-    acrlpd_pi0.main(acrlpd_pi0.Args(**tiny.ACRLPD, dataset=small_push, run_dir=run))
+    run = tiny_acrlpd_run[0]
     out = str(tmp_path / "export")
     line = export(run, out)
     assert "(π₀: " in line and "'push'" in line and out in line and "openpi needs a model config" in line
