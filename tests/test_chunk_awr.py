@@ -188,14 +188,3 @@ def test_flow_log_prob_exact_vs_hutchinson():
     assert np.all(np.isfinite(lp_ex)) and np.all(np.isfinite(hutch))
     se = np.asarray(hutch).std(0) / 8.0  # standard error of the 64-sample mean
     assert np.all(np.abs(np.asarray(hutch).mean(0) - lp_ex) < 4 * se + 1e-3)
-
-
-def test_longer_model_chunk_executes_its_first_actions(tmp_path):
-    """--model-horizon 6 --action-horizon 2: Q reads 2-step chunks, weighted flow matching trains π₀'s first 2 steps."""
-    args = chunk_awr.Args(
-        critic_steps=5, policy_steps=5, model_horizon=6, action_horizon=2, run_dir=str(tmp_path), **TINY
-    )
-    out = chunk_awr.main(args)
-    assert out["step"] == 10 and 0.0 <= out["eval/success_rate"] <= 1.0
-    pol = [r["losses/policy"] for r in _metrics(str(tmp_path)) if "losses/policy" in r]
-    assert pol and all(math.isfinite(x) for x in pol)

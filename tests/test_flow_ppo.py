@@ -143,8 +143,3 @@ def test_chain_logprob_counts_only_the_executed_part(method):
     np.testing.assert_allclose(logp2, logp, rtol=1e-6)
     full, _, _ = fp.chain_logprob(nets, args, params, heads, prefix, changed, step, ALL)
     assert np.all(np.abs(np.asarray(full) - np.asarray(logp)) > 1e-3) and np.isfinite(entropy).all()
-
-
-def test_longer_model_chunk_executes_its_first_actions(tmp_path):
-    out = fp.main(fp.Args(model_horizon=6, action_horizon=2, logprob_reduce="sum", run_dir=str(tmp_path), **TINY))
-    assert np.isfinite(out["losses/policy"]) and out["charts/first_ratio_dev_max"] < 1e-5

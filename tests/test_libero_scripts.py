@@ -222,6 +222,7 @@ def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
         env_kwargs=ENV_32,
         pi0_preset="pi05",
         discrete_state=True,
+        action_horizon=5,  # of pi05_libero's 10 (found): Q reads 5-step chunks, flow matching trains the first 5
         run_dir=run_dir,
         critic_steps=2,
         policy_steps=2,
@@ -248,8 +249,9 @@ def test_flow_ppo(libero_demo, tmp_path, seen, in_caches):
         env="libero",
         env_kwargs=ENV_32,
         run_dir=run_dir,
-        model_horizon=10,
+        model_horizon=10,  # π₀ predicts 10 actions, the first 5 are executed and enter the chains' likelihood
         action_horizon=5,
+        logprob_reduce="sum",
         iterations=1,
         num_envs=1,
         num_steps=2,  # 2 chunks of 5 steps: one 8-step episode, truncated inside its second chunk
@@ -263,6 +265,7 @@ def test_flow_ppo(libero_demo, tmp_path, seen, in_caches):
     )
     out = flow_ppo.main(args)
     assert out["charts/env_steps"] == 2 * 5 and "eval/start_success_rate" in out
+    assert out["charts/first_ratio_dev_max"] < 1e-5  # the first ratio is 1: stored and recomputed chains agree
     check_run(run_dir, seen, libero_demo, ("losses/policy", "losses/value"), ENV_32)
     used = json.load(open(os.path.join(run_dir, "args.json")))
     assert used["pi0_checkpoint"].endswith("pi0_libero") and used["dataset"] is None
