@@ -205,6 +205,19 @@ def lerobot_home() -> str:
     return os.path.abspath(os.path.join(os.path.expanduser(hf_home), "lerobot"))
 
 
+def trained_horizon(checkpoint: str) -> int | None:
+    """The chunk length an openpi-layout checkpoint was trained on, where it can be known: recorded by our export
+    (`pi0rl.json`), or openpi's pi0_libero / pi05_libero by their folder name (openpi stores no config with them)."""
+    try:
+        with open(os.path.join(checkpoint, EXPORT_RECORD)) as f:
+            if horizon := json.load(f).get("action_horizon"):
+                return int(horizon)
+    except (OSError, ValueError):
+        pass
+    names = os.path.abspath(checkpoint).split(os.sep)
+    return next((h for n in names for p, h in OPENPI_LIBERO_HORIZON.items() if n.startswith(f"{p}_libero")), None)
+
+
 def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
     """`args` with π₀'s preset chosen (None: pi0 for --env libero, else cpu) and, for --env libero, the inputs left
     unset found where openpi and LeRobot put them (nothing is downloaded):
@@ -223,6 +236,9 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
     if run_folder and args.tokenizer is None and os.path.isfile(os.path.join(ckpt, "args.json")):
         with open(os.path.join(ckpt, "args.json")) as f:
             found["tokenizer"] = json.load(f).get("tokenizer")  # the prompts its π₀ learned from
+    if ckpt and not run_folder and not args.model_horizon and (horizon := trained_horizon(ckpt)):
+        found["model_horizon"] = horizon
+        print(f"--pi0-checkpoint {ckpt}: trained on {horizon}-action chunks: --model-horizon {horizon}")
     if args.env != "libero" or args.resume:  # a resumed run keeps what it found when it started (args.json)
         return dataclasses.replace(args, **found)
     home, missing = openpi_home(), []
@@ -241,7 +257,7 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
             "--pi0-checkpoint", [os.path.join(home, "openpi-assets", "checkpoints", f"{preset}_libero")]
         )
         if checkpoint and not args.model_horizon:  # the chunk openpi trained it on (its pi0_libero / pi05_libero)
-            found["model_horizon"] = OPENPI_LIBERO_HORIZON[preset]
+            found["model_horizon"] = trained_horizon(checkpoint)
     if checkpoint and not run_folder and args.tokenizer is None:
         found["tokenizer"] = first(
             "--tokenizer", [os.path.join(home, "big_vision", "paligemma_tokenizer.model")], kind="file"

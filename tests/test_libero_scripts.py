@@ -265,7 +265,9 @@ def test_flow_ppo(libero_demo, tmp_path, seen, in_caches):
     )
     out = flow_ppo.main(args)
     assert out["charts/env_steps"] == 2 * 5 and "eval/start_success_rate" in out
-    assert out["charts/first_ratio_dev_max"] < 1e-5  # the first ratio is 1: stored and recomputed chains agree
+    # the first ratio is 1: stored and recomputed chains agree (a summed float32 log-likelihood over 5×7 action
+    # entries and 2 denoising steps from two XLA programs: ~1e-5 apart; a chain that differs is off by far more)
+    assert out["charts/first_ratio_dev_max"] < 1e-4
     check_run(run_dir, seen, libero_demo, ("losses/policy", "losses/value"), ENV_32)
     used = json.load(open(os.path.join(run_dir, "args.json")))
     assert used["pi0_checkpoint"].endswith("pi0_libero") and used["dataset"] is None
