@@ -40,13 +40,6 @@ from common import RunError, pi0, runlog
 FULL_VOCAB = 257_152  # PaliGemma's vocabulary: openpi's model configs assume it
 
 
-def _openpi_assets(src: str) -> list[str]:
-    """The asset ids (paths under assets/, e.g. physical-intelligence/libero) that hold a norm_stats.json."""
-    assets = os.path.join(src, "assets")
-    found = [os.path.relpath(d, assets) for d, _, files in os.walk(assets) if "norm_stats.json" in files]
-    return sorted(found)
-
-
 def _stats_json(stats: dict[str, dict[str, np.ndarray]]) -> str:
     """openpi's norm_stats.json (its pydantic NormStats dumped with indent 2: q01/q99 null when absent)."""
     out = {k: {s: None if v.get(s) is None else np.asarray(v[s], np.float32).tolist()
@@ -77,7 +70,7 @@ def export(src: str, out_dir: str, asset_id: str | None = None) -> str:
         horizon = run.get("model_horizon") or run.get("action_horizon") or 50
         asset_id = asset_id or ("physical-intelligence/libero" if run["env"] == "libero" else run["env"])
     else:
-        if asset_id is None and len(found := _openpi_assets(src)) != 1:
+        if asset_id is None and len(found := pi0.asset_ids(src)) != 1:
             raise RunError(f"{src}/assets holds the norm stats {found or 'of no asset'}: choose one with --asset-id")
         horizon, asset_id = None, asset_id or found[0]
     if os.path.isabs(asset_id) or ".." in asset_id.split("/") or not asset_id.strip("/"):

@@ -881,15 +881,20 @@ def _bin_values() -> range:
     return range(-1, STATE_BINS)  # np.digitize writes -1 for a state below -1
 
 
+def _digitize(state: np.ndarray) -> np.ndarray:
+    """openpi's bins of a normalised state on the host, as its tokenizer computes them: [S] -> ints in [-1, 255]."""
+    return np.digitize(state, bins=np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
+
+
 class PaligemmaTokenizer:
     """The PaliGemma SentencePiece model with openpi's prompt formats, padded to `max_len` with a mask. π₀: BOS +
     cleaned text, then "\\n" encoded alone; π₀.₅ with the state: BOS + "Task: <text>, State: <bins>;\\nAction: " with
     the 256-bin discretised state written as space-separated integers.
 
-    For jit, the π₀.₅ prompt is cut into parts (`state_parts`): the text before the state, and each bin value as a
-    middle or last dim, each part's ids read off SentencePiece's own encoding of a longer string. That is exact when
-    SentencePiece splits at the spaces before the numbers (its default), and `make_prompt_table` checks it against
-    the whole-string encoding before a run starts.
+    For jit, the π₀.₅ prompt is cut into parts: the text before the state (`state_prefix`), and each bin value as a
+    middle or last dim (`state_bins`), each part's ids read off SentencePiece's own encoding of a longer string.
+    That is exact when SentencePiece splits at the spaces before the numbers (its default), and `make_prompt_table`
+    checks it against the whole-string encoding before a run starts.
     """
 
     def __init__(self, model_path: str, max_len: int):
@@ -904,11 +909,11 @@ class PaligemmaTokenizer:
         self.max_len, self.vocab_size = max_len, self.sp.get_piece_size()
 
     def ids(self, prompt: str, state: np.ndarray | None = None) -> list[int]:
-        """The unpadded token ids, computed on the host from whole strings (the reference for `state_parts`)."""
+        """The unpadded token ids, computed on the host from whole strings (the reference for the parts)."""
         text = _clean(prompt)
         if state is None:
             return self.sp.encode(text, add_bos=True) + self.sp.encode("\n")
-        bins = np.digitize(state, bins=np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
+        bins = _digitize(state)
         return self.sp.encode(f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: ", add_bos=True)
 
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -919,13 +924,15 @@ class PaligemmaTokenizer:
         base, full = self.sp.encode(head), self.sp.encode(head + text)
         return full[len(base) :] if full[: len(base)] == base else [-1]  # -1: not separable (caught by the check)
 
-    def state_parts(self, prompt: str) -> tuple[list[int], list[list[int]], list[list[int]]]:
-        """(ids before the state, [ids of " <b>" as a middle dim], [ids of " <b>;\\nAction: " as the last dim]),
-        the bin lists indexed by b + 1 for b in [-1, 255]."""
-        prefix = self.sp.encode(f"Task: {_clean(prompt)}, State:", add_bos=True)
+    def state_prefix(self, prompt: str) -> list[int]:
+        """The ids of a π₀.₅ prompt before its state."""
+        return self.sp.encode(f"Task: {_clean(prompt)}, State:", add_bos=True)
+
+    def state_bins(self) -> tuple[list[list[int]], list[list[int]]]:
+        """([ids of " <b>" as a middle dim], [ids of " <b>;\\nAction: " as the last dim]), indexed by b + 1 for b in
+        [-1, 255]: the same for every prompt."""
         mid = [self._after("State:", f" {b}") for b in _bin_values()]
-        last = [self._after("State:", f" {b};\nAction: ") for b in _bin_values()]
-        return prefix, mid, last
+        return mid, [self._after("State:", f" {b};\nAction: ") for b in _bin_values()]
 
 
 class BuiltinTokenizer:
@@ -964,16 +971,19 @@ class BuiltinTokenizer:
     def ids(self, prompt: str, state: np.ndarray | None = None) -> list[int]:
         if state is None:
             return [1, *self._words(prompt), 2]
-        bins = np.digitize(state, bins=np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
+        bins = _digitize(state)
         numbers = [self._number(int(b), self.number_ids[" "]) for b in bins[:-1]] + [self._number(int(bins[-1]), 2)]
         return [1, *self._words(prompt), 2, *(i for n in numbers for i in n)]
 
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return _pad(self.ids(prompt, state), self.max_len)
 
-    def state_parts(self, prompt: str) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    def state_prefix(self, prompt: str) -> list[int]:
+        return [1, *self._words(prompt), 2]
+
+    def state_bins(self) -> tuple[list[list[int]], list[list[int]]]:
         mid = [self._number(b, self.number_ids[" "]) for b in _bin_values()]
-        return [1, *self._words(prompt), 2], mid, [self._number(b, 2) for b in _bin_values()]
+        return mid, [self._number(b, 2) for b in _bin_values()]
 
 
 def make_tokenizer(path: str | None, config: Pi0Config) -> PaligemmaTokenizer | BuiltinTokenizer:
@@ -992,20 +1002,20 @@ def make_prompt_table(prompts: Sequence[str], tokenizer, state_in_prompt: bool =
         toks, masks = zip(*(tokenizer.tokenize(p) for p in prompts), strict=True) if prompts else ((), ())
         return PromptTable(tokens=jnp.asarray(np.stack(toks)), mask=jnp.asarray(np.stack(masks)))
     toks, masks = [], []
-    _, mid, last = tokenizer.state_parts("")
+    mid, last = tokenizer.state_bins()
     probe = np.linspace(-1, 1, STATE_BINS + 1)[:-1] + 1e-3  # one value in every bin, then below -1 (bin -1)
     probe = np.concatenate([probe, [-1.5]])
     for p in prompts:
-        prefix, mid, last = tokenizer.state_parts(p)
+        prefix = tokenizer.state_prefix(p)
         for end in (-1.5, 0.3, 1.0):  # the last dim: below the range, inside, and the top bin
             state = np.concatenate([probe, [end]]).astype(np.float32)
-            bins = np.digitize(state, np.linspace(-1, 1, STATE_BINS + 1)[:-1])  # b + 1: the table rows
+            bins = _digitize(state) + 1  # the table rows
             assembled = prefix + [i for b in bins[:-1] for i in mid[b]] + last[bins[-1]]
             if assembled != tokenizer.ids(p, state):
                 raise RunError(
                     f"the tokenizer cannot write π₀.₅'s state into the prompt part by part (prompt {p!r}): its "
                     "encoding of a number depends on its neighbours; use openpi's paligemma_tokenizer.model, or "
-                    "--no-discrete-state if this checkpoint was trained without the state in its prompt"
+                    "--discrete-state False if this checkpoint was trained without the state in its prompt"
                 )
         t, m = _pad(prefix, tokenizer.max_len)
         toks.append(t), masks.append(m)
@@ -1142,11 +1152,18 @@ def load_openpi_params(
     return params, config
 
 
+def asset_ids(path: str) -> list[str]:
+    """The asset ids of an openpi checkpoint that hold norm stats: paths under `<path>/assets` with a
+    norm_stats.json (openpi's LIBERO: physical-intelligence/libero)."""
+    assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
+    return sorted(os.path.relpath(d, assets) for d, _, files in os.walk(assets) if "norm_stats.json" in files)
+
+
 def load_norm_stats(path: str, asset_id: str | None = None) -> dict[str, dict[str, np.ndarray]]:
     """`<ckpt>/assets/<asset_id>/norm_stats.json` -> {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}."""
     assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
-    if asset_id is None:  # asset ids are paths (openpi's LIBERO: physical-intelligence/libero)
-        found = sorted(os.path.relpath(d, assets) for d, _, files in os.walk(assets) if "norm_stats.json" in files)
+    if asset_id is None:
+        found = asset_ids(path)
         if len(found) != 1:
             raise CheckpointError(
                 f"cannot choose the norm stats in {assets}: found {found or 'none'}; "
