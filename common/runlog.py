@@ -174,7 +174,9 @@ def resumed(args: Any, script: str) -> Any:
 
 
 LIBERO_REPO = "physical-intelligence/libero"  # openpi's LIBERO data on the Hugging Face hub (LeRobot format)
-OPENPI_LIBERO_HORIZON = {"pi0": 50, "pi05": 10}  # action_horizon of openpi's pi0_libero / pi05_libero configs
+# What openpi's LIBERO configs say of their checkpoints, which store no config (training/config.py): the chunk length,
+# and that pi05_libero was trained without the state in its prompt (discrete_state_input=False)
+OPENPI_LIBERO = {"pi0_libero": {"action_horizon": 50}, "pi05_libero": {"action_horizon": 10, "discrete_state": False}}
 
 
 def prepared(args: Any, script: str, presets: dict[str, dict[str, Any]], *, data_with_checkpoint: str) -> Any:
@@ -205,17 +207,16 @@ def lerobot_home() -> str:
     return os.path.abspath(os.path.join(os.path.expanduser(hf_home), "lerobot"))
 
 
-def trained_horizon(checkpoint: str) -> int | None:
-    """The chunk length an openpi-layout checkpoint was trained on, where it can be known: recorded by our export
-    (`pi0rl.json`), or openpi's pi0_libero / pi05_libero by their folder name (openpi stores no config with them)."""
-    try:
-        with open(os.path.join(checkpoint, EXPORT_RECORD)) as f:
-            if horizon := json.load(f).get("action_horizon"):
-                return int(horizon)
-    except (OSError, ValueError):
-        pass
-    names = os.path.abspath(checkpoint).split(os.sep)
-    return next((h for n in names for p, h in OPENPI_LIBERO_HORIZON.items() if n.startswith(f"{p}_libero")), None)
+def checkpoint_record(checkpoint: str) -> dict[str, Any]:
+    """What is known of how an openpi-layout checkpoint was trained (openpi stores no config with it): the record of
+    our export (`pi0rl.json`: action_horizon, max_token_len, discrete_state), over what openpi's configs say of
+    pi0_libero / pi05_libero, recognised by a folder name on the path (`OPENPI_LIBERO`)."""
+    names = os.path.abspath(os.path.expanduser(checkpoint)).split(os.sep)
+    record = next((dict(r) for n in names for name, r in OPENPI_LIBERO.items() if n.startswith(name)), {})
+    if os.path.isfile(file := os.path.join(checkpoint, EXPORT_RECORD)):
+        with open(file) as f:
+            record.update({k: v for k, v in json.load(f).items() if v is not None})
+    return record
 
 
 def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
@@ -225,21 +226,15 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
       --tokenizer       $OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model (for an openpi checkpoint)
       --dataset         $HF_LEROBOT_HOME/physical-intelligence/libero, else LeRobot's hub snapshots under
                         $HF_LEROBOT_HOME/hub/datasets--physical-intelligence--libero/snapshots/ (newest first)
-    A run folder given as --pi0-checkpoint lends its own --tokenizer. What was found is printed; what is needed and
-    not found stops the run with one RunError listing every path looked at and the flag that replaces it. The data
+    A run folder given as --pi0-checkpoint lends its own --tokenizer; an openpi-layout one its --model-horizon where
+    `checkpoint_record` knows it (any env). A resumed run keeps its own (args.json). What was found is printed; what
+    is needed and not found stops the run with one RunError listing every path looked at and the flag that replaces
+    it. The data
     is looked for unless a checkpoint is used and `data_with_checkpoint` is "unused", and needed unless it is
     "optional" (acrlpd_pi0.py then runs online only)."""
     preset = args.pi0_preset or ("pi0" if args.env == "libero" else "cpu")
     found: dict[str, Any] = {"pi0_preset": preset}
-    ckpt = os.path.expanduser(args.pi0_checkpoint or "")
-    run_folder = bool(ckpt) and os.path.isdir(os.path.join(ckpt, "checkpoints"))
-    if run_folder and args.tokenizer is None and os.path.isfile(os.path.join(ckpt, "args.json")):
-        with open(os.path.join(ckpt, "args.json")) as f:
-            found["tokenizer"] = json.load(f).get("tokenizer")  # the prompts its π₀ learned from
-    if ckpt and not run_folder and not args.model_horizon and (horizon := trained_horizon(ckpt)):
-        found["model_horizon"] = horizon
-        print(f"--pi0-checkpoint {ckpt}: trained on {horizon}-action chunks: --model-horizon {horizon}")
-    if args.env != "libero" or args.resume:  # a resumed run keeps what it found when it started (args.json)
+    if args.resume:  # a resumed run keeps what it found when it started (args.json)
         return dataclasses.replace(args, **found)
     home, missing = openpi_home(), []
 
@@ -252,12 +247,21 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
         return hit
 
     checkpoint = args.pi0_checkpoint
-    if checkpoint is None and preset in ("pi0", "pi05"):
+    if args.env == "libero" and checkpoint is None and preset in ("pi0", "pi05"):
         checkpoint = found["pi0_checkpoint"] = first(
             "--pi0-checkpoint", [os.path.join(home, "openpi-assets", "checkpoints", f"{preset}_libero")]
         )
-        if checkpoint and not args.model_horizon:  # the chunk openpi trained it on (its pi0_libero / pi05_libero)
-            found["model_horizon"] = trained_horizon(checkpoint)
+    ckpt = os.path.expanduser(checkpoint or "")
+    run_folder = bool(ckpt) and os.path.isdir(os.path.join(ckpt, "checkpoints"))
+    if run_folder and args.tokenizer is None and os.path.isfile(file := os.path.join(ckpt, "args.json")):
+        with open(file) as f:
+            found["tokenizer"] = json.load(f).get("tokenizer")  # the prompts its π₀ learned from
+    horizon = checkpoint_record(ckpt).get("action_horizon") if ckpt and not run_folder else None
+    if horizon and not args.model_horizon:  # the chunk it was trained on
+        found["model_horizon"] = horizon
+        print(f"--pi0-checkpoint {checkpoint}: trained on {horizon}-action chunks: --model-horizon {horizon}")
+    if args.env != "libero":
+        return dataclasses.replace(args, **found)
     if checkpoint and not run_folder and args.tokenizer is None:
         found["tokenizer"] = first(
             "--tokenizer", [os.path.join(home, "big_vision", "paligemma_tokenizer.model")], kind="file"
@@ -690,17 +694,11 @@ def load_pi0(
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         params, cfg = pi0.load_openpi_params(path, action_horizon=action_horizon, max_token_len=48)
-        record = {}
-        if os.path.isfile(os.path.join(path, EXPORT_RECORD)):  # written by `python -m common.export`
-            with open(os.path.join(path, EXPORT_RECORD)) as f:
-                record = json.load(f)
-        # openpi's defaults: 200 prompt tokens for π₀.₅, 48 for π₀; pi05_libero was trained without the state in
-        # its prompt (its config sets discrete_state_input=False), every other π₀.₅ with it
-        trained_without = any(part.startswith("pi05_libero") for part in path.split(os.sep))
-        cfg = dataclasses.replace(
+        record = checkpoint_record(path)  # else openpi's defaults: 200 prompt tokens for π₀.₅, 48 for π₀, and
+        cfg = dataclasses.replace(  # π₀.₅ with the state in its prompt
             cfg,
             max_token_len=record.get("max_token_len", 200 if cfg.pi05 else 48),
-            discrete_state=record.get("discrete_state", cfg.pi05 and not trained_without),
+            discrete_state=record.get("discrete_state", cfg.pi05),
         )
         return params, cfg, pi0.load_norm_stats(path, asset_id)
     import orbax.checkpoint as ocp

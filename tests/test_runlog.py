@@ -138,16 +138,16 @@ def test_save_restore_truncate_and_stop(tmp_path) -> None:
         runlog.Run.from_args(Args(run_dir=str(tmp_path / "nan")), "script").save(1, {"w": jnp.full(2, jnp.nan)}, {})
 
 
-def test_trained_horizon_of_an_openpi_checkpoint(tmp_path) -> None:
+def test_checkpoint_record_of_an_openpi_checkpoint(tmp_path) -> None:
     """openpi stores no config with a checkpoint: its pi0_libero / pi05_libero are known by name, our exports by
     their pi0rl.json; anything else is left to --model-horizon."""
     for name in ("pi0_libero", "pi05_libero", "pi05_droid", "export"):
         (tmp_path / name).mkdir()
     (tmp_path / "export" / runlog.EXPORT_RECORD).write_text(json.dumps({"action_horizon": 7}))
     for name, want in (("pi0_libero", 50), ("pi05_libero", 10), ("pi05_droid", None), ("export", 7)):
-        assert runlog.trained_horizon(str(tmp_path / name)) == want, name
+        assert runlog.checkpoint_record(str(tmp_path / name)).get("action_horizon") == want, name
+    assert runlog.checkpoint_record(str(tmp_path / "pi05_libero"))["discrete_state"] is False
     args = runlog.located(runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero")))
     assert args.model_horizon == 50 and args.pi0_preset == "cpu"
-    assert (
-        runlog.located(runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero"), model_horizon=5)).model_horizon == 5
-    )
+    given = runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero"), model_horizon=5)
+    assert runlog.located(given).model_horizon == 5
