@@ -112,6 +112,8 @@ class RunArgs:
             raise RunError(f"--tokenizer {self.tokenizer}: no such file (openpi's paligemma_tokenizer.model)")
         if self.fsdp_devices < 1:
             raise RunError(f"--fsdp-devices must be ≥ 1 (got {self.fsdp_devices})")
+        if self.eval_envs is not None and self.eval_envs < 1:
+            raise RunError(f"--eval-envs must be ≥ 1 (got {self.eval_envs}); leave it out for the script's own number")
         if not self.resume and self.run_dir and os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
             raise RunError(
                 f"--run-dir {self.run_dir} is not empty (a run folder belongs to one run): continue that "
@@ -789,6 +791,11 @@ def make_policy(
     if checkpoint:
         stats = fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
     if discrete_state is not None:
+        if not cfg.pi05:
+            raise RunError(
+                f"--discrete-state {discrete_state}: only π₀.₅ reads its state as text in the prompt; this π₀ reads it "
+                "through its state token: leave the flag out (or use a π₀.₅: --pi0-preset pi05 / a pi05 checkpoint)"
+            )
         cfg = dataclasses.replace(cfg, discrete_state=discrete_state)
     if cfg.pi05:
         how = "written into the prompt (256 bins, assembled in jit)" if cfg.state_in_prompt else "not in the prompt"

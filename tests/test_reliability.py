@@ -151,6 +151,8 @@ def bad_inputs(data, finished, tmp):
         (ac, dict(num_envs=0), "--num-envs must be ≥ 1"),
         (chunk_awr, dict(batch_size=0), "--batch-size must be ≥ 1"),
         (fp, dict(num_envs=0), "--num-envs must be ≥ 1"),
+        (fp, dict(eval_envs=-1), "--eval-envs must be ≥ 1"),
+        (chunk_awr, dict(discrete_state=True), "--discrete-state True: only π₀.₅ reads its state"),
         (ac, dict(gamma=1.5), "--gamma must be in (0, 1]"),
         (ac, dict(env_kwargs={"max_episode_steps": "[80"}), "--env-kwargs max_episode_steps [80: not valid JSON"),
         (ac, dict(env_kwargs={"colour": "red"}), "--env-kwargs colour: push does not take it"),
