@@ -396,12 +396,12 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dic
 def main(args: Args) -> dict:
     # ---- setup: flags, devices, env, data, π₀, networks, optimisers, state
     args = check(args)
-    mesh.init_distributed()
     dev_mesh = mesh.make_mesh(args.fsdp_devices)
+    mesh.check_split(dev_mesh, {"--batch-size": args.batch_size, "--online-batch-size": args.online_batch_size})
     k_init, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 3)
     k_pi, k_critic, k_cache = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset, args.image_size)
-    env = spec.make(args.num_envs, args.seed)
+    env = spec.make_share(args.num_envs, args.seed)  # this process's envs
     path = args.dataset or (None if args.pi0_checkpoint else envs.default_dataset("push", image_size=args.image_size))
     data = envs.load_dataset(path, env, spec.image_size) if path else None  # None: online only, from π₀
     offline = qchunk.make_chunks(data, args.action_horizon, args.gamma) if data else None
@@ -433,8 +433,8 @@ def main(args: Args) -> dict:
 
     # ---- loop: offline (π₀ and critic on the prior data), then online (π₀ frozen, critic on cached features)
     joint_update, critic_update = make_update(nets, args, tx, critic_tx)
-    act = make_act(nets, args)
-    encode_next = jax.jit(partial(encode, nets, args))
+    act = mesh.host_local(make_act(nets, args), dev_mesh)  # each process acts on its own envs
+    encode_next = mesh.host_local(jax.jit(partial(encode, nets, args)), dev_mesh)
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
     total = args.offline_steps + args.online_steps
     results, info = {}, {}
@@ -453,11 +453,11 @@ def main(args: Args) -> dict:
                 state, info = joint_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
             else:  # one chunk in every env, cache what the critic reads, then --utd critic updates
                 chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
-                chunk = np.asarray(chunk)
-                next_obs, cs = envs.execute_chunk(env, obs, chunk, args.gamma)
+                next_obs, cs = envs.execute_chunk(env, obs, np.asarray(chunk), args.gamma)
                 next_z, next_cand = encode_next(state["params"], cs.final_obs, k_next)  # o_{t+H}, before any reset
                 extras = {"obs_z": obs_z, "chunk": executed, "next_obs_z": next_z, "next_cand": next_cand}
-                buffer.add(obs, chunk, cs, extras=jax.device_get(extras))
+                chunk, cs, extras = mesh.all_rows(jax.device_get((chunk, cs, extras)))  # all envs: one buffer for all
+                buffer.add(obs, chunk, cs, extras=extras)
                 ep_success = (ep_success + cs.success[cs.terminated | cs.truncated].tolist())[-100:]
                 obs = next_obs
                 n = min(args.utd, end - step) if len(buffer) >= args.learning_starts else 0

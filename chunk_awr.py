@@ -350,8 +350,8 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng) -> dict:
 def main(args: Args) -> dict:
     # ---- setup: flags, devices, env, data, π₀, networks, optimisers, state
     args = check(args)
-    mesh.init_distributed()
     dev_mesh = mesh.make_mesh(args.fsdp_devices)
+    mesh.check_split(dev_mesh, {"--batch-size": args.batch_size, "--critic-batch-size": args.critic_batch_size})
     k_init, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 3)
     k_pi, k_q, k_v = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
@@ -392,7 +392,7 @@ def main(args: Args) -> dict:
     # ---- loop: Q and V on the frozen initial π₀'s features, then π₀ by advantage-weighted flow matching
     updates = make_update(nets, args, tx, critic_tx, shardings)
     advantage = make_advantage(nets, data, chunks)
-    act = make_act(nets, args)
+    act = mesh.host_local(make_act(nets, args), dev_mesh)  # each process acts on its own evaluation envs
     views, cdf, result, last_eval = None, None, {}, step  # an evaluation at the restored step came before its save
 
     @jax.jit
@@ -440,7 +440,7 @@ def main(args: Args) -> dict:
             views = encode_all(state["params"])
             print(f"[critic] features of {len(data)} frames in {time.time() - t_phase:.1f}s")
         if phase != "critic":  # the advantages of every dataset chunk, once (two-phase), pick the chunks
-            adv_table = np.asarray(state["adv"])
+            adv_table = mesh.to_host(state["adv"])
             if args.weighting == "sample" and args.beta > 0 and phase == "policy":
                 cdf = np.cumsum(np.minimum(np.exp(args.beta * adv_table.astype(np.float64)), args.max_weight))
             if step == 0:  # the start of π₀'s training without a critic phase: evaluate
@@ -453,7 +453,7 @@ def main(args: Args) -> dict:
             state, info = updates[phase](state, batches(n, size, phase), jax.random.fold_in(k_run, step))
             info = jax.block_until_ready(info)  # the budget counts the compute, not the asynchronous dispatch
             prev, step = step, step + n
-            train_s += time.time() - t
+            train_s += mesh.agreed(time.time() - t)  # one clock: every process stops at the same update
             phase_s += time.time() - t
             # ---- log
             if runlog.crossed(prev, step, args.log_every) or step == end:
@@ -472,7 +472,7 @@ def main(args: Args) -> dict:
             w = np.minimum(np.exp(args.beta * adv), args.max_weight)
             print(f"[critic] advantage std {adv.std():.4f}; weights mean {w.mean():.3g}, clipped "
                   f"{(w >= args.max_weight).mean():.1%}")  # fmt: skip
-            train_s = time.time() - t_phase  # the whole critic phase counts as training (features, advantages)
+            train_s = mesh.agreed(time.time() - t_phase)  # the whole critic phase counts as training
             do_eval(step)  # the start of π₀'s training
             save(step)
     if last_eval != step:  # the final evaluation, unless one just ran

@@ -377,16 +377,16 @@ def gae(rewards, values, next_value, terminated, truncated, final_values, gamma_
     return adv, adv + values
 
 
-def rollout(act, value_fn, state, env, obs, rng, args: Args):
-    """--num-steps chunk steps in every env -> the PPO batch [T·E,...] (GAE(γ^H, λ) advantages), the next obs, the
-    success flags of the episodes that ended."""
+def rollout(act, value_fn, state, env, obs, rng, args: Args, dev_mesh):
+    """--num-steps chunk steps in every env -> the PPO batch [E·T,...] (GAE(γ^H, λ) advantages) on the mesh (this
+    process's envs' rows), the next obs, the success flags of the episodes that ended."""
     roll, ep_success = [], []  # per chunk step: {"obs": .., "chain": [E,K+1,H,A], ...}
     for t in range(args.num_steps):
         actions, chain, sde_step, logp, value = act(state, obs, jax.random.fold_in(rng, t))
         roll.append({"obs": obs, "chain": chain, "sde_step": sde_step, "logp": logp, "values": value})
         obs, cs = envs.execute_chunk(env, obs, np.asarray(actions), args.gamma)
-        trunc = cs.truncated & ~cs.terminated
-        final_v = np.asarray(value_fn(state, cs.final_obs)) * trunc if trunc.any() else np.zeros(len(trunc))
+        trunc = cs.truncated & ~cs.terminated  # V(final obs): a collective, made when any process needs it
+        final_v = np.asarray(value_fn(state, cs.final_obs)) * trunc if mesh.anywhere(trunc.any()) else 0.0 * trunc
         roll[-1].update(rewards=cs.discounted_return, term=cs.terminated, trunc=trunc, final_v=final_v)
         ep_success += cs.success[cs.terminated | cs.truncated].tolist()
     r = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *roll)  # the T chunk steps stacked, [T,E,...]
@@ -394,22 +394,23 @@ def rollout(act, value_fn, state, env, obs, rng, args: Args):
     gamma_chunk = args.gamma**args.action_horizon  # a chunk step discounts by γ^H
     last_v = value_fn(state, obs)
     adv, ret = gae(r["rewards"], r["values"], last_v, term, trunc, r["final_v"], gamma_chunk, args.gae_lambda)
-    flat = lambda x: x.reshape(-1, *x.shape[2:])  # [T,E,...] -> [T·E,...]
+    flat = lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:])  # [T,E,...] -> [E·T,...]: envs in order, any processes
     batch = {k: jax.tree.map(flat, r[k]) for k in ("obs", "chain", "sde_step", "logp", "values")}
     batch.update(advantages=flat(adv), returns=flat(ret))
-    return batch, obs, ep_success
+    return mesh.shard_batch(batch, dev_mesh), obs, np.array(ep_success, bool)
 
 
 # ----------------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict[str, float]:
     # ---- setup: flags, devices, env, data, π₀, networks, optimisers, state
     args = check(args)
-    mesh.init_distributed()
     dev_mesh = mesh.make_mesh(args.fsdp_devices)
+    rows = {"rollout rows (--num-envs × --num-steps)": args.num_envs * args.num_steps}  # split like a batch
+    mesh.check_split(dev_mesh, {"--bc-batch-size": args.bc_batch_size, **rows})
     k_init, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 3)
     k_pi, k_noise, k_value = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
-    env = spec.make(args.num_envs, args.seed)
+    env = spec.make_share(args.num_envs, args.seed)  # this process's envs
     bc_steps = 0 if args.pi0_checkpoint else args.bc_steps  # a checkpoint is the start of PPO
     path = None if args.pi0_checkpoint else args.dataset or envs.default_dataset("push")  # a checkpoint: its stats
     data = envs.load_dataset(path, env, spec.image_size) if path else None  # prior data: norm stats, BC warm start
@@ -442,7 +443,7 @@ def main(args: Args) -> dict[str, float]:
 
     # ---- loop: BC warm start, then PPO (rollout, GAE, epochs × minibatches)
     bc_update, ppo_update = make_update(nets, args, tx, bc_tx)
-    act, value_fn, eval_act = make_act(nets, args)
+    act, value_fn, eval_act = (mesh.host_local(f, dev_mesh) for f in make_act(nets, args))  # on this process's envs
     final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
         if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
@@ -462,14 +463,13 @@ def main(args: Args) -> dict[str, float]:
                 state, info = bc_update(state, mesh.stack_batches(bs, dev_mesh), key)
             else:  # one rollout, then epochs × minibatches of PPO on it
                 n = 1
-                batch, obs, done = rollout(act, value_fn, state, env, obs, key, args)
-                ep_success += done  # the rollout episodes since the last log
+                batch, obs, done = rollout(act, value_fn, state, env, obs, key, args, dev_mesh)
+                ep_success += mesh.all_rows(done).tolist()  # every process's rollout episodes since the last log
                 counts["charts/env_steps"] += env_steps_per_step
                 train_policy = jnp.bool_(step - bc_steps >= args.critic_warmup)
-                batch = mesh.shard_batch(batch, dev_mesh)
                 state, info = ppo_update(state, batch, jax.random.fold_in(key, 1), train_policy)
                 first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))  # this session's
-            prev, step, dt = step, step + n, time.time() - t
+            prev, step, dt = step, step + n, mesh.agreed(time.time() - t)  # one clock: all stop at the same step
             phase_s, counts["time/ppo_s"] = phase_s + dt, counts["time/ppo_s"] + dt * (phase == "ppo")
             last = step == end or (phase == "ppo" and 0 < args.time_budget_s <= counts["time/ppo_s"])
             # ---- log

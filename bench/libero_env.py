@@ -114,9 +114,9 @@ def eval_episode(args: argparse.Namespace) -> dict:
     }
 
 
-def save(result: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "libero_env.json").write_text(json.dumps(result, indent=2))
+def save(result: dict, out: Path) -> None:
+    out.mkdir(exist_ok=True, parents=True)
+    (out / "libero_env.json").write_text(json.dumps(result, indent=2))
     if result["throughput"]:
         import matplotlib
 
@@ -131,7 +131,7 @@ def save(result: dict) -> None:
         ax.set_title(f"LIBERO {result['suite']}, {result['image_size']}² x 2 cameras, {result['mujoco_gl']}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "libero_env.png", dpi=120)
+        fig.savefig(out / "libero_env.png", dpi=120)
 
 
 def main() -> None:
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--suite", default="libero_spatial")
     parser.add_argument("--episode-steps", type=int, default=None, help="episode limit (default: the suite's)")
     parser.add_argument("--skip-episode", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for libero_env.{json,png}")
     args = parser.parse_args()
     gl = libero.setup_rendering()
     result = {"suite": args.suite, "image_size": args.image_size, "mujoco_gl": gl, "cpus": os.cpu_count(),
@@ -151,17 +152,17 @@ def main() -> None:
     for n in args.envs:
         r = measure_envs(n, args)
         result["throughput"].append(r)
-        save(result)  # partial runs keep what they measured
+        save(result, args.out)  # partial runs keep what they measured
         print(f"{n:>4} {r['steps_per_s']:>8.2f} {r['steps_per_s_per_env']:>7.2f} {r['start_s']:>8.1f} "
               f"{r['reset_s']:>11.1f} {r['worker_rss_mb']:>11.0f}", flush=True)  # fmt: skip
     if not args.skip_episode:
         e = eval_episode(args)
         result["episode"] = e
-        save(result)
+        save(result, args.out)
         print(f"evaluation episode (CPU pi0 preset, random init, H={e['action_horizon']}): {e['episode_steps']} steps "
               f"in {e['episode_wall_s']:.1f}s (policy {e['policy_s']:.1f}s, env {e['env_s']:.1f}s; reset "
               f"{e['reset_s']:.1f}s), success={e['success']}")  # fmt: skip
-    print(f"-> {RESULTS / 'libero_env.json'}")
+    print(f"-> {args.out / 'libero_env.json'}")
 
 
 if __name__ == "__main__":

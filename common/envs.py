@@ -33,7 +33,7 @@ import h5py
 import jax
 import numpy as np
 
-from common import RunError
+from common import RunError, mesh
 
 Obs = dict[str, Any]
 
@@ -68,6 +68,10 @@ class PushEnv:
     (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
     rotation; the prompt names one. Reward 1 and termination when the block centre is within 0.12 of the named
     target; truncation after `max_episode_steps`. State (10): agent xy, block xy, red xy, green xy, blue xy.
+
+    New episodes are drawn from one generator seeded `seed` for all envs (`first` None: the demonstrator datasets), or
+    with `first` an index, env i from its own generator seeded (seed, first + i): env `first + i` of a run then plays
+    the same episodes however the run's envs are split over processes (`EnvSpec.make_share`).
     """
 
     agent_radius = 0.05
@@ -76,7 +80,9 @@ class PushEnv:
     success_radius = 0.12
     speed = 0.065
 
-    def __init__(self, num_envs: int, image_size: int = 0, max_episode_steps: int = 80, seed: int = 0):
+    def __init__(
+        self, num_envs: int, image_size: int = 0, max_episode_steps: int = 80, seed: int = 0, first: int | None = None
+    ):
         self.num_envs, self.image_size, self.max_episode_steps = num_envs, image_size, max_episode_steps
         self.action_dim, self.state_dim = 2, 10
         self.prompts = list(PUSH_PROMPTS)
@@ -91,7 +97,8 @@ class PushEnv:
                 "images": gym.spaces.Dict(images),
             }
         )
-        self._rng = np.random.default_rng(seed)
+        self.first = first
+        self._seed(seed)
         e = num_envs
         self.agent, self.block = np.zeros((e, 2)), np.zeros((e, 2))
         self.targets, self.prompt_id = np.zeros((e, 3, 2)), np.zeros(e, np.int32)
@@ -100,15 +107,27 @@ class PushEnv:
         self.reset_where(np.ones(e, bool))
 
     def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
-        """Reset all envs (re-seeding the env's generator when `seed` is given)."""
+        """Reset all envs (re-seeding the envs' generators when `seed` is given)."""
         if seed is not None:
-            self._rng = np.random.default_rng(seed)
+            self._seed(seed)
         return self.reset_where(np.ones(self.num_envs, bool)), {}
+
+    def _seed(self, seed: int) -> None:
+        """One generator for all envs (`first` None), or one per env seeded (seed, first + i)."""
+        self._rng = np.random.default_rng(seed)
+        first, n = self.first, self.num_envs
+        self._rngs = [] if first is None else [np.random.default_rng([seed, first + i]) for i in range(n)]
 
     def reset_where(self, mask: np.ndarray) -> Obs:
         """Start new episodes in the envs where `mask` is True; returns the observation of all envs."""
         idx = np.flatnonzero(mask)
-        n, rng = len(idx), self._rng
+        groups = [(np.array([i]), self._rngs[i]) for i in idx] if self._rngs else [(idx, self._rng)]
+        for rows, rng in groups:
+            self._new_episodes(rows, rng)
+        return self._obs()
+
+    def _new_episodes(self, idx: np.ndarray, rng: np.random.Generator) -> None:
+        n = len(idx)
         angle = rng.uniform(0, 2 * np.pi, n)[:, None] + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
         self.targets[idx] = self.target_radius * np.stack([np.cos(angle), np.sin(angle)], -1)
         r, phi = 0.45 * np.sqrt(rng.uniform(size=n)), rng.uniform(0, 2 * np.pi, n)
@@ -121,7 +140,6 @@ class PushEnv:
         self.agent[idx], self.block[idx] = agent, block
         self.prompt_id[idx] = rng.integers(0, len(self.prompts), n)
         self.elapsed[idx], self.moved[idx], self.episode_return[idx] = 0, False, 0.0
-        return self._obs()
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
         """Advance the envs where `active` (default all) with actions [E, 2]; no autoreset."""
@@ -157,7 +175,7 @@ class PushEnv:
 
     def get_state(self) -> dict[str, np.ndarray]:
         """Everything that changes as the envs run, the generator included: `set_state` continues exactly."""
-        rng = np.array(json.dumps(self._rng.bit_generator.state))
+        rng = np.array(json.dumps([g.bit_generator.state for g in self._rngs or [self._rng]]))
         return {"rng": rng, **{k: getattr(self, k).copy() for k in self._STATE}}
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -166,7 +184,12 @@ class PushEnv:
             raise RunError(f"the saved push state has {len(state['agent'])} envs, this one {self.num_envs}")
         for k in self._STATE:
             setattr(self, k, np.array(state[k], dtype=getattr(self, k).dtype))
-        self._rng.bit_generator.state = json.loads(str(state["rng"]))
+        saved = json.loads(str(state["rng"]))
+        saved = saved if isinstance(saved, list) else [saved]  # saved before envs had generators of their own
+        if len(saved) != len(self._rngs or [self._rng]):
+            raise RunError(f"the saved push state has {len(saved)} generators, this one {len(self._rngs) or 1}")
+        for g, st in zip(self._rngs or [self._rng], saved, strict=True):
+            g.bit_generator.state = st
 
     def _obs(self) -> Obs:
         state = np.concatenate([self.agent, self.block, self.targets.reshape(-1, 6)], -1).astype(np.float32)
@@ -341,11 +364,12 @@ class GymVecEnv:
     """Any registered gymnasium id (also "module:EnvId") with Box observations and actions, state-only.
 
     Sub-envs are stepped one by one (like gymnasium's SyncVectorEnv) but managed here, so that ended envs can be
-    frozen (`active`) and reset individually without autoreset. Env i is first reset with seed `seed + i`.
-    `make_kwargs` go to `gymnasium.make` (e.g. `max_episode_steps`).
+    frozen (`active`) and reset individually without autoreset. Env i is first reset with seed `seed + first + i`
+    (`first`: the index of env 0 among a run's envs, `EnvSpec.make_share`). `make_kwargs` go to `gymnasium.make`
+    (e.g. `max_episode_steps`).
     """
 
-    def __init__(self, env_id: str, num_envs: int, seed: int = 0, **make_kwargs: Any):
+    def __init__(self, env_id: str, num_envs: int, seed: int = 0, first: int = 0, **make_kwargs: Any):
         try:
             self.envs = [gym.make(env_id, **make_kwargs) for _ in range(num_envs)]
         except TypeError as err:  # a keyword the env does not take
@@ -368,7 +392,7 @@ class GymVecEnv:
                 f"{env_id!r} has action space {act_space}; only continuous Box actions are supported (action chunks "
                 "are float vectors). Pick a continuous-control env."
             )
-        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
+        self.env_id, self.num_envs, self.seed, self.first = env_id, num_envs, seed, first
         self.state_dim, self.action_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
         self.prompts, self.camera_names = [""], []
         self.action_low = np.broadcast_to(act_space.low, act_space.shape).reshape(-1).astype(np.float32)
@@ -387,7 +411,7 @@ class GymVecEnv:
         self._seeded = False
 
     def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
-        """Reset all envs; the first reset (or one with `seed`) seeds env i with `seed + i`."""
+        """Reset all envs; the first reset (or one with `seed`) seeds env i with `seed + first + i`."""
         if seed is not None:
             self.seed, self._seeded = seed, False
         return self.reset_where(np.ones(self.num_envs, bool)), {}
@@ -395,7 +419,7 @@ class GymVecEnv:
     def reset_where(self, mask: np.ndarray) -> Obs:
         """Reset the envs where `mask` is True; returns the observation of all envs."""
         for i in np.flatnonzero(mask):
-            obs, _ = self.envs[i].reset(seed=None if self._seeded else self.seed + int(i))
+            obs, _ = self.envs[i].reset(seed=None if self._seeded else self.seed + self.first + int(i))
             self._state[i] = np.asarray(obs, np.float32).reshape(-1)
             self._return[i], self._length[i] = 0.0, 0
         self._seeded = self._seeded or bool(np.all(mask))
@@ -428,7 +452,10 @@ class GymVecEnv:
 
 
 def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw: Any) -> Any:
-    """'push' -> `PushEnv`; 'libero' -> `common.libero.make_libero_env`; anything else -> `GymVecEnv`."""
+    """'push' -> `PushEnv`; 'libero' -> `common.libero.make_libero_env`; anything else -> `GymVecEnv`. `kw` may hold
+    `first` (all three) and `total` (LIBERO): see `EnvSpec.make`."""
+    if name != "libero":
+        kw.pop("total", None)
     if name == "push":
         return PushEnv(num_envs, image_size=image_size, seed=seed, **kw)
     if name == "libero":
@@ -457,15 +484,26 @@ class EnvSpec:
     kwargs: dict[str, Any]
     dataset: str | None = None
 
-    def make(self, num_envs: int, seed: int, evaluation: bool = False) -> Any:
-        """`num_envs` vectorised envs; LIBERO evaluation envs (`evaluation`) play the suite's fixed initial states."""
-        kw = dict(self.kwargs)
+    def make(self, num_envs: int, seed: int, evaluation: bool = False, first: int = 0, total: int | None = None) -> Any:
+        """`num_envs` vectorised envs, envs `first`.. of a run's `total` (default `num_envs`): each seeded by its index
+        in the run; LIBERO evaluation envs (`evaluation`) play the suite's fixed initial states, env e its e-th."""
+        kw = dict(self.kwargs, first=first, total=total or num_envs)
         if self.name == "libero":
             if "image_size" not in kw and self.dataset and (size := dataset_image_size(self.dataset)):
                 kw["image_size"] = size
             if evaluation:
                 kw.setdefault("eval_mode", True)
         return make_env(self.name, num_envs, seed=seed, **kw)
+
+    def make_share(self, num_envs: int, seed: int, evaluation: bool = False) -> Any:
+        """This process's share of a run's `num_envs` envs (its --num-envs; `mesh.process_rows`; all of them with one
+        process): the envs of every process together are those one process would make, whatever their number. A
+        count the processes cannot share evenly is refused (RunError)."""
+        if num_envs % jax.process_count():
+            raise RunError(f"--num-envs {num_envs} must be a multiple of the {jax.process_count()} processes: each "
+                           "steps an equal share of the envs")  # fmt: skip
+        rows = mesh.process_rows(num_envs)
+        return self.make(rows.stop - rows.start, seed, evaluation, first=rows.start, total=num_envs)
 
     @property
     def image_size(self) -> int:
@@ -481,7 +519,7 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
     kw = {k: _decode(k, v) for k, v in (env_kwargs or {}).items()}
     if name in ("push", "libero"):
         target = PushEnv if name == "push" else importlib.import_module("common.libero").LiberoVecEnv
-        takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed")]
+        takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed", "first", "total")]
         if unknown := sorted(set(kw) - set(takes)):
             raise RunError(f"--env-kwargs {' '.join(unknown)}: {name} does not take it; it takes {', '.join(takes)}")
     if image_size:
@@ -560,6 +598,7 @@ def dataset_image_size(path: str | os.PathLike) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------------- chunks
+@jax.tree_util.register_dataclass  # a pytree: `mesh.all_rows` gathers every process's
 @dataclass
 class ChunkStep:
     """What executing one action chunk [E, H, A] open loop did (numpy arrays; see `execute_chunk`)."""
@@ -657,7 +696,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Evaluate a chunk policy on `episodes` episodes of `spec`'s evaluation envs (`spec.make(E, seed,
     evaluation=True)`): E = min(num_envs, episodes) envs, env e playing episodes e, e + E, ...; every chunk of
-    `horizon` actions executed open loop (`execute_chunk`).
+    `horizon` actions executed open loop (`execute_chunk`). On several processes E is rounded up to a multiple of
+    their number, each plays its share of the envs (`EnvSpec.make_share`'s; an env past the episodes plays none), all
+    act together until every env is done (`act` is then collective: `mesh.host_local`), and the results are
+    summed over the processes: every process returns the same numbers.
 
     act(obs, key) -> (actions [E,H,A] in env units, value [E] or None), `key` split off `rng` once per chunk; `value`
     is a critic's prediction of the discounted return from the chosen chunk on.
@@ -668,15 +710,16 @@ def evaluate(
     eval/{prefix}q_realised (mean discounted return, with `gamma`, that followed until the episode's end) and
     eval/{prefix}q_gap (their difference).
     """
-    E = min(num_envs, episodes)
-    env = spec.make(E, seed, evaluation=True)
+    E = -(-min(num_envs, episodes) // jax.process_count()) * jax.process_count()
+    mine = mesh.process_rows(E)  # this process's envs of the E
+    env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E)
     obs, _ = env.reset(seed=seed)
-    todo = (episodes - np.arange(E) + E - 1) // E  # episodes each env still has to play
-    success, ret = np.zeros(E, bool), np.zeros(E)  # of each env's current episode
+    todo = (episodes - np.arange(E)[mine] + E - 1) // E  # episodes each env still has to play
+    success, ret = np.zeros(len(todo), bool), np.zeros(len(todo))  # of each env's current episode (this process's)
     n_success, total = 0, 0.0
     rewards, ends, decisions = [], [], []  # per step [E]: rewards (0 outside evaluated episodes), an episode ended
     per_episode = max_chunks or math.ceil((getattr(env, "max_episode_steps", None) or 1000) / horizon) + 1
-    for _ in range(per_episode * int(todo.max())):
+    for _ in range(per_episode * ((episodes + E - 1) // E)):
         rng, key = jax.random.split(rng)
         actions, value = act(obs, key)
         live = todo > 0
@@ -690,20 +733,22 @@ def evaluate(
         n_success, total = n_success + (success & ended & live).sum(), total + ret[ended & live].sum()
         success, ret = success & ~ended, np.where(ended, 0.0, ret)
         todo -= ended & live
-        if not todo.any():
+        if not mesh.anywhere(todo.any()):  # every process's envs are done
             break
     env.close()
+    n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
     if decisions:
         r, end = np.stack(rewards), np.stack(ends)  # [T,E]
-        togo, acc = np.zeros_like(r), np.zeros(E)  # discounted return-to-go from every step to its episode's end
+        togo, acc = np.zeros_like(r), np.zeros(r.shape[1])  # discounted return-to-go of every step (to its episode end)
         for t in range(len(r) - 1, -1, -1):
             acc = r[t] + gamma * np.where(end[t], 0.0, acc)
             togo[t] = acc
         pred = np.concatenate([v[live] for _, v, live in decisions])
         real = np.concatenate([togo[t][live] for t, _, live in decisions])
-        out[f"eval/{prefix}q_pred"], out[f"eval/{prefix}q_realised"] = float(pred.mean()), float(real.mean())
-        out[f"eval/{prefix}q_gap"] = float((pred - real).mean())
+        pred, real, n = mesh.process_sum([pred.sum(), real.sum(), len(pred)])
+        out[f"eval/{prefix}q_pred"], out[f"eval/{prefix}q_realised"] = float(pred / n), float(real / n)
+        out[f"eval/{prefix}q_gap"] = float((pred - real) / n)
     return out
 
 

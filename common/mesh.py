@@ -2,11 +2,19 @@
 
 One mesh with axes ("batch", "fsdp"): parameters are sharded over "fsdp" (openpi's rule: each large array on its
 largest dimension divisible by the fsdp size, small ones replicated), the batch over both axes. On several hosts,
-`init_distributed()` calls `jax.distributed.initialize()` first, and every host feeds its own slice of the batch.
+`init_distributed()` calls `jax.distributed.initialize()` first, and then every process (one per host):
+  - draws the same global batches (same seed) and feeds its own rows of them (`stack_batches`), or feeds the rows its
+    own envs made (`shard_batch`); batch sizes are global (`check_split`);
+  - steps its own share of the envs (`envs.EnvSpec.make_share`) and acts on them through `host_local`, whose global
+    batch is that of one process with all the envs: a run gives the same numbers on any number of processes;
+  - pulls results back whole (`to_host`, `all_rows`, `process_sum`) and agrees with the others on what decides the
+    control flow (`agreed`, `anywhere`), since every jitted call on the mesh is a collective all processes make.
+With one process every helper here is the plain single-host operation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common import RunError
@@ -25,22 +34,28 @@ def init_distributed() -> None:
     """Join a multi-host run when the launcher says so (JAX_COORDINATOR_ADDRESS, or SLURM / Cloud TPU detection).
 
     Set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on each host (or run under SLURM,
-    where jax finds them itself) and start the same command on every host. A single host does nothing.
+    where jax finds them itself) and start the same command on every host. A single host does nothing. On CPU the
+    processes' collectives go through gloo (this jax's default, `jax_cpu_collectives_implementation`: nothing to set).
     """
     if jax.distributed.is_initialized():
         return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
+    if address := os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            count, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise RunError(
+                f"JAX_COORDINATOR_ADDRESS={address}: also set JAX_NUM_PROCESSES (the number of processes) and "
+                "JAX_PROCESS_ID (this one's, 0 to JAX_NUM_PROCESSES - 1), integers, on every host"
+            ) from None
+        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
     elif os.environ.get("SLURM_NTASKS", "1") != "1":
         jax.distributed.initialize()
 
 
 def make_mesh(fsdp_devices: int = 1) -> Mesh:
-    """All devices as a (batch, fsdp) grid; fsdp_devices must divide the device count."""
+    """All devices (of every process: `init_distributed` first) as a (batch, fsdp) grid; fsdp_devices must divide the
+    device count."""
+    init_distributed()
     n = jax.device_count()
     if fsdp_devices < 1 or n % fsdp_devices:
         raise RunError(f"--fsdp-devices {fsdp_devices} must divide the number of devices ({n})")
@@ -76,6 +91,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def check_split(mesh: Mesh, batches: dict[str, int]) -> None:
+    """Refuse, before any work, a global batch size (`batches`: {flag: size}) that is not a multiple of the device
+    count: each device gets an equal slice (and each process its devices' slices)."""
+    n = mesh.devices.size
+    for flag, size in batches.items():
+        if size % n:
+            raise RunError(f"{flag} {size} must be a multiple of the {n} devices: the batch is split evenly over them")
+
+
+def process_rows(n: int) -> slice:
+    """This process's rows of a global batch of `n` (n / process_count of them, in process order)."""
+    share = n // jax.process_count()
+    return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+
 def _place_local(tree: Any, sharding: NamedSharding) -> Any:
     """This host's numpy arrays placed with `sharding` (on several hosts each passes its own slice)."""
     if jax.process_count() == 1:
@@ -84,25 +114,124 @@ def _place_local(tree: Any, sharding: NamedSharding) -> Any:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place this host's numpy batch on the mesh, split over the batch axes (each host passes its own slice)."""
+    """Place this host's numpy batch on the mesh, split over the batch axes (each host passes its own rows: the ones
+    its envs made)."""
     return _place_local(batch, data_sharding(mesh))
 
 
 def stack_batches(batches: list[Any], mesh: Mesh) -> Any:
-    """This host's numpy batches (dicts of [B,...]) stacked [U,B,...] for `scan_updates`, placed on the mesh with B
-    split over the batch axes (each host passes its own slice)."""
-    stacked = jax.tree.map(lambda *v: np.stack(v), *batches)
+    """Global numpy batches (dicts of [B,...], the same on every process: drawn with the same seed) stacked [U,B,...]
+    for `scan_updates`, placed on the mesh with B split over the batch axes: each process keeps only its own rows
+    (`process_rows`), so the update sees the batch one process would feed."""
+    rows = process_rows(len(jax.tree.leaves(batches[0])[0]))
+    stacked = jax.tree.map(lambda *v: np.stack([x[rows] for x in v]), *batches)
     return _place_local(stacked, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
+
+
+def to_host(tree: Any) -> Any:
+    """A pytree of arrays pulled to this host whole, as numpy. An array spread over other processes' devices cannot
+    be read directly (`np.asarray` refuses it): it is all-gathered (`process_allgather`), a collective."""
+
+    def pull(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(pull, tree)
+
+
+def host_local(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` (jitted: acting, encoding observations) called by each process with its own rows: its numpy arguments
+    ([B_l,...], this process's envs) are rows of a global batch of B_l·process_count, and its outputs ([B,...]) come
+    back as this process's rows, numpy. Every process calls it at once with as many rows (a collective). The rows
+    are placed split over the batch axes when the local devices divide them, else gathered and run whole on every
+    device (as one process runs them); either way `fn` sees the batch one process with all the envs would.
+    One process: `fn` itself."""
+    if jax.process_count() == 1:
+        return fn
+    spec, rows = PartitionSpec(BATCH_AXES), lambda args: {len(x) for x in jax.tree.leaves(args) if _is_np(x)}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        (n,) = rows(args)
+        if n % jax.local_device_count() == 0:  # each local device gets its slice of this process's rows
+            place = lambda x: multihost_utils.host_local_array_to_global_array(x, mesh, spec) if _is_np(x) else x
+            out = fn(*jax.tree.map(place, args), **kwargs)
+            return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(out, mesh, spec))
+        gather = lambda x: multihost_utils.process_allgather(x, tiled=True) if _is_np(x) else x
+        return jax.tree.map(lambda x: x[process_rows(len(x))], to_host(fn(*jax.tree.map(gather, args), **kwargs)))
+
+    return call
+
+
+def _is_np(x: Any) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def all_rows(tree: Any) -> Any:
+    """Every process's host rows (numpy leaves [n_p,...]; n_p may differ between processes, the rest of the shape
+    and the dtype may not) concatenated in process order, on every process: what all the envs did, for what every
+    process keeps whole (acrlpd's replay buffer, success rates). Two all-gathers of bytes. One process: `tree`."""
+    if jax.process_count() == 1:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [np.ascontiguousarray(x) for x in leaves]
+    counts = multihost_utils.process_allgather(np.array([len(x) for x in leaves], np.int64))  # [P, L]
+    row_bytes = [x[0].nbytes if len(x) else x.itemsize * int(np.prod(x.shape[1:])) for x in leaves]
+    sizes = counts @ np.asarray(row_bytes, np.int64)  # bytes each process sends
+    raw = np.concatenate([np.zeros(0, np.uint8), *(x.reshape(-1).view(np.uint8) for x in leaves)])
+    raw = np.pad(raw, (0, int(sizes.max()) - len(raw)))
+    every = multihost_utils.process_allgather(raw)  # [P, max bytes]
+    parts = [[] for _ in leaves]
+    for p, n_p in enumerate(counts):
+        at = 0
+        for i, (x, k) in enumerate(zip(leaves, n_p, strict=True)):
+            size = int(k) * row_bytes[i]
+            parts[i].append(every[p, at : at + size].view(x.dtype).reshape(int(k), *x.shape[1:]))
+            at += size
+    return jax.tree.unflatten(treedef, [np.concatenate(p) for p in parts])
+
+
+def process_sum(values: Any) -> np.ndarray:
+    """Numbers (an array) summed over the processes, on every process (counts and sums that make a global mean).
+    One process: the values themselves."""
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    return multihost_utils.process_allgather(values.astype(np.float32)).astype(np.float64).sum(0)
+
+
+def anywhere(flag: bool) -> bool:
+    """Whether `flag` is true in any process, on every process (e.g. an env still playing: go on together)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.process_allgather(np.int32(bool(flag))).max())
+
+
+def agreed(value: Any) -> Any:
+    """Process 0's value (JSON: a number, a str of up to 4 kB) on every process, exactly: for host values that decide
+    the control flow (time budgets, a folder name from the clock), which must be the same everywhere or a process
+    waits forever in a collective the others never make. One process: `value`."""
+    if jax.process_count() == 1:
+        return value
+    raw = np.frombuffer(json.dumps(value).encode().ljust(4096), np.uint8)  # trailing blanks: still the same JSON
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(raw)))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (one process: nothing)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any:
     """`fn(idx)` over row-index batches covering range(n), each padded to `batch_size` by repeating the last row (one
-    compiled shape), pulled to the host and concatenated: a pytree of numpy arrays [n, ...]. For computing something
-    of every frame of a dataset once (encoded features, advantages)."""
+    compiled shape), pulled to the host (`to_host`) and concatenated: a pytree of numpy arrays [n, ...]. For computing
+    something of every frame of a dataset once (encoded features, advantages); on several processes every process
+    computes all of it (the same inputs) and keeps it whole."""
     outs, batch_size = [], min(batch_size, n)  # a small dataset is not padded up to a large batch
     for lo in range(0, n, batch_size):
         idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)
-        outs.append(jax.tree.map(lambda x, k=n - lo: np.asarray(x)[:k], jax.device_get(fn(idx))))
+        outs.append(jax.tree.map(lambda x, k=n - lo: x[:k], to_host(fn(idx))))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 

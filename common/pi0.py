@@ -76,8 +76,9 @@ class Pi0Config:
     action_horizon: int = 50
     max_token_len: int = 48
     cameras: tuple[str, ...] = CAMERAS  # empty: state and prompt only (no SigLIP parameters at all)
-    dtype: str = "float32"  # activations; "bfloat16" end to end with bfloat16 parameters
-    remat: bool = False  # rematerialise each layer in the backward pass (large models)
+    dtype: str = "float32"  # compute (activations, matmuls); "bfloat16" as openpi trains and serves
+    param_dtype: str = "float32"  # stored parameters (float32 master weights; "bfloat16" for inference only)
+    remat: str = "none"  # rematerialise each scanned layer in the backward pass with this jax.checkpoint_policies name
 
     @property
     def state_in_prompt(self) -> bool:
@@ -85,6 +86,8 @@ class Pi0Config:
         return self.pi05 if self.discrete_state is None else self.discrete_state
 
     def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r}: choose one of {REMAT_POLICIES}")
         for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self.vlm, f) != getattr(self.expert, f):
                 raise ValueError(
@@ -95,6 +98,18 @@ class Pi0Config:
             raise ValueError(
                 f"num_heads {self.vlm.num_heads} is not a multiple of num_kv_heads {self.vlm.num_kv_heads}"
             )
+
+
+# What --remat may name: "none" (keep every activation) or a policy of what a layer's backward pass may keep
+# (openpi: nothing_saveable, i.e. recompute each layer's forward in its backward pass; dots_*: keep matmul outputs).
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
+
+def remat(block: type[nn.Module], policy: str, **kwargs: Any) -> type[nn.Module]:
+    """`block` rematerialised under the named `jax.checkpoint_policies` policy ("none": `block` itself)."""
+    if policy == "none":
+        return block
+    return nn.remat(block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, policy), **kwargs)
 
 
 _GEMMA_2B = GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256)
@@ -117,6 +132,15 @@ PRESETS: dict[str, Pi0Config] = {
         cameras=(),
     ),
 }
+
+
+def train_precision(config: Pi0Config, precision: str | None = None, remat: str | None = None) -> dict[str, str]:
+    """How a run trains π₀ (`dataclasses.replace(config, **train_precision(config, ...))`): float32 parameters and
+    optimizer state, computed in `precision` with layers rematerialised under `remat`; None: openpi's choice for a
+    full-size π₀ (VLM width ≥ 1024: bfloat16, nothing_saveable), float32 without remat for smaller ones."""
+    full = config.vlm.width >= 1024
+    precision = precision or ("bfloat16" if full else "float32")
+    return {"dtype": precision, "param_dtype": "float32", "remat": remat or ("nothing_saveable" if full else "none")}
 
 
 def make_config(preset: str, **overrides: Any) -> Pi0Config:
@@ -295,13 +319,12 @@ class Gemma(nn.Module):
 
     configs: Sequence[GemmaConfig]
     vocab_size: int
-    remat: bool = False
+    remat: str = "none"
 
     def setup(self):
         self.embedder = Embedder(self.vocab_size, self.configs[0].width)
-        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
         self.layers = nn.scan(
-            block,
+            remat(Block, self.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -352,10 +375,12 @@ class MlpBlock(nn.Module):
 class Encoder(nn.Module):
     cfg: SigLIPConfig
     dtype: Any
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
-        x, _ = nn.scan(EncoderBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth)(
+        block = remat(EncoderBlock, self.remat)
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth)(
             self.cfg, self.dtype, name="encoderblock"
         )(x, None)
         return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
@@ -367,6 +392,7 @@ class SigLIP(nn.Module):
     cfg: SigLIPConfig
     out_width: int
     dtype: Any
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, image):  # [B,h,w,3] in [-1,1] -> [B,(h/p)(w/p),W_vlm]
@@ -375,7 +401,7 @@ class SigLIP(nn.Module):
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         pos = self.param("pos_embedding", nn.initializers.normal(1 / math.sqrt(c)), (1, h * w, c))
-        x = Encoder(self.cfg, self.dtype, name="Transformer")(x + pos.astype(x.dtype))
+        x = Encoder(self.cfg, self.dtype, self.remat, name="Transformer")(x + pos.astype(x.dtype))
         return nn.Dense(self.out_width, dtype=self.dtype, name="head")(x)
 
 
@@ -385,7 +411,7 @@ class PaliGemma(nn.Module):
     def setup(self):
         c, dtype = self.config, jnp.dtype(self.config.dtype)
         if c.cameras:
-            self.img = SigLIP(c.vit, c.vlm.width, dtype)
+            self.img = SigLIP(c.vit, c.vlm.width, dtype, c.remat)
         self.llm = Gemma((c.vlm, c.expert), c.vocab_size, c.remat)
 
 
@@ -533,7 +559,7 @@ class Pi0:
         def init(rng):
             x = jnp.zeros((1, c.action_horizon, c.action_dim), jnp.float32)
             params = self.module.init(rng, self.dummy_observation(1), x, jnp.ones((1,)))["params"]
-            return jax.tree.map(lambda p: p.astype(c.dtype), params) if c.dtype != "float32" else params
+            return jax.tree.map(lambda p: p.astype(c.param_dtype), params) if c.param_dtype != "float32" else params
 
         return init(rng)
 
@@ -1096,7 +1122,7 @@ def config_from_params(params: Params, *, action_horizon: int, max_token_len: in
 
 def check_params(params: Params, config: Pi0Config) -> None:
     """Raise CheckpointError naming missing, extra and mis-shaped parameters against what `config` builds."""
-    expected = jax.eval_shape(Pi0(dataclasses.replace(config, dtype="float32")).init, jax.random.key(0))
+    expected = jax.eval_shape(Pi0(dataclasses.replace(config, param_dtype="float32")).init, jax.random.key(0))
     flat = lambda t: {
         jax.tree_util.keystr(p, simple=True, separator="/"): x.shape for p, x in jax.tree_util.tree_leaves_with_path(t)
     }
@@ -1129,7 +1155,8 @@ def load_openpi_params(
     """Restore `<path>/params` (orbax, openpi's layout) -> (params, config inferred from the shapes).
 
     `expect`: a config the checkpoint must match (every parameter's shape is checked against it). `dtype`: cast the
-    parameters, e.g. "bfloat16" for the full model on one GPU.
+    parameters and compute in it, e.g. "bfloat16" to serve the full model on one GPU (training keeps float32
+    parameters and sets the compute dtype alone: `runlog.make_policy`'s precision).
     """
     import orbax.checkpoint as ocp
 
@@ -1143,10 +1170,11 @@ def load_openpi_params(
         params,
         is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"},
     )
-    config = config_from_params(params, action_horizon=action_horizon, max_token_len=max_token_len, dtype=dtype)
+    sizes = dict(action_horizon=action_horizon, max_token_len=max_token_len)
+    config = config_from_params(params, **sizes, dtype=dtype, param_dtype=dtype)
     if expect is not None:
-        check_params(params, dataclasses.replace(expect, action_horizon=action_horizon, max_token_len=max_token_len))
-        config = dataclasses.replace(expect, action_horizon=action_horizon, max_token_len=max_token_len, dtype=dtype)
+        check_params(params, dataclasses.replace(expect, **sizes))
+        config = dataclasses.replace(expect, **sizes, dtype=dtype, param_dtype=dtype)
     check_params(params, config)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return params, config

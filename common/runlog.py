@@ -32,18 +32,18 @@ import threading
 import time
 import typing
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import RunError, pi0
+from common import RunError, mesh, pi0
 
 EXPORT_RECORD = "pi0rl.json"  # beside an exported openpi checkpoint: how its prompts are made (openpi ignores it)
 
 # flags a resumed run may change: where it runs and logs, not what it computes
-RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices", "eval_envs")
+RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices", "eval_envs", "remat")
 
 
 @dataclasses.dataclass
@@ -76,6 +76,13 @@ class RunArgs:
     discrete_state: bool | None = None
     """π₀.₅: the state as 256-bin text in the prompt (openpi's discrete_state_input); None: as the checkpoint was
     trained (recorded by our runs and exports; openpi's pi05_libero: off; other π₀.₅: on)"""
+    precision: Literal["float32", "bfloat16"] | None = None
+    """π₀'s compute dtype; its parameters and optimizer state stay float32 (openpi's mixed precision). None: bfloat16
+    for a full-size π₀ (the pi0 / pi05 presets, openpi checkpoints), float32 for the CPU preset"""
+    remat: Literal[pi0.REMAT_POLICIES] | None = None
+    """recompute each scanned layer (Gemma, SigLIP) in the backward pass instead of keeping its activations: a
+    jax.checkpoint_policies name (nothing_saveable: keep nothing, openpi's; dots_saveable: keep matmul outputs) or
+    none. None: nothing_saveable for a full-size π₀, none for the CPU preset"""
     model_horizon: int = 0
     """π₀'s chunk length H_m when it exceeds the executed --action-horizon (openpi pi0_libero: 50, execute 5): the
     first --action-horizon actions of each chunk are executed, learned from and valued; 0: = --action-horizon"""
@@ -125,7 +132,7 @@ class RunArgs:
         norm stats are its own (its checkpoint's), whatever the data or the checkpoint hold now."""
         return dict(env_name=self.env, checkpoint=self.pi0_checkpoint, preset=self.pi0_preset,
                     tokenizer=self.tokenizer, asset_id=self.asset_id, model_horizon=self.model_horizon,
-                    discrete_state=self.discrete_state,
+                    discrete_state=self.discrete_state, precision=self.precision, remat=self.remat,
                     resume_dir=self.run_dir if self.resume else None)  # fmt: skip
 
 
@@ -290,7 +297,11 @@ class Run:
     """One training run's folder (see the module docstring). `resume=True` reopens `run_dir`; `restore()` then returns
     its last checkpoint. From construction to `close()` the first SIGINT or SIGTERM sets `stopping`: the script's loop
     saves at its next update boundary (`save` then exits with status 0 and prints the resume command); a second one
-    acts as usual (Ctrl-C: KeyboardInterrupt)."""
+    acts as usual (Ctrl-C: KeyboardInterrupt).
+
+    On several processes (one folder, on a filesystem every host sees) every process makes the Run, saves and
+    restores the orbax checkpoint (a collective) and its own host file; process 0 (`is_main`) alone writes args.json,
+    metrics.jsonl, wandb and the progress lines. A signal to any process stops them all at the same step."""
 
     def __init__(
         self,
@@ -312,9 +323,11 @@ class Run:
                 "runs", f"{env.replace(':', '_').replace('/', '_')}__{name}__{seed}__{int(time.time())}"
             )
             run_dir = next(d for i in range(1000) if not os.path.exists(d := base + (f"_{i}" if i else "")))
+            run_dir = mesh.agreed(run_dir)  # process 0's clock and folders: one folder for all
         self.dir = os.path.abspath(run_dir)
         if not resume and os.path.isdir(self.dir) and os.listdir(self.dir):
             raise RunError(f"--run-dir {run_dir} is not empty: continue it with --resume, or pick a new folder")
+        mesh.barrier("run folder checked")  # by every process, before process 0 writes into it
         os.makedirs(self.dir, exist_ok=True)
         if self.is_main and not resume:
             text = json.dumps({**dataclasses.asdict(args), "_script": script}, indent=2, default=str)
@@ -368,10 +381,7 @@ class Run:
         the same step together."""
         if jax.process_count() == 1:
             return self._signal
-        from jax.experimental import multihost_utils
-
-        anyone = multihost_utils.process_allgather(np.int32(self._signal is not None)).max()
-        return (self._signal or "a signal to another host") if anyone else None
+        return (self._signal or "a signal to another host") if mesh.anywhere(self._signal is not None) else None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal = signal.Signals(signum).name
@@ -414,7 +424,10 @@ class Run:
         self.progress(step, total, phase, *start, **{k.split("/")[-1]: metrics[k] for k in show if k in metrics})
 
     def progress(self, step: int, total: int, phase: str, start_step: int, start_time: float, **shown: float) -> None:
-        """A periodic progress line with steps/s, ETA and the `shown` scalars (numbers or 0-d device arrays)."""
+        """A periodic progress line with steps/s, ETA and the `shown` scalars (numbers or 0-d device arrays); printed by
+        process 0 alone."""
+        if not self.is_main:
+            return
         rate = (step - start_step) / max(time.time() - start_time, 1e-9)
         eta = (total - step) / max(rate, 1e-9)
         extra = "  ".join(f"{k}={float(v):.3g}" for k, v in shown.items())
@@ -469,9 +482,12 @@ class Run:
         return os.path.join(self.dir, "host", f"{step}.p{jax.process_index()}.npz")
 
     def _prune_host(self, step: int) -> None:
-        """Drop host files of steps orbax no longer keeps and a killed write's temporary file (harmless till then)."""
-        keep, folder = {*self._mgr.all_steps(), step}, os.path.join(self.dir, "host")
+        """Drop this process's host files of steps orbax no longer keeps and a killed write's temporary file (harmless
+        till then); another process's files are its own (it may be writing one)."""
+        keep, folder, mine = {*self._mgr.all_steps(), step}, os.path.join(self.dir, "host"), f".p{jax.process_index()}."
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if mine not in name:
+                continue
             if ".tmp" in name or (name.split(".")[0].isdigit() and int(name.split(".")[0]) not in keep):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, name))
@@ -658,8 +674,11 @@ def check_choices(args: Any) -> None:
     (tyro already refuses one on the command line; this also covers `main(Args(...))`)."""
     hints = typing.get_type_hints(type(args))
     for f in dataclasses.fields(args):
-        choices, value = typing.get_args(hints[f.name]), getattr(args, f.name)
-        if typing.get_origin(hints[f.name]) is typing.Literal and value not in choices:
+        hint, value = hints[f.name], getattr(args, f.name)
+        if value is not None and type(None) in typing.get_args(hint):  # `Literal[...] | None` set to a value
+            hint = next(h for h in typing.get_args(hint) if h is not type(None))
+        choices = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Literal and value not in choices:
             raise RunError(f"--{f.name.replace('_', '-')} {value!r}: choose one of {choices}")
 
 
@@ -765,6 +784,8 @@ def make_policy(
     action_horizon: int,
     model_horizon: int,
     discrete_state: bool | None = None,
+    precision: str | None = None,
+    remat: str | None = None,
     resume_dir: str | None = None,
 ) -> Policy:
     """The π₀ a run starts from (the run block's flags, passed explicitly): `checkpoint` (openpi or a run folder,
@@ -797,6 +818,7 @@ def make_policy(
                 "through its state token: leave the flag out (or use a π₀.₅: --pi0-preset pi05 / a pi05 checkpoint)"
             )
         cfg = dataclasses.replace(cfg, discrete_state=discrete_state)
+    cfg = dataclasses.replace(cfg, **pi0.train_precision(cfg, precision, remat))
     if cfg.pi05:
         how = "written into the prompt (256 bins, assembled in jit)" if cfg.state_in_prompt else "not in the prompt"
         print(f"π₀.₅: the state is {how}; prompts of {cfg.max_token_len} tokens (--discrete-state to change)")

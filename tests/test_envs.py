@@ -213,7 +213,7 @@ class CountdownEnv:
 
 def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> None:
     made = []
-    spec = SimpleNamespace(make=lambda n, seed, evaluation=False: made.append(n) or CountdownEnv(n))
+    spec = SimpleNamespace(make=lambda n, seed, evaluation=False, **share: made.append(n) or CountdownEnv(n))
     values = iter([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])  # one per chunk, the same for every env
 
     def act(obs, key):
@@ -240,7 +240,8 @@ def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> Non
 def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
     made, calls = [], []
     real = make_spec("push", {})
-    spec = SimpleNamespace(make=lambda n, seed, evaluation=False: made.append(n) or real.make(n, seed, evaluation))
+    make = lambda n, seed, evaluation=False, **share: made.append(n) or real.make(n, seed, evaluation, **share)
+    spec = SimpleNamespace(make=make)
 
     def act(obs, key):  # stand still: every push episode is truncated after 80 steps = 16 chunks
         calls.append(1)
@@ -251,16 +252,17 @@ def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
     assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}
 
 
-def test_loop_state_continues_push_exactly() -> None:
+@pytest.mark.parametrize("first", [None, 0])  # one generator for all envs (datasets), one per env (runs)
+def test_loop_state_continues_push_exactly(first) -> None:
     """A push env restored from `loop_state` (through a checkpoint's host file) continues as the original does,
-    resets and their generator included; an env that cannot save its state starts new episodes at the resume."""
+    resets and their generators included; an env that cannot save its state starts new episodes at the resume."""
     rng = np.random.default_rng(0)
-    env = PushEnv(3, seed=5)
+    env = PushEnv(3, seed=5, first=first)
     obs = env.reset(seed=5)[0]
     for _ in range(30):
         obs = env.step(rng.uniform(-1, 1, (3, 2)))[0]
     saved = runlog._unflatten(runlog._flatten(loop_state(env, obs)))  # as Run.save / Run.restore give it back
-    back = PushEnv(3, seed=0)
+    back = PushEnv(3, seed=0, first=first)
     np.testing.assert_equal(resume_loop(back, saved, seed=99), obs)
     for t in range(200):
         a = rng.uniform(-1, 1, (3, 2))
@@ -270,3 +272,21 @@ def test_loop_state_continues_push_exactly() -> None:
             np.testing.assert_equal(env.reset_where(ended), back.reset_where(ended))
     gym = GymVecEnv("Pendulum-v1", 2, seed=1)
     assert loop_state(gym, gym.reset()[0]) == {} and resume_loop(gym, {}, seed=7)["state"].shape == (2, 3)
+
+
+def test_push_envs_split_over_processes_play_the_same_episodes() -> None:
+    """A run's 4 envs made as one process's (`first` 0) or as two processes' shares (envs 0-1 and 2-3, as
+    `EnvSpec.make_share` makes them) start and restart the same episodes: each env draws from its own generator."""
+    whole, halves = PushEnv(4, seed=3, first=0), [PushEnv(2, seed=3, first=0), PushEnv(2, seed=3, first=2)]
+    obs = lambda: [whole._obs()["state"], np.concatenate([h._obs()["state"] for h in halves])]
+    np.testing.assert_equal(*obs())
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        mask = rng.random(4) < 0.5
+        whole.reset_where(mask)
+        for i, h in enumerate(halves):
+            h.reset_where(mask[2 * i : 2 * i + 2])
+        np.testing.assert_equal(*obs())
+    assert not np.array_equal(PushEnv(2, seed=3, first=0)._obs()["state"], PushEnv(2, seed=3, first=2)._obs()["state"])
+    spec = make_spec("push", {})
+    np.testing.assert_equal(spec.make_share(4, seed=3)._obs()["state"], PushEnv(4, seed=3, first=0)._obs()["state"])

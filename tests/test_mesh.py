@@ -1,15 +1,18 @@
-"""FSDP: with 8 forced host devices the sharded flow loss and its gradients equal the single-device ones."""
+"""FSDP: with 8 forced host devices the sharded flow loss and its gradients equal the single-device ones; the
+multi-process helpers are the single-host operations with one process (two: tests/test_multihost.py)."""
 
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec
 
-from common import mesh
+from common import RunError, mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,3 +89,20 @@ def test_scan_updates_runs_k_steps_and_averages_info():
     np.testing.assert_allclose(info["noise"], np.mean(noises), rtol=1e-6)
     placed = mesh.scan_updates(step, {"w": mesh.replicated(mesh.make_mesh(1))})({"w": jnp.float32(1.0)}, batches, rng)
     np.testing.assert_allclose(placed[0]["w"], state["w"])
+
+
+def test_one_process_helpers_are_the_single_host_operations():
+    """With one process the multi-process helpers change nothing (tests/test_multihost.py runs them on two), and a
+    global batch the devices cannot split evenly is refused in one line."""
+    m = mesh.make_mesh(1)
+    batch = {"x": np.arange(6.0).reshape(3, 2)}
+    np.testing.assert_equal(np.asarray(mesh.stack_batches([batch, batch], m)["x"]), np.stack([batch["x"]] * 2))
+    assert mesh.process_rows(6) == slice(0, 6)
+    fn = jax.jit(lambda obs: obs["x"] * 2)
+    assert mesh.host_local(fn, m) is fn and mesh.all_rows(batch) is batch
+    assert mesh.agreed(1.5) == 1.5 and mesh.agreed("runs/a") == "runs/a" and mesh.anywhere(np.bool_(True)) is True
+    np.testing.assert_equal(mesh.process_sum([1, 2.5]), [1, 2.5])
+    np.testing.assert_equal(mesh.to_host({"y": jnp.ones(2)})["y"], np.ones(2))
+    mesh.check_split(m, {"--batch-size": 3})
+    with pytest.raises(RunError, match="--batch-size 3 must be a multiple of the 2 devices"):
+        mesh.check_split(SimpleNamespace(devices=np.zeros((1, 2))), {"--batch-size": 3})

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -105,7 +106,7 @@ def test_frozen_backbone_skips_vlm_gradients():
 
 
 def test_bfloat16_end_to_end():
-    config = small(dtype="bfloat16")
+    config = small(dtype="bfloat16", param_dtype="bfloat16")
     model = pi0.Pi0(config)
     params = model.init(jax.random.key(0))
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
@@ -114,6 +115,37 @@ def test_bfloat16_end_to_end():
     assert prefix.k.dtype == jnp.bfloat16
     acts = jax.jit(model.sample, static_argnums=3)(params, prefix, jnp.ones((2, 5, 4, 3)), 3)
     assert acts.shape == (2, 5, 4, 3) and bool(jnp.isfinite(acts).all())
+
+
+def test_remat_and_mixed_precision():
+    """--remat recomputes each layer in the backward pass: the same loss and gradients; --precision bfloat16 computes
+    in bfloat16 from float32 parameters (openpi's training): close, and the gradients stay float32."""
+    base = small(pi05=True)  # π₀.₅: its adaRMS layers too
+    params = pi0.Pi0(base).init(jax.random.key(0))
+    obs = batch_obs(base, 4, jax.random.key(1))
+    actions = jax.random.normal(jax.random.key(2), (4, 4, 3))
+
+    def loss_and_grad(**kw):
+        model = pi0.Pi0(dataclasses.replace(base, **kw))
+        prefix_then_flow = lambda p: model.flow_loss(p, model.prefix(p, obs), actions, jax.random.key(3)).mean()
+        jaxpr = str(jax.make_jaxpr(jax.grad(prefix_then_flow))(params))
+        remats = len(re.findall(r"\b(?:checkpoint|remat2?)\[", jaxpr))  # Gemma: prefix, suffix; SigLIP: 2 cameras
+        assert remats == (0 if kw.get("remat", "none") == "none" else 4), remats
+        return jax.jit(jax.value_and_grad(prefix_then_flow))(params)
+
+    ref_loss, ref_grad = loss_and_grad()
+    loss, grad = loss_and_grad(remat="nothing_saveable")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    loss, grad = loss_and_grad(dtype="bfloat16", remat="nothing_saveable")
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grad))
+    np.testing.assert_allclose(loss, ref_loss, rtol=0.03)  # bfloat16 keeps 8 bits of mantissa
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    cos = flat(grad) @ flat(ref_grad) / np.linalg.norm(flat(grad)) / np.linalg.norm(flat(ref_grad))
+    assert cos > 0.99, cos
+    with pytest.raises(ValueError, match="remat 'everything'"):
+        small(remat="everything")
 
 
 def test_sample_with_zero_steps_velocity_is_euler():

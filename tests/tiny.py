@@ -8,7 +8,7 @@ ACRLPD = dict(offline_steps=8, online_steps=8, batch_size=8, online_batch_size=8
               q_agg="min2", cql_weight=0.1, freeze_backbone=True, bon_slice=1)  # fmt: skip
 CHUNK_AWR = dict(critic_steps=10, policy_steps=10, eval_episodes=2, num_envs=2, batch_size=8, critic_batch_size=16,
                  updates_per_call=5, log_every=5, eval_every=5, save_every=5,
-                 reward="subgoal", critic_target="td", beta=5.0, max_weight=10.0)  # fmt: skip
+                 reward="subgoal", critic_target="td", beta=5.0, max_weight=10.0, remat="dots_saveable")  # fmt: skip
 FLOW_PPO = dict(bc_steps=3, bc_batch_size=8, iterations=4, num_envs=4, num_steps=2, update_epochs=1, num_minibatches=2,
                 eval_episodes=4, log_every=1, eval_every=2, save_every=1, critic_warmup=1, flow_steps=2,
                 noise_method="flow_sde", freeze_backbone=False, dual_clip=3.0)  # fmt: skip

@@ -1,0 +1,70 @@
+"""bench/memory.py and bench/gpu.py on the CPU preset (their full-size runs: README, "Memory and speed at full size"),
+and the FLOP count their utilisations rest on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import fullsize  # noqa: E402
+import gpu  # noqa: E402
+
+
+def test_matmul_flops_counts_scan_bodies_and_remat():
+    """2·M·N·K per matrix product, a scan's body times its length, remat's recomputation in a gradient."""
+    w = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    layer = lambda c, w: (jnp.tanh(c @ w), None)
+    layers = lambda x, ws: jax.lax.scan(layer, x, ws)[0].sum()
+    ws = jax.ShapeDtypeStruct((5, 8, 8), jnp.float32)
+    flops = lambda fn, *args: fullsize.matmul_flops(fullsize.Case("f", jax.jit(fn), args, {}, 1, None, None))
+    assert flops(lambda x, w: x @ w, x, w) == 2 * 4 * 8 * 8
+    assert flops(layers, x, ws) == 5 * 2 * 4 * 8 * 8
+    grad = flops(jax.grad(layers, argnums=1), x, ws)  # forward + two products per layer backward
+    assert grad == 3 * 5 * 2 * 4 * 8 * 8
+    remat = flops(jax.grad(lambda x, ws: jax.lax.scan(jax.checkpoint(layer), x, ws)[0].sum(), argnums=1), x, ws)
+    assert remat == 4 * 5 * 2 * 4 * 8 * 8  # the forward once more in the backward pass
+
+
+def test_memory_plan_cpu_preset(tmp_path):
+    """Every function of a script compiled for 2 forced host devices from abstract inputs, with XLA's numbers."""
+    cmd = [sys.executable, "bench/memory.py", "--preset", "cpu", "--devices", "2", "--batch", "4", "--act-batch", "2",
+           "--scripts", "chunk_awr", "--out", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    result = json.load(open(tmp_path / "memory_one.json"))
+    assert result["platform"] == "2 × cpu"
+    assert set(result["rows"]) == {"chunk_awr/critic_update", "chunk_awr/policy_update", "chunk_awr/act"}
+    for row in result["rows"].values():
+        assert row["argument"] > 0 and row["temp"] > 0 and row["peak"] >= row["argument"]
+    assert "chunk_awr/policy_update" in out.stdout
+
+
+def test_gpu_bench_cpu_preset(tmp_path):
+    """bench/gpu.py's code path on the CPU: real arguments, timed calls, FLOPs; sharing the prefix among the N
+    candidates runs N times fewer VLM passes than recomputing it (same chunks)."""
+    only = ("acrlpd_pi0/act_bon32", "acrlpd_pi0/act_bon32_recomputed", "acrlpd_pi0/critic_update")
+    b = gpu.Bench(preset="cpu", batch=4, act_batch=2, calls=1, only=only, libero=False, out=str(tmp_path / "g.json"))
+    rows = gpu.main(b)["rows"]
+    assert set(rows) == set(only) and json.load(open(tmp_path / "g.json"))["rows"].keys() == rows.keys()
+    for r in rows.values():
+        assert r["samples_per_s"] > 0 and r["peak_gb"] > 0 and r["mfu"] is None  # no known peak for a CPU
+    shared, recomputed = rows["acrlpd_pi0/act_bon32"], rows["acrlpd_pi0/act_bon32_recomputed"]
+    assert recomputed["model_tflops"] > shared["model_tflops"]
+
+
+@pytest.mark.parametrize("script", fullsize.SCRIPTS)
+def test_full_size_cases_trace(script):
+    """The full-size (pi0) functions trace from abstract inputs (no compile, nothing allocated): the batches and states
+    bench/fullsize.py builds fit what each script's functions read."""
+    for case in fullsize.cases(script, fullsize.Setup(preset="pi0", batch=8, act_batch=2)):
+        assert fullsize.matmul_flops(case) > 0 or "critic" in case.name
