@@ -423,7 +423,7 @@ def main(args: Args) -> dict[str, float]:
     z = (jnp.zeros((1, cfg.vlm.width)), jnp.zeros((1, cfg.state_dim or cfg.action_dim)))  # features, state
     train = {"params": policy.params, "heads": {**heads, "value": nets.value_head.init(k_value, *z)}}
     tx, bc_tx = make_optimizers(args, nets, train)
-    state = {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"])}
+    state = {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"]) if bc_steps else {}}  # no BC: none
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
     print(f"π₀ {pi0.param_count(state['params']) / 1e6:.2f}M params; {bc_steps} BC updates, {args.iterations} PPO its")
     run = runlog.Run.from_args(args, "flow_ppo")

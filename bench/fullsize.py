@@ -317,9 +317,9 @@ def flow_ppo_cases(setup: Setup, ab: Abstract) -> list[Case]:
 
     tx, bc_tx = m.make_optimizers(args, nets, jax.eval_shape(train_init, jax.random.key(0)))
 
-    def init(key):  # flow_ppo keeps the BC optimizer's state even when it starts from a checkpoint
+    def init(key):  # as flow_ppo.main starting from a π₀ checkpoint (no BC steps: no BC optimizer state)
         train = train_init(key)
-        return {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"])}
+        return {**train, "opt": tx.init(train), "bc_opt": {}}
 
     state = ab.state(init, jax.random.key(0))
     row = qchunk.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))

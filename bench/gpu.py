@@ -40,20 +40,8 @@ ORDER = ("acrlpd_pi0/joint_update", "acrlpd_pi0/act_bon32", "acrlpd_pi0/act_bon3
          "chunk_awr/act")  # fmt: skip  # what matters most first, in case the run is cut short
 
 
-@dataclass
-class Bench:
-    preset: str = "pi0"
-    """pi0, pi05 (full size) or cpu"""
-    batch: int = 32
-    """rows per update (flow_ppo: per minibatch)"""
-    act_batch: int = 16
-    """observations per acting call (the libero preset's --num-envs)"""
-    freeze_backbone: bool = False
-    """acrlpd_pi0 / flow_ppo --freeze-backbone"""
-    precision: str | None = None
-    """--precision (None: bfloat16 at full size)"""
-    remat: str | None = None
-    """--remat (None: nothing_saveable at full size)"""
+@dataclass(frozen=True)
+class Bench(fullsize.Setup):  # what to run (preset, batch, act_batch, devices, precision, remat, ...) and how
     calls: int = 5
     """timed calls per function (after one untimed call)"""
     only: tuple[str, ...] = ()
@@ -120,10 +108,8 @@ def main(b: Bench) -> dict:
     kind = getattr(dev, "device_kind", dev.platform)
     peak = b.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
     print(f"{jax.device_count()} × {kind} (bf16 peak {peak or '?'} TFLOP/s), jax {jax.__version__}, {b.preset}")
-    setup = fullsize.Setup(preset=b.preset, batch=b.batch, act_batch=b.act_batch, freeze_backbone=b.freeze_backbone,
-                           precision=b.precision, remat=b.remat)  # fmt: skip
-    plain = dataclasses.replace(setup, remat="none")  # the model's FLOPs: no recomputation
-    cases = {c.name: c for s in fullsize.SCRIPTS for c in fullsize.cases(s, setup)}
+    plain = dataclasses.replace(b, remat="none")  # the model's FLOPs: no recomputation
+    cases = {c.name: c for s in fullsize.SCRIPTS for c in fullsize.cases(s, b)}
     model = {c.name: c for s in fullsize.SCRIPTS for c in fullsize.cases(s, plain)}
     names = [n for n in (*ORDER, *cases) if n in cases and (not b.only or n in b.only)]
     result = {"bench": dataclasses.asdict(b), "device": kind, "jax": jax.__version__, "rows": {}}

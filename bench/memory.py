@@ -42,22 +42,8 @@ MAIN_UPDATE = {"acrlpd_pi0": "acrlpd_pi0/joint_update", "chunk_awr": "chunk_awr/
                "flow_ppo": "flow_ppo/ppo_update"}  # fmt: skip  # the update that trains π₀: the one that limits B
 
 
-@dataclass
-class Bench:
-    preset: str = "pi0"
-    """pi0, pi05 (full size) or cpu"""
-    batch: int = 32
-    """rows per update (flow_ppo: per minibatch), over all devices"""
-    act_batch: int = 16
-    """observations per acting call"""
-    devices: int = 1
-    """devices (parameters sharded over all: --fsdp-devices)"""
-    freeze_backbone: bool = False
-    """acrlpd_pi0 / flow_ppo --freeze-backbone"""
-    precision: str | None = None
-    """--precision (None: the default: bfloat16 at full size)"""
-    remat: str | None = None
-    """--remat (None: the default: nothing_saveable at full size)"""
+@dataclass(frozen=True)
+class Bench(fullsize.Setup):  # what to compile (preset, batch, devices, precision, remat, ...) and how to search
     scripts: tuple[str, ...] = fullsize.SCRIPTS
     """which scripts"""
     search: bool = False
@@ -83,23 +69,18 @@ def analyse(case: fullsize.Case) -> dict:
     return out | {"compile_s": time.time() - t, "samples": case.samples}
 
 
-def setup_of(b: Bench, **kw) -> fullsize.Setup:
-    fields = {f.name for f in dataclasses.fields(fullsize.Setup)}
-    return fullsize.Setup(**{**{k: getattr(b, k) for k in fields if hasattr(b, k)}, **kw})
-
-
 def one(b: Bench) -> dict:
     rows = {}
     print(f"{'function':<28} {'args':>7} {'temp':>7} {'peak GB':>8} {'compile':>8}   ({b.preset}, {b.devices} dev)")
     for script in b.scripts:
-        for case in fullsize.cases(script, setup_of(b)):
+        for case in fullsize.cases(script, b):
             r = rows[case.name] = analyse(case)
             print(f"{case.name:<28} {r['argument']:7.2f} {r['temp']:7.2f} {r['peak']:8.2f} {r['compile_s']:7.1f}s")
     return rows
 
 
 def update_peak(b: Bench, script: str, batch: int, **kw) -> dict:
-    setup = setup_of(b, batch=batch, **kw)
+    setup = dataclasses.replace(b, batch=batch, **kw)
     case = next(c for c in fullsize.cases(script, setup) if c.name == MAIN_UPDATE[script])
     return analyse(case)
 

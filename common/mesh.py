@@ -134,6 +134,7 @@ def to_host(tree: Any) -> Any:
 
     def pull(x: Any) -> np.ndarray:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            _settle()
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
@@ -158,6 +159,7 @@ def host_local(fn: Callable, mesh: Mesh) -> Callable:
             out = fn(*jax.tree.map(place, args), **kwargs)
             return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(out, mesh, spec))
         gather = lambda x: multihost_utils.process_allgather(x, tiled=True) if _is_np(x) else x
+        _settle()
         return jax.tree.map(lambda x: x[process_rows(len(x))], to_host(fn(*jax.tree.map(gather, args), **kwargs)))
 
     return call
@@ -167,12 +169,23 @@ def _is_np(x: Any) -> bool:
     return isinstance(x, np.ndarray)
 
 
+def _settle() -> None:
+    """Before a collective of host values on several processes: on CPUs, wait for every computation dispatched so far.
+    XLA's CPU runtime orders a device's programs by their data alone, so the small program of a host collective, which
+    reads none of the train state, can overtake an update still running on one process and not on another; each then
+    waits for ever in a different collective (seen with py-spy: flow_ppo's BC update and the `agreed` clock after it,
+    on 2 processes). GPUs and TPUs run a device's programs in the order they were dispatched: nothing to wait for."""
+    if jax.default_backend() == "cpu":
+        jax.block_until_ready(jax.live_arrays())
+
+
 def all_rows(tree: Any) -> Any:
     """Every process's host rows (numpy leaves [n_p,...]; n_p may differ between processes, the rest of the shape
     and the dtype may not) concatenated in process order, on every process: what all the envs did, for what every
     process keeps whole (acrlpd's replay buffer, success rates). Two all-gathers of bytes. One process: `tree`."""
     if jax.process_count() == 1:
         return tree
+    _settle()
     leaves, treedef = jax.tree.flatten(tree)
     leaves = [np.ascontiguousarray(x) for x in leaves]
     counts = multihost_utils.process_allgather(np.array([len(x) for x in leaves], np.int64))  # [P, L]
@@ -197,6 +210,7 @@ def process_sum(values: Any) -> np.ndarray:
     values = np.asarray(values, np.float64)
     if jax.process_count() == 1:
         return values
+    _settle()
     return multihost_utils.process_allgather(values.astype(np.float32)).astype(np.float64).sum(0)
 
 
@@ -204,6 +218,7 @@ def anywhere(flag: bool) -> bool:
     """Whether `flag` is true in any process, on every process (e.g. an env still playing: go on together)."""
     if jax.process_count() == 1:
         return bool(flag)
+    _settle()
     return bool(multihost_utils.process_allgather(np.int32(bool(flag))).max())
 
 
@@ -213,6 +228,7 @@ def agreed(value: Any) -> Any:
     waits forever in a collective the others never make. One process: `value`."""
     if jax.process_count() == 1:
         return value
+    _settle()
     raw = np.frombuffer(json.dumps(value).encode().ljust(4096), np.uint8)  # trailing blanks: still the same JSON
     return json.loads(bytes(multihost_utils.broadcast_one_to_all(raw)))
 
@@ -220,6 +236,7 @@ def agreed(value: Any) -> Any:
 def barrier(name: str) -> None:
     """Wait until every process got here (one process: nothing)."""
     if jax.process_count() > 1:
+        _settle()
         multihost_utils.sync_global_devices(name)
 
 
