@@ -132,12 +132,10 @@ def to_host(tree: Any) -> Any:
     """A pytree of arrays pulled to this host whole, as numpy. An array spread over other processes' devices cannot
     be read directly (`np.asarray` refuses it): it is all-gathered (`process_allgather`), a collective."""
 
-    def pull(x: Any) -> np.ndarray:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            _settle()
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
+    spread = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable
+    if any(spread(x) for x in jax.tree.leaves(tree)):
+        _settle()  # once for the whole tree, not once per leaf
+    pull = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True) if spread(x) else x)
     return jax.tree.map(pull, tree)
 
 
