@@ -357,6 +357,10 @@ class Run:
         )
         self._mgr = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"), options=options)
         self.saved_step = self._mgr.latest_step()  # the last complete checkpoint
+        if stale := sorted(self._mgr.all_steps())[:-keep]:  # a kill came between a save and orbax's pruning
+            for old in stale:
+                self._mgr.delete(old)
+            self._prune_host(self.saved_step)
         self._t0 = time.time()
         self._signal: str | None = None  # the name of the signal that asked this process to stop
         self._handlers = {}

@@ -5,6 +5,7 @@ run folder of the scripts or an openpi checkpoint."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 from typing import Literal
 
@@ -122,7 +123,11 @@ def test_save_restore_truncate_and_stop(tmp_path) -> None:
     run.close()
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 2, "losses/a"')  # a row cut by a kill
+    ckpt = os.path.join(run_dir, "checkpoints")  # killed after saving step 2, before orbax dropped step 0
+    shutil.copytree(os.path.join(ckpt, "1"), os.path.join(ckpt, "0"))
+    shutil.copy(os.path.join(run_dir, "host", "1.p0.npz"), os.path.join(run_dir, "host", "0.p0.npz"))
     back = runlog.Run.from_args(Args(run_dir=run_dir, resume=True), "script")
+    assert sorted(os.listdir(ckpt)) == ["1", "2"]  # pruned at the resume (keep=2), as an unkilled run would have
     step, got, extra, saved = back.restore(state)
     assert step == 2 and extra["n"] == 2 and saved["loop"]["obs"]["images"] == {} and not saved["flags"][0]
     np.testing.assert_array_equal(got["w"], state["w"] * 2)  # the orbax state of the first save at step 2
