@@ -1,22 +1,17 @@
-"""Offline-to-online Q-chunking with prior data (RLPD on action chunks), π₀ as the policy.
+"""Offline-to-online Q-chunking with prior data (RLPD on action chunks), π₀ as the policy and trained online.
 
 Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025) on top of RLPD (Ball et al., 2023).
-  - π₀'s flow-matching loss on data chunks is the behaviour-cloning term (--bc-weight).
   - A critic ensemble (--num-qs LayerNorm MLPs) reads [stop_gradient(π₀ prefix features), state, H×A chunk] and
     learns the chunked n-step TD target   y = Σ_{k<H} γ^k r_{t+k} + γ^n · mask · Q̄(o_{t+H}, a′)   (n valid steps),
-    a′ = the best of --target-n π₀ chunks at o_{t+H} ranked by the online critic (expected-max backup),
-    Q̄ = the target ensemble's mean (or the min of a random pair, --q-agg min2); targets Polyak-averaged (τ).
-  - Acting: --bon N chunks from one prefix pass, the one with the highest pessimistic value mean − β·std of the
-    ensemble (--act-pessimism β) is executed open loop. --bon 1 is plain π₀.
-  - Conservative term (--cql-weight, offline): the critic's mean value of π₀'s own chunks at o_t minus that of the
-    data chunk, bounded below by the data's Monte Carlo return (Cal-QL).
-  - Offline phase on the prior data: one jitted update trains π₀ (BC) and the critic (none without data: online only).
-  - Online phase, π₀ frozen as the proposal distribution: each env chunk step stores the critic's view of o_t and
-    o_{t+H} (pooled features and state) and --target-n π₀ chunks at o_{t+H}, all computed by acting anyway, and --utd
-    critic updates run on those cached arrays (50/50 offline/online batches, one lax.scan): no VLM or flow pass per
-    update, ~20× more critic updates per second, after --learning-starts online chunks (README: why this works).
-Every evaluation logs the critic's calibration: its value of the chunks it chose (eval/*q_pred) against the
-discounted return that actually followed (eval/*q_realised).
+    a′ = the best of --target-n π₀ chunks at o_{t+H} by the online critic, Q̄ = the target ensemble's mean (--q-agg).
+  - Acting: --bon N chunks from one prefix pass, the best by the ensemble's mean − β·std (--act-pessimism), executed
+    open loop (online: or drawn among the --topk best). --bon 1 is plain π₀.
+  - Offline: one jitted update of π₀'s flow matching (BC) and the critic, with Cal-QL's conservative term.
+  - Online, the VLM is frozen, so the critic's views cached when acting stay valid: --utd critic updates per env
+    chunk step run on cached arrays (50/50 prior/online), and π₀'s action expert learns inside the acting call, from
+    its prefix pass: flow matching on the chunks best-of-N chose (--distill-weight), −Q through the Euler steps
+    (--actor-weight), BC on prior data as the anchor.
+Evaluations log best-of-N and plain π₀ and the critic's calibration (eval/*q_pred vs eval/*q_realised).
 
   python acrlpd_pi0.py                                   # push, CPU π₀ preset, offline then online, < 10 min
   python acrlpd_pi0.py --env libero --bon 32          # GPUs: openpi's pi0_libero and LIBERO data from their caches
@@ -31,7 +26,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +36,7 @@ from common import RunError, envs, mesh, pi0, qchunk, runlog
 
 # Presets by --env (push, libero; any other gymnasium id: gym). A flag given explicitly (not None) wins.
 _BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000,
-             eval_episodes=100, buffer_size=200_000)  # fmt: skip
+             eval_episodes=100, buffer_size=200_000, save_every=2000, log_every=200, eval_every=0)  # fmt: skip
 # push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
 _PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, utd=32, num_envs=64)
 PRESETS = {
@@ -54,19 +48,6 @@ PRESETS = {
 
 @dataclass
 class Args(runlog.RunArgs):
-    save_every: int = 2000
-    """checkpoint every this many updates (and at the end)"""
-    log_every: int = 200
-    """log losses every this many updates"""
-    eval_every: int = 0
-    """evaluate every this many updates (0: only at the end of each phase)"""
-    eval_episodes: int | None = None
-    """episodes per evaluation (run in parallel, one per env; preset)"""
-    num_envs: int | None = None
-    """parallel environments in the online phase (preset)"""
-
-    action_horizon: int | None = None
-    """H, the chunk length executed open loop (preset)"""
     flow_steps: int = 5
     """Euler steps when acting"""
     image_size: int = 0
@@ -84,8 +65,6 @@ class Args(runlog.RunArgs):
     """offline updates per jitted call (lax.scan)"""
     lr: float | None = None
     """π₀ learning rate (preset)"""
-    max_grad_norm: float = 1.0
-    """global-norm clip of π₀'s gradient"""
     gamma: float | None = None
     """per-step discount (preset; push 0.95: an 80-step task whose failures are time-outs)"""
     bc_weight: float | None = None
@@ -115,7 +94,15 @@ class Args(runlog.RunArgs):
     cql_bound: bool = True
     """Cal-QL (Nakamoto et al., 2023): the penalty pushes π₀'s chunks down only to the data's Monte Carlo return"""
     actor_weight: float = 0.0
-    """weight of −Q(o, π₀(o)) back-propagated through the sampling steps (offline)"""
+    """weight of −Q(o, π₀(o)) back-propagated through the sampling steps (offline and online)"""
+    distill_weight: float = 1.0
+    """online: weight of flow matching on the chunks best-of-N chose (0, with --actor-weight 0: π₀ frozen online)"""
+    topk: int = 0
+    """online acting: draw among the --topk best candidates, softmax of score / (temperature × score std); 0: argmax"""
+    select_temp: float = 1.0
+    """the --topk temperature (its start with --adapt-temp)"""
+    adapt_temp: float = 0.0
+    """rate of the --topk temperature's log rising while π₀'s sample log-std is below its online start (0: fixed)"""
     utd: int | None = None
     """online critic updates per env chunk step, run in one jitted scan (preset)"""
     learning_starts: int | None = None
@@ -133,46 +120,37 @@ def check(args: Args) -> Args:
     args = runlog.prepared(args, "acrlpd_pi0", PRESETS, data_with_checkpoint="optional")
     if args.pi0_checkpoint and args.dataset is None:  # no prior data: RL online from π₀, no offline phase
         args = dataclasses.replace(args, offline_steps=0)
-    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs")
-    runlog.check_at_least(args, 1, "bon", "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
-    runlog.check_at_least(args, 0, "offline_steps", "online_steps", "learning_starts", "bon_slice")
+    at_least = partial(runlog.check_at_least, args)
+    at_least(1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs", "bon")
+    at_least(1, "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
+    at_least(0, "offline_steps", "online_steps", "learning_starts", "bon_slice", "topk")
+    ranges = dict(gamma=(0, 1), tau=(0, 1), lr=(0, None), critic_lr=(0, None), max_grad_norm=(0, None))
+    runlog.check_ranges(args, **ranges, select_temp=(0, None))
+    if args.topk > args.bon:
+        raise RunError(f"--topk {args.topk} > --bon {args.bon}: the draw is among the --bon candidates")
     if args.q_agg == "min2" and args.num_qs < 2:
         raise RunError("--q-agg min2 needs --num-qs >= 2")
     if args.learning_starts > args.buffer_size:
         raise RunError(f"--learning-starts {args.learning_starts} > --buffer-size {args.buffer_size}: never updates")
     if args.bon_slice and args.bon % args.bon_slice:
         raise RunError(f"--bon-slice {args.bon_slice} must divide --bon {args.bon}")
-    runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), lr=(0, None), critic_lr=(0, None), max_grad_norm=(0, None))
     if not 0 <= args.online_fraction <= 1:
         raise RunError(f"--online-fraction must be in [0, 1] (got {args.online_fraction})")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------- networks
-class CriticMLP(nn.Module):
-    """One Q(o, a_{t:t+H}) member: Dense → LayerNorm → GELU blocks, scalar out."""
-
-    hidden: tuple[int, ...]
-
-    @nn.compact
-    def __call__(self, x):
-        for h in self.hidden:
-            x = nn.gelu(nn.LayerNorm()(nn.Dense(h)(x)))
-        return nn.Dense(1)(x)[..., 0]
-
-
 @dataclass(frozen=True)
 class Nets:
     """π₀, the env ↔ π₀ plumbing and the critic: what the losses and the acting functions close over."""
 
     pi: pi0.Pi0
     io: pi0.EnvIO
-    critic: CriticMLP
+    critic: pi0.HeadMLP  # one Q(o, a_{t:t+H}) member: Dense → LayerNorm → GELU blocks, scalar out
 
 
 def critic_obs(prefix: pi0.Prefix) -> jax.Array:
-    """The critic's view of an observation, [B,W+S]: π₀'s mean-pooled prefix features and the normalised state.
-    stop_gradient: the critic never trains the VLM."""
+    """The critic's view of observations [B,W+S]: π₀'s pooled prefix features (constants) and normalised states."""
     return jnp.concatenate([jax.lax.stop_gradient(prefix.features), prefix.state], -1)
 
 
@@ -184,46 +162,46 @@ def q_values(nets: Nets, cparams, obs_z, chunks):
     return jax.vmap(nets.critic.apply, in_axes=(0, None))({"params": cparams}, x)  # members vmapped
 
 
-def sample_chunks(nets: Nets, params, prefix, rng, n: int, steps: int):
-    """n π₀ chunks per observation from one prefix -> executed part [B,n,H,A], whole chunk [B,n,H_m,A_m]."""
-    c = nets.pi.config
-    noise = jax.random.normal(rng, (prefix.mask.shape[0], n, c.action_horizon, c.action_dim))
-    chunks = nets.pi.sample(params, prefix, noise, steps)
-    return nets.io.executed(chunks), chunks
-
-
-def best_of_n(nets: Nets, params, cparams, prefix, rng, n: int, steps: int, beta: float, slice_: int = 0):
-    """Sample n chunks per observation from one prefix, pick argmax of mean − β·std -> chunk [B,H_m,A_m], q [B]."""
-    S = slice_ or n
+def best_of_n(nets: Nets, params, cparams, prefix, rng, n: int, steps: int, beta: float, slice_: int = 0,
+              topk: int = 0, temp: float = 1.0):  # fmt: skip
+    """n π₀ chunks per observation from one prefix (in slices of `slice_`), the best by s = mean − β·std (or drawn
+    among the `topk` best, softmax of s / (temp·std of s)) -> chunk [B,H_m,A_m], q [B], and the candidates' spread
+    [B] (log std over the n, averaged over executed steps and dims: π₀'s sample entropy up to a constant)."""
     obs_z = critic_obs(prefix)
 
-    def part(key):
-        ex, cand = sample_chunks(nets, params, prefix, key, S, steps)  # [B,S,H,A], [B,S,H_m,A_m]
-        q = q_values(nets, cparams, obs_z, ex)  # [E,B,S]
-        return cand, q.mean(0), q.std(0)
+    def score(cand):  # [B,S,H_m,A_m] -> the ensemble's mean and std of the executed part [B,S]
+        q = q_values(nets, cparams, obs_z, nets.io.executed(cand))  # [E,B,S]
+        return q.mean(0), q.std(0)
 
-    cand, qm, qs = jax.lax.map(part, jax.random.split(rng, n // S))  # [n/S,B,S,...]
-    cand, qm, qs = (jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n, *x.shape[3:]) for x in (cand, qm, qs))
-    idx = jnp.argmax(qm - beta * qs, axis=1)  # [B]
+    cand, (qm, qs) = nets.pi.sample_scored(params, prefix, rng, n, steps, score, slice_)  # [B,n,H_m,A_m], [B,n]
+    score = qm - beta * qs  # [B,n]
+    idx = jnp.argmax(score, axis=1)  # [B]
+    if topk > 1:  # exploration: a draw among the top k, in units of the candidates' spread (any reward scale)
+        top, top_idx = jax.lax.top_k(score, topk)  # [B,k]
+        logits = top / (temp * score.std(1, keepdims=True) + 1e-6)
+        draw = jax.random.categorical(jax.random.fold_in(rng, n), logits)  # [B] in 0..k-1
+        idx = jnp.take_along_axis(top_idx, draw[:, None], 1)[:, 0]
     rows = jnp.arange(idx.shape[0])
-    return cand[rows, idx], qm[rows, idx]
+    spread = jnp.log(nets.io.executed(cand).std(1) + 1e-6).mean((-2, -1))
+    return cand[rows, idx], qm[rows, idx], spread
 
 
 def encode(nets: Nets, args: Args, params, obs, rng):
     """What the critic needs of observations: views [B,W+S] and --target-n executed π₀ chunks [B,N,H,A]."""
     prefix = nets.pi.prefix(params, nets.io.observe(obs))
-    cand, _ = sample_chunks(nets, params, prefix, rng, args.target_n, args.target_flow_steps)
+    cand = nets.io.executed(nets.pi.sample_n(params, prefix, rng, args.target_n, args.target_flow_steps))
     return jax.lax.stop_gradient((critic_obs(prefix), cand))
 
 
 # ----------------------------------------------------------------------------------------------------- losses
 TD_KEYS = ("discounted_return", "n_valid", "mask")  # what the TD target reads of a chunk transition
+BC_KEYS = ("obs", "actions", "valid")  # what the BC term reads
+SHOW = ("losses/bc", "losses/distill", "losses/critic", "charts/q_data")  # on the progress lines
 
 
 def td_target(cparams, target_cparams, batch, rng, nets: Nets, args: Args):
     """y = R + γ^{n_valid}·mask·Q̄(o_{t+H}, a′), a′ = the argmax over the --target-n π₀ chunks `next_cand`
-    [B,N,H,A] of the online critic's mean (the expected-max backup). A constant for every loss (stop_gradient).
-    -> y [B], info."""
+    [B,N,H,A] of the online critic's mean (the expected-max backup); a constant (stop_gradient) -> y [B], info."""
     next_z, next_cand = batch["next_obs_z"], batch["next_cand"]
     best = jnp.argmax(q_values(nets, cparams, next_z, next_cand).mean(0), axis=1)  # [B]
     a_next = next_cand[jnp.arange(best.shape[0]), best]  # [B,H,A]
@@ -239,8 +217,7 @@ def td_target(cparams, target_cparams, batch, rng, nets: Nets, args: Args):
 
 
 def critic_loss(cparams, batch, y, nets: Nets, args: Args):
-    """TD regression of every member on y, plus the offline conservative term when `cand` (π₀'s chunks at o_t) is
-    in the batch. -> (loss, info)."""
+    """TD regression of every member on y, + the offline conservative term with `cand` (π₀'s chunks at o_t)."""
     q_data = q_values(nets, cparams, batch["obs_z"], batch["chunk"][:, None])[:, :, 0]  # [E,B]
     loss = jnp.mean(jnp.square(q_data - y[None]))
     info = {"losses/critic": loss, "charts/q_data": q_data.mean()}
@@ -254,51 +231,74 @@ def critic_loss(cparams, batch, y, nets: Nets, args: Args):
     return loss, info
 
 
+def bc_loss(nets: Nets, params, prefix, batch, rng):
+    """Flow matching on data chunks, padded steps past an episode's end not imitated -> (loss, actions [B,H_m,A_m])."""
+    actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
+    w = batch["valid"].astype(jnp.float32)  # [B,H]
+    bc = nets.pi.flow_loss(params, prefix, actions, rng)  # [B,H_m]
+    return (bc * nets.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0), actions
+
+
+def actor_loss(nets: Nets, params, cparams, prefix, rng, args: Args):
+    """−Q(o, π₀(o)) back-propagated through the Euler steps of one π₀ chunk; the critic is a constant."""
+    act = nets.io.executed(nets.pi.sample_n(params, prefix, rng, 1, args.flow_steps))
+    return -q_values(nets, jax.lax.stop_gradient(cparams), critic_obs(prefix), act).mean()
+
+
 def joint_loss(train, batch, rng, target_cparams, nets: Nets, args: Args):
     """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + actor term) -> (loss, info)."""
     k_flow, k_next, k_cand, k_target, k_actor = jax.random.split(rng, 5)
     prefix = nets.pi.prefix(train["params"], nets.io.observe(batch["obs"]))  # the one VLM pass for o_t
     if args.freeze_backbone:
         prefix = jax.lax.stop_gradient(prefix)
-    actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
-    w = batch["valid"].astype(jnp.float32)  # [B,H] padded steps past the episode's end are not imitated
-    bc = nets.pi.flow_loss(train["params"], prefix, actions, k_flow)  # [B,H_m]
-    bc_loss = (bc * nets.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0)
+    bc, actions = bc_loss(nets, train["params"], prefix, batch, k_flow)
     frozen = jax.lax.stop_gradient(train)  # the critic's inputs and targets never train π₀
     next_z, next_cand = encode(nets, args, frozen["params"], batch["next_obs"], k_next)
-    cand, _ = sample_chunks(nets, frozen["params"], jax.lax.stop_gradient(prefix), k_cand, args.target_n,
+    cand = nets.pi.sample_n(frozen["params"], jax.lax.stop_gradient(prefix), k_cand, args.target_n,
                             args.target_flow_steps)  # fmt: skip
-    cb = {k: batch[k] for k in (*TD_KEYS, "return_to_go")}
-    cb["obs_z"] = critic_obs(prefix)
-    cb["chunk"] = nets.io.executed(actions)
-    cb["cand"] = jax.lax.stop_gradient(cand)
-    cb["next_obs_z"] = next_z
-    cb["next_cand"] = next_cand
+    cb = {k: batch[k] for k in (*TD_KEYS, "return_to_go")}  # the critic's batch
+    cb.update(obs_z=critic_obs(prefix), chunk=nets.io.executed(actions), cand=nets.io.executed(cand))
+    cb.update(next_obs_z=next_z, next_cand=next_cand)
     y, info_t = td_target(frozen["critic"], target_cparams, cb, k_target, nets, args)
     c_loss, info = critic_loss(train["critic"], cb, y, nets, args)
-    loss = args.bc_weight * bc_loss + c_loss
+    loss = args.bc_weight * bc + c_loss
     info.update(info_t)
-    info["losses/bc"] = bc_loss
-    if args.actor_weight > 0:  # −Q(o, π₀(o)) through the Euler steps; the critic is a constant here
-        act, _ = sample_chunks(nets, train["params"], prefix, k_actor, 1, args.flow_steps)
-        actor = -q_values(nets, frozen["critic"], critic_obs(prefix), act).mean()
-        loss = loss + args.actor_weight * actor
-        info["losses/actor"] = actor
+    info["losses/bc"] = bc
+    if args.actor_weight > 0:
+        info["losses/actor"] = actor_loss(nets, train["params"], train["critic"], prefix, k_actor, args)
+        loss = loss + args.actor_weight * info["losses/actor"]
     return loss, info
+
+
+def pi_loss(params, prefix, chosen, bc_batch, cparams, rng, nets: Nets, args: Args):
+    """Online π₀ (VLM frozen: `prefix` is a constant and the critic's cached views stay valid): flow matching on the
+    chunks best-of-N chose `chosen` [B,H_m,A_m] (distillation), + actor term, + BC on prior data -> (loss, info)."""
+    k_distill, k_actor, k_bc = jax.random.split(rng, 3)
+    terms = {}  # name: (weight, loss)
+    if args.distill_weight > 0:
+        terms["distill"] = (args.distill_weight, nets.pi.flow_loss(params, prefix, chosen, k_distill).mean())
+    if args.actor_weight > 0:
+        terms["actor"] = (args.actor_weight, actor_loss(nets, params, cparams, prefix, k_actor, args))
+    if bc_batch is not None:  # the prior data's prefixes: the frozen VLM's, one pass
+        bc_prefix = jax.lax.stop_gradient(nets.pi.prefix(params, nets.io.observe(bc_batch["obs"])))
+        terms["bc"] = (args.bc_weight, bc_loss(nets, params, bc_prefix, bc_batch, k_bc)[0])
+    return sum(w * v for w, v in terms.values()), {f"losses/{k}": v for k, (_, v) in terms.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- update
 def make_optimizers(args: Args, nets: Nets, params):
-    """π₀: clipped Adam (under --freeze-backbone the VLM's parameters get zero updates); critic: Adam."""
-    labels = nets.pi.optimizer_labels(params, "train", args.freeze_backbone)
-    pi_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.lr))
-    tx = optax.multi_transform({"train": pi_tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, optax.adam(args.critic_lr)
+    """π₀ offline: clipped Adam (under --freeze-backbone the VLM's parameters get zero updates); π₀ online: the same
+    with the VLM always frozen (the critic reads its features), its own Adam state; critic: Adam."""
+
+    tx = {"train": optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.lr))}
+    pi_tx = lambda freeze: optax.multi_transform(
+        {**tx, "frozen": optax.set_to_zero()}, nets.pi.optimizer_labels(params, "train", freeze)
+    )
+    return pi_tx(args.freeze_backbone), pi_tx(True), optax.adam(args.critic_lr)
 
 
 def make_update(nets: Nets, args: Args, tx, critic_tx):
-    """The offline joint update and the online critic update, each (state, batches [U,B,...], rng) -> (state, info)
-    running U updates in one lax.scan."""
+    """The offline joint update and the online critic update: (state, batches [U,B,...], rng) -> (state, info)."""
 
     def joint(state, batch, rng):
         train = {"params": state["params"], "critic": state["critic"]}
@@ -307,14 +307,10 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
         updates, opt = tx.update(g["params"], state["opt"], state["params"])
         c_updates, critic_opt = critic_tx.update(g["critic"], state["critic_opt"], state["critic"])
         critic = optax.apply_updates(state["critic"], c_updates)
-        new = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt": opt,
-            "critic": critic,
-            "critic_opt": critic_opt,
-            "target_critic": optax.incremental_update(critic, state["target_critic"], args.tau),
-        }
-        return new, info
+        params = optax.apply_updates(state["params"], updates)
+        target = optax.incremental_update(critic, state["target_critic"], args.tau)
+        return {**state, "params": params, "opt": opt, "critic": critic, "critic_opt": critic_opt,
+                "target_critic": target}, info  # fmt: skip
 
     def critic_only(state, batch, rng):  # batch: cached critic views and chunks (`encode`), no π₀ pass
         y, info_t = td_target(state["critic"], state["target_critic"], batch, rng, nets, args)
@@ -327,69 +323,65 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
     return mesh.scan_updates(joint), mesh.scan_updates(critic_only)
 
 
-class CriticData:
-    """Critic batches from cached arrays (the online phase): the offline chunks' critic views and π₀ chunks, encoded
-    once with the frozen π₀, and the online transitions' ones, stored in the replay buffer's extras when acting;
-    --online-fraction of each batch online (RLPD's symmetric sampling), all offline while the buffer is empty."""
-
-    def __init__(self, nets: Nets, args: Args, params, offline: qchunk.ChunkDataset | None, buffer, rng, bs=1024):
-        self.offline, self.buffer, self.online_fraction = offline, buffer, args.online_fraction
-        if offline is None:  # no prior data: every batch from the buffer
-            return
-        data, enc = offline.data, jax.jit(partial(encode, nets, args))
-        encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]))
-        self.obs_z, self.cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A]
-        to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
-        chunk_rows = lambda i: to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
-        self.chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # the data chunks as the critic reads them
-
-    def sample(self, rng: np.random.Generator, n: int) -> dict:
-        offline, b = self.offline, self.buffer
-        online = {**{k: getattr(b, k) for k in TD_KEYS}, **b.extras}
-        if offline is None:
-            return {k: v[rng.integers(0, len(b), n)] for k, v in online.items()}
-        n_on = int(round(n * self.online_fraction)) if len(b) else 0
-        i = rng.integers(0, len(offline), n - n_on)
-        j = rng.integers(0, len(b) or 1, n_on)
-        o, nxt = offline.obs_idx[i], offline.next_obs_idx[i]
-        out = {k: getattr(offline, k)[i] for k in TD_KEYS}
-        out.update(obs_z=self.obs_z[o], chunk=self.chunk[i], next_obs_z=self.obs_z[nxt], next_cand=self.cand[nxt])
-        if n_on:  # offline rows, then online rows
-            out = {k: np.concatenate([v, online[k][j]]) for k, v in out.items()}
-        return out
+def critic_cache(nets: Nets, args: Args, params, offline, buffer, run: runlog.Run, rng, bs=1024):
+    """Online critic batches of cached arrays: the buffer's (cached when acting) and the prior data's, critic views and
+    data chunks (valid while the VLM is frozen) and π₀'s target chunks at every frame, sampled once at the online start
+    and kept in the run folder (π₀ moves online: a resumed run reads what the uninterrupted one used)."""
+    if offline is None:  # no prior data: every batch from the buffer
+        return qchunk.MixedBatches(buffer, TD_KEYS)
+    data, enc = offline.data, jax.jit(partial(encode, nets, args))
+    encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]))
+    obs_z, cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A]
+    cand = run.computed_once("critic_cache", lambda: {"cand": cand})["cand"]
+    to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
+    chunk_rows = lambda i: to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
+    chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # the data chunks as the critic reads them
+    at_obs, at_next = {"obs_z": obs_z}, {"next_obs_z": obs_z, "next_cand": cand}
+    return qchunk.MixedBatches(buffer, TD_KEYS, offline, args.online_fraction, {"chunk": chunk}, at_obs, at_next)
 
 
 # ----------------------------------------------------------------------------------------------------- acting / eval
-def make_act(nets: Nets, args: Args):
-    @partial(jax.jit, static_argnames="n")
-    def act(state, obs, rng, n: int, beta: float):
-        """Best of n chunks by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean there [B],
-        and what the replay buffer caches: the critic's view [B,W+S] and the executed chunk [B,H,A] (normalised)."""
-        prefix = nets.pi.prefix(state["params"], nets.io.observe(obs))
-        slice_ = args.bon_slice if n == args.bon else 0
-        chunk, q = best_of_n(nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta, slice_)
-        return nets.io.to_env(chunk, obs["state"]), q, critic_obs(prefix), nets.io.executed(chunk)
+def make_act(nets: Nets, args: Args, pi_tx):
+    """`act` (evaluations, the online warm-up) and `act_learn` (online: act, then a π₀ update)."""
 
-    return act
+    @partial(jax.jit, static_argnames=("n", "topk", "learning"))
+    def act(state, obs, rng, n: int, beta: float, topk: int = 0, learning: bool = False):
+        """Best of n by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean [B], and the buffer's
+        cache: critic view [B,W+S], executed chunk [B,H,A]; `learning`: and (prefix, chunk [B,H_m,A_m], spread [B])."""
+        prefix = nets.pi.prefix(state["params"], nets.io.observe(obs))  # the one VLM pass
+        temp, slice_ = jnp.exp(state["temp"]["log"]) if state["temp"] else 1.0, args.bon_slice if n == args.bon else 0
+        chunk, q, spread = best_of_n(nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta,
+                                     slice_, topk, temp)  # fmt: skip
+        rows = (nets.io.to_env(chunk, obs["state"]), q, critic_obs(prefix), nets.io.executed(chunk))
+        return (rows, (prefix, chunk, spread)) if learning else rows
+
+    def act_learn(state, obs, bc_batch, rng):
+        """`act` with --bon (and --topk), then one π₀ update on this prefix and the chosen chunks (VLM frozen) and on
+        a prior-data batch (or None) -> new state, info, `act`'s rows."""
+        k_act, k_pi = jax.random.split(rng)
+        rows, (prefix, chosen, spread) = act(state, obs, k_act, args.bon, args.act_pessimism, args.topk, True)
+        prefix, chosen, h = jax.lax.stop_gradient((prefix, chosen, spread.mean()))
+        temp = state["temp"]
+        if args.adapt_temp:  # the --topk temperature rises while π₀'s sample entropy is below its start value
+            target = jnp.where(temp["set"], temp["target"], h)
+            temp = {"log": temp["log"] + args.adapt_temp * (target - h), "target": target, "set": jnp.ones((), bool)}
+        grad_fn = jax.value_and_grad(pi_loss, has_aux=True)
+        (_, info), g = grad_fn(state["params"], prefix, chosen, bc_batch, state["critic"], k_pi, nets, args)
+        updates, opt = pi_tx.update(g, state["pi_opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        info.update({"charts/sample_log_std": h, "charts/select_temp": jnp.exp(temp["log"])})
+        return {**state, "params": params, "pi_opt": opt, "temp": temp}, info, *rows
+
+    return act, jax.jit(act_learn, donate_argnums=0)
 
 
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
-    """One episode in each of --eval-episodes envs per policy: success, return and the critic's calibration (its value
-    of the chunks it chose, eval/*q_pred, vs the discounted return that followed, eval/*q_realised); printed."""
+    """One episode in each of --eval-episodes envs per policy, best-of-N and plain π₀: success, return and the critic's
+    calibration (its value of the chunks it chose, eval/*q_pred, vs the discounted return that followed)."""
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
-    where.update(horizon=args.action_horizon, gamma=args.gamma)
-    policies = {"": (args.bon, args.act_pessimism), "plain_": (1, 0.0)}  # best-of-N (trained), plain π₀
-    if args.act_pessimism:  # and what the pessimism adds: ranking by the ensemble mean alone
-        policies["bon_mean_"] = (args.bon, 0.0)
-    out, shown = {}, []
-    for prefix, (n, beta) in policies.items():  # best of n chunks by mean − β·std
-        policy = lambda obs, key, n=n, beta=beta: act(state, obs, key, n, beta)[:2]
-        out.update(envs.evaluate(spec, policy, rng, prefix=prefix, **where))
-        q = f"Q pred {out[f'eval/{prefix}q_pred']:.3f} vs realised {out[f'eval/{prefix}q_realised']:.3f}"
-        name = {"": f"BoN-{args.bon}", "plain_": "plain π₀"}.get(prefix, "BoN by mean only")
-        shown.append(f"{name} {out[f'eval/{prefix}success_rate']:.1%} ({q})")
-    print(f"[{label}] " + " | ".join(shown), flush=True)
-    return out
+    policy = lambda n, beta: lambda obs, key: act(state, obs, key, n, beta)[:2]  # best of n by mean − β·std
+    policies = {"": (f"BoN-{args.bon}", policy(args.bon, args.act_pessimism)), "plain_": ("plain π₀", policy(1, 0.0))}
+    return envs.evaluate_policies(spec, policies, rng, label, **where, horizon=args.action_horizon, gamma=args.gamma)
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -408,11 +400,14 @@ def main(args: Args) -> dict:
     stats, prompts = (qchunk.norm_stats(data), data.prompts) if data else (None, env.prompts)
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
-    nets = Nets(policy.model, policy.io, CriticMLP(tuple(args.critic_hidden)))
+    nets = Nets(policy.model, policy.io, pi0.HeadMLP(tuple(args.critic_hidden)))
     x = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + args.action_horizon * env.action_dim))
     critic = jax.jit(jax.vmap(lambda k: nets.critic.init(k, x)["params"]))(jax.random.split(k_critic, args.num_qs))
-    tx, critic_tx = make_optimizers(args, nets, policy.params)
+    tx, pi_tx, critic_tx = make_optimizers(args, nets, policy.params)
+    learns = args.online_steps > 0 and (args.distill_weight > 0 or args.actor_weight > 0)  # π₀ trained online
     state = {"params": policy.params, "opt": tx.init(policy.params), "critic": critic}
+    temp = {"log": jnp.log(args.select_temp), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}  # --topk's
+    state.update(pi_opt=pi_tx.init(policy.params) if learns else {}, temp=temp if learns else {})
     state.update(critic_opt=critic_tx.init(critic), target_critic=jax.tree.map(jnp.copy, critic))
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
     n_pi, n_critic = pi0.param_count(state["params"]) / 1e6, pi0.param_count(state["critic"]) / args.num_qs / 1e3
@@ -431,17 +426,18 @@ def main(args: Args) -> dict:
         host = {"buffer": buffer.state_dict(), "loop": envs.loop_state(env, obs), "ep_success": ep_success}
         run.save(step, state, {"step": step, **policy.record()}, host)
 
-    # ---- loop: offline (π₀ and critic on the prior data), then online (π₀ frozen, critic on cached features)
+    # ---- loop: offline (π₀ and critic on the prior data), then online (critic on cached views, π₀ when acting)
     joint_update, critic_update = make_update(nets, args, tx, critic_tx)
-    act = mesh.host_local(make_act(nets, args), dev_mesh)  # each process acts on its own envs
+    act, act_learn = make_act(nets, args, pi_tx)
+    act, act_learn = mesh.host_local(act, dev_mesh), mesh.host_local(act_learn, dev_mesh, keep=2)  # own envs
     encode_next = mesh.host_local(jax.jit(partial(encode, nets, args)), dev_mesh)
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
     total = args.offline_steps + args.online_steps
     results, info = {}, {}
     for phase, end in (("offline", args.offline_steps), ("online", total)):
         t_phase, s_phase, warm = time.time(), step, 10 * len(buffer) // max(args.learning_starts, 1)
-        if phase == "online" and step < end:  # π₀ is frozen from here: encode the prior data once
-            cache = CriticData(nets, args, state["params"], offline, buffer, k_cache)
+        if phase == "online" and step < end:  # the VLM is frozen from here: encode the prior data once
+            cache = critic_cache(nets, args, state["params"], offline, buffer, run, k_cache)
             print(f"critic cache of {len(offline or ())} offline chunks ready in {time.time() - t_phase:.0f}s")
         while step < end:
             key = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # warm-up steps add no updates
@@ -451,8 +447,13 @@ def main(args: Args) -> dict:
                 n = min(args.updates_per_call, end - step)
                 bs = [offline.sample(np_rng, args.batch_size, keys) for _ in range(n)]
                 state, info = joint_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
-            else:  # one chunk in every env, cache what the critic reads, then --utd critic updates
-                chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
+            else:  # one chunk in every env (π₀ learns from it), cache what the critic reads, --utd critic updates
+                n = min(args.utd, end - step) if len(buffer) + args.num_envs >= args.learning_starts else 0
+                if n and learns:
+                    bc = offline and mesh.place_batch(offline.sample(np_rng, args.batch_size, BC_KEYS), dev_mesh)
+                    state, pi_info, chunk, _, obs_z, executed = act_learn(state, obs, bc, k_act)
+                else:
+                    chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
                 next_obs, cs = envs.execute_chunk(env, obs, np.asarray(chunk), args.gamma)
                 next_z, next_cand = encode_next(state["params"], cs.final_obs, k_next)  # o_{t+H}, before any reset
                 extras = {"obs_z": obs_z, "chunk": executed, "next_obs_z": next_z, "next_cand": next_cand}
@@ -460,10 +461,10 @@ def main(args: Args) -> dict:
                 buffer.add(obs, chunk, cs, extras=extras)
                 ep_success = (ep_success + cs.success[cs.terminated | cs.truncated].tolist())[-100:]
                 obs = next_obs
-                n = min(args.utd, end - step) if len(buffer) >= args.learning_starts else 0
                 if n:
                     bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
                     state, info = critic_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
+                    info = {**info, **pi_info} if learns else info
                 elif (tenth := 10 * len(buffer) // args.learning_starts) > warm:  # warm-up: progress, buffer kept
                     kb = buffer.bytes_per_transition() / 1e3
                     print(f"[online] {len(buffer)}/{args.learning_starts} chunks ({kb:.1f} kB each) before updates")
@@ -473,7 +474,7 @@ def main(args: Args) -> dict:
             # ---- log
             if runlog.crossed(prev, step, args.log_every) or (n and step == end):
                 m = {**info, "charts/online_success_rate": np.mean(ep_success)} if ep_success else info
-                run.report(step, m, phase, total, (s_phase, t_phase), ("losses/bc", "losses/critic", "charts/q_data"))
+                run.report(step, m, phase, total, (s_phase, t_phase), SHOW)
             # ---- evaluate
             if runlog.crossed(prev, step, args.eval_every) and step != end:
                 run.log(step, evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval {step}"))
@@ -486,8 +487,7 @@ def main(args: Args) -> dict:
             m = evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), label)
             m[f"time/{phase}_updates_per_s"] = rate
             run.log(step, m)
-            results.update({f"{phase}/{k}": v for k, v in m.items()})
-            results.update({f"final/{k}": v for k, v in m.items()})
+            results.update({f"{p}/{k}": v for p in (phase, "final") for k, v in m.items()})
             save(step)
     env.close()
     run.close()

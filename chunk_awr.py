@@ -41,25 +41,14 @@ import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
-_BASE = dict(action_horizon=5, eval_episodes=100, num_envs=100)  # presets by --env (gym: any other); a flag wins
-PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16), "gym": _BASE}
+_BASE = dict(action_horizon=5, eval_episodes=100, num_envs=100, save_every=2000, log_every=200, eval_every=2000)
+# presets by --env (gym: any other); a flag wins. Steps: updates (eval: policy updates)
+_LIBERO = dict(_BASE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
+PRESETS = {"push": _BASE, "gym": _BASE, "libero": _LIBERO}
 
 
 @dataclass
 class Args(runlog.RunArgs):
-    save_every: int = 2000
-    """checkpoint every this many updates (and at the end)"""
-    log_every: int = 200
-    """log losses every this many updates"""
-    eval_every: int = 2000
-    """evaluate every this many policy updates (0: only at the end of each phase)"""
-    eval_episodes: int | None = None
-    """episodes per evaluation (preset)"""
-    num_envs: int | None = None
-    """parallel evaluation environments, eval_episodes spread over them (preset; libero: 16 simulator processes)"""
-
-    action_horizon: int | None = None
-    """H, the chunk length executed open loop (preset: push 5, libero 10, else 5)"""
     flow_steps: int = 4
     """Euler steps when acting (a prototype: 4 beat 5 and 10 for flow BC on push)"""
     eval_noise: float = 0.0
@@ -83,8 +72,6 @@ class Args(runlog.RunArgs):
     """updates per jitted call (lax.scan); the critic phase runs 5× as many"""
     lr: float = 3e-4
     """π₀ learning rate"""
-    max_grad_norm: float = 1.0
-    """global-norm clip of π₀'s gradient"""
     weight_decay: float = 1e-4
     """π₀'s AdamW weight decay"""
     gamma: float = 0.99

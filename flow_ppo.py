@@ -35,25 +35,14 @@ import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
-_BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128)  # presets by --env (gym: any other); a flag wins
-PRESETS = {"push": _BASE, "libero": dict(action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16), "gym": _BASE}
+_BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20)
+# presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every)
+_LIBERO = dict(_BASE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
+PRESETS = {"push": _BASE, "gym": _BASE, "libero": _LIBERO}
 
 
 @dataclass
 class Args(runlog.RunArgs):
-    save_every: int = 50
-    """checkpoint every this many PPO iterations (and at the end of BC and of PPO)"""
-    log_every: int = 5
-    """log metrics every this many PPO iterations (BC: every 10× this many BC updates)"""
-    eval_every: int = 20
-    """evaluate the deterministic policy every this many PPO iterations"""
-    eval_episodes: int | None = None
-    """episodes per evaluation (run in parallel; preset)"""
-    num_envs: int | None = None
-    """parallel rollout envs (preset)"""
-
-    action_horizon: int | None = None
-    """H: actions per chunk, executed open loop (preset)"""
     flow_steps: int = 4
     """K: Euler steps, the same in rollouts and evaluation"""
     freeze_backbone: bool = True
@@ -87,8 +76,6 @@ class Args(runlog.RunArgs):
     """policy (π₀ + noise head) learning rate"""
     value_lr: float = 1e-3
     """value head learning rate"""
-    max_grad_norm: float = 1.0
-    """global-norm gradient clipping (BC and PPO)"""
     critic_warmup: int = 5
     """first iterations that train only the value head"""
     clip_coef: float = 0.2

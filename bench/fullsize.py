@@ -194,15 +194,16 @@ def _unplaced(tree: Any) -> Any:
 
 
 def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
-    """acrlpd_pi0: the offline joint update (π₀ BC + critic), the online critic update on cached views, best-of-N."""
+    """acrlpd_pi0: the offline joint update (π₀ BC + critic), the online critic update on cached views, best-of-N,
+    and the online step (best-of-N, then a π₀ update with the VLM frozen)."""
     m = acrlpd_pi0
     args = script_args(m, setup, freeze_backbone=setup.freeze_backbone, bon=setup.bon)
     env = libero_env(setup.preset)
     model, io = policy(setup, env, args.action_horizon)
     cfg = model.config
-    nets = m.Nets(model, io, m.CriticMLP(tuple(args.critic_hidden)))
+    nets = m.Nets(model, io, pi0.HeadMLP(tuple(args.critic_hidden)))
     width = cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + args.action_horizon * env.action_dim
-    tx, critic_tx = m.make_optimizers(args, nets, jax.eval_shape(model.init, jax.random.key(0)))
+    tx, pi_tx, critic_tx = m.make_optimizers(args, nets, jax.eval_shape(model.init, jax.random.key(0)))
 
     def init(key):  # as acrlpd_pi0.main builds its state
         k_pi, k_critic = jax.random.split(key)
@@ -210,7 +211,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
         critic = jax.vmap(lambda k: nets.critic.init(k, jnp.zeros((1, width)))["params"])(
             jax.random.split(k_critic, args.num_qs)
         )
-        state = {"params": params, "opt": tx.init(params), "critic": critic}
+        state = {"params": params, "opt": tx.init(params), "pi_opt": pi_tx.init(params), "temp": {}, "critic": critic}
         return {**state, "critic_opt": critic_tx.init(critic), "target_critic": critic}
 
     state = ab.state(init, jax.random.key(0))
@@ -225,8 +226,9 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
     cached.update(obs_z=obs_z, chunk=chunk, next_obs_z=obs_z, next_cand=cand)
     critic_batch = ab.batch(cached, setup.batch, stacked=True)
     joint, critic_only = m.make_update(nets, args, tx, critic_tx)
-    act = m.make_act(nets, args)
+    act, act_learn = m.make_act(nets, args, pi_tx)
     act_obs = ab.batch(row["obs"], setup.act_batch)
+    bc_batch = ab.batch({k: row[k] for k in m.BC_KEYS}, setup.batch)
     tiled_obs = ab.batch(row["obs"], setup.act_batch * args.bon)  # every candidate with its own prefix pass
     own = dict(init=init, state=state)
     return [
@@ -248,6 +250,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
             setup.act_batch,
             **own,
         ),  # fmt: skip  # the same chunks, one VLM pass per candidate (samples: obs)
+        Case("acrlpd_pi0/act_learn", act_learn, (state, act_obs, bc_batch, ab.key()), {}, setup.act_batch, **own),
     ]
 
 

@@ -752,6 +752,20 @@ def evaluate(
     return out
 
 
+def evaluate_policies(spec: EnvSpec, policies: dict[str, tuple[str, Callable]], rng: jax.Array, label: str,
+                      **where: Any) -> dict[str, float]:  # fmt: skip
+    """`evaluate` each of `policies` {metric prefix: (name, act)} with the same `rng` and `where` (episodes, envs,
+    seed, horizon, gamma) and print one line: each name's success rate, with the critic's calibration (predicted vs
+    realised discounted return) where `act` gives values."""
+    out, shown = {}, []
+    for prefix, (name, act) in policies.items():
+        out.update(evaluate(spec, act, rng, prefix=prefix, **where))
+        q = f" (Q pred {out[f'eval/{prefix}q_pred']:.3f} vs realised {out[f'eval/{prefix}q_realised']:.3f})"
+        shown.append(f"{name} {out[f'eval/{prefix}success_rate']:.1%}" + (q if f"eval/{prefix}q_pred" in out else ""))
+    print(f"[{label}] " + " | ".join(shown), flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     """`python -m common.envs make-dataset --env push --episodes N --noise X --out FILE.h5 [--image-size 0]`."""

@@ -119,6 +119,13 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return _place_local(batch, data_sharding(mesh))
 
 
+def place_batch(batch: Any, mesh: Mesh) -> Any:
+    """A global numpy batch (dict of [B,...], the same on every process: drawn with the same seed) placed on the mesh
+    split over the batch axes, each process passing only its own rows (`process_rows`)."""
+    rows = process_rows(len(jax.tree.leaves(batch)[0]))
+    return _place_local(jax.tree.map(lambda x: x[rows], batch), data_sharding(mesh))
+
+
 def stack_batches(batches: list[Any], mesh: Mesh) -> Any:
     """Global numpy batches (dicts of [B,...], the same on every process: drawn with the same seed) stacked [U,B,...]
     for `scan_updates`, placed on the mesh with B split over the batch axes: each process keeps only its own rows
@@ -139,13 +146,14 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(pull, tree)
 
 
-def host_local(fn: Callable, mesh: Mesh) -> Callable:
+def host_local(fn: Callable, mesh: Mesh, keep: int = 0) -> Callable:
     """`fn` (jitted: acting, encoding observations) called by each process with its own rows: its numpy arguments
     ([B_l,...], this process's envs) are rows of a global batch of B_l·process_count, and its outputs ([B,...]) come
     back as this process's rows, numpy. Every process calls it at once with as many rows (a collective). The rows
     are placed split over the batch axes when the local devices divide them, else gathered and run whole on every
     device (as one process runs them); either way `fn` sees the batch one process with all the envs would.
-    One process: `fn` itself."""
+    `keep`: the first `keep` outputs of `fn` (a tuple) are global values (a train state updated on that batch, its
+    metrics), returned as they are. One process: `fn` itself."""
     if jax.process_count() == 1:
         return fn
     spec, rows = PartitionSpec(BATCH_AXES), lambda args: {len(x) for x in jax.tree.leaves(args) if _is_np(x)}
@@ -155,10 +163,14 @@ def host_local(fn: Callable, mesh: Mesh) -> Callable:
         if n % jax.local_device_count() == 0:  # each local device gets its slice of this process's rows
             place = lambda x: multihost_utils.host_local_array_to_global_array(x, mesh, spec) if _is_np(x) else x
             out = fn(*jax.tree.map(place, args), **kwargs)
-            return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(out, mesh, spec))
-        gather = lambda x: multihost_utils.process_allgather(x, tiled=True) if _is_np(x) else x
-        _settle()
-        return jax.tree.map(lambda x: x[process_rows(len(x))], to_host(fn(*jax.tree.map(gather, args), **kwargs)))
+            local = multihost_utils.global_array_to_host_local_array(out[keep:] if keep else out, mesh, spec)
+            local = jax.tree.map(np.asarray, local)
+        else:  # gathered: every process runs the whole batch and keeps its own rows
+            gather = lambda x: multihost_utils.process_allgather(x, tiled=True) if _is_np(x) else x
+            _settle()
+            out = fn(*jax.tree.map(gather, args), **kwargs)
+            local = jax.tree.map(lambda x: x[process_rows(len(x))], to_host(out[keep:] if keep else out))
+        return (*out[:keep], *local) if keep else local
 
     return call
 

@@ -27,7 +27,7 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -623,6 +623,26 @@ class Pi0:
         (x, _), _ = jax.lax.scan(step, (noise, jnp.float32(1.0)), length=num_steps)
         return x
 
+    def sample_n(self, params: Params, prefix: Prefix, rng: jax.Array, n: int, num_steps: int) -> jax.Array:
+        """n chunks per observation from one prefix, standard-normal noise drawn from `rng` -> [B,n,H,A]."""
+        c = self.config
+        noise = jax.random.normal(rng, (prefix.mask.shape[0], n, c.action_horizon, c.action_dim))
+        return self.sample(params, prefix, noise, num_steps)
+
+    def sample_scored(self, params: Params, prefix: Prefix, rng: jax.Array, n: int, num_steps: int,
+                      score: Callable[[jax.Array], Any], slice_: int = 0) -> tuple[jax.Array, Any]:  # fmt: skip
+        """`sample_n` in slices of `slice_` candidates (0: all n at once), each slice scored as soon as it is sampled
+        (`score`: chunks [B,S,H,A] -> a pytree of [B,S,...]) under `lax.map`, so that memory holds one slice's
+        activations -> chunks [B,n,H,A], scores (the pytree, [B,n,...]). Slice i's noise comes from split(rng)[i]."""
+        S = slice_ or n
+
+        def part(key):
+            chunks = self.sample_n(params, prefix, key, S, num_steps)
+            return chunks, score(chunks)
+
+        out = jax.lax.map(part, jax.random.split(rng, n // S))  # [n/S,B,S,...]
+        return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n, *x.shape[3:]), out)
+
     def sample_logp(self, params: Params, prefix: Prefix, noise: jax.Array, steps: int, rng: jax.Array,
                     hutchinson: bool) -> tuple[jax.Array, jax.Array]:  # fmt: skip
         """`sample` with the log-density of each sample by the change of variables along the flow (chunk AWR's
@@ -674,6 +694,18 @@ class Pi0:
 
 def param_count(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+class HeadMLP(nn.Module):
+    """Dense → LayerNorm → GELU blocks, scalar out: the critics and value heads the scripts put on π₀'s features."""
+
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        for h in self.hidden:
+            x = nn.gelu(nn.LayerNorm()(nn.Dense(h)(x)))
+        return nn.Dense(1)(x)[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs

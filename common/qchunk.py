@@ -352,6 +352,39 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
 
 
 # ----------------------------------------------------------------------------------------------------- online
+class MixedBatches:
+    """RLPD's symmetric sampling of cached arrays: `online_fraction` of each batch from a `ReplayBuffer` (its fields
+    `keys` and its `extras`) once it holds anything, the rest from the prior data `offline` (None: every row from the
+    buffer): its `keys` and arrays cached per chunk (`at_chunk` {name: [C,...]}) or per frame, read at each chunk's
+    o_t (`at_obs` {name: [F,...]}) or o_{t+H} (`at_next`), under the buffer's extras' names. Offline rows come first."""
+
+    def __init__(self, buffer: ReplayBuffer, keys: tuple[str, ...], offline: ChunkDataset | None = None,
+                 online_fraction: float = 0.5, at_chunk: dict | None = None, at_obs: dict | None = None,
+                 at_next: dict | None = None):  # fmt: skip
+        self.buffer, self.keys, self.offline, self.online_fraction = buffer, keys, offline, online_fraction
+        self.at_chunk, self.at_obs, self.at_next = at_chunk or {}, at_obs or {}, at_next or {}
+
+    def rows(self, i: np.ndarray) -> Batch:
+        """The prior data's rows of chunks `i`."""
+        o, nxt = self.offline.obs_idx[i], self.offline.next_obs_idx[i]
+        out = {k: getattr(self.offline, k)[i] for k in self.keys}
+        out.update({k: v[i] for k, v in self.at_chunk.items()}, **{k: v[o] for k, v in self.at_obs.items()})
+        return {**out, **{k: v[nxt] for k, v in self.at_next.items()}}
+
+    def sample(self, rng: np.random.Generator, n: int) -> Batch:
+        b = self.buffer
+        online = {**{k: getattr(b, k) for k in self.keys}, **b.extras}
+        if self.offline is None:
+            return {k: v[rng.integers(0, len(b), n)] for k, v in online.items()}
+        n_on = int(round(n * self.online_fraction)) if len(b) else 0
+        i = rng.integers(0, len(self.offline), n - n_on)
+        j = rng.integers(0, len(b) or 1, n_on)
+        out = self.rows(i)
+        if n_on:
+            out = {k: np.concatenate([v, online[k][j]]) for k, v in out.items()}
+        return out
+
+
 class ReplayBuffer:
     """Circular buffer of online chunk transitions, sampled in the same batch form as `ChunkDataset`.
 

@@ -96,6 +96,20 @@ class RunArgs:
     """continue the run in --run-dir from its last checkpoint, with its own flags (args.json)"""
     fsdp_devices: int = 1
     """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
+    num_envs: int | None = None
+    """parallel environments (acrlpd: online acting; flow_ppo: rollouts; chunk_awr: evaluation; preset)"""
+    action_horizon: int | None = None
+    """H, the chunk length executed open loop (preset: push 5, libero 10, else 5)"""
+    max_grad_norm: float = 1.0
+    """global-norm clip of π₀'s gradient (flow_ppo: BC and PPO)"""
+    save_every: int | None = None
+    """checkpoint every this many of the script's steps (updates; flow_ppo: PPO iterations) and at the end (preset)"""
+    log_every: int | None = None
+    """log metrics every this many steps (flow_ppo's BC: every 10× this many updates; preset)"""
+    eval_every: int | None = None
+    """evaluate every this many steps; 0: only at the end of each phase (preset)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation, played in parallel (preset)"""
     eval_envs: int | None = None
     """simulator processes an evaluation plays its episodes on (None: the script's own number; libero preset: 16).
     LIBERO's evaluation plays the same init states whatever this is: it trades memory (~1.5 GB a process) for time"""
@@ -481,6 +495,18 @@ class Run:
             self.close()
             print(f"{stopping}: saved step {step}, stopped. Resume with:\n  {self.resume_command}", flush=True)
             raise SystemExit(0)
+
+    def computed_once(self, name: str, compute: typing.Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Arrays a run computes once and keeps as they were then (a cache from a train state that has moved on since:
+        a resumed run must read what the uninterrupted one used): `<run dir>/<name>.p<i>.npz` when there, else
+        `compute()`, written there atomically (per process: each keeps what it computed)."""
+        path = os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz")
+        if os.path.exists(path):
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        out = compute()
+        atomic_write(path, lambda f: np.savez(f, **out))
+        return out
 
     def _host_file(self, step: int) -> str:
         return os.path.join(self.dir, "host", f"{step}.p{jax.process_index()}.npz")

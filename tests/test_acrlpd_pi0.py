@@ -1,5 +1,6 @@
 """acrlpd_pi0.py: in-process smoke, the TD target by hand, best-of-N = the critic's argmax, sharded = one device."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import tiny
 
 import acrlpd_pi0 as ac
-from common import envs, pi0, qchunk
+from common import envs, pi0, qchunk, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
@@ -47,7 +48,8 @@ def test_smoke(tmp_path, tiny_acrlpd_run):
     run_dir, out = tiny_acrlpd_run
     assert out["step"] == 16
     assert all(np.isfinite(out[k]) for k in ("losses/critic", "charts/q_target"))  # the online (critic-only) update
-    assert "losses/bc" not in out  # π₀ is frozen online
+    assert np.isfinite(out["losses/distill"]) and np.isfinite(out["losses/bc"])  # π₀'s online update
+    assert os.path.exists(os.path.join(run_dir, "critic_cache.p0.npz"))  # the prior data's target chunks
     for key in ("offline/eval/success_rate", "online/eval/plain_success_rate", "final/eval/q_gap"):
         assert key in out
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -77,7 +79,7 @@ def make_nets(**kw):
     unit = lambda d: {"mean": np.zeros(d, np.float32), "std": np.ones(d, np.float32), "q01": -np.ones(d, np.float32),
                       "q99": np.ones(d, np.float32)}  # fmt: skip
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    nets = ac.Nets(model, pi0.EnvIO(cfg, table, {"state": unit(10), "actions": unit(2)}, 2), ac.CriticMLP((16,)))
+    nets = ac.Nets(model, pi0.EnvIO(cfg, table, {"state": unit(10), "actions": unit(2)}, 2), pi0.HeadMLP((16,)))
     x = jnp.zeros((1, cfg.vlm.width + 10 + args.action_horizon * 2))
     critic = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(jax.random.key(1), args.num_qs))
     target = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(jax.random.key(2), args.num_qs))
@@ -89,7 +91,7 @@ def test_td_target_by_hand():
         nets, args, params, target, env = make_nets(q_agg=agg, target_n=4)
         obs = env.reset(seed=0)[0]
         prefix = nets.pi.prefix(params["params"], nets.io.observe(obs))
-        next_cand, _ = ac.sample_chunks(nets, params["params"], prefix, jax.random.key(4), 4, 2)  # [B,4,H,A]
+        next_cand = nets.io.executed(nets.pi.sample_n(params["params"], prefix, jax.random.key(4), 4, 2))  # [B,4,H,A]
         batch = {
             "discounted_return": jnp.array([0.5, 0.0]),
             "n_valid": jnp.array([5, 2]),
@@ -125,11 +127,11 @@ def test_best_of_n_is_the_critic_argmax():
     prefix = nets.pi.prefix(p, nets.io.observe(env.reset(seed=0)[0]))
     z = ac.critic_obs(prefix)
     for slice_ in (0, 2):
-        chunk, q = ac.best_of_n(nets, p, c, prefix, jax.random.key(5), 8, 2, 0.0, slice_)
+        chunk, q, _ = ac.best_of_n(nets, p, c, prefix, jax.random.key(5), 8, 2, 0.0, slice_)
         # score every candidate the same way, independently of the selection
         S = slice_ or 8
         keys = jax.random.split(jax.random.key(5), 8 // S)
-        cand = jnp.concatenate([ac.sample_chunks(nets, p, prefix, k, S, 2)[1] for k in keys], 1)  # [B,8,H,A]
+        cand = jnp.concatenate([nets.pi.sample_n(p, prefix, k, S, 2) for k in keys], 1)  # [B,8,H,A]
         q_all = ac.q_values(nets, c, z, cand).mean(0)  # [B,8]
         idx = jnp.abs(cand - chunk[:, None]).sum((2, 3)).argmin(1)  # which candidate was returned
         rows = jnp.arange(2)  # the pick is the argmax up to float ties between near-equal untrained values
@@ -137,24 +139,27 @@ def test_best_of_n_is_the_critic_argmax():
         np.testing.assert_allclose(np.asarray(q_all[rows, idx]), np.asarray(q_all.max(1)), atol=1e-5)
         np.testing.assert_allclose(np.asarray(q), np.asarray(q_all.max(1)), atol=1e-5)
     # pessimism: mean − β·std, with β large enough the pick follows the least uncertain candidate
-    chunk, _ = ac.best_of_n(nets, p, c, prefix, jax.random.key(5), 8, 2, 1e6)
+    chunk, _, _ = ac.best_of_n(nets, p, c, prefix, jax.random.key(5), 8, 2, 1e6)
     (key,) = jax.random.split(jax.random.key(5), 1)
-    cand = ac.sample_chunks(nets, p, prefix, key, 8, 2)[1]
+    cand = nets.pi.sample_n(p, prefix, key, 8, 2)
     idx = jnp.abs(cand - chunk[:, None]).sum((2, 3)).argmin(1)
     q_e = ac.q_values(nets, c, z, cand)  # [E,B,8]
     np.testing.assert_allclose(np.asarray(q_e.std(0)[jnp.arange(2), idx]), np.asarray(q_e.std(0).min(1)), atol=1e-6)
 
 
-def test_critic_batches_from_the_cache():
+def test_critic_batches_from_the_cache(tmp_path):
     """The online critic batches: offline rows from the once-encoded prior data (o_t's view, o_{t+H}'s view and
-    π₀ chunks), online rows from what acting stored in the buffer's extras (the buffer keeps no observations)."""
+    π₀ chunks, those kept in the run folder), online rows from what acting stored in the buffer's extras (the buffer
+    keeps no observations)."""
     nets, args, params, _, env = make_nets(target_n=2)
     data = qchunk.load_episodes(envs.default_dataset(env="push", noise=0.6, episodes=12), prompts=env.prompts)
     offline = qchunk.make_chunks(data, 5, 0.99)
     obs = env.reset(seed=0)[0]
     buffer = qchunk.ReplayBuffer(16, 5, 0.99)
-    cache = ac.CriticData(nets, args, params["params"], offline, buffer, jax.random.key(0), bs=64)
-    assert cache.obs_z.shape == (len(data), 64 + 10) and cache.cand.shape == (len(data), 2, 5, 2)
+    run = runlog.Run.from_args(dataclasses.replace(args, run_dir=str(tmp_path / "run")), "acrlpd_pi0")
+    cache = ac.critic_cache(nets, args, params["params"], offline, buffer, run, jax.random.key(0), bs=64)
+    rows = cache.rows(np.arange(len(offline)))
+    assert rows["obs_z"].shape == (len(offline), 64 + 10) and rows["next_cand"].shape == (len(offline), 2, 5, 2)
     assert "obs" not in cache.sample(np.random.default_rng(0), 4)  # an empty buffer: all rows offline
     _, step = envs.execute_chunk(env, obs, np.zeros((2, 5, 2), np.float32), 0.99)
     extras = {"obs_z": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
@@ -163,11 +168,41 @@ def test_critic_batches_from_the_cache():
     b = cache.sample(np.random.default_rng(0), 10)
     assert (b["obs_z"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
     assert (b["n_valid"][5:] == 5).all()
-    i = np.flatnonzero((cache.obs_z[:, None] == b["obs_z"][None, :5]).all(-1))  # offline rows are encoded frames
-    assert len(np.unique(i)) >= 1 and not (b["obs_z"][:5] == 7).any()
+    z = np.asarray(ac.encode(nets, args, params["params"], data.obs, jax.random.key(1))[0])  # every frame's view
+    np.testing.assert_allclose(rows["obs_z"], z[offline.obs_idx], atol=1e-5)
+    np.testing.assert_allclose(rows["next_obs_z"], z[offline.next_obs_idx], atol=1e-5)
+    assert not (b["obs_z"][:5] == 7).any()
     # the data chunks in the critic's (normalised) units: EnvIO.to_model of the dataset's actions
     want = nets.io.executed(nets.io.to_model(data.actions[offline.action_idx[:3]], data.obs["state"][:3]))
-    np.testing.assert_allclose(cache.chunk[:3], np.asarray(want), atol=1e-6)
+    np.testing.assert_allclose(rows["chunk"][:3], np.asarray(want), atol=1e-6)
+    # π₀ moves online: a resumed run (another π₀) reads the target chunks the run started with, from its folder
+    assert os.path.exists(os.path.join(run.dir, "critic_cache.p0.npz"))
+    moved = jax.tree.map(lambda x: x + 0.1, params["params"])
+    again = ac.critic_cache(nets, args, moved, offline, buffer, run, jax.random.key(0), bs=64)
+    np.testing.assert_array_equal(again.rows(np.arange(4))["next_cand"], rows["next_cand"][:4])
+    run.close()
+
+
+def test_topk_draws_among_the_best():
+    """--topk k: the executed chunk is one of the k best candidates; a cold draw is the best, a hot one varies."""
+    nets, _, params, _, env = make_nets()
+    p, c = params["params"], params["critic"]
+    prefix = nets.pi.prefix(p, nets.io.observe(env.reset(seed=0)[0]))
+    z = ac.critic_obs(prefix)
+    pick = jax.jit(lambda key, temp: ac.best_of_n(nets, p, c, prefix, key, 8, 2, 0.0, 0, 3, temp)[0])
+    ranks = []
+    for i in range(12):
+        key = jax.random.key(i)
+        (k,) = jax.random.split(key, 1)
+        cand = nets.pi.sample_n(p, prefix, k, 8, 2)  # the candidates best_of_n scores
+        order = jnp.argsort(-ac.q_values(nets, c, z, cand).mean(0), axis=1)  # [B,8] best first
+        for temp, out in ((1e-4, ranks), (1e4, ranks)):
+            idx = jnp.abs(cand - pick(key, temp)[:, None]).sum((2, 3)).argmin(1)
+            rank = np.asarray(jnp.argmax(order == idx[:, None], axis=1))  # 0: the best
+            out.append((temp, rank))
+    assert all((r == 0).all() for t, r in ranks if t < 1)  # cold: the argmax
+    hot = np.concatenate([r for t, r in ranks if t > 1])
+    assert hot.max() <= 2 and len(set(hot.tolist())) == 3  # hot: all of the top 3, nothing below
 
 
 def test_action_horizon_beyond_the_model_chunk_is_refused():
