@@ -211,7 +211,8 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
         critic = jax.vmap(lambda k: nets.critic.init(k, jnp.zeros((1, width)))["params"])(
             jax.random.split(k_critic, args.num_qs)
         )
-        state = {"params": params, "opt": tx.init(params), "pi_opt": pi_tx.init(params), "temp": {}, "critic": critic}
+        temp = {"log": jnp.zeros(()), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}
+        state = {"params": params, "opt": tx.init(params), "pi_opt": pi_tx.init(params), "temp": temp, "critic": critic}
         return {**state, "critic_opt": critic_tx.init(critic), "target_critic": critic}
 
     state = ab.state(init, jax.random.key(0))

@@ -48,8 +48,8 @@ RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_device
 
 @dataclasses.dataclass
 class RunArgs:
-    """The run block every script's `Args` starts with, the same flags in the three scripts. A script's own fields
-    follow, in the same order everywhere: cadence (save/log/eval, envs), model, algorithm."""
+    """The run block every script's `Args` starts with, the same flags in the three scripts (the cadence ones take
+    each script's preset). A script's own fields follow, in the same order everywhere: model, algorithm."""
 
     exp_name: str = ""
     """name of this experiment: the run folder runs/<env>__<exp_name>__<seed>__<time> and wandb's group ('' = the
@@ -172,6 +172,11 @@ def resumed(args: Any, script: str) -> Any:
         raise RunError(f"{file}: unreadable ({e}); the run cannot be resumed with its flags") from None
     owner = saved.pop("_script", None)
     fields = {f.name: f for f in dataclasses.fields(args)}
+    if owner == script and (gone := sorted(set(saved) - set(fields))):
+        raise RunError(
+            f"--run-dir {args.run_dir} was started by another version of {script}.py (flags this one does not have: "
+            f"{', '.join('--' + g.replace('_', '-') for g in gone)}); resume it with that version, or start a new run"
+        )
     if owner not in (None, script) or set(saved) - set(fields):  # a flag added since the run started: its default
         other = f"{owner}.py" if owner else "another script"
         raise RunError(

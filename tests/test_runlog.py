@@ -105,6 +105,11 @@ def test_resume_takes_the_runs_own_flags(tmp_path) -> None:
         runlog.resumed(Args(run_dir=run_dir, resume=True, seed=4), "script")
     with pytest.raises(RunError, match="is a run of script.py, not other.py"):
         runlog.resumed(Args(run_dir=run_dir, resume=True), "other")
+    saved = json.load(open(os.path.join(run_dir, "args.json")))
+    json.dump({**saved, "retired_flag": 1}, open(os.path.join(run_dir, "args.json"), "w"))
+    with pytest.raises(RunError, match="another version of script.py .flags this one does not have: --retired-flag"):
+        runlog.resumed(Args(run_dir=run_dir, resume=True), "script")
+    json.dump(saved, open(os.path.join(run_dir, "args.json"), "w"))
     with pytest.raises(RunError, match="is not empty"):
         Args(run_dir=run_dir).check_run()
 
