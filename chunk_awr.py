@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,26 +130,14 @@ def check(args: Args) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------- networks
-class MLP(nn.Module):
-    """Dense → LayerNorm → GELU blocks, scalar out: one Q member or V."""
-
-    hidden: tuple[int, ...]
-
-    @nn.compact
-    def __call__(self, x):
-        for h in self.hidden:
-            x = nn.gelu(nn.LayerNorm()(nn.Dense(h)(x)))
-        return nn.Dense(1)(x)[..., 0]
-
-
 @dataclass(frozen=True)
 class Nets:
     """π₀, the env ↔ π₀ plumbing and the critics (Q twins, V): what the losses and the acting functions close over."""
 
     pi: pi0.Pi0
     io: pi0.EnvIO
-    q: MLP
-    v: MLP
+    q: pi0.HeadMLP  # one Q member: Dense → LayerNorm → GELU blocks, scalar out
+    v: pi0.HeadMLP  # V, the same
 
 
 def critic_obs(features, state) -> jax.Array:
@@ -351,7 +338,7 @@ def main(args: Args) -> dict:
     policy = runlog.make_policy(env, data.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
-    nets = Nets(policy.model, policy.io, MLP(tuple(args.critic_hidden)), MLP(tuple(args.critic_hidden)))
+    nets = Nets(policy.model, policy.io, pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden)))
     params = policy.params
     z = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim)))
     x = jnp.zeros((1, z.shape[1] + args.action_horizon * env.action_dim))

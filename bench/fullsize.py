@@ -263,7 +263,7 @@ def chunk_awr_cases(setup: Setup, ab: Abstract) -> list[Case]:
     env = libero_env(setup.preset)
     model, io = policy(setup, env, args.action_horizon)
     cfg = model.config
-    nets = m.Nets(model, io, m.MLP(tuple(args.critic_hidden)), m.MLP(tuple(args.critic_hidden)))
+    nets = m.Nets(model, io, pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden)))
     z_width = cfg.vlm.width + (cfg.state_dim or cfg.action_dim)
     tx, critic_tx = m.make_optimizers(args)
 
