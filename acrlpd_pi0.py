@@ -186,11 +186,11 @@ def best_of_n(nets: Nets, params, cparams, prefix, rng, n: int, steps: int, beta
     return cand[rows, idx], qm[rows, idx], spread
 
 
-def encode(nets: Nets, args: Args, params, obs, rng):
-    """What the critic needs of observations: views [B,W+S] and --target-n executed π₀ chunks [B,N,H,A]."""
+def encode(nets: Nets, args: Args, params, obs, rng, views_only: bool = False):
+    """What the critic needs of observations: views [B,W+S] and --target-n executed π₀ chunks [B,N,H,A] (or None)."""
     prefix = nets.pi.prefix(params, nets.io.observe(obs))
-    cand = nets.io.executed(nets.pi.sample_n(params, prefix, rng, args.target_n, args.target_flow_steps))
-    return jax.lax.stop_gradient((critic_obs(prefix), cand))
+    sample = lambda: nets.io.executed(nets.pi.sample_n(params, prefix, rng, args.target_n, args.target_flow_steps))
+    return jax.lax.stop_gradient((critic_obs(prefix), None if views_only else sample()))
 
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -249,8 +249,7 @@ def joint_loss(train, batch, rng, target_cparams, nets: Nets, args: Args):
     """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + actor term) -> (loss, info)."""
     k_flow, k_next, k_cand, k_target, k_actor = jax.random.split(rng, 5)
     prefix = nets.pi.prefix(train["params"], nets.io.observe(batch["obs"]))  # the one VLM pass for o_t
-    if args.freeze_backbone:
-        prefix = jax.lax.stop_gradient(prefix)
+    prefix = jax.lax.stop_gradient(prefix) if args.freeze_backbone else prefix
     bc, actions = bc_loss(nets, train["params"], prefix, batch, k_flow)
     frozen = jax.lax.stop_gradient(train)  # the critic's inputs and targets never train π₀
     next_z, next_cand = encode(nets, args, frozen["params"], batch["next_obs"], k_next)
@@ -324,15 +323,15 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
 
 
 def critic_cache(nets: Nets, args: Args, params, offline, buffer, run: runlog.Run, rng, bs=1024):
-    """Online critic batches of cached arrays: the buffer's (cached when acting) and the prior data's, critic views and
-    data chunks (valid while the VLM is frozen) and π₀'s target chunks at every frame, sampled once at the online start
-    and kept in the run folder (π₀ moves online: a resumed run reads what the uninterrupted one used)."""
+    """Online critic batches of cached arrays: the buffer's and the prior data's (views and data chunks, valid while the
+    VLM is frozen; π₀'s target chunks, sampled once and kept in the run folder, since π₀ moves online)."""
     if offline is None:  # no prior data: every batch from the buffer
         return qchunk.MixedBatches(buffer, TD_KEYS)
-    data, enc = offline.data, jax.jit(partial(encode, nets, args))
-    encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]))
-    obs_z, cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A]
-    cand = run.computed_once("critic_cache", lambda: {"cand": cand})["cand"]
+    data, enc = offline.data, jax.jit(partial(encode, nets, args), static_argnames="views_only")
+    kept = run.kept("critic_cache")  # a resumed run reads the target chunks back: it encodes the views alone
+    encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]), bool(kept))
+    obs_z, cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A] or None
+    cand = kept["cand"] if kept else run.keep("critic_cache", {"cand": cand})["cand"]
     to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
     chunk_rows = lambda i: to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
     chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # the data chunks as the critic reads them

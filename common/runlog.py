@@ -501,17 +501,20 @@ class Run:
             print(f"{stopping}: saved step {step}, stopped. Resume with:\n  {self.resume_command}", flush=True)
             raise SystemExit(0)
 
-    def computed_once(self, name: str, compute: typing.Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Arrays a run computes once and keeps as they were then (a cache from a train state that has moved on since:
-        a resumed run must read what the uninterrupted one used): `<run dir>/<name>.p<i>.npz` when there, else
-        `compute()`, written there atomically (per process: each keeps what it computed)."""
+    def kept(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays `keep` wrote under `name` in this run folder (this process's), or None before it did."""
         path = os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz")
-        if os.path.exists(path):
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        out = compute()
-        atomic_write(path, lambda f: np.savez(f, **out))
-        return out
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    def keep(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Write `arrays` once for the run (`<run dir>/<name>.p<i>.npz`, atomically; per process: each keeps what it
+        computed) and return them: what a run computed from a train state that has moved on since (a cache), for a
+        resumed run to read back (`kept`) what the uninterrupted one used."""
+        atomic_write(os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz"), lambda f: np.savez(f, **arrays))
+        return arrays
 
     def _host_file(self, step: int) -> str:
         return os.path.join(self.dir, "host", f"{step}.p{jax.process_index()}.npz")
