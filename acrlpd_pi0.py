@@ -124,6 +124,7 @@ def check(args: Args) -> Args:
     at_least(1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs", "bon")
     at_least(1, "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
     at_least(0, "offline_steps", "online_steps", "learning_starts", "bon_slice", "topk")
+    at_least(0, "distill_weight", "actor_weight", "adapt_temp", "cql_weight")
     ranges = dict(gamma=(0, 1), tau=(0, 1), lr=(0, None), critic_lr=(0, None), max_grad_norm=(0, None))
     runlog.check_ranges(args, **ranges, select_temp=(0, None))
     if args.topk > args.bon:

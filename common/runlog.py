@@ -721,7 +721,7 @@ def check_choices(args: Any) -> None:
 
 
 def check_at_least(args: Any, minimum: int, *names: str) -> None:
-    """Raise RunError naming the flag when one of the integer fields `names` of `args` is below `minimum`."""
+    """Raise RunError naming the flag when one of the numeric fields `names` of `args` is below `minimum`."""
     for name in names:
         if getattr(args, name) < minimum:
             raise RunError(f"--{name.replace('_', '-')} must be ≥ {minimum} (got {getattr(args, name)})")

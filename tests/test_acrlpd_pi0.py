@@ -216,6 +216,12 @@ def test_bad_flags_get_clear_errors(tmp_path):
         ac.check(ac.Args(**{**TINY, "learning_starts": 500, "buffer_size": 100}))
     with pytest.raises(ValueError, match="--bon-slice 2 must divide --bon 3"):
         ac.check(ac.Args(**{**TINY, "bon_slice": 2}))
+    with pytest.raises(ValueError, match="--topk 4 > --bon 3: the draw is among the --bon candidates"):
+        ac.check(ac.Args(**{**TINY, "topk": 4}))
+    with pytest.raises(ValueError, match=r"--distill-weight must be ≥ 0 \(got -1.0\)"):
+        ac.check(ac.Args(**{**TINY, "distill_weight": -1.0}))
+    with pytest.raises(ValueError, match=r"--select-temp must be > 0 \(got 0.0\)"):
+        ac.check(ac.Args(**{**TINY, "select_temp": 0.0}))
     assert ac.check(ac.Args()).learning_starts == 32_000  # the push preset
     with pytest.raises(ValueError, match="--env Pendulum-v1: pass --dataset"):
         ac.check(ac.Args(env="Pendulum-v1"))
