@@ -43,7 +43,7 @@ from common import RunError, envs, mesh, pi0, qchunk, runlog
 _BASE = dict(action_horizon=5, eval_episodes=100, num_envs=100, save_every=2000, log_every=200, eval_every=2000)
 # presets by --env (gym: any other); a flag wins. Steps: updates (eval: policy updates)
 _LIBERO = dict(_BASE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
-PRESETS = {"push": _BASE, "gym": _BASE, "libero": _LIBERO}
+PRESETS = {"push": _BASE, "gym": dict(_BASE, num_envs=16), "libero": _LIBERO}  # gym: ~200 MB an OGBench env
 
 
 @dataclass

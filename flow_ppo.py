@@ -38,7 +38,7 @@ from common import RunError, envs, mesh, pi0, qchunk, runlog
 _BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20)
 # presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every)
 _LIBERO = dict(_BASE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
-PRESETS = {"push": _BASE, "gym": _BASE, "libero": _LIBERO}
+PRESETS = {"push": _BASE, "gym": dict(_BASE, num_envs=16), "libero": _LIBERO}  # gym: ~200 MB an OGBench env
 
 
 @dataclass

@@ -33,7 +33,8 @@ import h5py
 import jax
 import numpy as np
 
-from common import RunError, mesh
+from common import RunError, gymenv, mesh
+from common.gymenv import GymVecEnv
 
 Obs = dict[str, Any]
 
@@ -359,98 +360,6 @@ def default_dataset(env: str = "push", noise: float | str = 0.6, episodes: int =
     return str(path)
 
 
-# ----------------------------------------------------------------------------------------------------- gymnasium
-class GymVecEnv:
-    """Any registered gymnasium id (also "module:EnvId") with Box observations and actions, state-only.
-
-    Sub-envs are stepped one by one (like gymnasium's SyncVectorEnv) but managed here, so that ended envs can be
-    frozen (`active`) and reset individually without autoreset. Env i is first reset with seed `seed + first + i`
-    (`first`: the index of env 0 among a run's envs, `EnvSpec.make_share`). `make_kwargs` go to `gymnasium.make`
-    (e.g. `max_episode_steps`).
-    """
-
-    def __init__(self, env_id: str, num_envs: int, seed: int = 0, first: int = 0, **make_kwargs: Any):
-        try:
-            self.envs = [gym.make(env_id, **make_kwargs) for _ in range(num_envs)]
-        except TypeError as err:  # a keyword the env does not take
-            raise RunError(
-                f"--env-kwargs {make_kwargs}: gymnasium.make({env_id!r}, ...) refused them ({err})"
-            ) from None
-        except (gym.error.Error, ModuleNotFoundError) as err:
-            raise RunError(
-                f"unknown environment {env_id!r} ({err}). Use 'push', 'libero', or any gymnasium id registered in "
-                "this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import my_module first)."
-            ) from err
-        obs_space, act_space = self.envs[0].observation_space, self.envs[0].action_space
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise RunError(
-                f"{env_id!r} has observation space {obs_space}; only Box observations are supported. Wrap the env "
-                "(e.g. gymnasium.wrappers.FlattenObservation) and register the wrapped env under a new id."
-            )
-        if not isinstance(act_space, gym.spaces.Box):
-            raise RunError(
-                f"{env_id!r} has action space {act_space}; only continuous Box actions are supported (action chunks "
-                "are float vectors). Pick a continuous-control env."
-            )
-        self.env_id, self.num_envs, self.seed, self.first = env_id, num_envs, seed, first
-        self.state_dim, self.action_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
-        self.prompts, self.camera_names = [""], []
-        self.action_low = np.broadcast_to(act_space.low, act_space.shape).reshape(-1).astype(np.float32)
-        self.action_high = np.broadcast_to(act_space.high, act_space.shape).reshape(-1).astype(np.float32)
-        self.single_action_space = gym.spaces.Box(self.action_low, self.action_high, dtype=np.float32)
-        self.single_observation_space = gym.spaces.Dict(
-            {
-                "state": gym.spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32),
-                "prompt_id": gym.spaces.Discrete(1),
-                "images": gym.spaces.Dict({}),
-            }
-        )
-        self.max_episode_steps = self.envs[0].spec.max_episode_steps if self.envs[0].spec else None
-        self._state = np.zeros((num_envs, self.state_dim), np.float32)
-        self._return, self._length = np.zeros(num_envs, np.float32), np.zeros(num_envs, np.int64)
-        self._seeded = False
-
-    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
-        """Reset all envs; the first reset (or one with `seed`) seeds env i with `seed + first + i`."""
-        if seed is not None:
-            self.seed, self._seeded = seed, False
-        return self.reset_where(np.ones(self.num_envs, bool)), {}
-
-    def reset_where(self, mask: np.ndarray) -> Obs:
-        """Reset the envs where `mask` is True; returns the observation of all envs."""
-        for i in np.flatnonzero(mask):
-            obs, _ = self.envs[i].reset(seed=None if self._seeded else self.seed + self.first + int(i))
-            self._state[i] = np.asarray(obs, np.float32).reshape(-1)
-            self._return[i], self._length[i] = 0.0, 0
-        self._seeded = self._seeded or bool(np.all(mask))
-        return self._obs()
-
-    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
-        """Step the envs where `active` (default all) with actions [E, A], clipped to the action bounds."""
-        e = self.num_envs
-        act = np.ones(e, bool) if active is None else np.asarray(active, bool)
-        actions = np.clip(np.asarray(actions, np.float32).reshape(e, -1), self.action_low, self.action_high)
-        reward, term, trunc, success = np.zeros(e, np.float32), np.zeros(e, bool), np.zeros(e, bool), np.zeros(e, bool)
-        shape = self.envs[0].action_space.shape
-        for i in np.flatnonzero(act):
-            obs, r, te, tr, info = self.envs[i].step(actions[i].reshape(shape))
-            self._state[i] = np.asarray(obs, np.float32).reshape(-1)
-            reward[i], term[i], trunc[i] = r, te, tr and not te
-            success[i] = bool(info.get("success", info.get("is_success", False)))
-        self._return += reward
-        self._length += act
-        info = {"success": success, "subgoal": np.zeros(e, bool)}
-        info.update(episode_return=self._return.copy(), episode_length=self._length.copy())
-        return self._obs(), reward, term, trunc, info
-
-    def _obs(self) -> Obs:
-        return {"state": self._state.copy(), "prompt_id": np.zeros(self.num_envs, np.int32), "images": {}}
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-
 def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw: Any) -> Any:
     """'push' -> `PushEnv`; 'libero' -> `common.libero.make_libero_env`; anything else -> `GymVecEnv`. `kw` may hold
     `first` (all three) and `total` (LIBERO): see `EnvSpec.make`."""
@@ -550,20 +459,29 @@ def is_lerobot(path: str | os.PathLike) -> bool:
 
 def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
     """Prior data for `env` (`qchunk.EpisodeData`): robomimic/LIBERO HDF5 (a file or a folder of them) through
-    `qchunk.load_episodes`, or a LeRobot folder through `libero.load_lerobot` with its images resized to `image_size`
-    (0: `LEROBOT_IMAGE_SIZE`, the size `EnvSpec.make` renders LIBERO at for such a dataset). Prompt ids index the
-    env's prompts first, then the data's new ones; actions must have the env's dimension."""
+    `qchunk.load_episodes`, a LeRobot folder through `libero.load_lerobot` with its images resized to `image_size`
+    (0: `LEROBOT_IMAGE_SIZE`, the size `EnvSpec.make` renders LIBERO at for such a dataset), an OGBench/D4RL-layout
+    .npz file (`gymenv.load_npz`; rewards relabelled for an OGBench single-task env) or a Minari dataset folder
+    (`gymenv.load_minari`). Prompt ids index the env's prompts first, then the data's new ones; actions must have the
+    env's dimension."""
     lerobot = is_lerobot(path)
     if lerobot:
         from common import libero
 
         data = libero.load_lerobot(path, prompts=env.prompts, image_size=image_size or LEROBOT_IMAGE_SIZE)
+    elif str(path).endswith(".npz"):
+        data = gymenv.load_npz(path, getattr(env, "env_id", ""), prompts=env.prompts)
+    elif gymenv.is_minari(path):
+        data = gymenv.load_minari(path, prompts=env.prompts)
     else:
         from common import qchunk
 
         data = qchunk.load_episodes(path, prompts=env.prompts)  # refuses NaN / inf per file and demo as it reads
     if data.actions.shape[1] != env.action_dim:
         raise RunError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
+    if getattr(env, "state_dim", data.obs["state"].shape[1]) != data.obs["state"].shape[1]:
+        raise RunError(f"{path}: observations have {data.obs['state'].shape[1]} dims, the environment's "
+                       f"{env.state_dim}: is it this env's dataset?")  # fmt: skip
     if lerobot:
         _refuse_non_finite(path, data)
     return data
@@ -681,6 +599,21 @@ def resume_loop(env: Any, saved: dict[str, Any], seed: int) -> Obs:
     return env.reset(seed=seed)[0]
 
 
+_EVAL_ENVS: dict[tuple, Any] = {}
+
+
+def _evaluation_envs(spec: EnvSpec, num_envs: int, seed: int, first: int, total: int) -> Any:
+    """`spec.make(..., evaluation=True)`, kept for the next evaluation when they are gymnasium envs: their worker
+    processes take seconds to start, and `evaluate` reseeds them (`reset(seed)`), so a kept env plays what a new one
+    would. Push and LIBERO envs are made anew (cheap; LIBERO's evaluation envs replay fixed initial states)."""
+    if spec.name in ("push", "libero"):
+        return spec.make(num_envs, seed, evaluation=True, first=first, total=total)
+    key = (spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str), num_envs, first, total)
+    if key not in _EVAL_ENVS:
+        _EVAL_ENVS[key] = spec.make(num_envs, seed, evaluation=True, first=first, total=total)
+    return _EVAL_ENVS[key]
+
+
 def evaluate(
     spec: EnvSpec,
     act: Callable[[Obs, jax.Array], tuple[Any, Any]],
@@ -712,7 +645,7 @@ def evaluate(
     """
     E = -(-min(num_envs, episodes) // jax.process_count()) * jax.process_count()
     mine = mesh.process_rows(E)  # this process's envs of the E
-    env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E)
+    env = _evaluation_envs(spec, mine.stop - mine.start, seed, first=mine.start, total=E)
     obs, _ = env.reset(seed=seed)
     todo = (episodes - np.arange(E)[mine] + E - 1) // E  # episodes each env still has to play
     success, ret = np.zeros(len(todo), bool), np.zeros(len(todo))  # of each env's current episode (this process's)
@@ -735,7 +668,8 @@ def evaluate(
         todo -= ended & live
         if not mesh.anywhere(todo.any()):  # every process's envs are done
             break
-    env.close()
+    if spec.name in ("push", "libero"):
+        env.close()
     n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
     if decisions:
@@ -768,19 +702,47 @@ def evaluate_policies(spec: EnvSpec, policies: dict[str, tuple[str, Callable]], 
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    """`python -m common.envs make-dataset --env push --episodes N --noise X --out FILE.h5 [--image-size 0]`."""
+    """`python -m common.envs make-dataset --env push --episodes N --noise X --out FILE.h5 [--image-size 0]`, or
+    `--env ogbench:<id> [--recipe task|noisy|play] --out FILE.npz` (`gymenv.make_ogbench_dataset`)."""
     parser = argparse.ArgumentParser(prog="python -m common.envs")
     sub = parser.add_subparsers(dest="command", required=True)
-    mk = sub.add_parser("make-dataset", help="write demonstrator episodes as HDF5")
-    mk.add_argument("--env", default="push")
+    mk = sub.add_parser("make-dataset", help="write demonstrator episodes (push: HDF5; ogbench:<id>: OGBench's npz)")
+    mk.add_argument(
+        "--env", default="push", help="push, or ogbench:<OGBench id> (e.g. cube-single-singletask-task1-v0)"
+    )
     mk.add_argument("--episodes", type=int, default=1000)
-    mk.add_argument("--noise", default="0.6", help="action noise std, or 'mixed' (0.3/0.6/1.0 in equal parts)")
+    mk.add_argument("--noise", default=None, help="push: action noise std, or 'mixed' (0.3/0.6/1.0 in equal parts), "
+                    "default 0.6; OGBench: the recipe's noise level, default 0.1 (OGBench's)")  # fmt: skip
     mk.add_argument("--out", required=True)
     mk.add_argument("--image-size", type=int, default=0)
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--recipe", default="task", choices=gymenv.OGBENCH_RECIPES,
+                    help="OGBench: task (the single-task env, oracle aimed at its goal; cube tasks), or OGBench's own "
+                    "noisy / play data-collection recipes (episodes of --episode-steps)")  # fmt: skip
+    mk.add_argument("--p-random", type=float, default=None, help="OGBench: random-action probability (recipe's own)")
+    mk.add_argument("--episode-steps", type=int, default=1001, help="OGBench noisy/play: steps an episode")
     args = parser.parse_args(argv)
-    noise = args.noise if args.noise == "mixed" else float(args.noise)
     start = time.time()
+    if args.env.startswith("ogbench:"):
+        if not args.out.endswith(".npz"):
+            raise SystemExit(f"--out {args.out}: OGBench datasets are written in OGBench's npz layout; name it .npz")
+        if os.path.exists(args.out):
+            raise SystemExit(f"--out {args.out} exists; pick a new name (nothing on disk is overwritten)")
+        try:
+            stats = gymenv.make_ogbench_dataset(args.out, args.env, args.episodes, float(args.noise or 0.1),
+                                                args.recipe, args.seed, args.p_random, args.episode_steps)  # fmt: skip
+        except RunError as e:
+            raise SystemExit(str(e)) from None
+        reached = ""
+        if gymenv.ogbench_task(args.env):  # the task's own success, from the relabelled rewards
+            data = gymenv.load_npz(args.out, args.env, [""])
+            reached = f", {data.terminals.sum()} frames at the task's goal"
+        print(f"{args.episodes} episodes, {stats['frames']} steps, oracle success {stats['success_rate']:.1%}"
+              f"{reached}, {time.time() - start:.1f}s")  # fmt: skip
+        print(f"-> {args.out}")
+        return
+    noise = args.noise or "0.6"
+    noise = noise if noise == "mixed" else float(noise)
     path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)
     with h5py.File(path, "r") as f:
         rate, total = f["data"].attrs["success_rate"], f["data"].attrs["total"]

@@ -1,0 +1,654 @@
+"""Gymnasium benchmarks: envs stepped in worker processes, and the datasets users already have for them.
+
+- `GymVecEnv`: any registered gymnasium id (or "module:EnvId") with Box state observations and Box actions, its
+  sub-envs spread over worker processes (`workers`; 0 keeps them in this process). The interface is `common.envs`'s:
+  per-env `active` masks and `reset_where`, never an autoreset. Success is `info["success"]`, else
+  `info["is_success"]`. A worker is a fresh `python -m common.gymenv` process (no JAX, no copy of the script), talking
+  pickles over its stdin/stdout; it exits when this process dies, even by kill -9.
+- `load_npz`: OGBench's npz layout (`observations`, `actions`, `terminals` marking each trajectory's last frame, and
+  `qpos` / `qvel` / `button_states`), the layout OGBench's `make_env_and_datasets` reads and Q-chunking trains on.
+  With no `rewards` in the file, a single-task OGBench env's rewards are relabelled from `qpos` by OGBench's own
+  `relabel_dataset` (−1 per unmet sub-goal, 0 at success) and a success frame is a true termination, as the env
+  terminates there. A file with `rewards` (and `terminals`/`masks`, D4RL style) is read as given.
+- `load_minari`: a Minari dataset folder (Farama's offline format), through `minari.MinariDataset`.
+- `make_ogbench_dataset`: OGBench's scripted oracles rolled out with OGBench's published noise recipes, written in
+  OGBench's npz layout (`python -m common.envs make-dataset --env ogbench:<id>`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from common import RunError
+
+Obs = dict[str, Any]
+
+
+def _rss_mb() -> float:
+    """This process's resident memory in MB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def available_mb() -> float:
+    """MemAvailable of this machine in MB (Linux; inf elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return float("inf")
+
+
+# ----------------------------------------------------------------------------------------------------- sub-envs
+class _Envs:
+    """`count` gymnasium envs in one process: what a worker (or `GymVecEnv` with workers=0) holds."""
+
+    def __init__(self, env_id: str, count: int, make_kwargs: dict[str, Any]):
+        base = _rss_mb()
+        self.envs = [_make(env_id, make_kwargs)]
+        one = _rss_mb()
+        self.envs += [_make(env_id, make_kwargs) for _ in range(count - 1)]
+        per_env = (_rss_mb() - one) / (count - 1) if count > 1 else one - base
+        env = self.envs[0]
+        spec = env.spec.max_episode_steps if env.spec else None
+        self.info = dict(
+            obs_space=env.observation_space,
+            act_space=env.action_space,
+            max_episode_steps=spec,
+            rss_mb=_rss_mb(),
+            per_env_mb=per_env,
+        )
+
+    def reset(self, idx: list[int], seeds: list[int | None]) -> np.ndarray:
+        obs = [self.envs[i].reset(seed=s)[0] for i, s in zip(idx, seeds, strict=True)]
+        return np.stack([np.asarray(o, np.float32).reshape(-1) for o in obs])
+
+    def step(self, idx: list[int], actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        out = []
+        for i, a in zip(idx, actions, strict=True):
+            obs, r, te, tr, info = self.envs[i].step(a.reshape(self.envs[i].action_space.shape))
+            ok = bool(info.get("success", info.get("is_success", False)))
+            out.append((np.asarray(obs, np.float32).reshape(-1), float(r), bool(te), bool(tr), ok))
+        return tuple(np.array(x) for x in zip(*out, strict=True))
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _make(env_id: str, make_kwargs: dict[str, Any]) -> gym.Env:
+    return gym.make(env_id, **make_kwargs)  # "module:EnvId" imports module first (e.g. ogbench:cube-single-v0)
+
+
+def _serve() -> None:
+    """A worker's loop (`python -m common.gymenv`): build the envs, then answer commands until "close" or EOF."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the env prints goes to stderr, never into the pickle stream
+    inp = sys.stdin.buffer
+    envs = None
+    while True:
+        try:
+            cmd, payload = pickle.load(inp)
+        except EOFError:  # the parent is gone
+            return
+        try:
+            if cmd == "make":
+                envs = _Envs(**payload)
+                reply = envs.info
+            elif cmd == "close":
+                envs and envs.close()
+                return
+            else:
+                reply = getattr(envs, cmd)(*payload)
+            pickle.dump(("ok", reply), out)
+        except Exception as e:  # noqa: BLE001  (sent to the parent, which raises it there)
+            pickle.dump(("error", (type(e).__name__, str(e))), out)
+        out.flush()
+
+
+class _Worker:
+    """One worker process and its pipe."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "common.gymenv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root
+        )
+
+    def send(self, cmd: str, payload: Any) -> None:
+        try:
+            pickle.dump((cmd, payload), self.proc.stdin)
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._died()
+
+    def _died(self) -> None:
+        code = self.proc.wait()
+        raise RunError(f"a gymnasium worker process died (exit code {code}); see its stderr above") from None
+
+    def recv(self) -> Any:
+        try:
+            status, reply = pickle.load(self.proc.stdout)
+        except EOFError:
+            self._died()
+        if status == "error":
+            raise _WorkerError(*reply)
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send("close", None)
+                self.proc.wait(timeout=10)
+            except (OSError, RunError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+class _WorkerError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message = kind, message
+
+
+class _Local:
+    """`_Envs` in this process, behind the worker's send/recv interface."""
+
+    def send(self, cmd: str, payload: Any) -> None:
+        try:
+            self.reply = ("ok", _Envs(**payload)) if cmd == "make" else ("ok", getattr(self.envs, cmd)(*payload))
+        except Exception as e:  # noqa: BLE001
+            self.reply = ("error", e)
+
+    def recv(self) -> Any:
+        status, reply = self.reply
+        if status == "error":
+            raise _WorkerError(type(reply).__name__, str(reply)) from reply
+        if isinstance(reply, _Envs):
+            self.envs, reply = reply, reply.info
+        return reply
+
+    def close(self) -> None:
+        if hasattr(self, "envs"):
+            self.envs.close()
+
+
+# ----------------------------------------------------------------------------------------------------- vector env
+class GymVecEnv:
+    """`num_envs` copies of a gymnasium env, state-only, spread over `workers` processes (default: one per CPU core,
+    at most one per env; 0: all in this process). Env i is first reset with seed `seed + first + i` (`first`: the
+    index of env 0 among a run's envs, `EnvSpec.make_share`). `make_kwargs` go to `gymnasium.make` (e.g.
+    `max_episode_steps`). Prints the memory the envs take at start, and refuses (RunError) a count that would not fit
+    in this machine's available memory, before making more than the first worker's envs.
+    """
+
+    def __init__(
+        self, env_id: str, num_envs: int, seed: int = 0, first: int = 0, workers: int | None = None, **make_kwargs: Any
+    ):
+        workers = min(num_envs, os.cpu_count() or 1) if workers is None else min(workers, num_envs)
+        self.env_id, self.num_envs, self.seed, self.first = env_id, num_envs, seed, first
+        counts = [len(r) for r in np.array_split(np.arange(num_envs), max(workers, 1))]
+        self._where = [(w, i) for w, c in enumerate(counts) for i in range(c)]  # env -> (worker, index there)
+        self._pool: list[Any] = []
+        try:
+            self._start(env_id, counts, workers, make_kwargs)
+        except BaseException:
+            self.close()
+            raise
+        self._state = np.zeros((num_envs, self.state_dim), np.float32)
+        self._return, self._length = np.zeros(num_envs, np.float32), np.zeros(num_envs, np.int64)
+        self._seeded = False
+
+    def _start(self, env_id: str, counts: list[int], workers: int, make_kwargs: dict[str, Any]) -> None:
+        start = time.time()
+        self._pool = [_Worker() if workers else _Local() for _ in counts]
+        self._pool[0].send("make", dict(env_id=env_id, count=counts[0], make_kwargs=make_kwargs))
+        info = self._recv(0, make_kwargs)
+        self._check_spaces(env_id, info["obs_space"], info["act_space"])
+        need = info["per_env_mb"] * (self.num_envs - counts[0]) + (info["rss_mb"] - info["per_env_mb"] * counts[0]) * (
+            len(counts) - 1
+        )
+        if workers and need > 0.9 * available_mb():
+            fit = max(1, int(0.9 * available_mb() / max(info["per_env_mb"], 1.0)))
+            raise RunError(
+                f"{env_id}: {self.num_envs} envs need ~{(need + info['rss_mb']) / 1024:.1f} GB "
+                f"(~{info['per_env_mb']:.0f} MB each), {available_mb() / 1024:.1f} GB is available: "
+                f"pass --num-envs (and --eval-envs) ≤ {fit}"
+            )
+        for w in range(1, len(counts)):
+            self._pool[w].send("make", dict(env_id=env_id, count=counts[w], make_kwargs=make_kwargs))
+        rss = info["rss_mb"] + sum(self._recv(w, make_kwargs)["rss_mb"] for w in range(1, len(counts)))
+        where = f"in {workers} worker processes" if workers else "in this process"
+        print(
+            f"{env_id}: {self.num_envs} envs {where}, ~{info['per_env_mb']:.0f} MB per env, {rss / 1024:.2f} GB "
+            f"in all ({time.time() - start:.1f}s)",
+            flush=True,
+        )
+        obs_space, act_space = info["obs_space"], info["act_space"]
+        self.state_dim, self.action_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
+        self.prompts, self.camera_names = [""], []
+        self.action_low = np.broadcast_to(act_space.low, act_space.shape).reshape(-1).astype(np.float32)
+        self.action_high = np.broadcast_to(act_space.high, act_space.shape).reshape(-1).astype(np.float32)
+        self.single_action_space = gym.spaces.Box(self.action_low, self.action_high, dtype=np.float32)
+        self.single_observation_space = gym.spaces.Dict(
+            {
+                "state": gym.spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32),
+                "prompt_id": gym.spaces.Discrete(1),
+                "images": gym.spaces.Dict({}),
+            }
+        )
+        self.max_episode_steps = info["max_episode_steps"]
+
+    def _recv(self, w: int, make_kwargs: dict[str, Any]) -> Any:
+        try:
+            return self._pool[w].recv()
+        except _WorkerError as e:
+            if e.kind == "TypeError" and make_kwargs:  # a keyword the env does not take
+                raise RunError(
+                    f"--env-kwargs {make_kwargs}: gymnasium.make({self.env_id!r}, ...) refused them ({e.message})"
+                ) from None
+            if e.kind in (
+                "NameNotFound",
+                "NamespaceNotFound",
+                "VersionNotFound",
+                "Error",
+                "ModuleNotFoundError",
+                "DeprecatedEnv",
+                "UnregisteredEnv",
+            ):
+                raise RunError(
+                    f"unknown environment {self.env_id!r} ({e.message}). Use 'push', 'libero', 'ogbench:<id>', or any "
+                    "gymnasium id registered in this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import "
+                    "my_module first)."
+                ) from None
+            raise RunError(f"{self.env_id}: the env raised {e}") from None
+
+    @staticmethod
+    def _check_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> None:
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise RunError(
+                f"{env_id!r} has observation space {obs_space}; only Box observations are supported. Wrap the env "
+                "(e.g. gymnasium.wrappers.FlattenObservation) and register the wrapped env under a new id."
+            )
+        if obs_space.dtype == np.uint8 and len(obs_space.shape) == 3:
+            raise RunError(
+                f"{env_id!r} observes images {obs_space.shape}; the gymnasium path is state-only (pixels are not a "
+                "state vector). Use the env's state version (OGBench: cube-single-... for visual-cube-single-...)."
+            )
+        if not isinstance(act_space, gym.spaces.Box):
+            raise RunError(
+                f"{env_id!r} has action space {act_space}; only continuous Box actions are supported (action chunks "
+                "are float vectors). Pick a continuous-control env."
+            )
+
+    def _call(self, cmd: str, envs: np.ndarray, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, Any]]:
+        """Send `cmd` to every worker holding one of `envs` (with its rows of `arrays`), then gather the replies."""
+        jobs = []
+        for w in range(len(self._pool)):
+            mine = [int(e) for e in envs if self._where[e][0] == w]
+            if mine:
+                rows = [[self._where[e][1] for e in mine]] + [[a[e] for e in mine] for a in arrays]
+                self._pool[w].send(cmd, rows)
+                jobs.append((w, np.array(mine)))
+        return [(mine, self._recv(w, {})) for w, mine in jobs]
+
+    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
+        """Reset all envs; the first reset (or one with `seed`) seeds env i with `seed + first + i`."""
+        if seed is not None:
+            self.seed, self._seeded = seed, False
+        return self.reset_where(np.ones(self.num_envs, bool)), {}
+
+    def reset_where(self, mask: np.ndarray) -> Obs:
+        """Reset the envs where `mask` is True; returns the observation of all envs."""
+        idx = np.flatnonzero(mask)
+        seeds = [None if self._seeded else self.seed + self.first + int(i) for i in range(self.num_envs)]
+        for mine, obs in self._call("reset", idx, [seeds]):
+            self._state[mine] = obs
+            self._return[mine], self._length[mine] = 0.0, 0
+        self._seeded = self._seeded or bool(np.all(mask))
+        return self._obs()
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
+        """Step the envs where `active` (default all) with actions [E, A], clipped to the action bounds."""
+        e = self.num_envs
+        act = np.ones(e, bool) if active is None else np.asarray(active, bool)
+        actions = np.clip(np.asarray(actions, np.float32).reshape(e, -1), self.action_low, self.action_high)
+        reward, term, trunc, success = np.zeros(e, np.float32), np.zeros(e, bool), np.zeros(e, bool), np.zeros(e, bool)
+        for mine, (obs, r, te, tr, ok) in self._call("step", np.flatnonzero(act), [actions]):
+            self._state[mine], reward[mine], term[mine], trunc[mine], success[mine] = obs, r, te, tr & ~te, ok
+        self._return += reward
+        self._length += act
+        info = {"success": success, "subgoal": np.zeros(e, bool)}
+        info.update(episode_return=self._return.copy(), episode_length=self._length.copy())
+        return self._obs(), reward, term, trunc, info
+
+    def _obs(self) -> Obs:
+        return {"state": self._state.copy(), "prompt_id": np.zeros(self.num_envs, np.int32), "images": {}}
+
+    def close(self) -> None:
+        for w in self._pool:
+            w.close()
+        self._pool = []
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+def _episodes(
+    path: str | os.PathLike,
+    state: np.ndarray,
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    terminal: np.ndarray,
+    ends: np.ndarray,
+    prompts: list[str],
+) -> Any:
+    """`qchunk.EpisodeData` from frame arrays: `ends` marks each trajectory's last frame, `terminal` a true
+    termination (the trajectory is cut there: the frames after it start a new episode, as the env would reset)."""
+    from common import qchunk
+
+    n = len(actions)
+    if not (len(state) == n == len(rewards) == len(terminal) == len(ends)):
+        raise qchunk.DatasetError(f"{path}: observations, actions, rewards and terminals differ in length")
+    if state.ndim != 2:
+        raise qchunk.DatasetError(
+            f"{path}: observations have shape {state.shape}; only state vectors [N, S] are read "
+            "(pixel datasets, e.g. OGBench's visual-*, are not)"
+        )
+    for key, x in (("observations", state), ("actions", actions), ("rewards", rewards)):
+        if not np.isfinite(x).all():
+            raise qchunk.DatasetError(
+                f"{path}: {key} holds NaN or inf (frame {int(np.argmin(np.isfinite(x).reshape(n, -1).all(1)))})"
+            )
+    ends = ends.astype(bool).copy()
+    ends[-1] = True  # a file cut short still ends its last trajectory
+    cut = ends | terminal
+    stops = np.flatnonzero(cut) + 1
+    starts = np.concatenate([[0], stops[:-1]]).astype(np.int64)
+    lengths = (stops - starts).astype(np.int64)
+    obs = {"state": state.astype(np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}}
+    subgoal = np.zeros(n, bool)
+    truncated = ~terminal[stops - 1]
+    return qchunk.EpisodeData(
+        obs,
+        actions.astype(np.float32),
+        rewards.astype(np.float32),
+        terminal.astype(bool),
+        subgoal,
+        starts,
+        lengths,
+        truncated,
+        list(prompts),
+    )
+
+
+def load_npz(path: str | os.PathLike, env_id: str, prompts: list[str]) -> Any:
+    """Episodes from an npz file in OGBench's layout (see the module docstring) for env `env_id`."""
+    from common import qchunk
+
+    try:
+        f = np.load(path, allow_pickle=False)
+        data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise qchunk.DatasetError(f"{path}: not a readable npz file ({e})") from None
+    missing = [k for k in ("observations", "actions", "terminals") if k not in data]
+    if missing:
+        raise qchunk.DatasetError(
+            f"{path}: no {', '.join(missing)} (found {', '.join(sorted(data))}); expected OGBench's npz layout: "
+            "observations, actions, terminals [, qpos, qvel, rewards]"
+        )
+    ends = data["terminals"].astype(bool)
+    if "rewards" not in data:
+        rewards, terminal = _ogbench_rewards(path, env_id, data)
+    elif "timeouts" in data:  # D4RL's layout: terminals are true terminations, timeouts the time limits
+        rewards, terminal, ends = data["rewards"], ends, ends | data["timeouts"].astype(bool)
+    else:  # OGBench's layout with rewards: a true termination where masks == 0 (or dones)
+        rewards = data["rewards"]
+        terminal = (data["masks"] == 0) if "masks" in data else data.get("dones", np.zeros(len(rewards), bool))
+    return _episodes(path, data["observations"], data["actions"], rewards, np.asarray(terminal, bool), ends, prompts)
+
+
+def ogbench_task(env_id: str) -> str | None:
+    """The OGBench single-task id inside `env_id` ("ogbench:cube-single-singletask-task1-v0" -> its id), else None."""
+    name = env_id.split(":", 1)[-1]
+    return name if re.fullmatch(r"[a-z0-9-]+-singletask(-task\d+)?-v\d+", name) else None
+
+
+def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """OGBench's single-task rewards and terminations for the frames of `data`, relabelled from `qpos` (and
+    `button_states`) by OGBench's `relabel_dataset`, as its `make_env_and_datasets` does: the reward of frame t is
+    that of its state (−1 per unmet sub-goal, 0 at success: OGBench's single-task envs score the state before the
+    action) and a success frame is a termination (the env terminates there)."""
+    from common import qchunk
+
+    task = ogbench_task(env_id)
+    if task is None:
+        raise qchunk.DatasetError(
+            f"{path}: no 'rewards' in the file, and --env {env_id} is not an OGBench single-task "
+            "env to relabel them for (e.g. ogbench:cube-single-singletask-task1-v0); add a "
+            "'rewards' array (and 'masks') to the file"
+        )
+    if "qpos" not in data:
+        raise qchunk.DatasetError(
+            f"{path}: no 'qpos' to relabel OGBench rewards from; write the file with "
+            "OGBench's generator or `python -m common.envs make-dataset`"
+        )
+    from ogbench.relabel_utils import relabel_dataset
+
+    env = _make(f"ogbench:{task}", {})
+    try:
+        labels = {k: data[k] for k in ("qpos", "qvel", "button_states") if k in data}
+        relabel_dataset(task, env, labels)
+    finally:
+        env.close()
+    return labels["rewards"], labels["masks"] == 0
+
+
+def is_minari(path: str | os.PathLike) -> bool:
+    """A Minari dataset folder (holding `data/main_data.hdf5` or `data/metadata.json`)."""
+    p = Path(path)
+    return (p / "data" / "metadata.json").exists() or (p / "metadata.json").exists() and (p / "main_data.hdf5").exists()
+
+
+def load_minari(path: str | os.PathLike, prompts: list[str]) -> Any:
+    """Episodes of a Minari dataset folder (`minari.MinariDataset`); Box observations only. Each episode's
+    `observations` has one frame more than its `actions` (the last is dropped); terminations are true ends,
+    truncations time limits."""
+    from common import qchunk
+
+    try:
+        import minari
+    except ModuleNotFoundError:
+        raise qchunk.DatasetError(f"{path}: a Minari dataset needs `pip install 'minari[hdf5]'`") from None
+    p = Path(path)
+    ds = minari.MinariDataset(p / "data" if (p / "data").is_dir() else p)
+    if not isinstance(ds.observation_space, gym.spaces.Box):
+        raise qchunk.DatasetError(
+            f"{path}: observation space {ds.observation_space}; only Box observations are read "
+            "(flatten Dict observations into one vector when writing the dataset)"
+        )
+    eps = list(ds.iterate_episodes())
+    if not eps:
+        raise qchunk.DatasetError(f"{path}: the Minari dataset holds no episodes")
+    state = np.concatenate(
+        [np.asarray(e.observations, np.float32)[: len(e.actions)].reshape(len(e.actions), -1) for e in eps]
+    )
+    actions = np.concatenate([np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in eps])
+    rewards = np.concatenate([np.asarray(e.rewards, np.float32) for e in eps])
+    terminal = np.concatenate([np.asarray(e.terminations, bool) for e in eps])
+    ends = np.concatenate([np.arange(len(e.actions)) == len(e.actions) - 1 for e in eps])
+    return _episodes(path, state, actions, rewards, terminal, ends, prompts)
+
+
+# ----------------------------------------------------------------------------------------------------- OGBench oracle
+OGBENCH_RECIPES = ("task", "noisy", "play")
+_P_STACK = {
+    "single": (0.0, 0.0),
+    "double": (0.0, 0.25),
+    "triple": (0.05, 0.35),
+    "quadruple": (0.1, 0.5),
+    "octuple": (0.0, 0.35),
+}  # (OGBench's generator: stacking probability per cube count)
+
+
+def make_ogbench_dataset(
+    out: str | os.PathLike,
+    env_id: str,
+    episodes: int,
+    noise: float = 0.1,
+    recipe: str = "task",
+    seed: int = 0,
+    p_random: float | None = None,
+    episode_steps: int = 1001,
+) -> dict[str, float]:
+    """Roll out OGBench's scripted oracles and write OGBench's npz layout to `out` (atomically); returns stats.
+
+    recipe "task": the single-task env `env_id` itself (task mode: its time limit, termination at success), its cube
+    oracle (`CubeMarkovOracle`) aimed at the task's goal, one cube after another; cube tasks only. "noisy" and "play"
+    are OGBench's own dataset recipes on the env's data-collection mode, `episode_steps` steps an episode with a new
+    random sub-task whenever the oracle finishes one (the data OGBench ships and Q-chunking trains on; the rewards of
+    `env_id`'s task are relabelled when the file is read): "noisy" is the Markov oracles with Gaussian action noise of
+    std ξ·(1, 1, 1, 3, 10), ξ ~ U(0, `noise`) per episode, and a uniform random action with probability `p_random`
+    (default 0.1); "play" the plan oracles with smoothed noise `noise` (p_random default 0).
+    """
+    import ogbench  # noqa: F401  (registers the ids)
+    from ogbench.manipspace.oracles.markov import button_markov, cube_markov, drawer_markov, window_markov
+    from ogbench.manipspace.oracles.plan import button_plan, cube_plan, drawer_plan, window_plan
+
+    if recipe not in OGBENCH_RECIPES:
+        raise RunError(f"--recipe {recipe}: one of {', '.join(OGBENCH_RECIPES)}")
+    task = ogbench_task(env_id)
+    name = (task or env_id.split(":", 1)[-1]).split(":", 1)[-1]
+    family = name.split("-")[0]
+    if family not in ("cube", "scene", "puzzle") or (recipe == "task" and (task is None or family != "cube")):
+        raise RunError(
+            f"--env {env_id}: recipe {recipe!r} needs an OGBench "
+            f"{'cube single-task' if recipe == 'task' else 'manipulation (cube, scene, puzzle)'} env, "
+            "e.g. ogbench:cube-single-singletask-task1-v0"
+        )
+    p_random = (0.1 if recipe != "play" else 0.0) if p_random is None else p_random
+    np.random.seed(seed)  # the oracles draw from numpy's global generator
+    rng = np.random.default_rng(seed)
+    if recipe == "task":
+        env = gym.make(task)
+    else:
+        base = re.sub(r"-singletask(-task\d+)?", "", name)
+        env = gym.make(base, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_steps)
+    if recipe == "play":
+        kw = dict(env=env, noise=noise, noise_smoothing=0.5)
+        gripper = dict(gripper_always_closed=True) if family == "puzzle" else {}
+        agents = {
+            "cube": cube_plan.CubePlanOracle(**kw),
+            "button": button_plan.ButtonPlanOracle(**kw, **gripper),
+            "drawer": drawer_plan.DrawerPlanOracle(**kw),
+            "window": window_plan.WindowPlanOracle(**kw),
+        }
+    else:
+        kw = dict(env=env, min_norm=0.4)
+        gripper = dict(gripper_always_closed=True) if family == "puzzle" else {}
+        agents = {
+            "cube": cube_markov.CubeMarkovOracle(**kw, max_step=100 if family == "scene" else 200),
+            "button": button_markov.ButtonMarkovOracle(**kw, **gripper),
+            "drawer": drawer_markov.DrawerMarkovOracle(**kw),
+            "window": window_markov.WindowMarkovOracle(**kw),
+        }
+    cubes = next((v for k, v in _P_STACK.items() if f"-{k}" in name), (0.5, 0.5))
+    frames: dict[str, list] = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    buttons = hasattr(env.unwrapped, "_cur_button_states")
+    if buttons:
+        frames["button_states"] = []
+    successes, start = 0, time.time()
+    for ep in range(episodes):
+        while True:  # OGBench's generator retries an unhealthy scene episode (the cube out of sight)
+            ob, info = env.reset(seed=seed + ep if ep == 0 else None)
+            p_stack = rng.uniform(*cubes)
+            xi = rng.uniform(0, noise)
+            info = _task_target(env, info) if recipe == "task" else info
+            agent = agents[info["privileged/target_task"]]
+            agent.reset(ob, info)
+            episode: dict[str, list] = {k: [] for k in frames}
+            done, success = False, False
+            while not done:
+                if rng.uniform() < p_random:
+                    action = env.action_space.sample()
+                else:
+                    action = np.array(agent.select_action(ob, info))
+                    if recipe != "play":
+                        action = action + rng.normal(0, [xi, xi, xi, xi * 3, xi * 10], action.shape)
+                action = np.clip(action, -1, 1)
+                next_ob, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                success |= bool(info.get("success", False)) or bool(terminated)
+                if recipe == "task":
+                    info = _task_target(env, info)
+                    if agent.done or info["privileged/target_block"] != getattr(agent, "_block", None):
+                        agent.reset(next_ob, info)
+                        agent._block = info["privileged/target_block"]
+                elif agent.done:
+                    agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
+                    agent = agents[agent_info["privileged/target_task"]]
+                    agent.reset(agent_ob, agent_info)
+                for k, v in (
+                    ("observations", ob),
+                    ("actions", action),
+                    ("terminals", done),
+                    ("qpos", info["prev_qpos"]),
+                    ("qvel", info["prev_qvel"]),
+                ):
+                    episode[k].append(v)
+                if buttons:
+                    episode["button_states"].append(info["prev_button_states"])
+                ob = next_ob
+            xyz = np.array(episode["qpos"])[:, 14:17]
+            healthy = family != "scene" or not (
+                (xyz[:, 1] >= 0.29).any() or ((xyz[:, 1] <= -0.3) & ((xyz[:, 2] < 0.06) | (xyz[:, 2] > 0.08))).any()
+            )
+            if healthy:
+                break
+        for k in frames:
+            frames[k] += episode[k]
+        successes += success
+        if (ep + 1) % max(1, episodes // 10) == 0 or ep + 1 == episodes:
+            rate = (ep + 1) / (time.time() - start)
+            print(f"  {ep + 1}/{episodes} episodes, {rate:.1f}/s, ETA {(episodes - ep - 1) / rate:.0f}s", flush=True)
+    env.close()
+    dtypes = dict(terminals=bool, button_states=np.int64)
+    arrays = {k: np.asarray(v, dtypes.get(k, np.float32)) for k, v in frames.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out)  # atomic: a crash never leaves a half-written file under the name
+    return dict(episodes=episodes, frames=len(arrays["actions"]), success_rate=successes / episodes)
+
+
+def _task_target(env: gym.Env, info: dict[str, Any]) -> dict[str, Any]:
+    """`info` with the target keys OGBench's cube oracle reads in data-collection mode, for a task-mode cube env: the
+    first cube not yet within 4 cm of its goal (all done: the last), its goal position, its own yaw."""
+    u = env.unwrapped
+    for i in range(u._num_cubes):
+        goal = u._data.mocap_pos[u._cube_target_mocap_ids[i]].copy()
+        if np.linalg.norm(u._data.joint(f"object_joint_{i}").qpos[:3] - goal) > 0.04:
+            break
+    target = {
+        "privileged/target_task": "cube",
+        "privileged/target_block": i,
+        "privileged/target_block_pos": goal,
+        "privileged/target_block_yaw": info[f"privileged/block_{i}_yaw"],
+    }
+    return dict(info, **target)
+
+
+if __name__ == "__main__":
+    _serve()

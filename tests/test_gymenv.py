@@ -1,0 +1,140 @@
+"""Gymnasium benchmarks: the worker-process vector env, OGBench's npz layout, Minari folders, OGBench's oracle data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from common import RunError, envs, gymenv, qchunk
+
+OGBENCH = importlib.util.find_spec("ogbench") is not None
+CUBE = "ogbench:cube-single-singletask-task1-v0"
+
+
+def test_workers_match_in_process_envs() -> None:
+    """The same seeds and actions give the same transitions whether the envs live in 2 workers or in this process;
+    inactive envs are not stepped, reset_where resets only its mask."""
+    runs = []
+    for workers in (0, 2):
+        env = gymenv.GymVecEnv("Pendulum-v1", 3, seed=4, workers=workers, max_episode_steps=6)
+        obs, _ = env.reset()
+        trace = [obs["state"]]
+        rng = np.random.default_rng(0)
+        for t in range(7):
+            active = np.array([True, t < 3, True])
+            obs, r, term, trunc, info = env.step(rng.uniform(-2, 2, (3, 1)), active=active)
+            trace += [obs["state"], r, trunc, info["episode_length"]]
+        trace.append(env.reset_where(np.array([False, True, False]))["state"])
+        env.close()
+        runs.append(trace)
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0][-2].tolist() == [7, 3, 7]  # env 1 frozen after 3 steps
+    assert runs[0][-3].tolist() == [True, False, True]  # the others past their 6-step limit (no autoreset)
+
+
+def test_worker_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(RunError, match="unknown environment 'NoSuchEnv-v0'"):
+        gymenv.GymVecEnv("NoSuchEnv-v0", 2, workers=2)
+    with pytest.raises(RunError, match="refused them"):
+        gymenv.GymVecEnv("Pendulum-v1", 2, workers=2, no_such_kwarg=1)
+    with pytest.raises(RunError, match="only Box observations"):
+        gymenv.GymVecEnv("FrozenLake-v1", 2, workers=2)
+    env = gymenv.GymVecEnv("Pendulum-v1", 2, workers=2)
+    assert "2 envs in 2 worker processes" in capsys.readouterr().out  # the memory line
+    env._pool[1].proc.kill()
+    env._pool[1].proc.wait()
+    with pytest.raises(RunError, match="worker process died"):
+        env.reset()
+    env.close()
+
+
+def test_too_many_envs_for_memory_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gymenv, "available_mb", lambda: 1.0)
+    with pytest.raises(RunError, match=r"pass --num-envs \(and --eval-envs\) ≤ 1"):
+        gymenv.GymVecEnv("Pendulum-v1", 4, workers=2)
+
+
+def _ogbench_layout(path: str, rewards: bool = False) -> None:
+    """Two trajectories in OGBench's npz layout: `terminals` ends each (lengths 4 and 3)."""
+    rng = np.random.default_rng(0)
+    data = dict(observations=rng.normal(size=(7, 3)).astype(np.float32), actions=rng.normal(size=(7, 1)),
+                terminals=np.array([0, 0, 0, 1, 0, 0, 1], bool))  # fmt: skip
+    if rewards:  # a termination at frame 1 of the first trajectory (masks 0): the rest is a new episode
+        data.update(rewards=np.array([-1, 0, -1, -1, -1, -1, -1], np.float32), masks=np.array([1, 0, 1, 1, 1, 1, 1]))
+    np.savez(path, **data)
+
+
+def test_npz_reader(tmp_path: object) -> None:
+    path = os.path.join(tmp_path, "d.npz")
+    _ogbench_layout(path, rewards=True)
+    data = gymenv.load_npz(path, "Pendulum-v1", [""])
+    assert data.episode_lengths.tolist() == [2, 2, 3] and data.episode_starts.tolist() == [0, 2, 4]
+    assert data.terminals.tolist() == [False, True] + [False] * 5 and data.truncated.tolist() == [False, True, True]
+    assert data.obs["state"].shape == (7, 3) and data.prompts == [""] and (data.obs["prompt_id"] == 0).all()
+    _ogbench_layout(path)  # no rewards: only an OGBench single-task env can relabel them
+    with pytest.raises(qchunk.DatasetError, match="not an OGBench single-task env"):
+        gymenv.load_npz(path, "Pendulum-v1", [""])
+    np.savez(path, observations=np.zeros((3, 2)))
+    with pytest.raises(qchunk.DatasetError, match="no actions, terminals"):
+        gymenv.load_npz(path, "Pendulum-v1", [""])
+    open(path, "wb").write(b"not a zip")
+    with pytest.raises(qchunk.DatasetError, match="not a readable npz"):
+        gymenv.load_npz(path, "Pendulum-v1", [""])
+
+
+def test_minari_reader(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    minari = pytest.importorskip("minari")
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    env = minari.DataCollector(gym.make("Pendulum-v1", max_episode_steps=5))
+    for seed in range(2):
+        env.reset(seed=seed)
+        for _ in range(5):
+            env.step(env.action_space.sample())
+    minari.delete_dataset  # noqa: B018  (the public API this test relies on)
+    env.create_dataset(dataset_id="pendulum/test-v0", algorithm_name="random")
+    folder = os.path.join(tmp_path, "pendulum", "test-v0")
+    assert gymenv.is_minari(folder)
+    data = envs.load_dataset(folder, envs.make_env("Pendulum-v1", 1, workers=0))
+    assert data.episode_lengths.tolist() == [5, 5] and data.truncated.tolist() == [True, True]
+    assert data.obs["state"].shape == (10, 3) and data.actions.shape == (10, 1) and (data.rewards <= 0).all()
+
+
+@pytest.mark.skipif(not OGBENCH, reason="ogbench not installed")
+def test_ogbench_oracle_dataset_round_trip(tmp_path: object, capsys: pytest.CaptureFixture) -> None:
+    """make-dataset on OGBench's cube task writes OGBench's layout; reading it relabels the task's rewards (−1, 0 at
+    the goal) with a termination at each success, and the vector env on 2 workers runs the same env."""
+    out = os.path.join(tmp_path, "cube.npz")
+    envs.main(["make-dataset", "--env", CUBE, "--episodes", "3", "--noise", "0.1", "--out", out])
+    assert "3 episodes" in capsys.readouterr().out
+    raw = np.load(out)
+    assert {"observations", "actions", "terminals", "qpos", "qvel"} <= set(raw.files) and raw["terminals"].sum() == 3
+    env = envs.make_env(CUBE, 2, seed=0)
+    data = envs.load_dataset(out, env)
+    assert set(np.unique(data.rewards)) <= {-1.0, 0.0} and data.terminals.sum() == (data.rewards == 0).sum() >= 1
+    assert (data.rewards[data.terminals] == 0).all() and data.obs["state"].shape[1] == env.state_dim == 28
+    obs, step = envs.execute_chunk(env, env.reset()[0], np.zeros((2, 5, 5)), 0.99)
+    assert (step.rewards == -1).all() and obs["state"].shape == (2, 28)
+    env.close()
+    with pytest.raises(SystemExit, match="exists"):
+        envs.main(["make-dataset", "--env", CUBE, "--episodes", "1", "--out", out])  # never overwritten
+    with pytest.raises(SystemExit, match="recipe 'task' needs an OGBench cube single-task env"):
+        envs.main(["make-dataset", "--env", "ogbench:scene-singletask-task1-v0", "--out", out + "2.npz"])
+
+
+class _Camera(gym.Env):
+    """An env whose observations are images (like OGBench's visual-* envs)."""
+
+    observation_space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+    action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+
+def test_pixel_observations_refused() -> None:
+    gym.register("PixelsOnly-v0", entry_point=_Camera)
+    with pytest.raises(RunError, match="observes images"):
+        gymenv.GymVecEnv("PixelsOnly-v0", 1, workers=0)
