@@ -63,7 +63,7 @@ class Bench:
     """episodes per evaluation"""
     num_envs: int = 16
     """envs (acting and evaluation)"""
-    acrlpd_rates: tuple[float, float] = (18.0, 60.0)
+    acrlpd_rates: tuple[float, float] = (9.0, 14.0)
     """assumed acrlpd offline π₀+critic and online critic updates/s on 2 cores, to turn the budget into steps"""
     extra: list[str] = field(default_factory=list)
     """more flags for every run"""

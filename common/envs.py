@@ -606,7 +606,7 @@ def _evaluation_envs(spec: EnvSpec, num_envs: int, seed: int, first: int, total:
     """`spec.make(..., evaluation=True)`, kept for the next evaluation when they are gymnasium envs: their worker
     processes take seconds to start, and `evaluate` reseeds them (`reset(seed)`), so a kept env plays what a new one
     would. Push and LIBERO envs are made anew (cheap; LIBERO's evaluation envs replay fixed initial states)."""
-    if spec.name in ("push", "libero"):
+    if getattr(spec, "name", "push") in ("push", "libero"):
         return spec.make(num_envs, seed, evaluation=True, first=first, total=total)
     key = (spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str), num_envs, first, total)
     if key not in _EVAL_ENVS:
@@ -668,7 +668,7 @@ def evaluate(
         todo -= ended & live
         if not mesh.anywhere(todo.any()):  # every process's envs are done
             break
-    if spec.name in ("push", "libero"):
+    if getattr(spec, "name", "push") in ("push", "libero"):
         env.close()
     n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}

@@ -16,8 +16,9 @@ Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`) are dicts of numpy arrays
   obs / next_obs: {"state": f32[B, S], "prompt_id": i32[B], "images": {cam: u8[B, h, w, 3]}}, actions f32[B, H, A],
   rewards f32[B, H], discounted_return f32[B], n_valid i32[B], mask f32[B], valid bool[B, H], subgoal bool[B]
   (a subgoal flag was raised in a valid step of the chunk), return_to_go f32[B] (sum_k gamma^k r_{t+k} from o_t to the
-  episode's end, the Monte Carlo return of the data's policy; NaN for online chunks, whose episode had not ended when
-  they were stored). A `ReplayBuffer` made without an observation example stores no observations (a script that
+  episode's end, the Monte Carlo return of the data's policy; past a truncated episode's time limit its last reward
+  is taken to repeat forever, gamma^(L-t) r_{L-1} / (1 - gamma): 0 for push, the value of never reaching the goal
+  for OGBench's −1 per step; NaN for online chunks, whose episode had not ended when they were stored). A `ReplayBuffer` made without an observation example stores no observations (a script that
   caches what it reads of them in `extras`).
 """
 
@@ -334,6 +335,9 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
     scaled = data.rewards.astype(np.float64) * gamma ** t.astype(np.float64)
     suffix = np.r_[np.cumsum(scaled[::-1])[::-1], 0.0]  # suffix[i] = sum over frames >= i; suffix[n] = 0
     togo = (suffix[:n] - suffix[start + length]) / gamma ** t.astype(np.float64)
+    if gamma < 1:  # a time limit is not the end of the task: the last reward repeats after it (0 for push's)
+        last = data.rewards[start + length - 1].astype(np.float64)
+        togo += np.where(data.truncated[episode], last * gamma ** (length - t).astype(np.float64) / (1 - gamma), 0.0)
     return ChunkDataset(
         data=data,
         horizon=h,

@@ -40,6 +40,7 @@ import numpy as np
 
 from common import RunError, mesh, pi0
 
+DATASET_KINDS = "prior data: robomimic/LIBERO HDF5, a LeRobot folder, an OGBench/D4RL .npz or a Minari folder"
 EXPORT_RECORD = "pi0rl.json"  # beside an exported openpi checkpoint: how its prompts are made (openpi ignores it)
 
 # flags a resumed run may change: where it runs and logs, not what it computes
@@ -120,7 +121,7 @@ class RunArgs:
         not exist or are of the wrong kind, a new run in a folder that holds something."""
         check_choices(self)
         if needs_data and self.dataset is None and self.env != "push":
-            raise RunError(f"--env {self.env}: pass --dataset (prior data: robomimic/LIBERO HDF5 or LeRobot folder)")
+            raise RunError(f"--env {self.env}: pass --dataset ({DATASET_KINDS})")
         if self.dataset is not None and not os.path.exists(os.path.expanduser(self.dataset)):
             raise RunError(f"--dataset {self.dataset}: no such file or folder")
         if self.pi0_checkpoint is not None and not os.path.isdir(os.path.expanduser(self.pi0_checkpoint)):
@@ -841,7 +842,8 @@ def make_policy(
         cfg = dataclasses.replace(cfg, cameras=cams or cfg.cameras)  # the env's cameras, where it has any
     else:
         if data_stats is None:
-            raise RunError("π₀ from scratch needs prior data for its norm stats: pass --dataset or --pi0-checkpoint")
+            raise RunError(f"--env {env_name}: pass --dataset ({DATASET_KINDS}; π₀ from scratch takes its norm stats "
+                           "from it) or --pi0-checkpoint")  # fmt: skip
         params, stats = None, data_stats
         shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
         cfg = pi0.make_config(preset, **shape)

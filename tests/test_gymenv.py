@@ -138,3 +138,23 @@ def test_pixel_observations_refused() -> None:
     gym.register("PixelsOnly-v0", entry_point=_Camera)
     with pytest.raises(RunError, match="observes images"):
         gymenv.GymVecEnv("PixelsOnly-v0", 1, workers=0)
+
+
+@pytest.mark.skipif(not OGBENCH, reason="ogbench not installed")
+@pytest.mark.parametrize("script", ["acrlpd_pi0", "chunk_awr", "flow_ppo"])
+def test_scripts_run_on_ogbench(script: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: object) -> None:
+    """Each script's tiny run (tests/tiny.py) through an `ogbench:` id, on oracle data written by make-dataset and
+    read back from OGBench's npz layout, with its envs in worker processes (~40 s each, most of it compiling)."""
+    import importlib
+
+    import tiny
+
+    out = tmp_path_factory.getbasetemp() / "ogbench_cube_3.npz"
+    if not out.exists():  # made once per test process (pytest-xdist runs the three in one or two)
+        part = out.with_name(f"{out.name}.{os.getpid()}.npz")
+        gymenv.make_ogbench_dataset(part, CUBE, episodes=3, noise=0.1)
+        os.replace(part, out)
+    module = importlib.import_module(script)
+    flags = dict(tiny.RUNS[script], env=CUBE, dataset=str(out), run_dir=str(tmp_path / "run"))
+    result = module.main(module.Args(**flags))
+    assert result["eval/success_rate"] >= 0.0 and os.path.exists(tmp_path / "run" / "metrics.jsonl")

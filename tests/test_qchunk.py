@@ -92,6 +92,14 @@ def test_return_to_go(chunks) -> None:  # Monte Carlo return from each frame to 
     np.testing.assert_allclose(chunks.get(np.array([1, 6]))["return_to_go"], [G**3, 0.5], rtol=1e-6)
 
 
+def test_return_to_go_past_a_time_limit(tmp_path) -> None:
+    """A truncated episode's last reward repeats past its time limit: with −1 per step (OGBench), every frame of a
+    failed episode is worth −1/(1−γ), not the few steps the time limit left; a terminated episode stops at its end."""
+    eps = [{"rewards": [-1, -1], "dones": [0, 0], "truncated": True}, {"rewards": [-1, 0], "dones": [0, 1]}]
+    togo = make_chunks(load_episodes(write_demos(tmp_path / "d.h5", eps)), horizon=1, gamma=G).return_to_go
+    np.testing.assert_allclose(togo, [-1 / (1 - G), -1 / (1 - G), -1.0, 0.0], rtol=1e-6)
+
+
 def test_termination_mid_episode_invalidates_later_steps(tmp_path) -> None:
     path = write_demos(tmp_path / "m.h5", [{"rewards": [0, 1, 5, 5], "dones": [0, 1, 0, 0]}])
     c = make_chunks(load_episodes(path), horizon=4, gamma=G)
