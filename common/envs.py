@@ -433,7 +433,35 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
             raise RunError(f"--env-kwargs {' '.join(unknown)}: {name} does not take it; it takes {', '.join(takes)}")
     if image_size:
         kw.setdefault("image_size", image_size)
+    if name not in ("push", "libero") and dataset and "prompt" not in kw:  # the data's instruction, sent by the env
+        found = dataset_instructions(dataset)
+        if len(found) > 1:
+            raise RunError(f"--dataset {dataset} holds {len(found)} instructions ({'; '.join(found[:3])}...); a "
+                           "gymnasium env sends one: pass --env-kwargs prompt '<its instruction>'")  # fmt: skip
+        kw["prompt"] = found[0] if found else ""
     return EnvSpec(name, kw, dataset)
+
+
+def dataset_instructions(path: str | os.PathLike) -> list[str]:
+    """The distinct non-empty instructions of a dataset's episodes, read from its metadata only: HDF5 demo attrs
+    `language_instruction` / the `data` group's `problem_info`, a LeRobot folder's `meta/tasks.jsonl`; [] for npz and
+    Minari data (which carry none)."""
+    p = Path(path)
+    if is_lerobot(p):
+        tasks = p / "meta" / "tasks.jsonl"
+        lines = tasks.read_text().splitlines() if tasks.exists() else []
+        return sorted({json.loads(line)["task"] for line in lines if line.strip()} - {""})
+    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
+    found: set[str] = set()
+    for file in files:
+        if not file.is_file() or not h5py.is_hdf5(file):
+            continue
+        with h5py.File(file, "r") as f:
+            info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}") if "data" in f else {}
+            for demo in f.get("data", {}).values():
+                lang = demo.attrs.get("language_instruction", info.get("language_instruction", ""))
+                found.add(lang.decode() if isinstance(lang, bytes) else str(lang))
+    return sorted(found - {""})
 
 
 def _decode(key: str, value: Any) -> Any:
@@ -737,8 +765,8 @@ def main(argv: list[str] | None = None) -> None:
         if gymenv.ogbench_task(args.env):  # the task's own success, from the relabelled rewards
             data = gymenv.load_npz(args.out, args.env, [""])
             reached = f", {data.terminals.sum()} frames at the task's goal"
-        print(f"{args.episodes} episodes, {stats['frames']} steps, oracle success {stats['success_rate']:.1%}"
-              f"{reached}, {time.time() - start:.1f}s")  # fmt: skip
+        oracle = "" if stats["success_rate"] is None else f", oracle success {stats['success_rate']:.1%}"
+        print(f"{args.episodes} episodes, {stats['frames']} steps{oracle}{reached}, {time.time() - start:.1f}s")
         print(f"-> {args.out}")
         return
     noise = args.noise or "0.6"

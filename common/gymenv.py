@@ -191,15 +191,16 @@ class GymVecEnv:
     """`num_envs` copies of a gymnasium env, state-only, spread over `workers` processes (default: one per CPU core,
     at most one per env; 0: all in this process). Env i is first reset with seed `seed + first + i` (`first`: the
     index of env 0 among a run's envs, `EnvSpec.make_share`). `make_kwargs` go to `gymnasium.make` (e.g.
-    `max_episode_steps`). Prints the memory the envs take at start, and refuses (RunError) a count that would not fit
-    in this machine's available memory, before making more than the first worker's envs.
+    `max_episode_steps`). `prompt`: the instruction every observation carries (prompt id 0; `envs.make_spec` sets the
+    dataset's, so that evaluation sends what training read). Prints the memory the envs take at start, and refuses
+    (RunError) a count that would not fit in this machine's available memory, before making more than the first
+    worker's envs.
     """
 
-    def __init__(
-        self, env_id: str, num_envs: int, seed: int = 0, first: int = 0, workers: int | None = None, **make_kwargs: Any
-    ):
+    def __init__(self, env_id: str, num_envs: int, seed: int = 0, first: int = 0, workers: int | None = None,
+                 prompt: str = "", **make_kwargs: Any):  # fmt: skip
         workers = min(num_envs, os.cpu_count() or 1) if workers is None else min(workers, num_envs)
-        self.env_id, self.num_envs, self.seed, self.first = env_id, num_envs, seed, first
+        self.env_id, self.num_envs, self.seed, self.first, self.prompt = env_id, num_envs, seed, first, prompt
         counts = [len(r) for r in np.array_split(np.arange(num_envs), max(workers, 1))]
         self._where = [(w, i) for w, c in enumerate(counts) for i in range(c)]  # env -> (worker, index there)
         self._pool: list[Any] = []
@@ -239,7 +240,7 @@ class GymVecEnv:
         )
         obs_space, act_space = info["obs_space"], info["act_space"]
         self.state_dim, self.action_dim = int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
-        self.prompts, self.camera_names = [""], []
+        self.prompts, self.camera_names = [self.prompt], []
         self.action_low = np.broadcast_to(act_space.low, act_space.shape).reshape(-1).astype(np.float32)
         self.action_high = np.broadcast_to(act_space.high, act_space.shape).reshape(-1).astype(np.float32)
         self.single_action_space = gym.spaces.Box(self.action_low, self.action_high, dtype=np.float32)
@@ -511,8 +512,9 @@ def make_ogbench_dataset(
     seed: int = 0,
     p_random: float | None = None,
     episode_steps: int = 1001,
-) -> dict[str, float]:
-    """Roll out OGBench's scripted oracles and write OGBench's npz layout to `out` (atomically); returns stats.
+) -> dict[str, Any]:
+    """Roll out OGBench's scripted oracles and write OGBench's npz layout to `out` (atomically); returns stats
+    (`success_rate`: of the task's episodes, recipe "task" only).
 
     recipe "task": the single-task env `env_id` itself (task mode: its time limit, termination at success), its cube
     oracle (`CubeMarkovOracle`) aimed at the task's goal, one cube after another; cube tasks only. "noisy" and "play"
@@ -630,7 +632,8 @@ def make_ogbench_dataset(
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, out)  # atomic: a crash never leaves a half-written file under the name
-    return dict(episodes=episodes, frames=len(arrays["actions"]), success_rate=successes / episodes)
+    rate = successes / episodes if recipe == "task" else None  # play/noisy: sub-tasks, not the task
+    return dict(episodes=episodes, frames=len(arrays["actions"]), success_rate=rate)
 
 
 def _task_target(env: gym.Env, info: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,9 @@ Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`) are dicts of numpy arrays
   (a subgoal flag was raised in a valid step of the chunk), return_to_go f32[B] (sum_k gamma^k r_{t+k} from o_t to the
   episode's end, the Monte Carlo return of the data's policy; past a truncated episode's time limit its last reward
   is taken to repeat forever, gamma^(L-t) r_{L-1} / (1 - gamma): 0 for push, the value of never reaching the goal
-  for OGBench's −1 per step; NaN for online chunks, whose episode had not ended when they were stored). A `ReplayBuffer` made without an observation example stores no observations (a script that
-  caches what it reads of them in `extras`).
+  for OGBench's −1 per step; NaN for online chunks, whose episode had not ended when they were stored). A
+  `ReplayBuffer` made without an observation example stores no observations (a script that caches what it reads of
+  them in `extras`).
 """
 
 from __future__ import annotations

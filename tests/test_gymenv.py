@@ -157,4 +157,23 @@ def test_scripts_run_on_ogbench(script: str, tmp_path_factory: pytest.TempPathFa
     module = importlib.import_module(script)
     flags = dict(tiny.RUNS[script], env=CUBE, dataset=str(out), run_dir=str(tmp_path / "run"))
     result = module.main(module.Args(**flags))
-    assert result["eval/success_rate"] >= 0.0 and os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    evals = [v for k, v in result.items() if k.endswith("eval/success_rate")]  # acrlpd: offline/ and online
+    assert evals and all(0.0 <= v <= 1.0 for v in evals) and os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_dataset_instruction_reaches_the_env(tmp_path: object) -> None:
+    """A gymnasium env sends the dataset's instruction (prompt id 0), so evaluation reads what training read; data
+    with several instructions is refused for a one-task env unless --env-kwargs prompt names one."""
+    from test_qchunk import write_demos
+
+    one = write_demos(os.path.join(tmp_path, "one.h5"), [{"rewards": [0, 1], "dones": [0, 1]}], language="swing up")
+    spec = envs.make_spec("Pendulum-v1", {}, dataset=one)
+    env = spec.make(1, seed=0)
+    assert env.prompts == ["swing up"] and env.reset()[0]["prompt_id"].tolist() == [0]
+    assert (qchunk.load_episodes(one, prompts=env.prompts).obs["prompt_id"] == 0).all()
+    env.close()
+    two = write_demos(os.path.join(tmp_path, "two.h5"), [{"rewards": [1], "dones": [1], "lang": "b"}], language="a")
+    with pytest.raises(RunError, match="holds 2 instructions"):
+        envs.make_spec("Pendulum-v1", {}, dataset=os.path.dirname(two))  # the folder: "swing up" and "b"
+    assert envs.make_spec("Pendulum-v1", {"prompt": "b"}, dataset=two).kwargs["prompt"] == "b"
+    assert envs.make_spec("Pendulum-v1", {}, dataset=None).kwargs == {}  # no data: no prompt
