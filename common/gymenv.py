@@ -125,9 +125,11 @@ class _Worker:
     def __init__(self) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "common.gymenv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root
-        )
+        # its own session: Ctrl-C and a SIGTERM to the script's process group reach the script alone, which saves and
+        # exits; a worker ends when its pipe closes (the script exited, however it died) or on "close"
+        cmd = [sys.executable, "-m", "common.gymenv"]
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, **pipes, env=env, cwd=root, start_new_session=True)
 
     def send(self, cmd: str, payload: Any) -> None:
         try:

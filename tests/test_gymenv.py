@@ -177,3 +177,36 @@ def test_dataset_instruction_reaches_the_env(tmp_path: object) -> None:
         envs.make_spec("Pendulum-v1", {}, dataset=os.path.dirname(two))  # the folder: "swing up" and "b"
     assert envs.make_spec("Pendulum-v1", {"prompt": "b"}, dataset=two).kwargs["prompt"] == "b"
     assert envs.make_spec("Pendulum-v1", {}, dataset=None).kwargs == {}  # no data: no prompt
+
+
+def test_workers_exit_with_their_script() -> None:
+    """kill -9 of the script: its env workers see their pipe close and exit (none is left behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from common.gymenv import GymVecEnv; import time; e = GymVecEnv('Pendulum-v1', 2, workers=2); "
+            "print('pids', *[w.proc.pid for w in e._pool], flush=True); time.sleep(60)")  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root)
+    line = ""
+    while not line.startswith("pids"):  # after the memory line
+        line = script.stdout.readline()
+    pids = [int(p) for p in line.split()[1:]]
+    assert len(pids) == 2
+    script.send_signal(signal.SIGKILL)
+    script.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an exited worker of a killed script is reaped by init, or stays a zombie briefly)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
