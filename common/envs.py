@@ -1,5 +1,5 @@
-"""Environments: the embedded `push` task, its scripted demonstrator and dataset writer, a gymnasium adapter, the
-LIBERO hook, and open-loop execution of action chunks in vectorised environments.
+"""Environments: the embedded `push` task, its scripted demonstrator and dataset writer, the gymnasium (`gymenv`) and
+LIBERO hooks, datasets by kind, and open-loop execution of action chunks in vectorised environments.
 
 Every environment here is vectorised over `num_envs` copies, with attributes `num_envs, action_dim, state_dim,
 prompts, camera_names, action_low, action_high`, the methods `reset(seed) -> (obs, info)`, `step(actions, active)`,
