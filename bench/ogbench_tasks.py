@@ -1,4 +1,5 @@
 """Benchmark on OGBench tasks we did not write: the three scripts and BC from oracle data made with our own tooling.
+(Named ogbench_tasks: other bench scripts put bench/ on sys.path, where a bench/ogbench.py would shadow ogbench.)
 
 Per task, the dataset is made once with `python -m common.envs make-dataset --env ogbench:<task>` (cached under
 $PI0RL_DATA, default ~/.cache/pi0rl): cube-single task 1 from the task recipe (OGBench's cube oracle aimed at the
@@ -15,9 +16,9 @@ measured):
 It prints start → end success per run, wall time, update rate and the peak memory of the run's process tree
 (workers included), and writes bench/results/ogbench<--tag>.json.
 
-  python bench/ogbench.py                                   # both tasks, all runs, seed 1, --minutes each
-  python bench/ogbench.py --tasks cube-noisy --runs bc chunk_awr          # the harder cube data
-  python bench/ogbench.py --tasks cube --runs bc chunk_awr --seeds 1 2 --minutes 5
+  python bench/ogbench_tasks.py                                   # both tasks, all runs, seed 1, --minutes each
+  python bench/ogbench_tasks.py --tasks cube-noisy --runs bc chunk_awr          # the harder cube data
+  python bench/ogbench_tasks.py --tasks cube --runs bc chunk_awr --seeds 1 2 --minutes 5
 """
 
 from __future__ import annotations
