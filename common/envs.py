@@ -451,6 +451,8 @@ def dataset_instructions(path: str | os.PathLike) -> list[str]:
         tasks = p / "meta" / "tasks.jsonl"
         lines = tasks.read_text().splitlines() if tasks.exists() else []
         return sorted({json.loads(line)["task"] for line in lines if line.strip()} - {""})
+    from common import qchunk
+
     files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
     found: set[str] = set()
     for file in files:
@@ -458,9 +460,7 @@ def dataset_instructions(path: str | os.PathLike) -> list[str]:
             continue
         with h5py.File(file, "r") as f:
             info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}") if "data" in f else {}
-            for demo in f.get("data", {}).values():
-                lang = demo.attrs.get("language_instruction", info.get("language_instruction", ""))
-                found.add(lang.decode() if isinstance(lang, bytes) else str(lang))
+            found |= {qchunk.demo_instruction(demo, info) for demo in f.get("data", {}).values()}
     return sorted(found - {""})
 
 
@@ -511,17 +511,10 @@ def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
         raise RunError(f"{path}: observations have {data.obs['state'].shape[1]} dims, the environment's "
                        f"{env.state_dim}: is it this env's dataset?")  # fmt: skip
     if lerobot:
-        _refuse_non_finite(path, data)
+        from common import qchunk
+
+        qchunk.refuse_non_finite(path, data)
     return data
-
-
-def _refuse_non_finite(path: str | os.PathLike, data: Any) -> None:
-    """A RunError naming the episode, key and frame of the first NaN or inf in a dataset's state, actions, rewards."""
-    for key, x in (("state", data.obs["state"]), ("actions", data.actions), ("rewards", data.rewards)):
-        if not np.isfinite(x).all():
-            frame = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
-            episode = int(np.searchsorted(data.episode_starts, frame, side="right") - 1)
-            raise RunError(f"{path}: episode {episode} has NaN or inf in {key} (frame {frame}); fix or drop it")
 
 
 def dataset_image_size(path: str | os.PathLike) -> int | None:
@@ -630,11 +623,16 @@ def resume_loop(env: Any, saved: dict[str, Any], seed: int) -> Obs:
 _EVAL_ENVS: dict[tuple, Any] = {}
 
 
+def _keeps_evaluation_envs(spec: EnvSpec) -> bool:
+    """Gymnasium evaluation envs are kept between evaluations: their worker processes take seconds to start, and
+    `evaluate` reseeds them (`reset(seed)`), so a kept env plays what a new one would. Push and LIBERO envs are made
+    anew (cheap; LIBERO's evaluation envs replay fixed initial states)."""
+    return getattr(spec, "name", "push") not in ("push", "libero")
+
+
 def _evaluation_envs(spec: EnvSpec, num_envs: int, seed: int, first: int, total: int) -> Any:
-    """`spec.make(..., evaluation=True)`, kept for the next evaluation when they are gymnasium envs: their worker
-    processes take seconds to start, and `evaluate` reseeds them (`reset(seed)`), so a kept env plays what a new one
-    would. Push and LIBERO envs are made anew (cheap; LIBERO's evaluation envs replay fixed initial states)."""
-    if getattr(spec, "name", "push") in ("push", "libero"):
+    """`spec.make(..., evaluation=True)`, or the kept ones (`_keeps_evaluation_envs`)."""
+    if not _keeps_evaluation_envs(spec):
         return spec.make(num_envs, seed, evaluation=True, first=first, total=total)
     key = (spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str), num_envs, first, total)
     if key not in _EVAL_ENVS:
@@ -696,7 +694,7 @@ def evaluate(
         todo -= ended & live
         if not mesh.anywhere(todo.any()):  # every process's envs are done
             break
-    if getattr(spec, "name", "push") in ("push", "libero"):
+    if not _keeps_evaluation_envs(spec):
         env.close()
     n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
@@ -751,13 +749,30 @@ def main(argv: list[str] | None = None) -> None:
     mk.add_argument("--episode-steps", type=int, default=1001, help="OGBench noisy/play: steps an episode")
     args = parser.parse_args(argv)
     start = time.time()
+    try:
+        noise = args.noise if args.noise == "mixed" else float(args.noise or (0.1 if "ogbench:" in args.env else 0.6))
+    except ValueError:
+        raise SystemExit(f"--noise {args.noise}: a number ≥ 0 (push also takes 'mixed')") from None
+    ranges = {
+        "--episodes": args.episodes >= 1,
+        "--episode-steps": args.episode_steps >= 1,
+        "--noise": noise == "mixed" or noise >= 0,
+        "--p-random": args.p_random is None or 0 <= args.p_random <= 1,
+    }
+    for flag, ok in ranges.items():
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise SystemExit(f"{flag} {value}: out of range (--episodes, --episode-steps ≥ 1; --noise ≥ 0; "
+                             "--p-random in [0, 1])")  # fmt: skip
     if args.env.startswith("ogbench:"):
         if not args.out.endswith(".npz"):
             raise SystemExit(f"--out {args.out}: OGBench datasets are written in OGBench's npz layout; name it .npz")
         if os.path.exists(args.out):
             raise SystemExit(f"--out {args.out} exists; pick a new name (nothing on disk is overwritten)")
         try:
-            stats = gymenv.make_ogbench_dataset(args.out, args.env, args.episodes, float(args.noise or 0.1),
+            if noise == "mixed":
+                raise RunError("--noise mixed is push's; OGBench's recipes take one noise level")
+            stats = gymenv.make_ogbench_dataset(args.out, args.env, args.episodes, noise,
                                                 args.recipe, args.seed, args.p_random, args.episode_steps)  # fmt: skip
         except RunError as e:
             raise SystemExit(str(e)) from None
@@ -769,8 +784,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.episodes} episodes, {stats['frames']} steps{oracle}{reached}, {time.time() - start:.1f}s")
         print(f"-> {args.out}")
         return
-    noise = args.noise or "0.6"
-    noise = noise if noise == "mixed" else float(noise)
     path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)
     with h5py.File(path, "r") as f:
         rate, total = f["data"].attrs["success_rate"], f["data"].attrs["total"]

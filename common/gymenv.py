@@ -58,9 +58,9 @@ class _Envs:
 
     def __init__(self, env_id: str, count: int, make_kwargs: dict[str, Any]):
         base = _rss_mb()
-        self.envs = [_make(env_id, make_kwargs)]
+        self.envs = [gym.make(env_id, **make_kwargs)]  # "module:EnvId" imports module first (ogbench:cube-single-v0)
         one = _rss_mb()
-        self.envs += [_make(env_id, make_kwargs) for _ in range(count - 1)]
+        self.envs += [gym.make(env_id, **make_kwargs) for _ in range(count - 1)]
         per_env = (_rss_mb() - one) / (count - 1) if count > 1 else one - base
         env = self.envs[0]
         spec = env.spec.max_episode_steps if env.spec else None
@@ -87,10 +87,6 @@ class _Envs:
     def close(self) -> None:
         for env in self.envs:
             env.close()
-
-
-def _make(env_id: str, make_kwargs: dict[str, Any]) -> gym.Env:
-    return gym.make(env_id, **make_kwargs)  # "module:EnvId" imports module first (e.g. ogbench:cube-single-v0)
 
 
 def _serve() -> None:
@@ -369,11 +365,6 @@ def _episodes(
             f"{path}: observations have shape {state.shape}; only state vectors [N, S] are read "
             "(pixel datasets, e.g. OGBench's visual-*, are not)"
         )
-    for key, x in (("observations", state), ("actions", actions), ("rewards", rewards)):
-        if not np.isfinite(x).all():
-            raise qchunk.DatasetError(
-                f"{path}: {key} holds NaN or inf (frame {int(np.argmin(np.isfinite(x).reshape(n, -1).all(1)))})"
-            )
     ends = ends.astype(bool).copy()
     ends[-1] = True  # a file cut short still ends its last trajectory
     cut = ends | terminal
@@ -383,17 +374,10 @@ def _episodes(
     obs = {"state": state.astype(np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}}
     subgoal = np.zeros(n, bool)
     truncated = ~terminal[stops - 1]
-    return qchunk.EpisodeData(
-        obs,
-        actions.astype(np.float32),
-        rewards.astype(np.float32),
-        terminal.astype(bool),
-        subgoal,
-        starts,
-        lengths,
-        truncated,
-        list(prompts),
-    )
+    data = qchunk.EpisodeData(obs, actions.astype(np.float32), rewards.astype(np.float32), terminal.astype(bool),
+                              subgoal, starts, lengths, truncated, list(prompts))  # fmt: skip
+    qchunk.refuse_non_finite(path, data)
+    return data
 
 
 def load_npz(path: str | os.PathLike, env_id: str, prompts: list[str]) -> Any:
@@ -449,7 +433,7 @@ def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.nd
         )
     from ogbench.relabel_utils import relabel_dataset
 
-    env = _make(f"ogbench:{task}", {})
+    env = gym.make(f"ogbench:{task}")
     try:
         labels = {k: data[k] for k in ("qpos", "qvel", "button_states") if k in data}
         relabel_dataset(task, env, labels)

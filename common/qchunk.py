@@ -102,6 +102,13 @@ def _camera_name(key: str) -> str:
     return LIBERO_CAMERAS.get(key, key)
 
 
+def demo_instruction(demo: h5py.Group, info: dict[str, Any]) -> str:
+    """A demo's instruction: its attr `language_instruction`, else the file's `problem_info["language_instruction"]`
+    (`info`, the `data` group's parsed attr), else ""."""
+    lang = demo.attrs.get("language_instruction", info.get("language_instruction", ""))
+    return lang.decode() if isinstance(lang, bytes) else str(lang)
+
+
 def load_episodes(
     paths: str | Path | list[str | Path],
     prompts: list[str] | None = None,
@@ -152,8 +159,7 @@ def load_episodes(
                             f"{path}:{name}: episode of length {length} is shorter than min_length={min_length}; "
                             "drop it from the file or lower min_length."
                         )
-                    lang = g.attrs.get("language_instruction", info.get("language_instruction", ""))
-                    lang = lang.decode() if isinstance(lang, bytes) else str(lang)
+                    lang = demo_instruction(g, info)
                     plan.append((path, name, length, lang, bool(g.attrs.get("truncated", False))))
         except OSError as e:  # a truncated file: h5py opens it, reading its index fails
             raise DatasetError(f"{path}: unreadable ({e}); the file looks truncated or still being written") from None
@@ -188,6 +194,16 @@ def load_episodes(
                 obs["prompt_id"][starts[i] : starts[i] + length] = prompts.index(lang)
     truncated = np.array([p[4] for p in plan], bool)
     return EpisodeData(obs, actions, rewards, terminals, subgoal, starts, lengths, truncated, prompts)
+
+
+def refuse_non_finite(path: str | Path, data: EpisodeData) -> None:
+    """A DatasetError naming the episode, key and frame of the first NaN or inf in a dataset's state, actions or
+    rewards (for readers that load whole arrays; `load_episodes` checks each demo as it reads it)."""
+    for key, x in (("state", data.obs["state"]), ("actions", data.actions), ("rewards", data.rewards)):
+        if not np.isfinite(x).all():
+            frame = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
+            episode = int(np.searchsorted(data.episode_starts, frame, side="right") - 1)
+            raise DatasetError(f"{path}: episode {episode} has NaN or inf in {key} (frame {frame}); fix or drop it")
 
 
 def _read_demo(g: h5py.Group, sl: slice, length: int, layout: dict, obs: dict, actions: np.ndarray,

@@ -79,6 +79,11 @@ def test_npz_reader(tmp_path: object) -> None:
     _ogbench_layout(path)  # no rewards: only an OGBench single-task env can relabel them
     with pytest.raises(qchunk.DatasetError, match="not an OGBench single-task env"):
         gymenv.load_npz(path, "Pendulum-v1", [""])
+    bad = dict(np.load(path), rewards=np.array([-1, 0, -1, -1, -1, -1, -1], np.float32))
+    bad["actions"][5, 0] = np.nan
+    np.savez(path, **bad)
+    with pytest.raises(qchunk.DatasetError, match="episode 1 has NaN or inf in actions \\(frame 5\\)"):
+        gymenv.load_npz(path, "Pendulum-v1", [""])
     np.savez(path, observations=np.zeros((3, 2)))
     with pytest.raises(qchunk.DatasetError, match="no actions, terminals"):
         gymenv.load_npz(path, "Pendulum-v1", [""])
@@ -210,3 +215,20 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--noise", "abc"], "--noise abc: a number"),
+        (["--noise", "-1"], "--noise -1: out of range"),
+        (["--episodes", "0"], "--episodes 0: out of range"),
+        (["--p-random", "2"], "--p-random 2.0: out of range"),
+        (["--noise", "mixed"], "--noise mixed is push's"),
+    ],  # fmt: skip
+)
+def test_make_dataset_bad_values(tmp_path: object, flags: list[str], says: str) -> None:
+    out = os.path.join(tmp_path, "d.npz")
+    with pytest.raises(SystemExit, match=says):
+        envs.main(["make-dataset", "--env", CUBE, "--out", out, *flags])
+    assert not os.path.exists(out)
