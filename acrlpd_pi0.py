@@ -42,7 +42,7 @@ _PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1
 PRESETS = {
     "push": dict(_BASE, **_PUSH, learning_starts=32_000),
     "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8, eval_episodes=50, eval_envs=16),  # 16 cores, 128 GB
-    "gym": dict(_BASE, action_horizon=5, bon=8, target_n=4, lr=3e-4),
+    "gym": dict(_BASE, action_horizon=5, bon=8, target_n=4, lr=3e-4, eval_envs=16),  # ~150 MB an OGBench env
 }
 
 
@@ -377,7 +377,8 @@ def make_act(nets: Nets, args: Args, pi_tx):
 
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
     """One episode in each of --eval-episodes envs per policy, best-of-N and plain π₀: success, return and the critic's
-    calibration (its value of the chunks it chose, eval/*q_pred, vs the discounted return that followed)."""
+    calibration (its value of the chunks it chose, eval/*q_pred, vs the discounted return that followed). The same
+    episodes (env seeds, noise: the same `rng`) at every evaluation."""
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
     policy = lambda n, beta: lambda obs, key: act(state, obs, key, n, beta)[:2]  # best of n by mean − β·std
     policies = {"": (f"BoN-{args.bon}", policy(args.bon, args.act_pessimism)), "plain_": ("plain π₀", policy(1, 0.0))}
@@ -477,14 +478,14 @@ def main(args: Args) -> dict:
                 run.report(step, m, phase, total, (s_phase, t_phase), SHOW)
             # ---- evaluate
             if runlog.crossed(prev, step, args.eval_every) and step != end:
-                run.log(step, evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval {step}"))
+                run.log(step, evaluate(act, state, args, spec, k_eval, f"eval {step}"))
             # ---- save (SIGINT / SIGTERM: save here and exit)
             if (runlog.crossed(prev, step, args.save_every) or run.stopping) and step != end:
                 save(step)
         if step > s_phase or (step == end == 0 and run.saved_step is None):  # the phase ran (or none: π₀'s start)
             rate = (step - s_phase) / max(time.time() - t_phase, 1e-9)
             label = f"{phase} done, update {step}, {rate:.1f} updates/s"
-            m = evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step), label)
+            m = evaluate(act, state, args, spec, k_eval, label)
             m[f"time/{phase}_updates_per_s"] = rate
             run.log(step, m)
             results.update({f"{p}/{k}": v for p in (phase, "final") for k, v in m.items()})

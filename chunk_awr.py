@@ -9,9 +9,12 @@ H-step action chunks as in Li, Zhou and Levine, "Reinforcement Learning with Act
   value    L_V = E[(V_ψ(x_t) − E_{A∼π}[Q̄(x_t, A) − α log π(A|x_t)])²] with M chunks from one prefix pass
              (--value-loss sampled; log π by the flow's change of variables), or IQL's expectile of Q̄(x_t, A_t)
              (--value-loss expectile, the default: ~2.5× cheaper and it never queries π₀ off the data)
-  policy   L_π = Σ w_t Σ_h valid·ℓ_flow / Σ w_t Σ_h valid,  w_t = min(exp(β (Q̄ − V)), --max-weight)  (sg on w)
-  Q̄ is the min of the two Polyak-averaged target critics. Q and V read [sg(π₀ prefix features), state], Q also the
-  chunk in π₀'s action space (relative to the state where π₀'s is); the policy is π₀.
+  policy   L_π = Σ w_t Σ_h valid·ℓ_flow / Σ w_t Σ_h valid,  w_t = min(exp(β (Q̄ − V) / s), --max-weight)  (sg on w)
+  Q̄ is the min of the two Polyak-averaged target critics. Scale-free: Q and V learn in critic units, (return − μ)/σ
+  with the data's return mean and std, and s is the advantages' std over the dataset (two-phase; joint: the batch),
+  so β is in units of the advantages' spread: rewards a·r (a > 0) give the same run, a shift b the same run up to
+  the b·Σγ^k its episodes' lengths add. Q and V read [sg(π₀ prefix features), state], Q also the chunk in π₀'s
+  action space (relative to the state where π₀'s is); the policy is π₀.
 Schedules: --schedule two-phase (default) trains Q and V first on the frozen initial π₀'s features, computes the
 advantage of every dataset chunk once, then trains π₀ by weighted flow matching at BC speed (by default the
 weights pick the chunks, P(i) ∝ w_i, and the loss gets w ≡ 1: the same objective with a full effective batch;
@@ -95,11 +98,12 @@ class Args(runlog.RunArgs):
     value_flow_steps: int = 4
     """Euler steps for those chunks"""
     alpha: float = 0.0
-    """entropy weight α of the sampled value target (needs log π: divergence along the flow)"""
+    """entropy weight α of the sampled value target, in critic units (needs log π: divergence along the flow)"""
     hutchinson_above: int = 32
     """log π: exact Jacobian trace when H·A ≤ this, else Hutchinson's estimator"""
-    beta: float = 20.0
-    """inverse temperature β of w = exp(β A); 0 = plain BC"""
+    beta: float = 3.4
+    """inverse temperature β of w = exp(β A / std(A)), in units of the advantages' spread (push: β = 20 on its raw
+    0/1-reward advantages, std 0.17, was this: 20 × 0.17); 0 = plain BC"""
     max_weight: float = 100.0
     """clip of the weights"""
     weighting: Literal["sample", "loss"] = "sample"
@@ -138,6 +142,8 @@ class Nets:
     io: pi0.EnvIO
     q: pi0.HeadMLP  # one Q member: Dense → LayerNorm → GELU blocks, scalar out
     v: pi0.HeadMLP  # V, the same
+    ret_mu: float = 0.0  # Q and V are in critic units, (return − ret_mu) / ret_sigma: the data's returns' mean and std
+    ret_sigma: float = 1.0
 
 
 def critic_obs(features, state) -> jax.Array:
@@ -191,12 +197,13 @@ def critic_loss(critic, batch, v_target, nets: Nets, args: Args):
     """L_Q + λ_V L_V on views batch["obs_z"] and chunks batch["chunk"]. v_target: [B] E_π[Q̄ − α log π] (sampled) or
     None (expectile on the data chunk). -> (loss, info)."""
     obs_z, chunks = batch["obs_z"], batch["chunk"]
-    if args.critic_target == "mc":  # G_t = Σ_{k≥0} γ^k r_{t+k} to the episode's end (0 after a truncation)
-        y = batch["return_to_go"]
-    else:
-        v_next = value(nets, critic["v"], batch["next_obs_z"])
+    mu, sigma = nets.ret_mu, nets.ret_sigma  # critic units: (return − μ) / σ, whatever the reward's scale
+    if args.critic_target == "mc":  # G_t = Σ_{k≥0} γ^k r_{t+k} to the episode's end (a time limit: qchunk's tail)
+        y = (batch["return_to_go"] - mu) / sigma
+    else:  # the bootstrap back in reward units, the target in critic units
+        v_next = mu + sigma * value(nets, critic["v"], batch["next_obs_z"])
         discount = args.gamma ** batch["n_valid"].astype(jnp.float32)  # the bootstrap is n_valid steps away
-        y = chunk_reward(batch, args.reward) + discount * batch["mask"] * v_next
+        y = (chunk_reward(batch, args.reward) + discount * batch["mask"] * v_next - mu) / sigma
     y = jax.lax.stop_gradient(y)
     q = q_values(nets, critic["q"], obs_z, chunks)  # [2,B]
     loss_q = jnp.mean(jnp.square(q - y[None]))
@@ -246,6 +253,7 @@ def total_loss(train, batch, rng, phase: str, nets: Nets, args: Args):
         if phase == "joint":  # A = min Q̄ − V on this batch, from the current critics
             q = q_values(nets, critic["target_q"], batch["obs_z"], batch["chunk"]).min(0)
             adv = q - value(nets, critic["v"], batch["obs_z"])
+            adv = adv / (jax.lax.stop_gradient(adv.std()) + 1e-6)  # β in units of the batch's spread
         else:  # from the table computed after the critic phase
             adv = batch["adv"]
         l_pi, info_pi = policy_loss(params, prefix, batch, adv, k_pi, nets, args)
@@ -311,7 +319,8 @@ def make_act(nets: Nets, args: Args):
 
 
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng) -> dict:
-    """The policy from one noise draw (scaled by --eval-noise), --eval-episodes spread over --num-envs envs."""
+    """The policy from one noise draw (scaled by --eval-noise), --eval-episodes spread over --num-envs envs; the same
+    episodes (env seeds, noise: the same `rng`) at every evaluation."""
     t = time.time()
     policy = lambda obs, key: (act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.num_envs, seed=args.seed + 10_000)
@@ -338,7 +347,9 @@ def main(args: Args) -> dict:
     policy = runlog.make_policy(env, data.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
-    nets = Nets(policy.model, policy.io, pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden)))
+    heads = pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden))
+    ret = chunks.return_to_go if args.reward == "return" else np.zeros(1)  # subgoal flags: unscaled 0/1 rewards
+    nets = Nets(policy.model, policy.io, *heads, float(ret.mean()), float(ret.std()) or 1.0)
     params = policy.params
     z = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim)))
     x = jnp.zeros((1, z.shape[1] + args.action_horizon * env.action_dim))
@@ -379,7 +390,7 @@ def main(args: Args) -> dict:
 
     def do_eval(step):
         nonlocal result, last_eval
-        result = evaluate(act, state, args, spec, jax.random.fold_in(k_eval, step))
+        result = evaluate(act, state, args, spec, k_eval)
         result["time/train_s"] = train_s
         run.log(step, result)
         last_eval = step
@@ -441,11 +452,15 @@ def main(args: Args) -> dict:
         if phase == "critic" and step > s_phase:  # A = min Q̄ − V of every dataset chunk, once
             views = views if views is not None else encode_all(state["params"])
             adv = mesh.map_batches(partial(advantage, state, views), len(chunks), 8192)
+            spread = float(adv.std()) + 1e-6  # in critic units; × ret_sigma in reward units
+            adv = adv / spread  # β in units of the advantages' spread: the same weights at any reward scale
             state["adv"] = jax.device_put(adv, shardings["adv"])
             views = None
             w = np.minimum(np.exp(args.beta * adv), args.max_weight)
-            print(f"[critic] advantage std {adv.std():.4f}; weights mean {w.mean():.3g}, clipped "
-                  f"{(w >= args.max_weight).mean():.1%}")  # fmt: skip
+            clipped = (w >= args.max_weight).mean()
+            print(
+                f"[critic] advantage std {spread * nets.ret_sigma:.4g}; weights {w.mean():.3g}, {clipped:.1%} clipped"
+            )
             train_s = mesh.agreed(time.time() - t_phase)  # the whole critic phase counts as training
             do_eval(step)  # the start of π₀'s training
             save(step)

@@ -12,7 +12,8 @@ t=0, δ = 1/K) is a product of Gaussians, and PPO (Schulman et al. 2017) optimis
       −(x + (1−t)·v)/t); one random step per chunk is stochastic, the others are the ODE; log π = that step's Gaussian.
 Rollouts run chunks open loop in vectorised envs (stored and recomputed log-likelihoods both from `chain_logprob`:
 the first ratio is 1); GAE(γ^H, λ) over chunk steps; clipped PPO (optional dual clip), clipped value loss on a value
-head over the detached prefix features; evaluation uses the deterministic ODE.
+head over the detached prefix features, in units of the running return mean and std (--norm-value: any reward scale
+gives the same run); evaluation uses the deterministic ODE.
 
   python flow_ppo.py                                     # push, CPU π₀ preset, BC warm start then PPO, < 10 min
   python flow_ppo.py --env libero --no-freeze-backbone   # GPUs: openpi's pi0_libero from its cache, no BC
@@ -35,10 +36,13 @@ import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
 
-_BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20)
-# presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every)
-_LIBERO = dict(_BASE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
-PRESETS = {"push": _BASE, "gym": dict(_BASE, num_envs=16), "libero": _LIBERO}  # gym: ~200 MB an OGBench env
+# presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every). push's lr and warm-up
+# were measured on its dense successes; _SAFE protects a good start where successes are sparse (README: OGBench)
+_BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20,
+             learning_rate=1e-4, critic_warmup=5)  # fmt: skip
+_SAFE = dict(learning_rate=3e-5, critic_warmup=25)
+_LIBERO = dict(_BASE, **_SAFE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
+PRESETS = {"push": _BASE, "gym": dict(_BASE, **_SAFE, num_envs=16, eval_envs=16), "libero": _LIBERO}  # gym: ~150 MB/env
 
 
 @dataclass
@@ -72,12 +76,15 @@ class Args(runlog.RunArgs):
     """epochs over each rollout"""
     num_minibatches: int = 4
     """minibatches per epoch"""
-    learning_rate: float = 1e-4
-    """policy (π₀ + noise head) learning rate"""
+    learning_rate: float | None = None
+    """policy (π₀ + noise head) learning rate (preset: push 1e-4; libero, gym 3e-5)"""
     value_lr: float = 1e-3
     """value head learning rate"""
-    critic_warmup: int = 5
-    """first iterations that train only the value head"""
+    norm_value: bool = True
+    """the value head in units of the running mean and std of the returns (scale-free: any reward scale and shift
+    gives the same normalised targets; the first rollout's mean is the initial value)"""
+    critic_warmup: int | None = None
+    """first iterations that train only the value head (preset: push 5; libero, gym 25: fitted before π₀ moves)"""
     clip_coef: float = 0.2
     """PPO ratio clip ε"""
     dual_clip: float = 0.0
@@ -226,6 +233,20 @@ def bc_loss(params, batch, rng, nets: Nets, args: Args):
     return loss, {"losses/bc": loss}
 
 
+def running_stats(stats, x):
+    """The running mean / variance / count of all returns seen, updated with a batch x [N] (Chan et al.'s
+    parallel combination; a count of 0 takes the batch's own)."""
+    n, total = x.size, stats["count"] + x.size
+    delta = x.mean() - stats["mean"]
+    mean = stats["mean"] + delta * n / total
+    var = (stats["var"] * stats["count"] + x.var() * n + jnp.square(delta) * stats["count"] * n / total) / total
+    return {"mean": mean, "var": var, "count": total}
+
+
+def denormalise(stats, v):  # the value head's output in return units ([B]); identity under --no-norm-value
+    return stats["mean"] + jnp.sqrt(stats["var"] + 1e-8) * v
+
+
 def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stored chains carry the randomness
     """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus. -> (loss, info)."""
     obs = nets.io.observe(batch["obs"])
@@ -243,7 +264,7 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
         pg = jnp.where(adv < 0, jnp.minimum(pg, -args.dual_clip * adv), pg)
     pg_loss = pg.mean()
     value = nets.value_head.apply(train["heads"]["value"], prefix.features, obs.state)  # reads detached features
-    ret, old_v = jax.lax.stop_gradient(batch["returns"]), jax.lax.stop_gradient(batch["values"])
+    ret, old_v = jax.lax.stop_gradient(batch["returns"]), jax.lax.stop_gradient(batch["values"])  # normalised
     v_loss = jnp.square(value - ret)
     if args.clip_vloss:
         v_clip = old_v + jnp.clip(value - old_v, -args.clip_coef, args.clip_coef)
@@ -295,8 +316,13 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         return (new_state, stopped), info
 
     def ppo_update(state, batch, rng, train_policy):
-        adv, n = batch["advantages"], batch["logp"].shape[0]
+        adv, n, ret = batch["advantages"], batch["logp"].shape[0], batch["returns"]
         batch = {**batch, "advantages": (adv - adv.mean()) / (adv.std() + 1e-8)}  # normalised over the rollout
+        explained = 1.0 - jnp.var(ret - batch["values"]) / (jnp.var(ret) + 1e-8)  # of the values that made the GAE
+        if args.norm_value:  # the value head's units: the running return statistics, this rollout's included
+            state = {**state, "ret_stats": running_stats(state["ret_stats"], ret)}
+        norm = lambda x: (x - state["ret_stats"]["mean"]) / jnp.sqrt(state["ret_stats"]["var"] + 1e-8)
+        batch.update(returns=norm(ret), values=norm(batch["values"]))
         mb_size = n // args.num_minibatches
 
         def epoch(carry, key):
@@ -310,6 +336,8 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         out = jax.tree.map(jnp.mean, info)
         out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
         out["charts/kl_stopped"] = stopped.astype(jnp.float32)
+        out["charts/explained_variance"], out["charts/return_mean"] = explained, ret.mean()
+        out["charts/return_std"] = jnp.sqrt(state["ret_stats"]["var"])
         return state, out
 
     return mesh.scan_updates(bc_step), jax.jit(ppo_update, donate_argnums=0)
@@ -325,20 +353,22 @@ def make_act(nets: Nets, args: Args):
         prefix = nets.pi.prefix(params, o)
         chain, sde_step = sample_chain(nets, args, params, heads, prefix, rng, o.state.shape[0])
         logp, _, _ = chain_logprob(nets, args, params, heads, prefix, chain, sde_step, nets.io.executed_mask())
-        value = nets.value_head.apply(heads["value"], prefix.features, o.state)
+        value = denormalise(state["ret_stats"], nets.value_head.apply(heads["value"], prefix.features, o.state))
         return nets.io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
 
     @jax.jit
     def value_fn(state, obs):
         o = nets.io.observe(obs)
-        return nets.value_head.apply(state["heads"]["value"], nets.pi.prefix(state["params"], o).features, o.state)
+        v = nets.value_head.apply(state["heads"]["value"], nets.pi.prefix(state["params"], o).features, o.state)
+        return denormalise(state["ret_stats"], v)
 
     eval_act = jax.jit(partial(pi0.sample_env_actions, nets.pi, nets.io, steps=args.flow_steps))
     return act, value_fn, eval_act
 
 
 def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
-    """The deterministic ODE policy, one episode per env; printed."""
+    """The ODE policy, one episode per env; printed. Every evaluation plays the same episodes (env seeds, initial
+    noise: `rng` is the same key), so the differences between evaluations are the policy's."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
     out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
@@ -411,6 +441,7 @@ def main(args: Args) -> dict[str, float]:
     train = {"params": policy.params, "heads": {**heads, "value": nets.value_head.init(k_value, *z)}}
     tx, bc_tx = make_optimizers(args, nets, train)
     state = {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"]) if bc_steps else {}}  # no BC: none
+    state["ret_stats"] = {"mean": jnp.zeros(()), "var": jnp.ones(()), "count": jnp.zeros(())}  # --norm-value's
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
     print(f"π₀ {pi0.param_count(state['params']) / 1e6:.2f}M params; {bc_steps} BC updates, {args.iterations} PPO its")
     run = runlog.Run.from_args(args, "flow_ppo")
@@ -434,7 +465,7 @@ def main(args: Args) -> dict[str, float]:
     final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
         if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
-            final = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), "start of PPO")
+            final = evaluate(eval_act, state, args, spec, k_eval, "start of PPO")
             run.log(step, final)
             final["eval/start_success_rate"] = final["eval/success_rate"]
             save(step)
@@ -469,7 +500,7 @@ def main(args: Args) -> dict[str, float]:
                 run.report(step, m, phase, total, (s_phase, t_phase), keys)
             # ---- evaluate
             if phase == "ppo" and (runlog.crossed(prev, step, args.eval_every, start) or last):
-                ev = evaluate(eval_act, state, args, spec, jax.random.fold_in(k_eval, step), f"eval, it {step - start}")
+                ev = evaluate(eval_act, state, args, spec, k_eval, f"eval, it {step - start}")
                 run.log(step, ev)
                 final.update(ev)
             # ---- save (SIGINT / SIGTERM: here; BC's last step is saved at the start of PPO)

@@ -392,6 +392,7 @@ class EnvSpec:
     name: str
     kwargs: dict[str, Any]
     dataset: str | None = None
+    reward: tuple[float, float] = (1.0, 0.0)  # (a, b): rewards a·r + b, the env's and the dataset's (`ScaledReward`)
 
     def make(self, num_envs: int, seed: int, evaluation: bool = False, first: int = 0, total: int | None = None) -> Any:
         """`num_envs` vectorised envs, envs `first`.. of a run's `total` (default `num_envs`): each seeded by its index
@@ -402,7 +403,8 @@ class EnvSpec:
                 kw["image_size"] = size
             if evaluation:
                 kw.setdefault("eval_mode", True)
-        return make_env(self.name, num_envs, seed=seed, **kw)
+        env = make_env(self.name, num_envs, seed=seed, **kw)
+        return env if self.reward == (1.0, 0.0) else ScaledReward(env, *self.reward)
 
     def make_share(self, num_envs: int, seed: int, evaluation: bool = False) -> Any:
         """This process's share of a run's `num_envs` envs (its --num-envs; `mesh.process_rows`; all of them with one
@@ -426,6 +428,10 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
     before any env is made: a value that starts like JSON ([, {, ") but does not parse, and for push and libero a
     key their constructor does not take."""
     kw = {k: _decode(k, v) for k, v in (env_kwargs or {}).items()}
+    reward = (kw.pop("reward_scale", 1.0), kw.pop("reward_shift", 0.0))
+    if not all(isinstance(x, (int, float)) for x in reward) or reward[0] <= 0:
+        raise RunError(f"--env-kwargs reward_scale {reward[0]} reward_shift {reward[1]}: numbers, the scale > 0 (r → "
+                       "scale·r + shift; a scale ≤ 0 would reverse or erase the task)")  # fmt: skip
     if name in ("push", "libero"):
         target = PushEnv if name == "push" else importlib.import_module("common.libero").LiberoVecEnv
         takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed", "first", "total")]
@@ -439,7 +445,7 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
             raise RunError(f"--dataset {dataset} holds {len(found)} instructions ({'; '.join(found[:3])}...); a "
                            "gymnasium env sends one: pass --env-kwargs prompt '<its instruction>'")  # fmt: skip
         kw["prompt"] = found[0] if found else ""
-    return EnvSpec(name, kw, dataset)
+    return EnvSpec(name, kw, dataset, (float(reward[0]), float(reward[1])))
 
 
 def dataset_instructions(path: str | os.PathLike) -> list[str]:
@@ -514,7 +520,33 @@ def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
         from common import qchunk
 
         qchunk.refuse_non_finite(path, data)
+    if (transform := getattr(env, "reward_transform", None)) is not None:  # the env's a·r + b, on the data too
+        data.rewards = (transform[0] * data.rewards + transform[1]).astype(np.float32)
     return data
+
+
+class ScaledReward:
+    """An env whose rewards are a·r + b (`--env-kwargs reward_scale A reward_shift B`; `load_dataset` transforms the
+    dataset read for it the same way), for studies of reward scale: success and everything else are the env's. A
+    shift b < 0 keeps a task with termination at success the same task (each step costs); b > 0 pays for living and
+    may not."""
+
+    def __init__(self, env: Any, scale: float, shift: float):
+        self.env, self.reward_transform = env, (scale, shift)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the env's
+        return getattr(self.env, name)
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
+        a, b = self.reward_transform
+        maskable = "active" in inspect.signature(self.env.step).parameters
+        obs, r, term, trunc, info = self.env.step(actions, active=active) if maskable else self.env.step(actions)
+        r = a * np.asarray(r, np.float32) + b
+        if active is not None:  # envs not stepped report 0
+            r = np.where(active, r, 0.0)
+        if "episode_return" in info and "episode_length" in info:
+            info = {**info, "episode_return": a * np.asarray(info["episode_return"]) + b * info["episode_length"]}
+        return obs, r.astype(np.float32), term, trunc, info
 
 
 def dataset_image_size(path: str | os.PathLike) -> int | None:

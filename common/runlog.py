@@ -60,7 +60,8 @@ class RunArgs:
     env: str = "push"
     """'push' (embedded), 'libero', or any gymnasium id"""
     env_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
-    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps)"""
+    """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps;
+    any env: reward_scale A reward_shift B, rewards A·r + B in the env and the dataset)"""
     dataset: str | None = None
     """prior data: robomimic/LIBERO HDF5 (a file or a folder of them) or a LeRobot dataset folder (parquet); push:
     the script's demonstrator data, generated and cached on first use"""

@@ -1,0 +1,64 @@
+"""Scale-free defaults: push with its rewards scaled (`--env-kwargs reward_scale A`, the env's and the dataset's)
+gives the same run, loss for loss, in chunk_awr (critic units, β in units of the advantages' spread) and flow_ppo
+(the value head in running-return units); without flow_ppo's normalisation it does not (the check can fail).
+Shifted rewards change returns by episode length, not by a constant: bench/reward_scale.py measures that learning."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tiny
+
+import chunk_awr
+import flow_ppo
+from common import RunError, envs
+
+AWR_KEYS = ("losses/q", "losses/v", "losses/policy", "charts/weight_mean", "eval/success_rate")
+PPO_KEYS = ("losses/value", "losses/policy", "losses/approx_kl", "charts/explained_variance", "eval/success_rate")
+
+
+def logged(run_dir: str, keys: tuple[str, ...]) -> np.ndarray:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    values = [[r[k] for k in keys if k in r] for r in rows]
+    return np.array([v for row in values for v in row], np.float64)
+
+
+def run(module, flags: dict, tmp_path, name: str, scale: float, shift: float = 0.0) -> np.ndarray:
+    run_dir = str(tmp_path / name)
+    kwargs = {"reward_scale": str(scale), "reward_shift": str(shift)}
+    module.main(module.Args(**flags, env_kwargs=kwargs, run_dir=run_dir))
+    return logged(run_dir, AWR_KEYS if module is chunk_awr else PPO_KEYS)
+
+
+@pytest.mark.parametrize("target", ["mc", "td"])
+def test_chunk_awr_same_run_at_any_reward_scale(tmp_path, small_push, target):
+    flags = dict(tiny.CHUNK_AWR, reward="return", critic_target=target, dataset=small_push)
+    base = run(chunk_awr, flags, tmp_path, "base", 1.0)
+    scaled = run(chunk_awr, flags, tmp_path, "scaled", 25.0)
+    assert len(base) >= 8
+    np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
+
+
+def test_flow_ppo_same_run_at_any_reward_scale(tmp_path, small_push):
+    flags = dict(tiny.FLOW_PPO, iterations=3, dataset=small_push)
+    base = run(flow_ppo, flags, tmp_path, "base", 1.0, -1.0)  # a cost per step: rewards in the tiny run's episodes
+    scaled = run(flow_ppo, flags, tmp_path, "scaled", 0.04, -0.04)
+    assert len(base) > 10
+    np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
+    # raw value targets: the value loss scales with the rewards (the check above can fail)
+    raw = run(flow_ppo, dict(flags, norm_value=False), tmp_path, "raw", 0.04, -0.04)
+    assert not np.allclose(raw, base, rtol=2e-3, atol=1e-5)
+
+
+def test_reward_transform_reaches_env_and_data(small_push):
+    spec = envs.make_spec("push", {"reward_scale": "2", "reward_shift": "-1"}, small_push)
+    env = spec.make(3, seed=0)
+    env.reset(seed=0)
+    _, r, *_ = env.step(np.zeros((3, env.action_dim), np.float32), active=np.array([True, False, True]))
+    assert r.tolist() == [-1.0, 0.0, -1.0]  # 2·0 − 1 where stepped, 0 where not
+    plain = envs.load_dataset(small_push, envs.make_spec("push", {}).make(1, 0))
+    data = envs.load_dataset(small_push, env)
+    np.testing.assert_allclose(data.rewards, 2 * plain.rewards - 1)
+    with pytest.raises(RunError, match="reward_scale"):
+        envs.make_spec("push", {"reward_scale": "0"})
