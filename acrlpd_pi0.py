@@ -376,9 +376,8 @@ def make_act(nets: Nets, args: Args, pi_tx):
 
 
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
-    """One episode in each of --eval-episodes envs per policy, best-of-N and plain π₀: success, return and the critic's
-    calibration (its value of the chunks it chose, eval/*q_pred, vs the discounted return that followed). The same
-    episodes (env seeds, noise: the same `rng`) at every evaluation."""
+    """The same --eval-episodes episodes each time (one `rng`) per policy, best-of-N and plain π₀: success, return and
+    the critic's calibration (its value of its chosen chunks, eval/*q_pred, vs the discounted return that followed)."""
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
     policy = lambda n, beta: lambda obs, key: act(state, obs, key, n, beta)[:2]  # best of n by mean − β·std
     policies = {"": (f"BoN-{args.bon}", policy(args.bon, args.act_pessimism)), "plain_": ("plain π₀", policy(1, 0.0))}

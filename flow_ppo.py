@@ -10,10 +10,9 @@ t=0, δ = 1/K) is a product of Gaussians, and PPO (Schulman et al. 2017) optimis
   --noise-method flow_sde (Flow-GRPO, Liu et al. 2025; πRL's flow-SDE): the reverse SDE with the flow ODE's marginals,
       σ_t = a·√(t/(1−t)), μ = x − δ·[v + σ_t²/(2t)·(x + (1−t)·v)], std σ_t·√δ (the score of x_t = t·ε + (1−t)·a is
       −(x + (1−t)·v)/t); one random step per chunk is stochastic, the others are the ODE; log π = that step's Gaussian.
-Rollouts run chunks open loop in vectorised envs (stored and recomputed log-likelihoods both from `chain_logprob`:
-the first ratio is 1); GAE(γ^H, λ) over chunk steps; clipped PPO (optional dual clip), clipped value loss on a value
-head over the detached prefix features, in units of the running return mean and std (--norm-value: any reward scale
-gives the same run); evaluation uses the deterministic ODE.
+Rollouts run chunks open loop in vectorised envs (old and new log-likelihoods both from `chain_logprob`: the first
+ratio is 1); GAE(γ^H, λ) over chunk steps; clipped PPO (optional dual clip); a clipped value loss on a value head over
+the detached prefix features, in running-return units (--norm-value); evaluation uses the deterministic ODE.
 
   python flow_ppo.py                                     # push, CPU π₀ preset, BC warm start then PPO, < 10 min
   python flow_ppo.py --env libero --no-freeze-backbone   # GPUs: openpi's pi0_libero from its cache, no BC
@@ -51,7 +50,6 @@ class Args(runlog.RunArgs):
     """K: Euler steps, the same in rollouts and evaluation"""
     freeze_backbone: bool = True
     """PPO: keep the VLM (prefix) fixed, train the action expert, projections and heads (stable value features)"""
-
     bc_steps: int = 10_000
     """flow-matching BC updates on the prior data before PPO (0, or a --pi0-checkpoint: none); ~35-45% on push"""
     bc_batch_size: int = 64
@@ -81,8 +79,7 @@ class Args(runlog.RunArgs):
     value_lr: float = 1e-3
     """value head learning rate"""
     norm_value: bool = True
-    """the value head in units of the running mean and std of the returns (scale-free: any reward scale and shift
-    gives the same normalised targets; the first rollout's mean is the initial value)"""
+    """the value head in units of the running return mean and std (any reward scale: the same run)"""
     critic_warmup: int | None = None
     """first iterations that train only the value head (preset: push 5; libero, gym 25: fitted before π₀ moves)"""
     clip_coef: float = 0.2
@@ -233,26 +230,11 @@ def bc_loss(params, batch, rng, nets: Nets, args: Args):
     return loss, {"losses/bc": loss}
 
 
-def running_stats(stats, x):
-    """The running mean / variance / count of all returns seen, updated with a batch x [N] (Chan et al.'s
-    parallel combination; a count of 0 takes the batch's own)."""
-    n, total = x.size, stats["count"] + x.size
-    delta = x.mean() - stats["mean"]
-    mean = stats["mean"] + delta * n / total
-    var = (stats["var"] * stats["count"] + x.var() * n + jnp.square(delta) * stats["count"] * n / total) / total
-    return {"mean": mean, "var": var, "count": total}
-
-
-def denormalise(stats, v):  # the value head's output in return units ([B]); identity under --no-norm-value
-    return stats["mean"] + jnp.sqrt(stats["var"] + 1e-8) * v
-
-
 def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stored chains carry the randomness
     """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus. -> (loss, info)."""
     obs = nets.io.observe(batch["obs"])
-    prefix = nets.pi.prefix(train["params"], obs)  # prefix inside the loss: the backbone may train
-    if args.freeze_backbone:  # no backward pass through the VLM at all
-        prefix = jax.lax.stop_gradient(prefix)
+    prefix = nets.pi.prefix(train["params"], obs)  # inside the loss: the backbone may train (--no-freeze-backbone)
+    prefix = jax.lax.stop_gradient(prefix) if args.freeze_backbone else prefix  # frozen: no backward pass through it
     mask = nets.io.executed_mask()
     chain = (batch["chain"], batch["sde_step"])
     logp, entropy, std = chain_logprob(nets, args, train["params"], train["heads"], prefix, *chain, mask)
@@ -274,9 +256,8 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
     policy_term = jnp.where(batch["train_policy"], pg_loss - args.ent_coef * ent, 0.0)  # value-only warm-up
     loss = policy_term + args.vf_coef * v_loss
     info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": ent, "charts/noise_std": std.mean()}
-    info["losses/approx_kl"] = jnp.mean((ratio - 1) - logratio)
+    info["losses/approx_kl"], info["charts/ratio_mean"] = jnp.mean((ratio - 1) - logratio), ratio.mean()
     info["charts/clip_frac"] = jnp.mean(jnp.abs(ratio - 1) > args.clip_coef)
-    info["charts/ratio_mean"] = ratio.mean()
     info["charts/ratio_max_dev"] = jnp.max(jnp.abs(ratio - 1))
     return loss, info
 
@@ -319,8 +300,11 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         adv, n, ret = batch["advantages"], batch["logp"].shape[0], batch["returns"]
         batch = {**batch, "advantages": (adv - adv.mean()) / (adv.std() + 1e-8)}  # normalised over the rollout
         explained = 1.0 - jnp.var(ret - batch["values"]) / (jnp.var(ret) + 1e-8)  # of the values that made the GAE
-        if args.norm_value:  # the value head's units: the running return statistics, this rollout's included
-            state = {**state, "ret_stats": running_stats(state["ret_stats"], ret)}
+        if args.norm_value:  # the value head's units: mean and std of all returns seen (Chan et al.'s combination)
+            s, m = state["ret_stats"], ret.size
+            delta, count = ret.mean() - s["mean"], s["count"] + m
+            var = (s["var"] * s["count"] + ret.var() * m + delta**2 * s["count"] * m / count) / count
+            state = {**state, "ret_stats": {"mean": s["mean"] + delta * m / count, "var": var, "count": count}}
         norm = lambda x: (x - state["ret_stats"]["mean"]) / jnp.sqrt(state["ret_stats"]["var"] + 1e-8)
         batch.update(returns=norm(ret), values=norm(batch["values"]))
         mb_size = n // args.num_minibatches
@@ -335,9 +319,8 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         (state, stopped), info = jax.lax.scan(epoch, (state, jnp.bool_(False)), keys)
         out = jax.tree.map(jnp.mean, info)
         out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
-        out["charts/kl_stopped"] = stopped.astype(jnp.float32)
-        out["charts/explained_variance"], out["charts/return_mean"] = explained, ret.mean()
-        out["charts/return_std"] = jnp.sqrt(state["ret_stats"]["var"])
+        out["charts/kl_stopped"], out["charts/explained_variance"] = stopped.astype(jnp.float32), explained
+        out["charts/return_mean"], out["charts/return_std"] = ret.mean(), jnp.sqrt(state["ret_stats"]["var"])
         return state, out
 
     return mesh.scan_updates(bc_step), jax.jit(ppo_update, donate_argnums=0)
@@ -346,6 +329,8 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
 # ----------------------------------------------------------------------------------------------------- acting / eval
 def make_act(nets: Nets, args: Args):
     """The rollout policy (chain, log-likelihood, value), the value alone, the evaluation policy (the ODE)."""
+    value = lambda state, prefix, o: nets.value_head.apply(state["heads"]["value"], prefix.features, o.state)
+    in_units = lambda stats, v: stats["mean"] + jnp.sqrt(stats["var"] + 1e-8) * v  # return units (--norm-value)
 
     @jax.jit
     def act(state, obs, rng):
@@ -353,22 +338,20 @@ def make_act(nets: Nets, args: Args):
         prefix = nets.pi.prefix(params, o)
         chain, sde_step = sample_chain(nets, args, params, heads, prefix, rng, o.state.shape[0])
         logp, _, _ = chain_logprob(nets, args, params, heads, prefix, chain, sde_step, nets.io.executed_mask())
-        value = denormalise(state["ret_stats"], nets.value_head.apply(heads["value"], prefix.features, o.state))
-        return nets.io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, value
+        v = in_units(state["ret_stats"], value(state, prefix, o))
+        return nets.io.to_env(chain[:, -1], obs["state"]), chain, sde_step, logp, v
 
     @jax.jit
     def value_fn(state, obs):
         o = nets.io.observe(obs)
-        v = nets.value_head.apply(state["heads"]["value"], nets.pi.prefix(state["params"], o).features, o.state)
-        return denormalise(state["ret_stats"], v)
+        return in_units(state["ret_stats"], value(state, nets.pi.prefix(state["params"], o), o))
 
     eval_act = jax.jit(partial(pi0.sample_env_actions, nets.pi, nets.io, steps=args.flow_steps))
     return act, value_fn, eval_act
 
 
 def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
-    """The ODE policy, one episode per env; printed. Every evaluation plays the same episodes (env seeds, initial
-    noise: `rng` is the same key), so the differences between evaluations are the policy's."""
+    """The ODE policy on the same episodes at every evaluation (one `rng`: env seeds, initial noise); printed."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
     out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
@@ -377,9 +360,8 @@ def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -
 
 
 def gae(rewards, values, next_value, terminated, truncated, final_values, gamma_chunk: float, lam: float):
-    """GAE(γ_c, λ) over chunk steps, [T,E] arrays -> (advantages, returns) [T,E]. A terminated chunk does not
-    bootstrap; a truncated one bootstraps from V(final obs) (folded into its reward); either way the recursion stops
-    there because the env is reset at the chunk boundary."""
+    """GAE(γ_c, λ) over chunk steps, [T,E] arrays -> (advantages, returns) [T,E]. A terminated chunk does not bootstrap,
+    a truncated one from V(final obs) (folded into its reward); the recursion stops there (the env is reset)."""
     rewards = rewards + gamma_chunk * final_values * truncated
     ended = jnp.logical_or(terminated, truncated)
     next_values = jnp.concatenate([values[1:], next_value[None]], axis=0)
