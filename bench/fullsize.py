@@ -323,7 +323,8 @@ def flow_ppo_cases(setup: Setup, ab: Abstract) -> list[Case]:
 
     def init(key):  # as flow_ppo.main starting from a π₀ checkpoint (no BC steps: no BC optimizer state)
         train = train_init(key)
-        return {**train, "opt": tx.init(train), "bc_opt": {}}
+        stats = {"mean": jnp.zeros(()), "var": jnp.ones(()), "count": jnp.zeros(())}  # --norm-value's
+        return {**train, "opt": tx.init(train), "bc_opt": {}, "ret_stats": stats}
 
     state = ab.state(init, jax.random.key(0))
     row = qchunk.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))

@@ -4,9 +4,9 @@ Each (a, b) in --rewards transforms the env's rewards and the dataset's (`--env-
 b`); success is the env's own and unchanged. Pure scales (b = 0) give the same run up to floating point
 (tests/test_reward_scale.py checks it loss for loss); a shift b < 0 is a cost per step, which keeps push's task
 (reach the target, the episode ends there) but changes every return by its episode's length, so those runs differ
-and should learn within evaluation noise of the unshifted one. chunk_awr trains for --awr-seconds per setting (its
-critic phase first); flow_ppo starts every setting from one shared BC warm start per seed (flow_ppo.py --iterations
-0, then --pi0-checkpoint), then --ppo-seconds of PPO. Prints start → end per run and writes
+and should learn within evaluation noise of the unshifted one. chunk_awr trains --awr-steps policy updates per
+setting (its critic phase first); flow_ppo starts every setting from one shared BC warm start per seed (flow_ppo.py
+--iterations 0, then --pi0-checkpoint), then --ppo-iterations of PPO. Prints start → end per run and writes
 bench/results/reward_scale.json after every run.
 
     python bench/reward_scale.py                                       # (1, 0), (1, −1), (10, −5); seed 1
@@ -37,10 +37,11 @@ class BenchArgs:
     """chunk_awr, flow_ppo"""
     seeds: list[int] = field(default_factory=lambda: [1])
     """seeds"""
-    awr_seconds: float = 180.0
-    """chunk_awr's policy-phase budget per run (--time-budget-s)"""
-    ppo_seconds: float = 180.0
-    """flow_ppo's PPO budget per run (--time-budget-s), from the shared BC start"""
+    awr_steps: int = 6000
+    """chunk_awr's policy updates per run (after its 3,000 critic updates)"""
+    ppo_iterations: int = 50
+    """flow_ppo's PPO iterations per run, from the shared BC start (budgets in steps: a loaded machine changes the
+    wall time, not the result)"""
     eval_episodes: int = 200
     """episodes per evaluation"""
     out: str = os.path.join(ROOT, "bench", "results", "reward_scale.json")
@@ -58,15 +59,15 @@ def main(b: BenchArgs) -> list[dict]:
                 kwargs = {"reward_scale": str(a), "reward_shift": str(shift)}
                 t0 = time.time()
                 if script == "chunk_awr":
-                    args = chunk_awr.Args(seed=seed, env_kwargs=kwargs, time_budget_s=b.awr_seconds,
-                                          eval_episodes=b.eval_episodes, eval_every=4000)  # fmt: skip
+                    args = chunk_awr.Args(seed=seed, env_kwargs=kwargs, policy_steps=b.awr_steps,
+                                          eval_episodes=b.eval_episodes, eval_every=3000)  # fmt: skip
                     out = chunk_awr.main(args)
                 else:
                     if bc_dir is None:  # the BC start, shared by every reward setting of this seed
                         bc_dir = os.path.join(ROOT, "runs", f"bench_reward_scale_bc__{seed}__{tag}")
                         flow_ppo.main(flow_ppo.Args(seed=seed, iterations=0, eval_episodes=b.eval_episodes,
                                                     run_dir=bc_dir))  # fmt: skip
-                    budget = dict(iterations=1000, time_budget_s=b.ppo_seconds, eval_every=25)
+                    budget = dict(iterations=b.ppo_iterations, eval_every=25)
                     args = flow_ppo.Args(seed=seed, env_kwargs=kwargs, pi0_checkpoint=bc_dir,
                                          eval_episodes=b.eval_episodes, **budget)  # fmt: skip
                     out = flow_ppo.main(args)
