@@ -1,10 +1,10 @@
 """Benchmark of the scale-free defaults: chunk_awr.py and flow_ppo.py on push with rewards a·r + b.
 
 Each (a, b) in --rewards transforms the env's rewards and the dataset's (`--env-kwargs reward_scale a reward_shift
-b`); success is the env's own and unchanged. Pure scales (b = 0) give the same run up to floating point
-(tests/test_reward_scale.py checks it loss for loss); a shift b < 0 is a cost per step, which keeps push's task
-(reach the target, the episode ends there) but changes every return by its episode's length, so those runs differ
-and should learn within evaluation noise of the unshifted one. chunk_awr trains --awr-steps policy updates per
+b`); success is the env's own and unchanged. On push, which pays only at the step that ends an episode in success,
+every (a, b) with b < a(1−γ)/γ maps returns affinely, G' = (a − bγ/(1−γ))·G + b/(1−γ), so the scale-free scripts
+make the same run (tests/test_reward_scale.py checks it loss for loss); on a task with rewards before the end a
+shift is not affine and the runs may differ. chunk_awr trains --awr-steps policy updates per
 setting (its critic phase first); flow_ppo starts every setting from one shared BC warm start per seed (flow_ppo.py
 --iterations 0, then --pi0-checkpoint), then --ppo-iterations of PPO. Prints start → end per run and writes
 bench/results/reward_scale.json after every run.

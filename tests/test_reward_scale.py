@@ -1,7 +1,10 @@
-"""Scale-free defaults: push with its rewards scaled (`--env-kwargs reward_scale A`, the env's and the dataset's)
-gives the same run, loss for loss, in chunk_awr (critic units, β in units of the advantages' spread) and flow_ppo
-(the value head in running-return units); without flow_ppo's normalisation it does not (the check can fail).
-Shifted rewards change returns by episode length, not by a constant: bench/reward_scale.py measures that learning."""
+"""Scale-free defaults: push with its rewards a·r + b (`--env-kwargs reward_scale A reward_shift B`, the env's and the
+dataset's) gives the same run, loss for loss, in chunk_awr (critic units, β in units of the advantages' spread) and
+flow_ppo (the value head in running-return units); without flow_ppo's normalisation it does not (the check can fail).
+Push pays only at the step that ends an episode in success, so a shift is affine in the return too: G' = (a −
+bγ/(1−γ))·G + b/(1−γ) (also past a time limit, whose return continues the last reward), the same run while that
+scale is positive (b < a(1−γ)/γ; above, living pays more than success). With rewards before the end a shift is not
+affine, and bench/reward_scale.py measures the learning."""
 
 import json
 import os
@@ -35,7 +38,7 @@ def run(module, flags: dict, tmp_path, name: str, scale: float, shift: float = 0
 def test_chunk_awr_same_run_at_any_reward_scale(tmp_path, small_push, target):
     flags = dict(tiny.CHUNK_AWR, reward="return", critic_target=target, dataset=small_push)
     base = run(chunk_awr, flags, tmp_path, "base", 1.0)
-    scaled = run(chunk_awr, flags, tmp_path, "scaled", 25.0)
+    scaled = run(chunk_awr, flags, tmp_path, "scaled", 25.0, -0.5)  # G' = 74.5·G − 50
     assert len(base) >= 8
     np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
 
