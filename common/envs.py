@@ -532,15 +532,15 @@ class ScaledReward:
     may not."""
 
     def __init__(self, env: Any, scale: float, shift: float):
-        self.env, self.reward_transform = env, (scale, shift)
+        self.env, self.reward_transform, self._maskable = env, (scale, shift), takes_active(env)
 
     def __getattr__(self, name: str) -> Any:  # everything else is the env's
         return getattr(self.env, name)
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
         a, b = self.reward_transform
-        maskable = "active" in inspect.signature(self.env.step).parameters
-        obs, r, term, trunc, info = self.env.step(actions, active=active) if maskable else self.env.step(actions)
+        stepped = self.env.step(actions, active=active) if self._maskable else self.env.step(actions)
+        obs, r, term, trunc, info = stepped
         r = a * np.asarray(r, np.float32) + b
         if active is not None:  # envs not stepped report 0
             r = np.where(active, r, 0.0)
@@ -588,13 +588,18 @@ class ChunkStep:
     episode_length: np.ndarray  # [E] int64, 0 unless the episode ended in this chunk
 
 
+def takes_active(env: Any) -> bool:
+    """Whether `env.step` takes an `active` mask (push, LIBERO, gymnasium workers; a plain vector env does not)."""
+    return "active" in inspect.signature(env.step).parameters
+
+
 def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tuple[Obs, ChunkStep]:
     """Execute actions [E, H, A] open loop; an env whose episode ends at step k is not stepped after k.
 
     Envs that ended are reset at the chunk boundary: `next_obs` holds their fresh obs, `step.final_obs` their last.
     """
     e, h = actions.shape[:2]
-    maskable = "active" in inspect.signature(env.step).parameters
+    maskable = takes_active(env)
     active = np.ones(e, bool)
     out = {k: np.zeros((e, h), bool) for k in ("valid", "step_terminated", "step_truncated", "subgoal")}
     out["rewards"] = np.zeros((e, h), np.float32)
@@ -666,7 +671,7 @@ def _evaluation_envs(spec: EnvSpec, num_envs: int, seed: int, first: int, total:
     """`spec.make(..., evaluation=True)`, or the kept ones (`_keeps_evaluation_envs`)."""
     if not _keeps_evaluation_envs(spec):
         return spec.make(num_envs, seed, evaluation=True, first=first, total=total)
-    key = (spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str), num_envs, first, total)
+    key = (spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str), spec.reward, num_envs, first, total)
     if key not in _EVAL_ENVS:
         _EVAL_ENVS[key] = spec.make(num_envs, seed, evaluation=True, first=first, total=total)
     return _EVAL_ENVS[key]

@@ -65,3 +65,17 @@ def test_reward_transform_reaches_env_and_data(small_push):
     np.testing.assert_allclose(data.rewards, 2 * plain.rewards - 1)
     with pytest.raises(RunError, match="reward_scale"):
         envs.make_spec("push", {"reward_scale": "0"})
+
+
+def test_kept_evaluation_envs_follow_the_reward():
+    """Gymnasium evaluation envs are kept between evaluations (`envs._evaluation_envs`): a spec with another reward
+    transform gets its own, not the plain env made before it."""
+    plain, scaled = envs.make_spec("Pendulum-v1", {}), envs.make_spec("Pendulum-v1", {"reward_scale": "3"})
+    try:
+        a = envs._evaluation_envs(plain, 1, seed=0, first=0, total=1)
+        b = envs._evaluation_envs(scaled, 1, seed=0, first=0, total=1)
+        assert a is not b and b.reward_transform == (3.0, 0.0) and not hasattr(a, "reward_transform")
+        assert envs._evaluation_envs(scaled, 1, seed=0, first=0, total=1) is b  # kept
+    finally:
+        for key in [k for k in envs._EVAL_ENVS if k[0] == "Pendulum-v1"]:
+            envs._EVAL_ENVS.pop(key).close()
