@@ -30,8 +30,9 @@ class BenchArgs:
     """seeds; each runs AWR and BC"""
     budget_s: float = 600.0
     """training seconds per run (≤ 600: the issue's limit)"""
-    beta: float = 20.0
-    """AWR's β (BC is β = 0)"""
+    beta: float = chunk_awr.Args.beta
+    """AWR's β in units of the advantages' spread, chunk_awr.py's default (BC is β = 0; before #20, β = 20 on push's
+    raw advantages of std 0.17 was the same weighting)"""
     eval_every: int = 500
     """policy updates between evaluations"""
     eval_episodes: int = 100
