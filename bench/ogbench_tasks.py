@@ -19,12 +19,14 @@ It prints start → end success per run, wall time, update rate and the peak mem
   python bench/ogbench_tasks.py                                   # both tasks, all runs, seed 1, --minutes each
   python bench/ogbench_tasks.py --tasks cube-noisy --runs bc chunk_awr          # the harder cube data
   python bench/ogbench_tasks.py --tasks cube --runs bc chunk_awr --seeds 1 2 --minutes 5
+  python bench/ogbench_tasks.py --tasks cube --runs flow_ppo --eval-episodes 200 --extra="--iterations 80"
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -70,7 +72,8 @@ class Bench:
     acrlpd_rates: tuple[float, float] = (9.0, 14.0)
     """assumed acrlpd offline π₀+critic and online critic updates/s on 2 cores, to turn the budget into steps"""
     extra: list[str] = field(default_factory=list)
-    """more flags for every run"""
+    """more flags for every run, each item split like a shell line: --extra="--beta 1.5 --eval-every 500" (tyro
+    keeps only the last of repeated --extra=… flags)"""
     tag: str = ""
     """suffix of the results file (bench/results/ogbench<tag>.json)"""
 
@@ -137,6 +140,7 @@ def read(run_dir: str) -> dict:
 def main(b: Bench) -> dict:
     os.makedirs(OUT, exist_ok=True)
     results: dict = {"bench": vars(b), "runs": []}
+    extra = [word for item in b.extra for word in shlex.split(item)]
     for task in b.tasks:
         data = dataset(task)
         for seed in b.seeds:
@@ -145,7 +149,7 @@ def main(b: Bench) -> dict:
                 run_dir = os.path.join(ROOT, "runs", f"bench_ogbench_{task}_{run}_{seed}_{int(time.time())}")
                 cmd = [sys.executable, script, "--env", f"ogbench:{TASKS[task][0]}", "--dataset", data, "--seed",
                        str(seed), "--run-dir", run_dir, "--num-envs", str(b.num_envs), "--eval-episodes",
-                       str(b.eval_episodes), *flags, *budget(run, b), *b.extra]  # fmt: skip
+                       str(b.eval_episodes), *flags, *budget(run, b), *extra]  # fmt: skip
                 print(" ".join(cmd), flush=True)
                 start = time.time()
                 proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"})
