@@ -138,9 +138,12 @@ def read(run_dir: str) -> dict:
 
 
 def main(b: Bench) -> dict:
+    try:
+        extra = [word for item in b.extra for word in shlex.split(item)]
+    except ValueError as e:  # an unclosed quote
+        raise SystemExit(f"--extra {b.extra}: {e}; give the flags as one shell-quoted line") from None
     os.makedirs(OUT, exist_ok=True)
     results: dict = {"bench": vars(b), "runs": []}
-    extra = [word for item in b.extra for word in shlex.split(item)]
     for task in b.tasks:
         data = dataset(task)
         for seed in b.seeds:
