@@ -251,8 +251,7 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
     if args.clip_vloss:
         v_clip = old_v + jnp.clip(value - old_v, -args.clip_coef, args.clip_coef)
         v_loss = jnp.maximum(v_loss, jnp.square(v_clip - ret))
-    v_loss = 0.5 * v_loss.mean()
-    ent = entropy.mean()
+    v_loss, ent = 0.5 * v_loss.mean(), entropy.mean()
     policy_term = jnp.where(batch["train_policy"], pg_loss - args.ent_coef * ent, 0.0)  # value-only warm-up
     loss = policy_term + args.vf_coef * v_loss
     info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": ent, "charts/noise_std": std.mean()}
@@ -265,13 +264,11 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
 # ----------------------------------------------------------------------------------------------------- update
 def make_optimizers(args: Args, nets: Nets, train):
     """PPO: clipped Adam (eps 1e-5, as CleanRL's PPO) with the policy's (π₀ + noise head) and the value head's own
-    learning rates, the VLM frozen under --freeze-backbone; BC: clipped Adam on π₀."""
+    learning rates, the VLM frozen under --freeze-backbone; BC: clipped Adam on π₀. The policy's Adam skips the
+    value-only warm-up: counted, its zero gradients void the bias correction (first steps ~2-3× lr; README: OGBench)."""
     adam = lambda lr: optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
     labels = {"params": nets.pi.optimizer_labels(train["params"], "policy", args.freeze_backbone)}
-    labels["heads"] = {"noise": jax.tree.map(lambda _: "policy", train["heads"]["noise"])}
-    labels["heads"]["value"] = jax.tree.map(lambda _: "value", train["heads"]["value"])
-    # the policy's Adam skips the value-only warm-up: counted, its zero-gradient steps void the bias correction and
-    # the first policy steps after it are up to ~3× --learning-rate (cube: a 5-point dip; README: OGBench)
+    labels["heads"] = {"noise": "policy", "value": "value"}  # a prefix of the heads' trees
     policy = optax.transforms.conditionally_mask(adam(args.learning_rate), lambda _, train_policy: train_policy, True)
     txs = {"policy": policy, "value": adam(args.value_lr), "frozen": optax.set_to_zero()}
     bc_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.bc_lr))
