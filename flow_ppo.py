@@ -38,8 +38,8 @@ from common import RunError, envs, mesh, pi0, qchunk, runlog
 # presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every). push's lr and warm-up
 # were measured on its dense successes; _SAFE protects a good start where successes are sparse (README: OGBench)
 _BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20,
-             learning_rate=1e-4, critic_warmup=5)  # fmt: skip
-_SAFE = dict(learning_rate=3e-5, critic_warmup=25)
+             learning_rate=1e-4, critic_warmup=5, lr_ramp=0)  # fmt: skip
+_SAFE = dict(learning_rate=3e-5, critic_warmup=25, lr_ramp=25)
 _LIBERO = dict(_BASE, **_SAFE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
 PRESETS = {"push": _BASE, "gym": dict(_BASE, **_SAFE, num_envs=16, eval_envs=16), "libero": _LIBERO}  # gym: ~150 MB/env
 
@@ -82,6 +82,8 @@ class Args(runlog.RunArgs):
     """the value head in units of the running return mean and std (any reward scale: the same run)"""
     critic_warmup: int | None = None
     """first iterations that train only the value head (preset: push 5; libero, gym 25: fitted before π₀ moves)"""
+    lr_ramp: int | None = None
+    """iterations after the warm-up over which the policy lr rises linearly from ~0 (preset: push 0; libero, gym 25)"""
     clip_coef: float = 0.2
     """PPO ratio clip ε"""
     dual_clip: float = 0.0
@@ -109,7 +111,7 @@ def check(args: Args) -> Args:
     args = runlog.prepared(args, "flow_ppo", PRESETS, data_with_checkpoint="unused")  # a checkpoint: no BC
     runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
     runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes")
-    runlog.check_at_least(args, 0, "iterations", "bc_steps")
+    runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp")
     runlog.check_ranges(args, gamma=(0, 1), learning_rate=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
@@ -177,8 +179,7 @@ def chain_logprob(nets: Nets, args: Args, params, heads, prefix, chain, sde_step
     """log π(chain), entropy, mean std of the stochastic steps where `mask` [H,A] is 1 (`EnvIO.executed_mask`: what
     reaches the env). chain [B,K+1,H,A], sde_step [B] -> [B], [B], [B]. Used at rollout (the old log-likelihood) and
     in the loss, on the same stored chain; flow_noise's K steps are N=K candidates sharing one prefix cache."""
-    B, K = chain.shape[0], chain.shape[1] - 1
-    rows = jnp.arange(B)
+    B, K, rows = chain.shape[0], chain.shape[1] - 1, jnp.arange(chain.shape[0])
     times, delta = flow_times(K)
     if args.noise_method == "flow_noise":  # x_k -> x_{k+1} for every k: [B,K,H,A], [B,K]
         x, t, nxt = chain[:, :K], jnp.broadcast_to(times, (B, K)), chain[:, 1:]
@@ -256,20 +257,20 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
     loss = policy_term + args.vf_coef * v_loss
     info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": ent, "charts/noise_std": std.mean()}
     info["losses/approx_kl"], info["charts/ratio_mean"] = jnp.mean((ratio - 1) - logratio), ratio.mean()
-    info["charts/clip_frac"] = jnp.mean(jnp.abs(ratio - 1) > args.clip_coef)
-    info["charts/ratio_max_dev"] = jnp.max(jnp.abs(ratio - 1))
+    info |= {"charts/clip_frac": (abs(ratio - 1) > args.clip_coef).mean(), "charts/ratio_max_dev": abs(ratio - 1).max()}
     return loss, info
 
 
 # ----------------------------------------------------------------------------------------------------- update
 def make_optimizers(args: Args, nets: Nets, train):
-    """PPO: clipped Adam (eps 1e-5, as CleanRL's PPO) with the policy's (π₀ + noise head) and the value head's own
-    learning rates, the VLM frozen under --freeze-backbone; BC: clipped Adam on π₀. The policy's Adam skips the
-    value-only warm-up: counted, its zero gradients void the bias correction (first steps ~2-3× lr; README: OGBench)."""
+    """PPO: clipped Adam (eps 1e-5, as CleanRL's PPO), the policy's (π₀ + noise head; it skips the value-only warm-up,
+    whose zero gradients would void its bias correction: README, OGBench) and the value head's own; BC: clipped Adam."""
     adam = lambda lr: optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
     labels = {"params": nets.pi.optimizer_labels(train["params"], "policy", args.freeze_backbone)}
     labels["heads"] = {"noise": "policy", "value": "value"}  # a prefix of the heads' trees
-    policy = optax.transforms.conditionally_mask(adam(args.learning_rate), lambda _, train_policy: train_policy, True)
+    n = args.lr_ramp * args.update_epochs * args.num_minibatches  # the ramp in the policy's own Adam steps
+    lr = optax.linear_schedule(args.learning_rate / n, args.learning_rate, n) if n else args.learning_rate
+    policy = optax.transforms.conditionally_mask(adam(lr), lambda _, train_policy: train_policy, True)
     txs = {"policy": policy, "value": adam(args.value_lr), "frozen": optax.set_to_zero()}
     bc_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.bc_lr))
     return optax.multi_transform(txs, labels), bc_tx
@@ -390,8 +391,7 @@ def rollout(act, value_fn, state, env, obs, rng, args: Args, dev_mesh):
         ep_success += cs.success[cs.terminated | cs.truncated].tolist()
     r = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *roll)  # the T chunk steps stacked, [T,E,...]
     term, trunc = r["term"].astype(jnp.float32), r["trunc"].astype(jnp.float32)
-    gamma_chunk = args.gamma**args.action_horizon  # a chunk step discounts by γ^H
-    last_v = value_fn(state, obs)
+    last_v, gamma_chunk = value_fn(state, obs), args.gamma**args.action_horizon  # a chunk step discounts by γ^H
     adv, ret = gae(r["rewards"], r["values"], last_v, term, trunc, r["final_v"], gamma_chunk, args.gae_lambda)
     flat = lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:])  # [T,E,...] -> [E·T,...]: envs in order, any processes
     batch = {k: jax.tree.map(flat, r[k]) for k in ("obs", "chain", "sde_step", "logp", "values")}

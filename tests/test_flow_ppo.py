@@ -81,14 +81,17 @@ def test_gae_against_loop():
     np.testing.assert_allclose(ret, want + v, rtol=1e-5, atol=1e-5)
 
 
-def test_policy_adam_skips_the_value_warmup():
-    """The value-only warm-up leaves the policy's Adam untouched, so its first policy step is a fresh Adam's
-    (±lr per coordinate). Counted, the warm-up's 200 zero-gradient steps made that step ~1.35× and the next ~2.8×."""
+@pytest.mark.parametrize("ramp", [0, 2])
+def test_policy_adam_skips_the_value_warmup(ramp):
+    """The value-only warm-up leaves the policy's Adam untouched, so its first policy step is a fresh Adam's (±lr per
+    coordinate; ±lr/n under a ramp of n Adam steps, which counts from there). Counted, the warm-up's 200 zero-gradient
+    steps made that step ~1.35× and the next ~2.8×."""
     labels = lambda params, label, freeze: jax.tree.map(lambda _: label, params)
     nets = fp.Nets(types.SimpleNamespace(optimizer_labels=labels), None, None, None)
     train = {"params": {"w": jnp.zeros(64)}, "heads": {"noise": {"b": jnp.zeros(4)}, "value": {"v": jnp.zeros(8)}}}
     lr = 1e-3
-    tx, _ = fp.make_optimizers(fp.Args(learning_rate=lr, max_grad_norm=1e9), nets, train)
+    args = fp.Args(learning_rate=lr, lr_ramp=ramp, max_grad_norm=1e9)
+    tx, _ = fp.make_optimizers(args, nets, train)
     update, opt = jax.jit(tx.update), tx.init(train)
     rng = np.random.default_rng(0)
     draw = lambda: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-2, jnp.float32), train)
@@ -100,8 +103,9 @@ def test_policy_adam_skips_the_value_warmup():
         assert np.all(u["heads"]["value"]["v"] != 0)
     g = draw()
     u, _ = update(g, opt, train, train_policy=jnp.bool_(True))
+    first = lr / (ramp * args.update_epochs * args.num_minibatches) if ramp else lr
     for got, grad in ((u["params"]["w"], g["params"]["w"]), (u["heads"]["noise"]["b"], g["heads"]["noise"]["b"])):
-        np.testing.assert_allclose(got, -lr * grad / (np.abs(grad) + 1e-5), rtol=1e-4)  # Adam's first step
+        np.testing.assert_allclose(got, -first * grad / (np.abs(grad) + 1e-5), rtol=1e-4)  # Adam's first step
 
 
 def setup(method: str, K: int, reduce: str = "sum"):
