@@ -38,8 +38,8 @@ from common import RunError, envs, mesh, pi0, qchunk, runlog
 # presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every). push's lr and warm-up
 # were measured on its dense successes; _SAFE protects a good start where successes are sparse (README: OGBench)
 _BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20,
-             learning_rate=1e-4, critic_warmup=5, lr_ramp=0)  # fmt: skip
-_SAFE = dict(learning_rate=3e-5, critic_warmup=25, lr_ramp=25)
+             learning_rate=1e-4, critic_warmup=5)  # fmt: skip
+_SAFE = dict(learning_rate=3e-5, critic_warmup=25)
 _LIBERO = dict(_BASE, **_SAFE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
 PRESETS = {"push": _BASE, "gym": dict(_BASE, **_SAFE, num_envs=16, eval_envs=16), "libero": _LIBERO}  # gym: ~150 MB/env
 
@@ -82,8 +82,8 @@ class Args(runlog.RunArgs):
     """the value head in units of the running return mean and std (any reward scale: the same run)"""
     critic_warmup: int | None = None
     """first iterations that train only the value head (preset: push 5; libero, gym 25: fitted before π₀ moves)"""
-    lr_ramp: int | None = None
-    """iterations after the warm-up over which the policy lr rises linearly from ~0 (preset: push 0; libero, gym 25)"""
+    lr_ramp: int = 0
+    """iterations after the warm-up over which the policy lr rises linearly from ~0 (cube: it moved the dip, README)"""
     clip_coef: float = 0.2
     """PPO ratio clip ε"""
     dual_clip: float = 0.0
