@@ -226,11 +226,11 @@ def sample_chain(nets: Nets, args: Args, params, heads, prefix, rng, batch: int)
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-def bc_loss(params, batch, rng, nets: Nets, args: Args):
-    """Flow-matching BC on the prior data's chunks (the warm start), weighted by valid. -> (loss, info)."""
+def bc_loss(params, batch, rng, nets: Nets, args: Args, freeze: bool = False):
+    """Flow-matching BC on the prior data's chunks (the warm start, the anchor), weighted by valid. -> (loss, info)."""
     actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
     w = nets.io.step_weights(batch["valid"].astype(jnp.float32))  # [B,H_m]: 0 past the episode's end, discarded
-    per_step = nets.pi.flow_loss(params, nets.io.observe(batch["obs"]), actions, rng)
+    per_step = nets.pi.flow_loss(params, nets.io.observe(batch["obs"]), actions, rng, freeze_backbone=freeze)
     loss = jnp.sum(per_step * w) / jnp.maximum(w.sum(), 1.0)
     return loss, {"losses/bc": loss}
 
@@ -257,12 +257,12 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng: the anchor's fl
         v_clip = old_v + jnp.clip(value - old_v, -args.clip_coef, args.clip_coef)
         v_loss = jnp.maximum(v_loss, jnp.square(v_clip - ret))
     v_loss, ent = 0.5 * v_loss.mean(), entropy.mean()
-    anchor = bc_loss(train["params"], batch["bc"], rng, nets, args)[0] if args.bc_coef else jnp.zeros(())
+    anchor = bc_loss(train["params"], batch["bc"], rng, nets, args, args.freeze_backbone)[0] if args.bc_coef else 0.0
     policy_term = pg_loss - args.ent_coef * ent + args.bc_coef * anchor
     loss = jnp.where(batch["train_policy"], policy_term, 0.0) + args.vf_coef * v_loss  # value-only warm-up
     info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": ent, "charts/noise_std": std.mean()}
-    info["losses/bc_anchor"] = anchor
     info["losses/approx_kl"], info["charts/ratio_mean"] = jnp.mean((ratio - 1) - logratio), ratio.mean()
+    info |= {"losses/bc_anchor": anchor} if args.bc_coef else {}
     info |= {"charts/clip_frac": (abs(ratio - 1) > args.clip_coef).mean(), "charts/ratio_max_dev": abs(ratio - 1).max()}
     return loss, info
 
