@@ -94,8 +94,6 @@ class Args(runlog.RunArgs):
     """clip the value update around the old values (by ±clip_coef)"""
     ent_coef: float = 0.0
     """entropy bonus weight (flow_noise)"""
-    bc_coef: float = 0.0
-    """weight of the BC loss on the prior data in π₀'s PPO loss, an anchor to the data (0: off; no --pi0-checkpoint)"""
     target_kl: float | None = 0.02
     """skip the rest of the update once the approximate KL exceeds this"""
     logprob_reduce: Literal["mean", "sum"] = "mean"
@@ -113,11 +111,9 @@ def check(args: Args) -> Args:
     args = runlog.prepared(args, "flow_ppo", PRESETS, data_with_checkpoint="unused")  # a checkpoint: no BC
     runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
     runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes")
-    runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp", "bc_coef")
+    runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp")
     runlog.check_ranges(args, gamma=(0, 1), learning_rate=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
-    if args.bc_coef and args.pi0_checkpoint:
-        raise RunError("--bc-coef anchors π₀ to the prior data, which a --pi0-checkpoint run does not read: pass 0")
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
         raise RunError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.noise_method == "flow_sde" and args.flow_steps < 2:
@@ -226,17 +222,17 @@ def sample_chain(nets: Nets, args: Args, params, heads, prefix, rng, batch: int)
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-def bc_loss(params, batch, rng, nets: Nets, args: Args, freeze: bool = False):
-    """Flow-matching BC on the prior data's chunks (the warm start, the anchor), weighted by valid. -> (loss, info)."""
+def bc_loss(params, batch, rng, nets: Nets, args: Args):
+    """Flow-matching BC on the prior data's chunks (the warm start), weighted by valid. -> (loss, info)."""
     actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
     w = nets.io.step_weights(batch["valid"].astype(jnp.float32))  # [B,H_m]: 0 past the episode's end, discarded
-    per_step = nets.pi.flow_loss(params, nets.io.observe(batch["obs"]), actions, rng, freeze_backbone=freeze)
+    per_step = nets.pi.flow_loss(params, nets.io.observe(batch["obs"]), actions, rng)
     loss = jnp.sum(per_step * w) / jnp.maximum(w.sum(), 1.0)
     return loss, {"losses/bc": loss}
 
 
-def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng: the anchor's flow noise (the chains are stored)
-    """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus + the BC anchor. -> (loss, info)."""
+def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stored chains carry the randomness
+    """Clipped PPO on the chain likelihood + clipped value loss − entropy bonus. -> (loss, info)."""
     obs = nets.io.observe(batch["obs"])
     prefix = nets.pi.prefix(train["params"], obs)  # inside the loss: the backbone may train (--no-freeze-backbone)
     prefix = jax.lax.stop_gradient(prefix) if args.freeze_backbone else prefix  # frozen: no backward pass through it
@@ -257,12 +253,10 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng: the anchor's fl
         v_clip = old_v + jnp.clip(value - old_v, -args.clip_coef, args.clip_coef)
         v_loss = jnp.maximum(v_loss, jnp.square(v_clip - ret))
     v_loss, ent = 0.5 * v_loss.mean(), entropy.mean()
-    anchor = bc_loss(train["params"], batch["bc"], rng, nets, args, args.freeze_backbone)[0] if args.bc_coef else 0.0
-    policy_term = pg_loss - args.ent_coef * ent + args.bc_coef * anchor
-    loss = jnp.where(batch["train_policy"], policy_term, 0.0) + args.vf_coef * v_loss  # value-only warm-up
+    policy_term = jnp.where(batch["train_policy"], pg_loss - args.ent_coef * ent, 0.0)  # value-only warm-up
+    loss = policy_term + args.vf_coef * v_loss
     info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": ent, "charts/noise_std": std.mean()}
     info["losses/approx_kl"], info["charts/ratio_mean"] = jnp.mean((ratio - 1) - logratio), ratio.mean()
-    info |= {"losses/bc_anchor": anchor} if args.bc_coef else {}
     info |= {"charts/clip_frac": (abs(ratio - 1) > args.clip_coef).mean(), "charts/ratio_max_dev": abs(ratio - 1).max()}
     return loss, info
 
@@ -294,7 +288,7 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
     def minibatch_step(carry, mb):
         state, stopped = carry
         train = {"params": state["params"], "heads": state["heads"]}
-        grads, info = jax.grad(ppo_loss, has_aux=True)(train, mb, mb.get("key"), nets, args)
+        grads, info = jax.grad(ppo_loss, has_aux=True)(train, mb, None, nets, args)
         updates, opt = tx.update(grads, state["opt"], train, train_policy=mb["train_policy"])
         new_state = {**state, **optax.apply_updates(train, updates), "opt": opt}  # params, heads and their moments
         new_state = jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new_state, state)  # KL early stop: no update
@@ -303,7 +297,7 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         info["charts/grad_norm"] = optax.tree.norm(grads)
         return (new_state, stopped), info
 
-    def ppo_update(state, batch, rng, train_policy, bc_batches):
+    def ppo_update(state, batch, rng, train_policy):
         adv, n, ret = batch["advantages"], batch["logp"].shape[0], batch["returns"]
         batch = {**batch, "advantages": (adv - adv.mean()) / (adv.std() + 1e-8)}  # normalised over the rollout
         explained = 1.0 - jnp.var(ret - batch["values"]) / (jnp.var(ret) + 1e-8)  # of the values that made the GAE
@@ -316,18 +310,14 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         batch.update(returns=norm(ret), values=norm(batch["values"]))
         mb_size = n // args.num_minibatches
 
-        def epoch(carry, xs):
-            (key, bc), m = xs, args.num_minibatches
-            perm = jax.random.permutation(key, n)[: mb_size * m]
-            mbs = jax.tree.map(lambda x: x[perm].reshape(m, mb_size, *x.shape[1:]), batch)
-            mbs["train_policy"] = jnp.broadcast_to(train_policy, (m,))
-            if args.bc_coef:  # the anchor: a batch of the prior data and a flow-noise key per minibatch
-                mbs |= {"bc": bc, "key": jax.random.split(jax.random.fold_in(key, 1), m)}
+        def epoch(carry, key):
+            perm = jax.random.permutation(key, n)[: mb_size * args.num_minibatches]
+            mbs = jax.tree.map(lambda x: x[perm].reshape(args.num_minibatches, mb_size, *x.shape[1:]), batch)
+            mbs["train_policy"] = jnp.broadcast_to(train_policy, (args.num_minibatches,))
             return jax.lax.scan(minibatch_step, carry, mbs)
 
-        keys = jax.random.split(rng, args.update_epochs)  # bc_batches [epochs·minibatches,B,...] (None: no anchor)
-        bc = jax.tree.map(lambda x: x.reshape(args.update_epochs, -1, *x.shape[1:]), bc_batches)
-        (state, stopped), info = jax.lax.scan(epoch, (state, jnp.bool_(False)), (keys, bc))
+        keys = jax.random.split(rng, args.update_epochs)
+        (state, stopped), info = jax.lax.scan(epoch, (state, jnp.bool_(False)), keys)
         out = jax.tree.map(jnp.mean, info)
         out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
         out["charts/kl_stopped"], out["charts/explained_variance"] = stopped.astype(jnp.float32), explained
@@ -477,10 +467,7 @@ def main(args: Args) -> dict[str, float]:
                 ep_success += mesh.all_rows(done).tolist()  # every process's rollout episodes since the last log
                 counts["charts/env_steps"] += env_steps_per_step
                 train_policy = jnp.bool_(step - bc_steps >= args.critic_warmup)
-                n_bc = args.update_epochs * args.num_minibatches * bool(args.bc_coef)  # the anchor's batches
-                bs = [chunks.sample(np_rng, args.bc_batch_size, ("obs", "actions", "valid")) for _ in range(n_bc)]
-                bc = mesh.stack_batches(bs, dev_mesh) if bs else None
-                state, info = ppo_update(state, batch, jax.random.fold_in(key, 1), train_policy, bc)
+                state, info = ppo_update(state, batch, jax.random.fold_in(key, 1), train_policy)
                 first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))  # this session's
             prev, step, dt = step, step + n, mesh.agreed(time.time() - t)  # one clock: all stop at the same step
             phase_s, counts["time/ppo_s"] = phase_s + dt, counts["time/ppo_s"] + dt * (phase == "ppo")
