@@ -3,7 +3,8 @@
 Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025) on top of RLPD (Ball et al., 2023).
   - A critic ensemble (--num-qs LayerNorm MLPs) reads [stop_gradient(π₀ prefix features), state, H×A chunk] and
     learns the chunked n-step TD target   y = Σ_{k<H} γ^k r_{t+k} + γ^n · mask · Q̄(o_{t+H}, a′)   (n valid steps),
-    a′ = the best of --target-n π₀ chunks at o_{t+H} by the online critic, Q̄ = the target ensemble's mean (--q-agg).
+    a′ = the best of --target-n π₀ chunks at o_{t+H} by the online critic, Q̄ = the target ensemble's mean (--q-agg),
+    in critic units (return − μ)/σ, μ and σ the prior data's returns' mean and std: weights hold at any reward scale.
   - Acting: --bon N chunks from one prefix pass, the best by the ensemble's mean − β·std (--act-pessimism), executed
     open loop (online: or drawn among the --topk best). --bon 1 is plain π₀.
   - Offline: one jitted update of π₀'s flow matching (BC) and the critic, with Cal-QL's conservative term.
@@ -15,7 +16,6 @@ Evaluations log best-of-N and plain π₀ and the critic's calibration (eval/*q_
 
   python acrlpd_pi0.py                                   # push, CPU π₀ preset, offline then online, < 10 min
   python acrlpd_pi0.py --env libero --bon 32          # GPUs: openpi's pi0_libero and LIBERO data from their caches
-  python acrlpd_pi0.py --offline-steps 20 --online-steps 8 --eval-episodes 4 --batch-size 8   # smoke
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ class Args(runlog.RunArgs):
     """score the --bon candidates in slices of this many (lax.map) to bound memory; 0: all at once"""
     act_pessimism: float = 1.0
     """β: acting ranks candidates by ensemble mean − β·std"""
-    cql_weight: float = 0.5
-    """offline conservative penalty: mean Q of π₀ chunks at o_t minus Q of the data chunk (0: off)"""
+    cql_weight: float = 1.75
+    """offline conservative penalty: mean Q of π₀ chunks at o_t minus Q of the data chunk, in critic units (0: off;
+    1.75 is the 0.5 in reward units measured on push, whose returns' std is 0.28)"""
     cql_bound: bool = True
     """Cal-QL (Nakamoto et al., 2023): the penalty pushes π₀'s chunks down only to the data's Monte Carlo return"""
     actor_weight: float = 0.0
@@ -148,6 +149,7 @@ class Nets:
     pi: pi0.Pi0
     io: pi0.EnvIO
     critic: pi0.HeadMLP  # one Q(o, a_{t:t+H}) member: Dense → LayerNorm → GELU blocks, scalar out
+    ret: tuple[float, float] = (0.0, 1.0)  # (μ, σ): Q in critic units (return − μ) / σ (`qchunk.return_units`)
 
 
 def critic_obs(prefix: pi0.Prefix) -> jax.Array:
@@ -207,25 +209,23 @@ def td_target(cparams, target_cparams, batch, rng, nets: Nets, args: Args):
     best = jnp.argmax(q_values(nets, cparams, next_z, next_cand).mean(0), axis=1)  # [B]
     a_next = next_cand[jnp.arange(best.shape[0]), best]  # [B,H,A]
     q_next = q_values(nets, target_cparams, next_z, a_next[:, None])[:, :, 0]  # [E,B]
-    if args.q_agg == "min2":
-        pair = jax.random.choice(rng, q_next.shape[0], (2,), replace=False)
-        q_bar = q_next[pair].min(0)
-    else:
-        q_bar = q_next.mean(0)
+    pair = lambda: jax.random.choice(rng, q_next.shape[0], (2,), replace=False)  # min2: a random pair's min (RLPD)
+    q_bar = q_next[pair()].min(0) if args.q_agg == "min2" else q_next.mean(0)
+    mu, sigma = nets.ret  # the bootstrap back in reward units, the target in critic units
     discount = args.gamma ** batch["n_valid"].astype(jnp.float32)  # the bootstrap is n_valid steps away
-    y = batch["discounted_return"] + discount * batch["mask"] * q_bar
-    return jax.lax.stop_gradient(y), {"charts/q_target": y.mean()}
+    y = (batch["discounted_return"] + discount * batch["mask"] * (mu + sigma * q_bar) - mu) / sigma
+    return jax.lax.stop_gradient(y), {"charts/q_target": mu + sigma * y.mean()}  # charts: reward units
 
 
 def critic_loss(cparams, batch, y, nets: Nets, args: Args):
     """TD regression of every member on y, + the offline conservative term with `cand` (π₀'s chunks at o_t)."""
     q_data = q_values(nets, cparams, batch["obs_z"], batch["chunk"][:, None])[:, :, 0]  # [E,B]
     loss = jnp.mean(jnp.square(q_data - y[None]))
-    info = {"losses/critic": loss, "charts/q_data": q_data.mean()}
+    info = {"losses/critic": loss, "charts/q_data": nets.ret[0] + nets.ret[1] * q_data.mean()}
     if "cand" in batch and args.cql_weight > 0:  # push π₀'s own chunks at o_t down relative to the data chunk
         q_pi = q_values(nets, cparams, batch["obs_z"], batch["cand"])  # [E,B,N]
-        if args.cql_bound:  # Cal-QL: no lower than the data's Monte Carlo return
-            q_pi = jnp.maximum(q_pi, batch["return_to_go"][None, :, None])
+        if args.cql_bound:  # Cal-QL: no lower than the data's Monte Carlo return (in critic units)
+            q_pi = jnp.maximum(q_pi, (batch["return_to_go"][None, :, None] - nets.ret[0]) / nets.ret[1])
         gap = q_pi.mean(-1) - q_data  # [E,B]
         loss = loss + args.cql_weight * gap.mean()
         info["losses/cql_gap"] = gap.mean()
@@ -289,7 +289,6 @@ def pi_loss(params, prefix, chosen, bc_batch, cparams, rng, nets: Nets, args: Ar
 def make_optimizers(args: Args, nets: Nets, params):
     """π₀ offline: clipped Adam (under --freeze-backbone the VLM's parameters get zero updates); π₀ online: the same
     with the VLM always frozen (the critic reads its features), its own Adam state; critic: Adam."""
-
     tx = {"train": optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.lr))}
     pi_tx = lambda freeze: optax.multi_transform(
         {**tx, "frozen": optax.set_to_zero()}, nets.pi.optimizer_labels(params, "train", freeze)
@@ -352,6 +351,7 @@ def make_act(nets: Nets, args: Args, pi_tx):
         temp, slice_ = jnp.exp(state["temp"]["log"]) if state["temp"] else 1.0, args.bon_slice if n == args.bon else 0
         chunk, q, spread = best_of_n(nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta,
                                      slice_, topk, temp)  # fmt: skip
+        q = nets.ret[0] + nets.ret[1] * q  # reward units (the evaluations' calibration)
         rows = (nets.io.to_env(chunk, obs["state"]), q, critic_obs(prefix), nets.io.executed(chunk))
         return (rows, (prefix, chunk, spread)) if learning else rows
 
@@ -400,7 +400,7 @@ def main(args: Args) -> dict:
     stats, prompts = (qchunk.norm_stats(data), data.prompts) if data else (None, env.prompts)
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
-    nets = Nets(policy.model, policy.io, pi0.HeadMLP(tuple(args.critic_hidden)))
+    nets = Nets(policy.model, policy.io, pi0.HeadMLP(tuple(args.critic_hidden)), qchunk.return_units(offline))
     x = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + args.action_horizon * env.action_dim))
     critic = jax.jit(jax.vmap(lambda k: nets.critic.init(k, x)["params"]))(jax.random.split(k_critic, args.num_qs))
     tx, pi_tx, critic_tx = make_optimizers(args, nets, policy.params)

@@ -373,6 +373,14 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
 
 
 # ----------------------------------------------------------------------------------------------------- online
+def return_units(chunks: ChunkDataset | None) -> tuple[float, float]:
+    """(μ, σ): the mean and std of the chunks' Monte Carlo returns from o_t, for values learned in critic units,
+    (return − μ) / σ, at any reward scale; (0, 1) without chunks (values in reward units)."""
+    if chunks is None or len(chunks) == 0:
+        return 0.0, 1.0
+    return float(chunks.return_to_go.mean()), float(chunks.return_to_go.std()) or 1.0
+
+
 class MixedBatches:
     """RLPD's symmetric sampling of cached arrays: `online_fraction` of each batch from a `ReplayBuffer` (its fields
     `keys` and its `extras`) once it holds anything, the rest from the prior data `offline` (None: every row from the

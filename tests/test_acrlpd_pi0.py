@@ -89,6 +89,8 @@ def make_nets(**kw):
 def test_td_target_by_hand():
     for agg in ("mean", "min2"):
         nets, args, params, target, env = make_nets(q_agg=agg, target_n=4)
+        mu, sigma = 0.3, 2.0  # Q in critic units, (return − μ) / σ
+        nets = dataclasses.replace(nets, ret=(mu, sigma))
         obs = env.reset(seed=0)[0]
         prefix = nets.pi.prefix(params["params"], nets.io.observe(obs))
         next_cand = nets.io.executed(nets.pi.sample_n(params["params"], prefix, jax.random.key(4), 4, 2))  # [B,4,H,A]
@@ -116,9 +118,10 @@ def test_td_target_by_hand():
             pair = np.asarray(jax.random.choice(rng, 3, (2,), replace=False))
             q_bar = q_t[pair].min(0)
         gamma = args.gamma  # the push preset's
-        want = np.array([0.5, 0.0]) + np.array([gamma**5, gamma**2]) * np.array([1.0, 0.0]) * q_bar
+        back = np.array([gamma**5, gamma**2]) * np.array([1.0, 0.0]) * (mu + sigma * q_bar)  # reward units
+        want = (np.array([0.5, 0.0]) + back - mu) / sigma
         np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
-        assert abs(want[1]) < 1e-6  # a terminated chunk does not bootstrap
+        assert abs(want[1] + mu / sigma) < 1e-6  # a terminated chunk does not bootstrap: its return, 0, in critic units
 
 
 def test_best_of_n_is_the_critic_argmax():

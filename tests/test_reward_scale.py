@@ -1,6 +1,7 @@
 """Scale-free defaults: push with its rewards a·r + b (`--env-kwargs reward_scale A reward_shift B`, the env's and the
-dataset's) gives the same run, loss for loss, in chunk_awr (critic units, β in units of the advantages' spread) and
-flow_ppo (the value head in running-return units); without flow_ppo's normalisation it does not (the check can fail).
+dataset's) gives the same run, loss for loss, in chunk_awr (critic units, β in units of the advantages' spread),
+acrlpd_pi0 (Q in critic units) and flow_ppo (the value head in running-return units); without acrlpd's or flow_ppo's
+normalisation it does not (the checks can fail).
 Push pays only at the step that ends an episode in success, so a shift is affine in the return too: G' = (a −
 bγ/(1−γ))·G + b/(1−γ) (also past a time limit, whose return continues the last reward), the same run while that
 scale is positive (b < a(1−γ)/γ; above, living pays more than success). With rewards before the end a shift is not
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 import tiny
 
+import acrlpd_pi0
 import chunk_awr
 import flow_ppo
-from common import RunError, envs
+from common import RunError, envs, qchunk
 
 AWR_KEYS = ("losses/q", "losses/v", "losses/policy", "charts/weight_mean", "eval/success_rate")
+ACRLPD_KEYS = ("losses/bc", "losses/critic", "losses/cql_gap", "losses/distill", "charts/sample_log_std",
+               "eval/success_rate", "eval/plain_success_rate")  # fmt: skip
 PPO_KEYS = ("losses/value", "losses/policy", "losses/approx_kl", "charts/explained_variance", "eval/success_rate")
 
 
@@ -31,7 +35,7 @@ def run(module, flags: dict, tmp_path, name: str, scale: float, shift: float = 0
     run_dir = str(tmp_path / name)
     kwargs = {"reward_scale": str(scale), "reward_shift": str(shift)}
     module.main(module.Args(**flags, env_kwargs=kwargs, run_dir=run_dir))
-    return logged(run_dir, AWR_KEYS if module is chunk_awr else PPO_KEYS)
+    return logged(run_dir, {chunk_awr: AWR_KEYS, acrlpd_pi0: ACRLPD_KEYS, flow_ppo: PPO_KEYS}[module])
 
 
 @pytest.mark.parametrize("target", ["mc", "td"])
@@ -41,6 +45,19 @@ def test_chunk_awr_same_run_at_any_reward_scale(tmp_path, small_push, target):
     scaled = run(chunk_awr, flags, tmp_path, "scaled", 25.0, -0.5)  # G' = 74.5·G − 50
     assert len(base) >= 8
     np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.slow  # ~2 min: two tiny runs through both phases and a third offline only, each compiling its own programs
+def test_acrlpd_same_run_at_any_reward_scale(tmp_path, small_push, monkeypatch):
+    flags = dict(tiny.ACRLPD, dataset=small_push)  # offline (π₀ + critic, CQL) and online (critic, π₀ distilled)
+    base = run(acrlpd_pi0, flags, tmp_path, "base", 1.0)
+    scaled = run(acrlpd_pi0, flags, tmp_path, "scaled", 25.0, -0.5)  # γ = 0.95: G' = 34.5·G − 10
+    assert len(base) >= 10
+    np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
+    # Q in reward units (the data's return statistics unused): CQL's weight against TD changes, the offline phase too
+    monkeypatch.setattr(qchunk, "return_units", lambda chunks: (0.0, 1.0))
+    raw = run(acrlpd_pi0, dict(flags, online_steps=0), tmp_path, "raw", 25.0, -0.5)
+    assert len(raw) >= 4 and not np.allclose(raw, base[: len(raw)], rtol=2e-3, atol=1e-5)
 
 
 def test_flow_ppo_same_run_at_any_reward_scale(tmp_path, small_push):
