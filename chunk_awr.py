@@ -348,8 +348,8 @@ def main(args: Args) -> dict:
     cfg = policy.model.config
     print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
     heads = pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden))
-    ret = chunks.return_to_go if args.reward == "return" else np.zeros(1)  # subgoal flags: unscaled 0/1 rewards
-    nets = Nets(policy.model, policy.io, *heads, float(ret.mean()), float(ret.std()) or 1.0)
+    units = qchunk.return_units(chunks if args.reward == "return" else None)  # subgoal flags: unscaled 0/1 rewards
+    nets = Nets(policy.model, policy.io, *heads, *units)
     params = policy.params
     z = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim)))
     x = jnp.zeros((1, z.shape[1] + args.action_horizon * env.action_dim))

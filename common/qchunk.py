@@ -372,7 +372,6 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
     )
 
 
-# ----------------------------------------------------------------------------------------------------- online
 def return_units(chunks: ChunkDataset | None) -> tuple[float, float]:
     """(μ, σ): the mean and std of the chunks' Monte Carlo returns from o_t, for values learned in critic units,
     (return − μ) / σ, at any reward scale; (0, 1) without chunks (values in reward units)."""
@@ -381,6 +380,7 @@ def return_units(chunks: ChunkDataset | None) -> tuple[float, float]:
     return float(chunks.return_to_go.mean()), float(chunks.return_to_go.std()) or 1.0
 
 
+# ----------------------------------------------------------------------------------------------------- online
 class MixedBatches:
     """RLPD's symmetric sampling of cached arrays: `online_fraction` of each batch from a `ReplayBuffer` (its fields
     `keys` and its `extras`) once it holds anything, the rest from the prior data `offline` (None: every row from the
