@@ -3,7 +3,8 @@
 Method (Peng et al., "Advantage-Weighted Regression", 2019; IQL's expectile value, Kostrikov et al., 2021; on
 H-step action chunks as in Li, Zhou and Levine, "Reinforcement Learning with Action Chunking", 2025):
   critic   L_Q = E[(Q_θi(x_t, A_t) − y_t)²] for twin critics i = 1, 2, with y_t (--critic-target)
-             mc (default): G_t = Σ_{k≥0} γ^k r_{t+k}, the data's return to the episode's end (one-step AWR)
+             mc (default): G_t = Σ_{t+k<L} γ^k r_{t+k} + γ^{L−t} V_ψ(x_{L−1}) (sg), the data's return to the
+             episode's end (one-step AWR), and if a time limit ended it, the value of its last frame (--truncation)
              td: r_t + γ^n (1 − done) V_ψ(x_{t+H}) (n valid steps, sg); r_t = Σ_{k<H} γ^k r_{t+k} (--reward
              return) or the chunk's max sub-goal flag (--reward subgoal, as in chunk-level offline RL for LIBERO)
   value    L_V = E[(V_ψ(x_t) − E_{A∼π}[Q̄(x_t, A) − α log π(A|x_t)])²] with M chunks from one prefix pass
@@ -87,6 +88,9 @@ class Args(runlog.RunArgs):
     critic_target: Literal["mc", "td"] = "mc"
     """y of L_Q: mc (the discounted return to the episode's end: Q of the data's policy by regression, no bootstrap
     lag, as one-step AWR) or td (r_t + γ^n (1 − done) V(x_{t+H}); 16 chunk backups on push need more critic steps)"""
+    truncation: Literal["bootstrap", "repeat"] = "bootstrap"
+    """mc's tail past a time limit: bootstrap (γ^(L−t) V(x_{L−1}), the episode's last stored frame standing in for
+    the unseen next one) or repeat (the last reward forever: γ^(L−t) r_{L−1} / (1 − γ), qchunk's return_to_go)"""
     reward: Literal["return", "subgoal"] = "return"
     """td's chunk reward: return (in-chunk discounted return) or subgoal (max of the per-step sub-goal flags)"""
     value_loss: Literal["expectile", "sampled"] = "expectile"
@@ -198,7 +202,10 @@ def critic_loss(critic, batch, v_target, nets: Nets, args: Args):
     None (expectile on the data chunk). -> (loss, info)."""
     obs_z, chunks = batch["obs_z"], batch["chunk"]
     mu, sigma = nets.ret_mu, nets.ret_sigma  # critic units: (return − μ) / σ, whatever the reward's scale
-    if args.critic_target == "mc":  # G_t = Σ_{k≥0} γ^k r_{t+k} to the episode's end (a time limit: qchunk's tail)
+    if args.critic_target == "mc" and "end_obs_z" in batch:  # G_t to the episode's end, then V past a time limit
+        tail = batch["end_discount"] * (mu + sigma * value(nets, critic["v"], batch["end_obs_z"]))  # reward units
+        y = (batch["return_to_end"] + tail - mu) / sigma
+    elif args.critic_target == "mc":  # --truncation repeat, or no episode ends at a time limit
         y = (batch["return_to_go"] - mu) / sigma
     else:  # the bootstrap back in reward units, the target in critic units
         v_next = mu + sigma * value(nets, critic["v"], batch["next_obs_z"])
@@ -244,9 +251,10 @@ def total_loss(train, batch, rng, phase: str, nets: Nets, args: Args):
     loss, info = 0.0, {}
     if phase in ("critic", "joint"):
         batch["chunk"] = nets.io.executed(nets.io.to_model(batch["actions"], batch["obs"]["state"]))  # [B,H,A]
-        if args.critic_target == "td" and "next_obs_z" not in batch:
-            nxt = jax.lax.stop_gradient(nets.pi.prefix(params, nets.io.observe(batch["next_obs"])))
-            batch["next_obs_z"] = critic_obs(nxt.features, nxt.state)
+        for k in ("next_obs", "end_obs"):  # o_{t+H} (td), o_{L−1} (mc's bootstrap): one more VLM pass each, sg
+            if k in batch and f"{k}_z" not in batch:
+                nxt = nets.pi.prefix(params, nets.io.observe(batch[k]))
+                batch[f"{k}_z"] = critic_obs(nxt.features, nxt.state)
         v_target = value_target(params, critic, prefix, k_v, nets, args) if args.value_loss == "sampled" else None
         loss, info = critic_loss(critic, batch, v_target, nets, args)
     if phase in ("policy", "joint"):
@@ -379,6 +387,7 @@ def main(args: Args) -> dict:
     advantage = make_advantage(nets, data, chunks)
     act = mesh.host_local(make_act(nets, args), dev_mesh)  # each process acts on its own evaluation envs
     views, cdf, result, last_eval = None, None, {}, step  # an evaluation at the restored step came before its save
+    bootstrap = args.critic_target == "mc" and args.truncation == "bootstrap" and bool(chunks.end_discount.any())
 
     @jax.jit
     def encode(params, obs):  # the critics' view [B,W+S] of observations, without gradients
@@ -407,6 +416,13 @@ def main(args: Args) -> dict:
             b.pop("rewards")
             if phase == "policy" or args.critic_target != "td":  # o_{t+H} is read by the TD target only
                 b.pop("next_obs")
+            if phase != "policy" and bootstrap:  # mc: the value of a truncated episode's last frame o_{L−1}
+                b |= {"return_to_end": chunks.return_to_end[i], "end_discount": chunks.end_discount[i]}
+                e = chunks.end_obs_idx[i]
+                if phase == "critic" and views is not None:
+                    b["end_obs_z"] = views[e]
+                else:
+                    b["end_obs"] = qchunk.gather_obs(data.obs, e)
             if phase == "critic" and views is not None:  # frozen π₀: views precomputed once per frame
                 b["obs_z"] = views[chunks.obs_idx[i]]
                 b["obs"] = {"state": b["obs"]["state"]}  # the chunk's state: π₀'s relative action form

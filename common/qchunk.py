@@ -18,7 +18,9 @@ Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`) are dicts of numpy arrays
   (a subgoal flag was raised in a valid step of the chunk), return_to_go f32[B] (sum_k gamma^k r_{t+k} from o_t to the
   episode's end, the Monte Carlo return of the data's policy; past a truncated episode's time limit its last reward
   is taken to repeat forever, gamma^(L-t) r_{L-1} / (1 - gamma): 0 for push, the value of never reaching the goal
-  for OGBench's −1 per step; NaN for online chunks, whose episode had not ended when they were stored). A
+  for OGBench's −1 per step; NaN for online chunks, whose episode had not ended when they were stored;
+  `ChunkDataset` also keeps its parts, return_to_end and end_discount = gamma^(L-t) on a truncated episode, with
+  end_obs_idx, the frame o_{L-1} whose value a script may put in place of the repeated reward). A
   `ReplayBuffer` made without an observation example stores no observations (a script that caches what it reads of
   them in `extras`).
 """
@@ -303,7 +305,10 @@ class ChunkDataset:
     mask: np.ndarray  # f32[M], 0 iff a termination happens inside the chunk
     n_valid: np.ndarray  # i32[M], number of valid steps
     subgoal: np.ndarray  # bool[M]
-    return_to_go: np.ndarray  # f32[M], discounted return from o_t to the episode's end
+    return_to_go: np.ndarray  # f32[M], discounted return from o_t to the episode's end (past a time limit: its tail)
+    return_to_end: np.ndarray  # f32[M], sum_{t<=j<L} gamma^(j-t) r_j: the return within the episode, no tail
+    end_obs_idx: np.ndarray  # i64[M], the episode's last stored frame o_{L-1}
+    end_discount: np.ndarray  # f32[M], gamma^(L-t) if the episode ended at a time limit, else 0: the tail's weight
 
     @property
     def prompts(self) -> list[str]:
@@ -351,10 +356,11 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
     # Return to go G_t = sum_{j>=t} gamma^(j-t) r_j within the episode, from suffix sums of gamma^pos * r (float64).
     scaled = data.rewards.astype(np.float64) * gamma ** t.astype(np.float64)
     suffix = np.r_[np.cumsum(scaled[::-1])[::-1], 0.0]  # suffix[i] = sum over frames >= i; suffix[n] = 0
-    togo = (suffix[:n] - suffix[start + length]) / gamma ** t.astype(np.float64)
+    to_end = (suffix[:n] - suffix[start + length]) / gamma ** t.astype(np.float64)
+    end_discount = np.where(data.truncated[episode], gamma ** (length - t).astype(np.float64), 0.0)
+    togo = to_end.copy()
     if gamma < 1:  # a time limit is not the end of the task: the last reward repeats after it (0 for push's)
-        last = data.rewards[start + length - 1].astype(np.float64)
-        togo += np.where(data.truncated[episode], last * gamma ** (length - t).astype(np.float64) / (1 - gamma), 0.0)
+        togo += end_discount * data.rewards[start + length - 1].astype(np.float64) / (1 - gamma)
     return ChunkDataset(
         data=data,
         horizon=h,
@@ -369,6 +375,9 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
         n_valid=n_valid.astype(np.int32),
         subgoal=(data.subgoal[frame] & valid).any(1),
         return_to_go=togo.astype(np.float32),
+        return_to_end=to_end.astype(np.float32),
+        end_obs_idx=start + length - 1,
+        end_discount=end_discount.astype(np.float32),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -173,6 +174,32 @@ def test_twin_critics_are_two_networks_read_in_pi0_action_form():
     _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), "critic", nets, args)
     want = float(jnp.mean(jnp.square(qs - batch["return_to_go"][None])))  # Monte Carlo target, both members
     assert float(info["losses/q"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_mc_target_bootstraps_past_a_time_limit():
+    """With a truncated episode's last frame in the batch, y = (return_to_end + end_discount · (μ + σ V(x_end)) − μ)/σ:
+    the value of o_{L−1} in reward units replaces the repeated last reward; rows that end in success (discount 0)
+    keep their return. return_to_go is not read."""
+    nets, args, train, batch = _setup(beta=1.0)
+    nets = dataclasses.replace(nets, ret_mu=-0.4, ret_sigma=2.5)  # critic units differ from reward units
+    rng = np.random.default_rng(1)
+    end_obs = {k: v[::-1].copy() for k, v in batch["obs"].items() if k != "images"} | {"images": {}}
+    batch = batch | {"end_obs": end_obs, "return_to_go": np.full(6, np.nan, np.float32)}
+    batch["return_to_end"] = rng.uniform(-2, 0, 6).astype(np.float32)
+    batch["end_discount"] = np.array([0.9, 0.5, 0.0, 0.0, 0.3, 1.0], np.float32)
+    _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), "critic", nets, args)
+    params, critic = train["params"], train["critic"]
+    prefix = nets.pi.prefix(params, nets.io.observe(batch["obs"]))
+    z = chunk_awr.critic_obs(prefix.features, prefix.state)
+    end = nets.pi.prefix(params, nets.io.observe(end_obs))
+    v_end = chunk_awr.value(nets, critic["v"], chunk_awr.critic_obs(end.features, end.state))  # [B]
+    mu, sigma = nets.ret_mu, nets.ret_sigma
+    y = (batch["return_to_end"] + batch["end_discount"] * (mu + sigma * v_end) - mu) / sigma
+    chunk = nets.io.executed(nets.io.to_model(batch["actions"], batch["obs"]["state"]))
+    qs = chunk_awr.q_values(nets, critic["q"], z, chunk)  # [2,B]
+    assert np.isfinite(float(info["losses/q"]))
+    assert float(info["losses/q"]) == pytest.approx(float(jnp.mean(jnp.square(qs - y[None]))), rel=1e-5)
+    assert float(info["charts/y"]) == pytest.approx(float(y.mean()), rel=1e-5)
 
 
 def test_flow_log_prob_exact_vs_hutchinson():

@@ -100,6 +100,17 @@ def test_return_to_go_past_a_time_limit(tmp_path) -> None:
     np.testing.assert_allclose(togo, [-1 / (1 - G), -1 / (1 - G), -1.0, 0.0], rtol=1e-6)
 
 
+def test_return_to_end_and_the_tail_of_a_truncated_episode(tmp_path) -> None:
+    """return_to_go = return_to_end + end_discount · r_{L−1} / (1 − γ): the return within the episode, and the tail
+    a script may replace by a value of the episode's last frame (end_obs_idx), γ^(L−t) ahead; none after a success."""
+    eps = [{"rewards": [-1, -1, -1], "dones": [0, 0, 0], "truncated": True}, {"rewards": [-1, 0], "dones": [0, 1]}]
+    c = make_chunks(load_episodes(write_demos(tmp_path / "d.h5", eps)), horizon=2, gamma=G)
+    np.testing.assert_allclose(c.return_to_end, [-1 - G - G**2, -1 - G, -1.0, -1.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(c.end_discount, [G**3, G**2, G, 0.0, 0.0], rtol=1e-6)
+    assert c.end_obs_idx.tolist() == [2, 2, 2, 4, 4]
+    np.testing.assert_allclose(c.return_to_go, c.return_to_end - c.end_discount / (1 - G), rtol=1e-6)
+
+
 def test_termination_mid_episode_invalidates_later_steps(tmp_path) -> None:
     path = write_demos(tmp_path / "m.h5", [{"rewards": [0, 1, 5, 5], "dones": [0, 1, 0, 0]}])
     c = make_chunks(load_episodes(path), horizon=4, gamma=G)
