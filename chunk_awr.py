@@ -3,8 +3,8 @@
 Method (Peng et al., "Advantage-Weighted Regression", 2019; IQL's expectile value, Kostrikov et al., 2021; on
 H-step action chunks as in Li, Zhou and Levine, "Reinforcement Learning with Action Chunking", 2025):
   critic   L_Q = E[(Q_θi(x_t, A_t) − y_t)²] for twin critics i = 1, 2, with y_t (--critic-target)
-             mc (default): G_t = Σ_{t+k<L} γ^k r_{t+k} + γ^{L−t} V_ψ(x_{L−1}) (sg), the data's return to the
-             episode's end (one-step AWR), and if a time limit ended it, the value of its last frame (--truncation)
+             mc (default): G_t = Σ_{k≥0} γ^k r_{t+k}, the data's return to the episode's end (one-step AWR); past a
+             time limit its last reward repeated, or with --truncation bootstrap γ^{L−t} V_ψ(x_{L−1}) (sg)
              td: r_t + γ^n (1 − done) V_ψ(x_{t+H}) (n valid steps, sg); r_t = Σ_{k<H} γ^k r_{t+k} (--reward
              return) or the chunk's max sub-goal flag (--reward subgoal, as in chunk-level offline RL for LIBERO)
   value    L_V = E[(V_ψ(x_t) − E_{A∼π}[Q̄(x_t, A) − α log π(A|x_t)])²] with M chunks from one prefix pass
@@ -88,9 +88,10 @@ class Args(runlog.RunArgs):
     critic_target: Literal["mc", "td"] = "mc"
     """y of L_Q: mc (the discounted return to the episode's end: Q of the data's policy by regression, no bootstrap
     lag, as one-step AWR) or td (r_t + γ^n (1 − done) V(x_{t+H}); 16 chunk backups on push need more critic steps)"""
-    truncation: Literal["bootstrap", "repeat"] = "bootstrap"
-    """mc's tail past a time limit: bootstrap (γ^(L−t) V(x_{L−1}), the episode's last stored frame standing in for
-    the unseen next one) or repeat (the last reward forever: γ^(L−t) r_{L−1} / (1 − γ), qchunk's return_to_go)"""
+    truncation: Literal["repeat", "bootstrap"] = "repeat"
+    """mc's tail past a time limit: repeat (the last reward forever: γ^(L−t) r_{L−1} / (1 − γ), qchunk's return_to_go)
+    or bootstrap (γ^(L−t) V(x_{L−1}), the last stored frame standing in for the unseen next one; V is IQL's upper
+    expectile, so this tail is optimistic: cube-single 92 → 78% on seed 1, cube-noisy 72 → 90%, README)"""
     reward: Literal["return", "subgoal"] = "return"
     """td's chunk reward: return (in-chunk discounted return) or subgoal (max of the per-step sub-goal flags)"""
     value_loss: Literal["expectile", "sampled"] = "expectile"
@@ -205,7 +206,7 @@ def critic_loss(critic, batch, v_target, nets: Nets, args: Args):
     if args.critic_target == "mc" and "end_obs_z" in batch:  # G_t to the episode's end, then V past a time limit
         tail = batch["end_discount"] * (mu + sigma * value(nets, critic["v"], batch["end_obs_z"]))  # reward units
         y = (batch["return_to_end"] + tail - mu) / sigma
-    elif args.critic_target == "mc":  # --truncation repeat, or no episode ends at a time limit
+    elif args.critic_target == "mc":  # --truncation repeat: qchunk's tail, the last reward forever
         y = (batch["return_to_go"] - mu) / sigma
     else:  # the bootstrap back in reward units, the target in critic units
         v_next = mu + sigma * value(nets, critic["v"], batch["next_obs_z"])

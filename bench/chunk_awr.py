@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import tyro
 
@@ -33,6 +34,10 @@ class BenchArgs:
     beta: float = chunk_awr.Args.beta
     """AWR's β in units of the advantages' spread, chunk_awr.py's default (BC is β = 0; before #20, β = 20 on push's
     raw advantages of std 0.17 was the same weighting)"""
+    truncation: Literal["repeat", "bootstrap"] = chunk_awr.Args.truncation
+    """AWR's Monte Carlo target past a time limit (chunk_awr.py --truncation; BC reads no critic)"""
+    methods: tuple[Literal["awr", "bc"], ...] = ("awr", "bc")
+    """which runs per seed: awr, bc or both"""
     eval_every: int = 500
     """policy updates between evaluations"""
     eval_episodes: int = 100
@@ -95,12 +100,13 @@ def report(results: list[dict], b: BenchArgs) -> None:
 def main(b: BenchArgs) -> None:
     results = []
     for seed in b.seeds:
-        for method, beta in (("awr", b.beta), ("bc", 0.0)):
+        for method, beta in [m for m in (("awr", b.beta), ("bc", 0.0)) if m[0] in b.methods]:
             t = time.time()
             out = chunk_awr.main(
                 chunk_awr.Args(
                     seed=seed,
                     beta=beta,
+                    truncation=b.truncation,
                     time_budget_s=b.budget_s,
                     policy_steps=10**7,
                     eval_every=b.eval_every,
