@@ -135,6 +135,8 @@ def check(args: Args) -> Args:
         raise RunError("--alpha > 0 needs --value-loss sampled (log π of π₀'s own chunks)")
     if args.reward == "subgoal" and args.critic_target != "td":
         raise RunError("--reward subgoal is the TD target's chunk reward: add --critic-target td")
+    if args.truncation == "bootstrap" and args.critic_target != "mc":
+        raise RunError("--truncation bootstrap is the Monte Carlo target's tail: drop it or use --critic-target mc")
     return args
 
 
