@@ -415,23 +415,17 @@ def main(args: Args) -> dict:
                 i = np.minimum(np.searchsorted(cdf, np_rng.uniform(0, cdf[-1], size)), len(chunks) - 1)
             else:
                 i = np_rng.integers(0, len(chunks), size)
-            b = chunks.get(i)
-            b.pop("rewards")
-            if phase == "policy" or args.critic_target != "td":  # o_{t+H} is read by the TD target only
-                b.pop("next_obs")
+            frozen = phase == "critic" and views is not None  # frozen π₀: views precomputed per frame, no images
+            td_next = phase != "policy" and args.critic_target == "td"  # o_{t+H} is read by the TD target only
+            keys = ("discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go", "actions")
+            b = chunks.get(i, keys + ("obs",) * (not frozen) + ("next_obs",) * (td_next and not frozen))
+            if frozen:  # the chunk's state alone (π₀'s relative action form) and the views of o_t (and o_{t+H})
+                b |= {"obs": {"state": data.obs["state"][chunks.obs_idx[i]]}, "obs_z": views[chunks.obs_idx[i]]}
+                b |= {"next_obs_z": views[chunks.next_obs_idx[i]]} if td_next else {}
             if phase != "policy" and bootstrap:  # mc: the value of a truncated episode's last frame o_{L−1}
                 b |= {"return_to_end": chunks.return_to_end[i], "end_discount": chunks.end_discount[i]}
                 e = chunks.end_obs_idx[i]
-                if phase == "critic" and views is not None:
-                    b["end_obs_z"] = views[e]
-                else:
-                    b["end_obs"] = qchunk.gather_obs(data.obs, e)
-            if phase == "critic" and views is not None:  # frozen π₀: views precomputed once per frame
-                b["obs_z"] = views[chunks.obs_idx[i]]
-                b["obs"] = {"state": b["obs"]["state"]}  # the chunk's state: π₀'s relative action form
-                if args.critic_target == "td":
-                    b["next_obs_z"] = views[chunks.next_obs_idx[i]]
-                    b.pop("next_obs")
+                b |= {"end_obs_z": views[e]} if frozen else {"end_obs": qchunk.gather_obs(data.obs, e)}
             if phase == "policy":
                 b["adv"] = adv_table[i] if cdf is None else np.zeros(size, np.float32)  # sampled: w = exp(0) = 1
             rows.append(b)
