@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
+from conftest import xla_flags
 
 import acrlpd_pi0 as ac
 from common import envs, pi0, qchunk, runlog
@@ -242,7 +243,7 @@ def test_sharded_run_matches_one_device(tmp_path, small_push):
         cmd = [sys.executable, "acrlpd_pi0.py", "--fsdp-devices", str(min(devices, 2)), "--dataset", small_push]
         cmd += ["--run-dir", str(tmp_path / f"d{devices}"), *tiny.flags(tiny.ACRLPD)]
         env = {**os.environ, "WANDB_MODE": "offline", "JAX_COMPILATION_CACHE_DIR": CACHE}
-        env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if devices == 4 else {})
+        env.update({"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")} if devices == 4 else {})
         procs[devices] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                           env=env)  # fmt: skip
     for devices, proc in procs.items():

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from jax.sharding import PartitionSpec
 
 from common import RunError, mesh
@@ -54,7 +55,7 @@ print("SHARDED_OK", n_sharded)
 def test_fsdp_loss_and_grads_match_single_device():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": ROOT,
     }

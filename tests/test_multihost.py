@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 import tiny
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
@@ -51,7 +52,7 @@ def start(script: str, run_dir: str, flags: list[str], processes: int, logs: str
     jax.distributed; one: one device); process i's output in <logs>.p<i>.log."""
     port, procs = free_port(), []
     for i in range(processes):
-        env = {**ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 if processes > 1 else 1}"}
+        env = {**ENV, "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={2 if processes > 1 else 1}")}
         if processes > 1:  # no compilation cache: it serves process 0 alone (see above), which then reaches each
             # program's first collective while process 1 still compiles it, and gloo waits 30 s for the others there
             env.pop("JAX_COMPILATION_CACHE_DIR")
@@ -112,7 +113,7 @@ def test_helpers_on_two_processes(tmp_path):
     """The multi-process helpers of common/mesh.py and envs' shares, on 2 processes (the scripts use them below)."""
     procs, port = [], free_port()
     for i in range(2):
-        env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": ROOT}
+        env = {**ENV, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"), "PYTHONPATH": ROOT}
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         with open(tmp_path / f"h.p{i}.log", "w") as log:
             procs.append(subprocess.Popen([sys.executable, "-c", HELPERS], cwd=ROOT, env=env, stdout=log,
