@@ -213,6 +213,7 @@ def write_lerobot(folder, demo: dict, episodes: int = 2) -> str:
     return str(folder)
 
 
+@pytest.mark.slow  # ~65 s under the suite's load: openpi's π₀.₅ layout loaded, both phases compiled, LIBERO evaluation
 def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
     """openpi's pi05_libero from the cache, told to read its state from the prompt (openpi's pi05 default), on the
     cached LeRobot data (openpi's LIBERO data format) read at the env's image size."""

@@ -117,6 +117,7 @@ def test_bfloat16_end_to_end():
     assert acts.shape == (2, 5, 4, 3) and bool(jnp.isfinite(acts).all())
 
 
+@pytest.mark.slow  # ~75 s under the suite's load: π₀.₅'s loss and gradients compiled 3 times (float32, remat, bf16)
 def test_remat_and_mixed_precision():
     """--remat recomputes each layer in the backward pass: the same loss and gradients; --precision bfloat16 computes
     in bfloat16 from float32 parameters (openpi's training): close, and the gradients stay float32."""
