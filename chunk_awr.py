@@ -417,10 +417,11 @@ def main(args: Args) -> dict:
                 i = np_rng.integers(0, len(chunks), size)
             frozen = phase == "critic" and views is not None  # frozen π₀: views precomputed per frame, no images
             td_next = phase != "policy" and args.critic_target == "td"  # o_{t+H} is read by the TD target only
-            keys = ("discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go", "actions")
+            keys = (*(k for k in qchunk.CHUNK_KEYS if k != "rewards"), "actions")  # no loss reads the per-step rewards
             b = chunks.get(i, keys + ("obs",) * (not frozen) + ("next_obs",) * (td_next and not frozen))
             if frozen:  # the chunk's state alone (π₀'s relative action form) and the views of o_t (and o_{t+H})
-                b |= {"obs": {"state": data.obs["state"][chunks.obs_idx[i]]}, "obs_z": views[chunks.obs_idx[i]]}
+                o = chunks.obs_idx[i]
+                b |= {"obs": {"state": data.obs["state"][o]}, "obs_z": views[o]}
                 b |= {"next_obs_z": views[chunks.next_obs_idx[i]]} if td_next else {}
             if phase != "policy" and bootstrap:  # mc: the value of a truncated episode's last frame o_{L−1}
                 b |= {"return_to_end": chunks.return_to_end[i], "end_discount": chunks.end_discount[i]}

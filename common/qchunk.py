@@ -280,10 +280,13 @@ def gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
     return {"state": obs["state"][idx], "prompt_id": obs["prompt_id"][idx], "images": images}
 
 
+CHUNK_KEYS = ("rewards", "discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go")  # per chunk
+
+
 def _batch(src: Any, i: np.ndarray, obs: dict | None, actions: np.ndarray, next_obs: dict | None) -> Batch:
-    """The batch dict (module docstring): rows `i` of `src`'s per-chunk arrays plus the gathered obs and actions."""
-    keys = ("rewards", "discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go")
-    batch = {k: getattr(src, k)[i] for k in keys}
+    """The batch dict (module docstring): rows `i` of `src`'s per-chunk arrays (`CHUNK_KEYS`) plus the gathered obs
+    and actions."""
+    batch = {k: getattr(src, k)[i] for k in CHUNK_KEYS}
     batch["actions"] = actions
     batch.update({k: v for k, v in (("obs", obs), ("next_obs", next_obs)) if v is not None})
     return batch
