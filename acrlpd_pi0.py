@@ -26,28 +26,34 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
-
-# Presets by --env (push, libero; any other gymnasium id: gym). A flag given explicitly (not None) wins.
-_BASE = dict(num_qs=10, lr=2.5e-5, critic_lr=3e-4, bc_weight=1.0, gamma=0.99, num_envs=16, utd=4, learning_starts=5000,
-             eval_episodes=100, buffer_size=200_000, save_every=2000, log_every=200, eval_every=0)  # fmt: skip
-# push, measured: 2 members run ~3× the critic updates/s of 10 on 2 cores; --target-n 1 backs up π₀'s own chunk
-_PUSH = dict(action_horizon=5, bon=8, target_n=1, num_qs=2, lr=1e-3, critic_lr=1e-3, gamma=0.95, utd=32, num_envs=64)
-PRESETS = {
-    "push": dict(_BASE, **_PUSH, learning_starts=32_000),
-    "libero": dict(_BASE, action_horizon=10, bon=32, target_n=8, eval_episodes=50, eval_envs=16),  # 16 cores, 128 GB
-    "gym": dict(_BASE, action_horizon=5, bon=8, target_n=4, lr=3e-4, eval_envs=16),  # ~150 MB an OGBench env
-}
 
 
 @dataclass
 class Args(runlog.RunArgs):
+    # ---- env and cadence (steps: updates, offline and online)
+    action_horizon: int = 5
+    """H, the chunk length executed open loop"""
+    num_envs: int = 64
+    """parallel environments acting online"""
+    eval_episodes: int = 100
+    """episodes per evaluation (the same ones every time), for each evaluated policy"""
+    eval_envs: int = 100
+    """environments an evaluation plays its episodes on (at most --eval-episodes are used)"""
+    log_every: int = 200
+    """log metrics every this many updates"""
+    eval_every: int = 0
+    """evaluate every this many updates; 0: only at the end of each phase"""
+    save_every: int = 2000
+    """checkpoint every this many updates, and at the end of each phase"""
+
+    # ---- model
     flow_steps: int = 5
     """Euler steps when acting"""
     image_size: int = 0
@@ -55,6 +61,7 @@ class Args(runlog.RunArgs):
     freeze_backbone: bool = False
     """train only the action expert, the projections and the critic"""
 
+    # ---- algorithm
     offline_steps: int = 6000
     """updates on the prior data before going online"""
     online_steps: int = 16000
@@ -63,35 +70,35 @@ class Args(runlog.RunArgs):
     """chunk transitions per offline update"""
     updates_per_call: int = 20
     """offline updates per jitted call (lax.scan)"""
-    lr: float | None = None
-    """π₀ learning rate (preset)"""
-    gamma: float | None = None
-    """per-step discount (preset; push 0.95: an 80-step task whose failures are time-outs)"""
-    bc_weight: float | None = None
-    """weight of the flow-matching (BC) loss (preset)"""
-    num_qs: int | None = None
-    """critic ensemble size (preset)"""
+    lr: float = 1e-3
+    """π₀ learning rate"""
+    gamma: float = 0.95
+    """per-step discount"""
+    bc_weight: float = 1.0
+    """weight of the flow-matching (BC) loss"""
+    num_qs: int = 2
+    """critic ensemble size"""
     critic_hidden: tuple[int, ...] = (256, 256)
     """critic MLP widths"""
-    critic_lr: float | None = None
-    """critic learning rate (preset)"""
+    critic_lr: float = 1e-3
+    """critic learning rate"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     q_agg: Literal["mean", "min2"] = "mean"
     """target ensemble aggregation: mean (Q-chunking) or min2 (min of a random pair, RLPD)"""
-    target_n: int | None = None
-    """π₀ chunks sampled at o_{t+H} for the expected-max backup (preset)"""
+    target_n: int = 1
+    """π₀ chunks sampled at o_{t+H} for the expected-max backup (1: back up π₀'s own chunk)"""
     target_flow_steps: int = 5
     """Euler steps for those target chunks (as many as acting: backed-up chunks from the acting distribution)"""
-    bon: int | None = None
-    """chunks sampled when acting, best by the critic; 1 = plain π₀ (preset)"""
+    bon: int = 8
+    """chunks sampled when acting, best by the critic; 1 = plain π₀"""
     bon_slice: int = 0
     """score the --bon candidates in slices of this many (lax.map) to bound memory; 0: all at once"""
     act_pessimism: float = 1.0
     """β: acting ranks candidates by ensemble mean − β·std"""
     cql_weight: float = 0.2
-    """offline conservative penalty: mean Q of π₀ chunks at o_t minus Q of the data chunk, in critic units (0: off).
-    0.2: best-of-8 gains online on push and cube; 1.75 (push's former 0.5 in reward units) stalled it on cube"""
+    """offline conservative penalty: mean Q of π₀ chunks at o_t minus Q of the data chunk, in critic units (0: off;
+    why 0.2: docs/results/ogbench.md)"""
     cql_bound: bool = True
     """Cal-QL (Nakamoto et al., 2023): the penalty pushes π₀'s chunks down only to the data's Monte Carlo return"""
     actor_weight: float = 0.0
@@ -104,30 +111,85 @@ class Args(runlog.RunArgs):
     """the --topk temperature (its start with --adapt-temp)"""
     adapt_temp: float = 0.0
     """rate of the --topk temperature's log rising while π₀'s sample log-std is below its online start (0: fixed)"""
-    utd: int | None = None
-    """online critic updates per env chunk step, run in one jitted scan (preset)"""
-    learning_starts: int | None = None
-    """online chunks collected before the first online critic update (preset): fitted to a tiny buffer it over-fits"""
+    utd: int = 32
+    """online critic updates per env chunk step, run in one jitted scan"""
+    learning_starts: int = 32_000
+    """online chunks collected before the first online critic update (fitted to a tiny buffer the critic over-fits)"""
     online_batch_size: int = 256
     """transitions per online critic update (cached features: cheap)"""
     online_fraction: float = 0.5
     """share of online transitions in each online batch (RLPD: 0.5)"""
-    buffer_size: int | None = None
-    """replay buffer capacity (chunks; it keeps only the critic's cached arrays, ~20 kB a chunk for π₀; preset)"""
+    buffer_size: int = 200_000
+    """replay buffer capacity in chunks (it keeps only the critic's cached arrays, ~20 kB a chunk for π₀)"""
+
+
+# The flags that depend on the env, per env (--env picks one; "gym": any other gymnasium id). push's are the defaults
+# above (2 critics run ~3× the updates/s of 10 on 2 cores); libero's fit 16 cores and 128 GB.
+CONFIGS = {
+    "push": Args(
+        env="push",
+        action_horizon=5,
+        num_envs=64,
+        eval_episodes=100,
+        eval_envs=100,
+        pi0_preset="cpu",
+        lr=1e-3,
+        critic_lr=1e-3,
+        gamma=0.95,
+        num_qs=2,
+        target_n=1,
+        bon=8,
+        utd=32,
+        learning_starts=32_000,
+    ),
+    "libero": Args(
+        env="libero",
+        action_horizon=10,
+        num_envs=16,
+        eval_episodes=50,
+        eval_envs=16,
+        pi0_preset="pi0",
+        lr=2.5e-5,
+        critic_lr=3e-4,
+        gamma=0.99,
+        num_qs=10,
+        target_n=8,
+        bon=32,
+        utd=4,
+        learning_starts=5000,
+    ),
+    "gym": Args(
+        env="gym",
+        action_horizon=5,
+        num_envs=16,
+        eval_episodes=100,
+        eval_envs=16,
+        pi0_preset="cpu",
+        lr=3e-4,
+        critic_lr=3e-4,
+        gamma=0.99,
+        num_qs=10,
+        target_n=4,
+        bon=8,
+        utd=4,
+        learning_starts=5000,
+    ),
+}
 
 
 def check(args: Args) -> Args:
-    """Fill the preset fields left at None (push, libero, else gym) and refuse inconsistent flags."""
-    args = runlog.prepared(args, "acrlpd_pi0", PRESETS, data_with_checkpoint="optional")
+    """The run's flags (a resumed run's own), LIBERO's inputs found in the caches; inconsistent flags refused."""
+    args = runlog.prepared(args, "acrlpd_pi0", CONFIGS, data_with_checkpoint="optional")
     if args.pi0_checkpoint and args.dataset is None:  # no prior data: RL online from π₀, no offline phase
         args = dataclasses.replace(args, offline_steps=0)
-    at_least = partial(runlog.check_at_least, args)
-    at_least(1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs", "bon")
-    at_least(1, "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
-    at_least(0, "offline_steps", "online_steps", "learning_starts", "bon_slice", "topk")
-    at_least(0, "distill_weight", "actor_weight", "adapt_temp", "cql_weight")
-    ranges = dict(gamma=(0, 1), tau=(0, 1), lr=(0, None), critic_lr=(0, None), max_grad_norm=(0, None))
-    runlog.check_ranges(args, **ranges, select_temp=(0, None))
+    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs", "bon")
+    runlog.check_at_least(args, 1, "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
+    runlog.check_at_least(args, 1, "eval_episodes", "eval_envs", "buffer_size")
+    runlog.check_at_least(args, 0, "offline_steps", "online_steps", "learning_starts", "bon_slice", "topk")
+    runlog.check_at_least(args, 0, "distill_weight", "actor_weight", "adapt_temp", "cql_weight")
+    runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
+    runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), lr=(0, None), critic_lr=(0, None), max_grad_norm=(0, None))
+    runlog.check_ranges(args, select_temp=(0, None))
     if args.topk > args.bon:
         raise RunError(f"--topk {args.topk} > --bon {args.bon}: the draw is among the --bon candidates")
     if args.q_agg == "min2" and args.num_qs < 2:
@@ -142,14 +204,36 @@ def check(args: Args) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------- networks
+class Critic(nn.Module):
+    """One ensemble member Q(o, a_{t:t+H}): Dense → LayerNorm → GELU blocks, a scalar out."""
+
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):  # [..., W+S+H·A] -> [...]
+        for width in self.hidden:
+            x = nn.gelu(nn.LayerNorm()(nn.Dense(width)(x)))
+        return nn.Dense(1)(x)[..., 0]
+
+
 @dataclass(frozen=True)
 class Nets:
     """π₀, the env ↔ π₀ plumbing and the critic: what the losses and the acting functions close over."""
 
     pi: pi0.Pi0
     io: pi0.EnvIO
-    critic: pi0.HeadMLP  # one Q(o, a_{t:t+H}) member: Dense → LayerNorm → GELU blocks, scalar out
-    ret: tuple[float, float] = (0.0, 1.0)  # (μ, σ): Q in critic units (return − μ) / σ (`qchunk.return_units`)
+    critic: Critic
+    ret: tuple[float, float] = (0.0, 1.0)  # (μ, σ): Q in critic units (return − μ) / σ, see `return_units`
+
+
+def return_units(offline: qchunk.ChunkDataset | None) -> tuple[float, float]:
+    """(μ, σ), the mean and std of the prior data's Monte Carlo returns from o_t: the critic learns in critic units
+    (return − μ) / σ, so that its learning rate and --cql-weight hold at any reward scale. (0, 1) without prior data."""
+    if offline is None or len(offline) == 0:
+        return 0.0, 1.0
+    mu = float(offline.return_to_go.mean())
+    sigma = float(offline.return_to_go.std())
+    return mu, sigma if sigma > 0 else 1.0
 
 
 def critic_obs(prefix: pi0.Prefix) -> jax.Array:
@@ -165,8 +249,19 @@ def q_values(nets: Nets, cparams, obs_z, chunks):
     return jax.vmap(nets.critic.apply, in_axes=(0, None))({"params": cparams}, x)  # members vmapped
 
 
-def best_of_n(nets: Nets, params, cparams, prefix, rng, n: int, steps: int, beta: float, slice_: int = 0,
-              topk: int = 0, temp: float = 1.0):  # fmt: skip
+def best_of_n(
+    nets: Nets,
+    params,
+    cparams,
+    prefix,
+    rng,
+    n: int,
+    steps: int,
+    beta: float,
+    slice_: int = 0,
+    topk: int = 0,
+    temp: float = 1.0,
+):
     """n π₀ chunks per observation from one prefix (in slices of `slice_`), the best by s = mean − β·std (or drawn
     among the `topk` best, softmax of s / (temp·std of s)) -> chunk [B,H_m,A_m], q [B], and the candidates' spread
     [B] (log std over the n, averaged over executed steps and dims: π₀'s sample entropy up to a constant)."""
@@ -192,8 +287,10 @@ def best_of_n(nets: Nets, params, cparams, prefix, rng, n: int, steps: int, beta
 def encode(nets: Nets, args: Args, params, obs, rng, views_only: bool = False):
     """What the critic needs of observations: views [B,W+S] and --target-n executed π₀ chunks [B,N,H,A] (or None)."""
     prefix = nets.pi.prefix(params, nets.io.observe(obs))
-    sample = lambda: nets.io.executed(nets.pi.sample_n(params, prefix, rng, args.target_n, args.target_flow_steps))
-    return jax.lax.stop_gradient((critic_obs(prefix), None if views_only else sample()))
+    if views_only:
+        return jax.lax.stop_gradient((critic_obs(prefix), None))
+    cand = nets.io.executed(nets.pi.sample_n(params, prefix, rng, args.target_n, args.target_flow_steps))
+    return jax.lax.stop_gradient((critic_obs(prefix), cand))
 
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -232,12 +329,13 @@ def critic_loss(cparams, batch, y, nets: Nets, args: Args):
     return loss, info
 
 
-def bc_loss(nets: Nets, params, prefix, batch, rng):
-    """Flow matching on data chunks, padded steps past an episode's end not imitated -> (loss, actions [B,H_m,A_m])."""
+def bc_loss(params, prefix, batch, rng, nets: Nets):
+    """Flow matching on data chunks, padded steps past an episode's end not imitated -> (loss, info)."""
     actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
     w = batch["valid"].astype(jnp.float32)  # [B,H]
-    bc = nets.pi.flow_loss(params, prefix, actions, rng)  # [B,H_m]
-    return (bc * nets.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0), actions
+    per_step = nets.pi.flow_loss(params, prefix, actions, rng)  # [B,H_m]
+    loss = (per_step * nets.io.step_weights(w)).sum() / jnp.maximum(w.sum(), 1.0)
+    return loss, {"losses/bc": loss}
 
 
 def actor_loss(nets: Nets, params, cparams, prefix, rng, args: Args):
@@ -251,19 +349,21 @@ def joint_loss(train, batch, rng, target_cparams, nets: Nets, args: Args):
     k_flow, k_next, k_cand, k_target, k_actor = jax.random.split(rng, 5)
     prefix = nets.pi.prefix(train["params"], nets.io.observe(batch["obs"]))  # the one VLM pass for o_t
     prefix = jax.lax.stop_gradient(prefix) if args.freeze_backbone else prefix
-    bc, actions = bc_loss(nets, train["params"], prefix, batch, k_flow)
+    bc, info_bc = bc_loss(train["params"], prefix, batch, k_flow, nets)
     frozen = jax.lax.stop_gradient(train)  # the critic's inputs and targets never train π₀
     next_z, next_cand = encode(nets, args, frozen["params"], batch["next_obs"], k_next)
-    cand = nets.pi.sample_n(frozen["params"], jax.lax.stop_gradient(prefix), k_cand, args.target_n,
-                            args.target_flow_steps)  # fmt: skip
+    cand = nets.pi.sample_n(
+        frozen["params"], jax.lax.stop_gradient(prefix), k_cand, args.target_n, args.target_flow_steps
+    )
+    chunk = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m]: the data chunk in π₀'s form
     cb = {k: batch[k] for k in (*TD_KEYS, "return_to_go")}  # the critic's batch
-    cb.update(obs_z=critic_obs(prefix), chunk=nets.io.executed(actions), cand=nets.io.executed(cand))
+    cb.update(obs_z=critic_obs(prefix), chunk=nets.io.executed(chunk), cand=nets.io.executed(cand))
     cb.update(next_obs_z=next_z, next_cand=next_cand)
     y, info_t = td_target(frozen["critic"], target_cparams, cb, k_target, nets, args)
     c_loss, info = critic_loss(train["critic"], cb, y, nets, args)
     loss = args.bc_weight * bc + c_loss
     info.update(info_t)
-    info["losses/bc"] = bc
+    info.update(info_bc)
     if args.actor_weight > 0:
         info["losses/actor"] = actor_loss(nets, train["params"], train["critic"], prefix, k_actor, args)
         loss = loss + args.actor_weight * info["losses/actor"]
@@ -281,7 +381,7 @@ def pi_loss(params, prefix, chosen, bc_batch, cparams, rng, nets: Nets, args: Ar
         terms["actor"] = (args.actor_weight, actor_loss(nets, params, cparams, prefix, k_actor, args))
     if bc_batch is not None:  # the prior data's prefixes: the frozen VLM's, one pass
         bc_prefix = jax.lax.stop_gradient(nets.pi.prefix(params, nets.io.observe(bc_batch["obs"])))
-        terms["bc"] = (args.bc_weight, bc_loss(nets, params, bc_prefix, bc_batch, k_bc)[0])
+        terms["bc"] = (args.bc_weight, bc_loss(params, bc_prefix, bc_batch, k_bc, nets)[0])
     return sum(w * v for w, v in terms.values()), {f"losses/{k}": v for k, (_, v) in terms.items()}
 
 
@@ -308,8 +408,9 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
         critic = optax.apply_updates(state["critic"], c_updates)
         params = optax.apply_updates(state["params"], updates)
         target = optax.incremental_update(critic, state["target_critic"], args.tau)
-        return {**state, "params": params, "opt": opt, "critic": critic, "critic_opt": critic_opt,
-                "target_critic": target}, info  # fmt: skip
+        new = {**state, "params": params, "opt": opt}
+        new.update(critic=critic, critic_opt=critic_opt, target_critic=target)
+        return new, info
 
     def critic_only(state, batch, rng):  # batch: cached critic views and chunks (`encode`), no π₀ pass
         y, info_t = td_target(state["critic"], state["target_critic"], batch, rng, nets, args)
@@ -322,21 +423,51 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
     return mesh.scan_updates(joint), mesh.scan_updates(critic_only)
 
 
-def critic_cache(nets: Nets, args: Args, params, offline, buffer, run: runlog.Run, rng, bs=1024):
-    """Online critic batches of cached arrays: the buffer's and the prior data's (views and data chunks, valid while the
-    VLM is frozen; π₀'s target chunks, sampled once and kept in the run folder, since π₀ moves online)."""
-    if offline is None:  # no prior data: every batch from the buffer
-        return qchunk.MixedBatches(buffer, TD_KEYS)
-    data, enc = offline.data, jax.jit(partial(encode, nets, args), static_argnames="views_only")
+def online_batches(nets: Nets, args: Args, params, offline, buffer, run: runlog.Run, rng, bs=1024):
+    """The online critic's batch sampler, (np_rng, n) -> a batch of cached arrays, RLPD's symmetric sampling:
+    --online-fraction of the rows from the replay buffer (once it holds anything), the rest from the prior data (first
+    in the batch). The prior data's arrays are computed here once: the critic's views of every frame and the data
+    chunks in π₀'s form (valid while the VLM is frozen), and --target-n π₀ chunks at every frame (sampled once, at the
+    start of the online phase, and kept in the run folder so that a resumed run backs up the same chunks)."""
+
+    def buffer_rows(j):
+        rows = {k: getattr(buffer, k)[j] for k in TD_KEYS}
+        return {**rows, **{k: v[j] for k, v in buffer.extras.items()}}
+
+    if offline is None:  # no prior data: every row from the buffer
+        return lambda np_rng, n: buffer_rows(np_rng.integers(0, len(buffer), n))
+    data = offline.data
+    enc = jax.jit(partial(encode, nets, args), static_argnames="views_only")
     kept = run.kept("critic_cache")  # a resumed run reads the target chunks back: it encodes the views alone
-    encode_rows = lambda i: enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]), bool(kept))
+
+    def encode_rows(i):
+        return enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]), bool(kept))
+
     obs_z, cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A] or None
-    cand = kept["cand"] if kept else run.keep("critic_cache", {"cand": cand})["cand"]
+    if kept:
+        cand = kept["cand"]
+    else:
+        cand = run.keep("critic_cache", {"cand": cand})["cand"]
     to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
-    chunk_rows = lambda i: to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
-    chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # the data chunks as the critic reads them
-    at_obs, at_next = {"obs_z": obs_z}, {"next_obs_z": obs_z, "next_cand": cand}
-    return qchunk.MixedBatches(buffer, TD_KEYS, offline, args.online_fraction, {"chunk": chunk}, at_obs, at_next)
+
+    def chunk_rows(i):
+        return to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
+
+    chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # [C,H,A]: the data chunks as the critic reads them
+
+    def sample(np_rng, n):
+        n_online = int(round(n * args.online_fraction)) if len(buffer) else 0
+        i = np_rng.integers(0, len(offline), n - n_online)  # prior-data chunks
+        j = np_rng.integers(0, len(buffer) or 1, n_online)  # buffer rows
+        o, nxt = offline.obs_idx[i], offline.next_obs_idx[i]
+        rows = {k: getattr(offline, k)[i] for k in TD_KEYS}
+        rows.update(chunk=chunk[i], obs_z=obs_z[o], next_obs_z=obs_z[nxt], next_cand=cand[nxt])
+        if n_online == 0:
+            return rows
+        online = buffer_rows(j)
+        return {k: np.concatenate([v, online[k]]) for k, v in rows.items()}
+
+    return sample
 
 
 # ----------------------------------------------------------------------------------------------------- acting / eval
@@ -348,12 +479,16 @@ def make_act(nets: Nets, args: Args, pi_tx):
         """Best of n by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean [B], and the buffer's
         cache: critic view [B,W+S], executed chunk [B,H,A]; `learning`: and (prefix, chunk [B,H_m,A_m], spread [B])."""
         prefix = nets.pi.prefix(state["params"], nets.io.observe(obs))  # the one VLM pass
-        temp, slice_ = jnp.exp(state["temp"]["log"]) if state["temp"] else 1.0, args.bon_slice if n == args.bon else 0
-        chunk, q, spread = best_of_n(nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta,
-                                     slice_, topk, temp)  # fmt: skip
+        temp = jnp.exp(state["temp"]["log"]) if state["temp"] else 1.0  # --topk's temperature (online acting only)
+        slice_ = args.bon_slice if n == args.bon else 0
+        chunk, q, spread = best_of_n(
+            nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta, slice_, topk, temp
+        )
         q = nets.ret[0] + nets.ret[1] * q  # reward units (the evaluations' calibration)
         rows = (nets.io.to_env(chunk, obs["state"]), q, critic_obs(prefix), nets.io.executed(chunk))
-        return (rows, (prefix, chunk, spread)) if learning else rows
+        if learning:
+            return rows, (prefix, chunk, spread)
+        return rows
 
     def act_learn(state, obs, bc_batch, rng):
         """`act` with --bon (and --topk), then one π₀ update on this prefix and the chosen chunks (VLM frozen) and on
@@ -378,7 +513,7 @@ def make_act(nets: Nets, args: Args, pi_tx):
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
     """The same --eval-episodes episodes each time (one `rng`) per policy, best-of-N and plain π₀: success, return and
     the critic's calibration (its value of its chosen chunks, eval/*q_pred, vs the discounted return that followed)."""
-    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
     policy = lambda n, beta: lambda obs, key: act(state, obs, key, n, beta)[:2]  # best of n by mean − β·std
     policies = {"": (f"BoN-{args.bon}", policy(args.bon, args.act_pessimism)), "plain_": ("plain π₀", policy(1, 0.0))}
     return envs.evaluate_policies(spec, policies, rng, label, **where, horizon=args.action_horizon, gamma=args.gamma)
@@ -394,33 +529,41 @@ def main(args: Args) -> dict:
     k_pi, k_critic, k_cache = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset, args.image_size)
     env = spec.make_share(args.num_envs, args.seed)  # this process's envs
-    path = args.dataset or (None if args.pi0_checkpoint else envs.default_dataset("push", image_size=args.image_size))
-    data = envs.load_dataset(path, env, spec.image_size) if path else None  # None: online only, from π₀
-    offline = qchunk.make_chunks(data, args.action_horizon, args.gamma) if data else None
-    stats, prompts = (qchunk.norm_stats(data), data.prompts) if data else (None, env.prompts)
+    path = args.dataset
+    if path is None and args.pi0_checkpoint is None:  # push: the demonstrator's data, generated on first use
+        path = envs.default_dataset("push", image_size=args.image_size)
+    data, offline, stats, prompts = None, None, None, env.prompts  # no prior data: online only, from π₀
+    if path is not None:
+        data = envs.load_dataset(path, env, spec.image_size)
+        offline = qchunk.make_chunks(data, args.action_horizon, args.gamma)
+        stats, prompts = qchunk.norm_stats(data), data.prompts
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
-    nets = Nets(policy.model, policy.io, pi0.HeadMLP(tuple(args.critic_hidden)), qchunk.return_units(offline))
+    nets = Nets(policy.model, policy.io, Critic(tuple(args.critic_hidden)), return_units(offline))
     x = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + args.action_horizon * env.action_dim))
     critic = jax.jit(jax.vmap(lambda k: nets.critic.init(k, x)["params"]))(jax.random.split(k_critic, args.num_qs))
     tx, pi_tx, critic_tx = make_optimizers(args, nets, policy.params)
     learns = args.online_steps > 0 and (args.distill_weight > 0 or args.actor_weight > 0)  # π₀ trained online
-    state = {"params": policy.params, "opt": tx.init(policy.params), "critic": critic}
-    temp = {"log": jnp.log(args.select_temp), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}  # --topk's
-    state.update(pi_opt=pi_tx.init(policy.params) if learns else {}, temp=temp if learns else {})
+    state = {"params": policy.params, "opt": tx.init(policy.params), "critic": critic, "pi_opt": {}, "temp": {}}
+    if learns:  # π₀'s online optimiser state, and --topk's temperature
+        state["pi_opt"] = pi_tx.init(policy.params)
+        state["temp"] = {"log": jnp.log(args.select_temp), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}
     state.update(critic_opt=critic_tx.init(critic), target_critic=jax.tree.map(jnp.copy, critic))
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
-    n_pi, n_critic = pi0.param_count(state["params"]) / 1e6, pi0.param_count(state["critic"]) / args.num_qs / 1e3
+    n_pi = pi0.param_count(state["params"]) / 1e6
+    n_critic = pi0.param_count(state["critic"]) / args.num_qs / 1e3
     print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline or ())} chunks from {path}")
     run = runlog.Run.from_args(args, "acrlpd_pi0")
     buffer = qchunk.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma, td_only=True)  # + critic's cache
 
     # ---- restore: the train state, and on the host the buffer, the envs and the online episodes' successes
     step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []  # ep_success: the online episodes' last 100
-    if (restored := run.restore(state)) is not None:
+    restored = run.restore(state)
+    if restored is not None:
         step, state, _, host = restored
         buffer.load_state_dict(host["buffer"])
-        obs, ep_success = envs.resume_loop(env, host["loop"], args.seed + step), list(host["ep_success"])
+        obs = envs.resume_loop(env, host["loop"], args.seed + step)
+        ep_success = list(host["ep_success"])
 
     def save(step):  # a repeated step (warm-up: no updates) rewrites the host part only
         host = {"buffer": buffer.state_dict(), "loop": envs.loop_state(env, obs), "ep_success": ep_success}
@@ -429,15 +572,17 @@ def main(args: Args) -> dict:
     # ---- loop: offline (π₀ and critic on the prior data), then online (critic on cached views, π₀ when acting)
     joint_update, critic_update = make_update(nets, args, tx, critic_tx)
     act, act_learn = make_act(nets, args, pi_tx)
-    act, act_learn = mesh.host_local(act, dev_mesh), mesh.host_local(act_learn, dev_mesh, keep=2)  # own envs
+    act = mesh.host_local(act, dev_mesh)  # each process acts on its own envs
+    act_learn = mesh.host_local(act_learn, dev_mesh, keep=2)
     encode_next = mesh.host_local(jax.jit(partial(encode, nets, args)), dev_mesh)
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
     total = args.offline_steps + args.online_steps
     results, info = {}, {}
     for phase, end in (("offline", args.offline_steps), ("online", total)):
-        t_phase, s_phase, warm = time.time(), step, 10 * len(buffer) // max(args.learning_starts, 1)
+        t_phase, s_phase = time.time(), step
+        warm = 10 * len(buffer) // max(args.learning_starts, 1)  # tenths of the warm-up reported so far
         if phase == "online" and step < end:  # the VLM is frozen from here: encode the prior data once
-            cache = critic_cache(nets, args, state["params"], offline, buffer, run, k_cache)
+            sample_online = online_batches(nets, args, state["params"], offline, buffer, run, k_cache)
             print(f"critic cache of {len(offline or ())} offline chunks ready in {time.time() - t_phase:.0f}s")
         while step < end:
             key = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # warm-up steps add no updates
@@ -448,9 +593,13 @@ def main(args: Args) -> dict:
                 bs = [offline.sample(np_rng, args.batch_size, keys) for _ in range(n)]
                 state, info = joint_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
             else:  # one chunk in every env (π₀ learns from it), cache what the critic reads, --utd critic updates
-                n = min(args.utd, end - step) if len(buffer) + args.num_envs >= args.learning_starts else 0
+                n = 0  # critic updates after this chunk: none while the buffer warms up
+                if len(buffer) + args.num_envs >= args.learning_starts:
+                    n = min(args.utd, end - step)
                 if n and learns:
-                    bc = offline and mesh.place_batch(offline.sample(np_rng, args.batch_size, BC_KEYS), dev_mesh)
+                    bc = None  # π₀'s BC anchor on the prior data, where there is some
+                    if offline is not None:
+                        bc = mesh.place_batch(offline.sample(np_rng, args.batch_size, BC_KEYS), dev_mesh)
                     state, pi_info, chunk, _, obs_z, executed = act_learn(state, obs, bc, k_act)
                 else:
                     chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
@@ -462,18 +611,21 @@ def main(args: Args) -> dict:
                 ep_success = (ep_success + cs.success[cs.terminated | cs.truncated].tolist())[-100:]
                 obs = next_obs
                 if n:
-                    bs = [cache.sample(np_rng, args.online_batch_size) for _ in range(n)]
+                    bs = [sample_online(np_rng, args.online_batch_size) for _ in range(n)]
                     state, info = critic_update(state, mesh.stack_batches(bs, dev_mesh), k_update)
-                    info = {**info, **pi_info} if learns else info
-                elif (tenth := 10 * len(buffer) // args.learning_starts) > warm:  # warm-up: progress, buffer kept
+                    if learns:
+                        info = {**info, **pi_info}
+                elif 10 * len(buffer) // args.learning_starts > warm:  # warm-up: a progress line, the buffer saved
                     kb = buffer.bytes_per_transition() / 1e3
                     print(f"[online] {len(buffer)}/{args.learning_starts} chunks ({kb:.1f} kB each) before updates")
                     save(step)
-                    warm = tenth
+                    warm = 10 * len(buffer) // args.learning_starts
             prev, step = step, step + n
             # ---- log
             if runlog.crossed(prev, step, args.log_every) or (n and step == end):
-                m = {**info, "charts/online_success_rate": np.mean(ep_success)} if ep_success else info
+                m = dict(info)
+                if ep_success:
+                    m["charts/online_success_rate"] = np.mean(ep_success)
                 run.report(step, m, phase, total, (s_phase, t_phase), SHOW)
             # ---- evaluate
             if runlog.crossed(prev, step, args.eval_every) and step != end:
@@ -497,4 +649,4 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     with runlog.one_line_errors():
-        main(tyro.cli(Args))
+        main(runlog.cli(Args, CONFIGS))

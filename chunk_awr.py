@@ -20,8 +20,8 @@ Schedules: --schedule two-phase (default) trains Q and V first on the frozen ini
 advantage of every dataset chunk once, then trains π₀ by weighted flow matching at BC speed (by default the
 weights pick the chunks, P(i) ∝ w_i, and the loss gets w ≡ 1: the same objective with a full effective batch;
 --weighting loss weights the loss instead); --schedule joint minimises L = L_Q + λ_V L_V + λ_π L_π every step.
-A prototype on push found the joint form ~3× slower per update and no better than BC within a few minutes, the
-two-phase form 10+ points above BC, hence the default. --beta 0 gives w ≡ 1 exactly: plain behaviour cloning through
+The two-phase form is the default: it is faster per update and learned more on push (docs/results/push.md). --beta
+0 gives w ≡ 1 exactly: plain behaviour cloning through
 the same update (the benchmark's baseline; the critic phase is then skipped, since nothing reads it).
 
   python chunk_awr.py                                    # push, mixed-quality demos, CPU π₀ preset, < 10 min
@@ -36,29 +36,40 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
-
-_BASE = dict(action_horizon=5, eval_episodes=100, num_envs=100, save_every=2000, log_every=200, eval_every=2000)
-# presets by --env (gym: any other); a flag wins. Steps: updates (eval: policy updates)
-_LIBERO = dict(_BASE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
-PRESETS = {"push": _BASE, "gym": dict(_BASE, num_envs=16), "libero": _LIBERO}  # gym: ~200 MB an OGBench env
 
 
 @dataclass
 class Args(runlog.RunArgs):
+    # ---- env and cadence (steps: updates, critic then policy)
+    action_horizon: int = 5
+    """H, the chunk length executed open loop"""
+    eval_episodes: int = 100
+    """episodes per evaluation (the same ones every time)"""
+    eval_envs: int = 100
+    """environments an evaluation plays its episodes on (at most --eval-episodes are used)"""
+    log_every: int = 200
+    """log metrics every this many updates"""
+    eval_every: int = 2000
+    """evaluate every this many policy updates, and at the start and end of π₀'s training"""
+    save_every: int = 2000
+    """checkpoint every this many updates, and at the end of each phase"""
+
+    # ---- model
     flow_steps: int = 4
-    """Euler steps when acting (a prototype: 4 beat 5 and 10 for flow BC on push)"""
+    """Euler steps when acting"""
     eval_noise: float = 0.0
     """scale of the initial flow noise at evaluation (0: the deterministic policy)"""
     episodes: int = 1500
     """default push dataset size (split evenly over noise 0.3/0.6/1.0)"""
 
+    # ---- algorithm
     schedule: Literal["two-phase", "joint"] = "two-phase"
     """two-phase (Q,V first, then weighted flow matching) or joint (L = L_Q + λ_V L_V + λ_π L_π every step)"""
     critic_steps: int = 3000
@@ -87,11 +98,11 @@ class Args(runlog.RunArgs):
     """Polyak rate of the target critics"""
     critic_target: Literal["mc", "td"] = "mc"
     """y of L_Q: mc (the discounted return to the episode's end: Q of the data's policy by regression, no bootstrap
-    lag, as one-step AWR) or td (r_t + γ^n (1 − done) V(x_{t+H}); 16 chunk backups on push need more critic steps)"""
+    lag, as one-step AWR) or td (r_t + γ^n (1 − done) V(x_{t+H}): slower to propagate, it needs more critic steps)"""
     truncation: Literal["repeat", "bootstrap"] = "repeat"
     """mc's tail past a time limit: repeat (the last reward forever: γ^(L−t) r_{L−1} / (1 − γ), qchunk's return_to_go)
     or bootstrap (γ^(L−t) V(x_{L−1}), the last stored frame standing in for the unseen next one; V is IQL's upper
-    expectile, an optimistic tail; on cube −14 / +6 points on two seeds, on cube-noisy +18 / +4: README)"""
+    expectile, an optimistic tail; measured: docs/results/ogbench.md)"""
     reward: Literal["return", "subgoal"] = "return"
     """td's chunk reward: return (in-chunk discounted return) or subgoal (max of the per-step sub-goal flags)"""
     value_loss: Literal["expectile", "sampled"] = "expectile"
@@ -107,13 +118,12 @@ class Args(runlog.RunArgs):
     hutchinson_above: int = 32
     """log π: exact Jacobian trace when H·A ≤ this, else Hutchinson's estimator"""
     beta: float = 3.4
-    """inverse temperature β of w = exp(β A / std(A)), in units of the advantages' spread (push: β = 20 on its raw
-    0/1-reward advantages, std 0.17, was this: 20 × 0.17); 0 = plain BC"""
+    """inverse temperature β of w = exp(β A / std(A)), in units of the advantages' spread; 0 = plain BC"""
     max_weight: float = 100.0
     """clip of the weights"""
     weighting: Literal["sample", "loss"] = "sample"
     """two-phase: sample chunks with probability ∝ w and give the loss w ≡ 1 (the same objective in expectation,
-    a full effective batch: with β=20 the weights' effective sample size is ~12% of a batch), or weight the loss"""
+    with a full effective batch where loss weights would leave a fraction of it), or weight the loss"""
     weight_norm: Literal["batch", "none"] = "batch"
     """batch: divide the weighted loss by Σ w·valid (self-normalised); none: by Σ valid"""
     lambda_v: float = 1.0
@@ -122,12 +132,20 @@ class Args(runlog.RunArgs):
     """λ_π (joint schedule)"""
 
 
+# The flags that depend on the env, per env (--env picks one; "gym": any other gymnasium id; push's are the defaults).
+CONFIGS = {
+    "push": Args(env="push", action_horizon=5, eval_episodes=100, eval_envs=100, pi0_preset="cpu"),
+    "libero": Args(env="libero", action_horizon=10, eval_episodes=50, eval_envs=16, pi0_preset="pi0"),
+    "gym": Args(env="gym", action_horizon=5, eval_episodes=100, eval_envs=16, pi0_preset="cpu"),
+}
+
+
 def check(args: Args) -> Args:
-    """Fill the defaults that depend on --env and refuse inconsistent flags."""
-    args = runlog.prepared(args, "chunk_awr", PRESETS, data_with_checkpoint="needed")
-    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size", "num_envs", "flow_steps")
-    runlog.check_at_least(args, 1, "eval_episodes", "num_samples", "value_flow_steps")
-    runlog.check_at_least(args, 0, "critic_steps", "policy_steps")
+    """The run's flags (a resumed run's own), LIBERO's inputs found in the caches; inconsistent flags refused."""
+    args = runlog.prepared(args, "chunk_awr", CONFIGS, data_with_checkpoint="needed")
+    runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size", "eval_envs", "flow_steps")
+    runlog.check_at_least(args, 1, "action_horizon", "eval_episodes", "num_samples", "value_flow_steps")
+    runlog.check_at_least(args, 0, "critic_steps", "policy_steps", "log_every", "eval_every", "save_every")
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
     if args.beta < 0 or args.max_weight <= 0:
         raise RunError("--beta must be ≥ 0 and --max-weight > 0")
@@ -141,14 +159,26 @@ def check(args: Args) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------- networks
+class MLP(nn.Module):
+    """One Q member, or V: Dense → LayerNorm → GELU blocks, a scalar out."""
+
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):  # [..., D] -> [...]
+        for width in self.hidden:
+            x = nn.gelu(nn.LayerNorm()(nn.Dense(width)(x)))
+        return nn.Dense(1)(x)[..., 0]
+
+
 @dataclass(frozen=True)
 class Nets:
     """π₀, the env ↔ π₀ plumbing and the critics (Q twins, V): what the losses and the acting functions close over."""
 
     pi: pi0.Pi0
     io: pi0.EnvIO
-    q: pi0.HeadMLP  # one Q member: Dense → LayerNorm → GELU blocks, scalar out
-    v: pi0.HeadMLP  # V, the same
+    q: MLP  # one Q member, [sg(features), state, chunk] -> Q
+    v: MLP  # V, [sg(features), state] -> V
     ret_mu: float = 0.0  # Q and V are in critic units, (return − ret_mu) / ret_sigma: the data's returns' mean and std
     ret_sigma: float = 1.0
 
@@ -169,6 +199,16 @@ def q_values(nets: Nets, qparams, obs_z, chunks):
 
 def value(nets: Nets, vparams, obs_z):  # -> [B]
     return nets.v.apply({"params": vparams}, obs_z)
+
+
+def return_units(chunks: qchunk.ChunkDataset | None) -> tuple[float, float]:
+    """(μ, σ), the mean and std of the data's Monte Carlo returns from o_t: Q and V learn in critic units
+    (return − μ) / σ, so that their learning rates and β hold at any reward scale. (0, 1) without chunks."""
+    if chunks is None or len(chunks) == 0:
+        return 0.0, 1.0
+    mu = float(chunks.return_to_go.mean())
+    sigma = float(chunks.return_to_go.std())
+    return mu, sigma if sigma > 0 else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -334,7 +374,7 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng) -> dict:
     episodes (env seeds, noise: the same `rng`) at every evaluation."""
     t = time.time()
     policy = lambda obs, key: (act(state["params"], obs, key), None)
-    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.num_envs, seed=args.seed + 10_000)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
     out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     out["time/eval_s"] = time.time() - t
     return out
@@ -349,8 +389,8 @@ def main(args: Args) -> dict:
     k_init, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 3)
     k_pi, k_q, k_v = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
-    env = spec.make(1, args.seed)
-    env.close()  # only its spaces, cameras and prompts are needed here
+    env = spec.make(1, args.seed)  # only its spaces, cameras and prompts are needed here
+    env.close()
     path = args.dataset or envs.default_dataset(env="push", noise="mixed", episodes=args.episodes)
     data = envs.load_dataset(path, env, spec.image_size)
     chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma)
@@ -358,9 +398,10 @@ def main(args: Args) -> dict:
     policy = runlog.make_policy(env, data.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
-    heads = pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden))
-    units = qchunk.return_units(chunks if args.reward == "return" else None)  # subgoal flags: unscaled 0/1 rewards
-    nets = Nets(policy.model, policy.io, *heads, *units)
+    units = return_units(chunks)
+    if args.reward == "subgoal":  # sub-goal flags are 0/1 rewards of their own: unscaled
+        units = return_units(None)
+    nets = Nets(policy.model, policy.io, MLP(tuple(args.critic_hidden)), MLP(tuple(args.critic_hidden)), *units)
     params = policy.params
     z = jnp.zeros((1, cfg.vlm.width + (cfg.state_dim or cfg.action_dim)))
     x = jnp.zeros((1, z.shape[1] + args.action_horizon * env.action_dim))
@@ -378,9 +419,11 @@ def main(args: Args) -> dict:
 
     # ---- restore
     step, train_s = 0, 0.0
-    if (restored := run.restore(state)) is not None:
+    restored = run.restore(state)
+    if restored is not None:
         step, state, extra, _ = restored
-        state, train_s = jax.device_put(state, shardings), extra["train_s"]
+        state = jax.device_put(state, shardings)
+        train_s = extra["train_s"]
 
     def save(step):
         run.save(step, state, {"step": step, **policy.record(), "train_s": train_s})
@@ -417,18 +460,31 @@ def main(args: Args) -> dict:
                 i = np_rng.integers(0, len(chunks), size)
             frozen = phase == "critic" and views is not None  # frozen π₀: views precomputed per frame, no images
             td_next = phase != "policy" and args.critic_target == "td"  # o_{t+H} is read by the TD target only
-            keys = (*(k for k in qchunk.CHUNK_KEYS if k != "rewards"), "actions")  # no loss reads the per-step rewards
-            b = chunks.get(i, keys + ("obs",) * (not frozen) + ("next_obs",) * (td_next and not frozen))
+            keys = [k for k in qchunk.CHUNK_KEYS if k != "rewards"]  # no loss reads the per-step rewards
+            keys.append("actions")
+            if not frozen:
+                keys.append("obs")
+            if td_next and not frozen:
+                keys.append("next_obs")
+            b = chunks.get(i, tuple(keys))
             if frozen:  # the chunk's state alone (π₀'s relative action form) and the views of o_t (and o_{t+H})
                 o = chunks.obs_idx[i]
-                b |= {"obs": {"state": data.obs["state"][o]}, "obs_z": views[o]}
-                b |= {"next_obs_z": views[chunks.next_obs_idx[i]]} if td_next else {}
+                b["obs"] = {"state": data.obs["state"][o]}
+                b["obs_z"] = views[o]
+                if td_next:
+                    b["next_obs_z"] = views[chunks.next_obs_idx[i]]
             if phase != "policy" and bootstrap:  # mc: the value of a truncated episode's last frame o_{L−1}
-                b |= {"return_to_end": chunks.return_to_end[i], "end_discount": chunks.end_discount[i]}
+                b["return_to_end"] = chunks.return_to_end[i]
+                b["end_discount"] = chunks.end_discount[i]
                 e = chunks.end_obs_idx[i]
-                b |= {"end_obs_z": views[e]} if frozen else {"end_obs": qchunk.gather_obs(data.obs, e)}
-            if phase == "policy":
-                b["adv"] = adv_table[i] if cdf is None else np.zeros(size, np.float32)  # sampled: w = exp(0) = 1
+                if frozen:
+                    b["end_obs_z"] = views[e]
+                else:
+                    b["end_obs"] = qchunk.gather_obs(data.obs, e)
+            if phase == "policy" and cdf is None:
+                b["adv"] = adv_table[i]
+            elif phase == "policy":  # the weights chose the chunks: the loss gets w = exp(0) = 1
+                b["adv"] = np.zeros(size, np.float32)
             rows.append(b)
         return mesh.stack_batches(rows, dev_mesh)
 
@@ -489,4 +545,4 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     with runlog.one_line_errors():
-        main(tyro.cli(Args))
+        main(runlog.cli(Args, CONFIGS))

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 from common import RunError, mesh, pi0
 
@@ -49,8 +50,8 @@ RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_device
 
 @dataclasses.dataclass
 class RunArgs:
-    """The run block every script's `Args` starts with, the same flags in the three scripts (the cadence ones take
-    each script's preset). A script's own fields follow, in the same order everywhere: model, algorithm."""
+    """The run block every script's `Args` starts with, the same flags and defaults in every script. A script's own
+    fields follow, in the same order everywhere: env and cadence, model, algorithm."""
 
     exp_name: str = ""
     """name of this experiment: the run folder runs/<env>__<exp_name>__<seed>__<time> and wandb's group ('' = the
@@ -70,9 +71,9 @@ class RunArgs:
     --pi0-preset trained from scratch"""
     asset_id: str | None = None
     """norm-stats asset inside an openpi --pi0-checkpoint (e.g. physical-intelligence/libero)"""
-    pi0_preset: str | None = None
-    """π₀ size: cpu, pi0, pi05 (None: pi0 with --env libero, else cpu); with --env libero, pi0 and pi05 start from
-    openpi's pi0_libero / pi05_libero found in its cache unless --pi0-checkpoint says otherwise"""
+    pi0_preset: Literal["cpu", "pi0", "pi05"] = "cpu"
+    """π₀ size: cpu, pi0, pi05; with --env libero, pi0 and pi05 start from openpi's pi0_libero / pi05_libero found in
+    its cache unless --pi0-checkpoint says otherwise"""
     tokenizer: str | None = None
     """path of paligemma_tokenizer.model (openpi checkpoints); None: the built-in word tokenizer (CPU preset)"""
     discrete_state: bool | None = None
@@ -98,23 +99,8 @@ class RunArgs:
     """continue the run in --run-dir from its last checkpoint, with its own flags (args.json)"""
     fsdp_devices: int = 1
     """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
-    num_envs: int | None = None
-    """parallel environments (acrlpd: online acting; flow_ppo: rollouts; chunk_awr: evaluation; preset)"""
-    action_horizon: int | None = None
-    """H, the chunk length executed open loop (preset: push 5, libero 10, else 5)"""
     max_grad_norm: float = 1.0
-    """global-norm clip of π₀'s gradient (flow_ppo: BC and PPO)"""
-    save_every: int | None = None
-    """checkpoint every this many of the script's steps (updates; flow_ppo: PPO iterations) and at the end (preset)"""
-    log_every: int | None = None
-    """log metrics every this many steps (flow_ppo's BC: every 10× this many updates; preset)"""
-    eval_every: int | None = None
-    """evaluate every this many steps; 0: only at the end of each phase (preset)"""
-    eval_episodes: int | None = None
-    """episodes per evaluation, played in parallel (preset)"""
-    eval_envs: int | None = None
-    """simulator processes an evaluation plays its episodes on (None: the script's own number; libero preset: 16).
-    LIBERO's evaluation plays the same init states whatever this is: it trades memory (~1.5 GB a process) for time"""
+    """global-norm clip of π₀'s gradient"""
 
     def check_run(self, needs_data: bool = True) -> None:
         """Refuse a run block that cannot start, before any work: a `Literal` flag outside its choices, an env other
@@ -135,8 +121,6 @@ class RunArgs:
             raise RunError(f"--tokenizer {self.tokenizer}: no such file (openpi's paligemma_tokenizer.model)")
         if self.fsdp_devices < 1:
             raise RunError(f"--fsdp-devices must be ≥ 1 (got {self.fsdp_devices})")
-        if self.eval_envs is not None and self.eval_envs < 1:
-            raise RunError(f"--eval-envs must be ≥ 1 (got {self.eval_envs}); leave it out for the script's own number")
         if not self.resume and self.run_dir and os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
             raise RunError(
                 f"--run-dir {self.run_dir} is not empty (a run folder belongs to one run): continue that "
@@ -152,11 +136,12 @@ class RunArgs:
                     resume_dir=self.run_dir if self.resume else None)  # fmt: skip
 
 
-def resumed(args: Any, script: str) -> Any:
+def resumed(args: Any, script: str, defaults: Any = None) -> Any:
     """`args` as the run in --run-dir was started (its args.json) when --resume is set; else `args` unchanged.
 
-    Flags given again with a value other than their default must agree with the run's (else one RunError naming
-    them); only `RESUME_MAY_CHANGE` are taken from `args`. A folder of another script, or none, is refused."""
+    Flags given again with a value other than their default (`defaults`' field, else the dataclass field's) must
+    agree with the run's (else one RunError naming them); only `RESUME_MAY_CHANGE` are taken from `args`. A folder
+    of another script, or none, is refused."""
     if not args.resume:
         return args
     if not args.run_dir:
@@ -187,7 +172,12 @@ def resumed(args: Any, script: str) -> Any:
         )
     values, clash = {}, []
     for name, f in fields.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if defaults is not None:
+            default = getattr(defaults, name)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
         given, value = getattr(args, name), saved.get(name, default)
         value = tuple(value) if isinstance(value, list) else value
         if name in RESUME_MAY_CHANGE:
@@ -209,15 +199,37 @@ LIBERO_REPO = "physical-intelligence/libero"  # openpi's LIBERO data on the Hugg
 OPENPI_LIBERO = {"pi0_libero": {"action_horizon": 50}, "pi05_libero": {"action_horizon": 10, "discrete_state": False}}
 
 
-def prepared(args: Any, script: str, presets: dict[str, dict[str, Any]], *, data_with_checkpoint: str) -> Any:
-    """The flags a run starts with, the first line of every script's `check`: the resumed run's own (`resumed`),
-    LIBERO's inputs found in openpi's and LeRobot's caches (`located`), the fields left at None filled from
-    `presets[env]` (`presets["gym"]` for a gymnasium id), and the run block checked (`RunArgs.check_run`). Prior
-    data is always needed without a checkpoint; with one, `data_with_checkpoint` says: "needed", "optional" (used
-    when there is some) or "unused"."""
-    args = located(resumed(args, script), data_with_checkpoint=data_with_checkpoint)
-    preset = presets[args.env if args.env in presets else "gym"]
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+def configured(configs: dict[str, Any], env: str, **overrides: Any) -> Any:
+    """The named config of `env` (configs["gym"] for any gymnasium id not named) with `env` and `overrides` set."""
+    return dataclasses.replace(configs.get(env, configs["gym"]), env=env, **overrides)
+
+
+def cli(args_type: type, configs: dict[str, Any], argv: list[str] | None = None) -> Any:
+    """Parse the command line on top of the config of the --env it names (push when none): `--help` then shows that
+    config's values, and every other flag overrides them."""
+    argv = sys.argv[1:] if argv is None else argv
+    env = "push"
+    for i, a in enumerate(argv):
+        if a == "--env" and i + 1 < len(argv):
+            env = argv[i + 1]
+        elif a.startswith("--env="):
+            env = a.split("=", 1)[1]
+    return tyro.cli(args_type, default=configured(configs, env), args=argv)
+
+
+def prepared(args: Any, script: str, configs: dict[str, Any], *, data_with_checkpoint: str) -> Any:
+    """The flags a run starts with, the first line of every script's `check`: the resumed run's own (`resumed`, the
+    config of --env giving the defaults), LIBERO's inputs found in openpi's and LeRobot's caches (`located`), and the
+    run block checked (`RunArgs.check_run`); it prints where the env's config differs from the defaults. Prior data
+    is always needed without a checkpoint; with one, `data_with_checkpoint` says: "needed", "optional" (used when
+    there is some) or "unused"."""
+    args = resumed(args, script, configured(configs, args.env))
+    args = located(args, data_with_checkpoint=data_with_checkpoint)
+    named, base = configs.get(args.env, configs["gym"]), type(args)()
+    changed = [f.name for f in dataclasses.fields(base) if f.name != "env" and getattr(named, f.name) != getattr(base, f.name)]
+    if changed:
+        flags = " ".join(f"--{name.replace('_', '-')} {getattr(named, name)}" for name in changed)
+        print(f"config {args.env if args.env in configs else 'gym'}: {flags} (the rest: the defaults, see --help)")
     args.check_run(needs_data=not args.pi0_checkpoint or data_with_checkpoint == "needed")
     return args
 
