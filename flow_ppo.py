@@ -31,33 +31,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
 from common import RunError, envs, mesh, pi0, qchunk, runlog
-
-# presets by --env (gym: any other); a flag wins. Steps: PPO iterations (BC: see --log-every). push's lr and warm-up
-# were measured on its dense successes; _SAFE protects a good start where successes are sparse (README: OGBench)
-_BASE = dict(action_horizon=5, eval_episodes=200, num_envs=128, save_every=50, log_every=5, eval_every=20,
-             learning_rate=1e-4, critic_warmup=5)  # fmt: skip
-_SAFE = dict(learning_rate=3e-5, critic_warmup=25)
-_LIBERO = dict(_BASE, **_SAFE, action_horizon=10, eval_episodes=50, num_envs=16, eval_envs=16)
-PRESETS = {"push": _BASE, "gym": dict(_BASE, **_SAFE, num_envs=16, eval_envs=16), "libero": _LIBERO}  # gym: ~150 MB/env
 
 
 @dataclass
 class Args(runlog.RunArgs):
+    # ---- env and cadence (steps: BC updates, then PPO iterations)
+    action_horizon: int = 5
+    """H, the chunk length executed open loop"""
+    num_envs: int = 128
+    """parallel environments a rollout runs"""
+    eval_episodes: int = 200
+    """episodes per evaluation (the same ones every time)"""
+    eval_envs: int = 200
+    """environments an evaluation plays its episodes on (at most --eval-episodes are used)"""
+    log_every: int = 5
+    """log metrics every this many PPO iterations (BC: every 10× this many updates)"""
+    eval_every: int = 20
+    """evaluate every this many PPO iterations, and at the start and end of PPO"""
+    save_every: int = 50
+    """checkpoint every this many PPO iterations (BC: 10× this many updates), and at the end"""
+
+    # ---- model
     flow_steps: int = 4
     """K: Euler steps, the same in rollouts and evaluation"""
     freeze_backbone: bool = True
     """PPO: keep the VLM (prefix) fixed, train the action expert, projections and heads (stable value features)"""
     bc_steps: int = 10_000
-    """flow-matching BC updates on the prior data before PPO (0, or a --pi0-checkpoint: none); ~35-45% on push"""
+    """flow-matching BC updates on the prior data before PPO (0, or a --pi0-checkpoint: none)"""
     bc_batch_size: int = 64
     """BC batch size"""
     bc_lr: float = 1e-3
     """BC learning rate"""
     updates_per_call: int = 10
     """BC updates per jitted call (lax.scan)"""
+
+    # ---- algorithm
     noise_method: Literal["flow_noise", "flow_sde"] = "flow_noise"
     """how the denoising chain is made stochastic"""
     iterations: int = 200
@@ -74,16 +84,16 @@ class Args(runlog.RunArgs):
     """epochs over each rollout"""
     num_minibatches: int = 4
     """minibatches per epoch"""
-    learning_rate: float | None = None
-    """policy (π₀ + noise head) learning rate (preset: push 1e-4; libero, gym 3e-5)"""
+    lr: float = 1e-4
+    """policy (π₀ + noise head) learning rate"""
     value_lr: float = 1e-3
     """value head learning rate"""
     norm_value: bool = True
     """the value head in units of the running return mean and std (any reward scale: the same run)"""
-    critic_warmup: int | None = None
-    """first iterations that train only the value head (preset: push 5; libero, gym 25: fitted before π₀ moves)"""
+    critic_warmup: int = 5
+    """first iterations that train only the value head (fitted before π₀ moves)"""
     lr_ramp: int = 0
-    """iterations after the warm-up over which the policy lr rises linearly from ~0 (cube: it moved the dip, README)"""
+    """iterations after the warm-up over which the policy lr rises linearly from ~0"""
     clip_coef: float = 0.2
     """PPO ratio clip ε"""
     dual_clip: float = 0.0
@@ -106,13 +116,51 @@ class Args(runlog.RunArgs):
     """flow_sde: a in σ_t = a·√(t/(1−t)) (t clipped to 1−δ at the first step)"""
 
 
+# The flags that depend on the env, per env (--env picks one; "gym": any other gymnasium id; push's are the defaults).
+# libero and gym take a lower lr and a longer value warm-up: they protect a good start where successes are sparse
+# (docs/results/ogbench.md).
+CONFIGS = {
+    "push": Args(
+        env="push",
+        action_horizon=5,
+        num_envs=128,
+        eval_episodes=200,
+        eval_envs=200,
+        pi0_preset="cpu",
+        lr=1e-4,
+        critic_warmup=5,
+    ),
+    "libero": Args(
+        env="libero",
+        action_horizon=10,
+        num_envs=16,
+        eval_episodes=50,
+        eval_envs=16,
+        pi0_preset="pi0",
+        lr=3e-5,
+        critic_warmup=25,
+    ),
+    "gym": Args(
+        env="gym",
+        action_horizon=5,
+        num_envs=16,
+        eval_episodes=200,
+        eval_envs=16,
+        pi0_preset="cpu",
+        lr=3e-5,
+        critic_warmup=25,
+    ),
+}
+
+
 def check(args: Args) -> Args:
-    """Refuse inconsistent flags."""
-    args = runlog.prepared(args, "flow_ppo", PRESETS, data_with_checkpoint="unused")  # a checkpoint: no BC
+    """The run's flags (a resumed run's own), LIBERO's inputs found in the caches; inconsistent flags refused."""
+    args = runlog.prepared(args, "flow_ppo", CONFIGS, data_with_checkpoint="unused")  # a checkpoint: no BC
     runlog.check_at_least(args, 1, "num_envs", "num_steps", "flow_steps", "update_epochs", "num_minibatches")
-    runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes")
-    runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp")
-    runlog.check_ranges(args, gamma=(0, 1), learning_rate=(0, None), bc_lr=(0, None), value_lr=(0, None))
+    runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes", "eval_envs")
+    runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp", "critic_warmup")
+    runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
+    runlog.check_ranges(args, gamma=(0, 1), lr=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
         raise RunError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
@@ -222,11 +270,11 @@ def sample_chain(nets: Nets, args: Args, params, heads, prefix, rng, batch: int)
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-def bc_loss(params, batch, rng, nets: Nets, args: Args):
+def bc_loss(params, prefix, batch, rng, nets: Nets):
     """Flow-matching BC on the prior data's chunks (the warm start), weighted by valid. -> (loss, info)."""
     actions = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m], relative where π₀ is
     w = nets.io.step_weights(batch["valid"].astype(jnp.float32))  # [B,H_m]: 0 past the episode's end, discarded
-    per_step = nets.pi.flow_loss(params, nets.io.observe(batch["obs"]), actions, rng)
+    per_step = nets.pi.flow_loss(params, prefix, actions, rng)
     loss = jnp.sum(per_step * w) / jnp.maximum(w.sum(), 1.0)
     return loss, {"losses/bc": loss}
 
@@ -264,12 +312,17 @@ def ppo_loss(train, batch, rng, nets: Nets, args: Args):  # rng unused: the stor
 # ----------------------------------------------------------------------------------------------------- update
 def make_optimizers(args: Args, nets: Nets, train):
     """PPO: clipped Adam (eps 1e-5, as CleanRL's PPO), the policy's (π₀ + noise head; it skips the value-only warm-up,
-    whose zero gradients would void its bias correction: README, OGBench) and the value head's own; BC: clipped Adam."""
-    adam = lambda lr: optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    whose zero gradients would void its bias correction) and the value head's own; BC: clipped Adam."""
+
+    def adam(lr):
+        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+
     labels = {"params": nets.pi.optimizer_labels(train["params"], "policy", args.freeze_backbone)}
     labels["heads"] = {"noise": "policy", "value": "value"}  # a prefix of the heads' trees
     n = args.lr_ramp * args.update_epochs * args.num_minibatches  # the ramp in the policy's own Adam steps
-    lr = optax.linear_schedule(args.learning_rate / n, args.learning_rate, n) if n else args.learning_rate
+    lr = args.lr
+    if n:
+        lr = optax.linear_schedule(args.lr / n, args.lr, n)
     policy = optax.transforms.conditionally_mask(adam(lr), lambda _, train_policy: train_policy, True)
     txs = {"policy": policy, "value": adam(args.value_lr), "frozen": optax.set_to_zero()}
     bc_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.bc_lr))
@@ -280,8 +333,12 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
     """The BC update (state, batches [K,B,...], rng) -> (state, info), K updates in one lax.scan, and the PPO update
     (state, rollout batch, rng, train_policy) -> (state, info), epochs × minibatches in one lax.scan."""
 
+    def bc_objective(params, batch, rng):  # the VLM trains in the warm start: its pass is inside the gradient
+        prefix = nets.pi.prefix(params, nets.io.observe(batch["obs"]))
+        return bc_loss(params, prefix, batch, rng, nets)
+
     def bc_step(state, batch, rng):
-        (_, info), g = jax.value_and_grad(bc_loss, has_aux=True)(state["params"], batch, rng, nets, args)
+        (_, info), g = jax.value_and_grad(bc_objective, has_aux=True)(state["params"], batch, rng)
         updates, bc_opt = bc_tx.update(g, state["bc_opt"], state["params"])
         return {**state, "params": optax.apply_updates(state["params"], updates), "bc_opt": bc_opt}, info
 
@@ -354,7 +411,7 @@ def make_act(nets: Nets, args: Args):
 def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
     """The ODE policy on the same episodes at every evaluation (one `rng`: env seeds, initial noise); printed."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
-    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs or args.eval_episodes, seed=args.seed + 10_000)
+    where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
     out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     print(f"[{label}] success {out['eval/success_rate']:.3f}", flush=True)
     return out
@@ -410,11 +467,14 @@ def main(args: Args) -> dict[str, float]:
     k_pi, k_noise, k_value = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
     env = spec.make_share(args.num_envs, args.seed)  # this process's envs
-    bc_steps = 0 if args.pi0_checkpoint else args.bc_steps  # a checkpoint is the start of PPO
-    path = None if args.pi0_checkpoint else args.dataset or envs.default_dataset("push")  # a checkpoint: its stats
-    data = envs.load_dataset(path, env, spec.image_size) if path else None  # prior data: norm stats, BC warm start
-    chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma) if data else None
-    stats, prompts = (qchunk.norm_stats(chunks.data), chunks.prompts) if chunks else (None, env.prompts)
+    bc_steps, chunks, stats, prompts = args.bc_steps, None, None, env.prompts
+    if args.pi0_checkpoint:  # a checkpoint is the start of PPO, with its own norm stats
+        bc_steps = 0
+    else:  # the prior data: norm stats and the BC warm start
+        path = args.dataset or envs.default_dataset("push")
+        data = envs.load_dataset(path, env, spec.image_size)
+        chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma)
+        stats, prompts = qchunk.norm_stats(chunks.data), chunks.prompts
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     nets = Nets(policy.model, policy.io, NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead())
@@ -422,7 +482,9 @@ def main(args: Args) -> dict[str, float]:
     z = (jnp.zeros((1, cfg.vlm.width)), jnp.zeros((1, cfg.state_dim or cfg.action_dim)))  # features, state
     train = {"params": policy.params, "heads": {**heads, "value": nets.value_head.init(k_value, *z)}}
     tx, bc_tx = make_optimizers(args, nets, train)
-    state = {**train, "opt": tx.init(train), "bc_opt": bc_tx.init(train["params"]) if bc_steps else {}}  # no BC: none
+    state = {**train, "opt": tx.init(train), "bc_opt": {}}
+    if bc_steps:
+        state["bc_opt"] = bc_tx.init(train["params"])
     state["ret_stats"] = {"mean": jnp.zeros(()), "var": jnp.ones(()), "count": jnp.zeros(())}  # --norm-value's
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
     print(f"π₀ {pi0.param_count(state['params']) / 1e6:.2f}M params; {bc_steps} BC updates, {args.iterations} PPO its")
@@ -432,10 +494,12 @@ def main(args: Args) -> dict[str, float]:
     # ---- restore: the train state, counters, and on the host the envs and the episodes since the last log
     step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []
     counts = {"charts/env_steps": 0, "time/ppo_s": 0.0}  # continued across resumes (ppo_s: --time-budget-s)
-    if (restored := run.restore(state)) is not None:
+    restored = run.restore(state)
+    if restored is not None:
         step, state, extra, host = restored
         counts = {k: extra[k] for k in counts}
-        obs, ep_success = envs.resume_loop(env, host["loop"], args.seed + step), list(host["ep_success"])
+        obs = envs.resume_loop(env, host["loop"], args.seed + step)
+        ep_success = list(host["ep_success"])
 
     def save(step):
         host = {"loop": envs.loop_state(env, obs), "ep_success": ep_success}
@@ -443,7 +507,10 @@ def main(args: Args) -> dict[str, float]:
 
     # ---- loop: BC warm start, then PPO (rollout, GAE, epochs × minibatches)
     bc_update, ppo_update = make_update(nets, args, tx, bc_tx)
-    act, value_fn, eval_act = (mesh.host_local(f, dev_mesh) for f in make_act(nets, args))  # on this process's envs
+    act, value_fn, eval_act = make_act(nets, args)
+    act = mesh.host_local(act, dev_mesh)  # each process acts on its own envs
+    value_fn = mesh.host_local(value_fn, dev_mesh)
+    eval_act = mesh.host_local(eval_act, dev_mesh)
     final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
         if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
@@ -452,11 +519,14 @@ def main(args: Args) -> dict[str, float]:
             final["eval/start_success_rate"] = final["eval/success_rate"]
             save(step)
         t_phase, s_phase, phase_s = time.time(), step, 0.0
-        start, scale = (0, 10) if phase == "bc" else (bc_steps, 1)  # cadences: BC updates ×10, then PPO iterations
-        env_steps_per_step = 1 if phase == "bc" else args.num_envs * args.num_steps * args.action_horizon
-        while step < end and not (phase == "ppo" and 0 < args.time_budget_s <= counts["time/ppo_s"]):
+        start, scale, env_steps_per_step = 0, 10, 1  # BC: cadences in 10× as many updates
+        if phase == "ppo":  # PPO: cadences in iterations counted from the start of PPO
+            start, scale, env_steps_per_step = bc_steps, 1, args.num_envs * args.num_steps * args.action_horizon
+        budget = args.time_budget_s if phase == "ppo" else 0.0  # --time-budget-s bounds PPO alone (0: no bound)
+        while step < end and not 0 < budget <= counts["time/ppo_s"]:
             t = time.time()
-            key, np_rng = jax.random.fold_in(k_run, step), np.random.default_rng([args.seed, step])  # resumable
+            key = jax.random.fold_in(k_run, step)  # randomness and data order, a function of the step (resume)
+            np_rng = np.random.default_rng([args.seed, step])
             if phase == "bc":  # flow matching on the prior data's chunks
                 n = min(args.updates_per_call, end - step)
                 bs = [chunks.sample(np_rng, args.bc_batch_size, ("obs", "actions", "valid")) for _ in range(n)]
@@ -469,14 +539,18 @@ def main(args: Args) -> dict[str, float]:
                 train_policy = jnp.bool_(step - bc_steps >= args.critic_warmup)
                 state, info = ppo_update(state, batch, jax.random.fold_in(key, 1), train_policy)
                 first_dev = max(first_dev, float(info["charts/first_ratio_dev"]))  # this session's
-            prev, step, dt = step, step + n, mesh.agreed(time.time() - t)  # one clock: all stop at the same step
-            phase_s, counts["time/ppo_s"] = phase_s + dt, counts["time/ppo_s"] + dt * (phase == "ppo")
-            last = step == end or (phase == "ppo" and 0 < args.time_budget_s <= counts["time/ppo_s"])
+            prev, step = step, step + n
+            dt = mesh.agreed(time.time() - t)  # one clock: every process stops at the same step
+            phase_s += dt
+            if phase == "ppo":
+                counts["time/ppo_s"] += dt
+            last = step == end or 0 < budget <= counts["time/ppo_s"]
             # ---- log
             if runlog.crossed(prev, step, scale * args.log_every, start) or last:
                 sps = (step - s_phase) * env_steps_per_step / phase_s
                 m = {**info, "charts/env_steps": counts["charts/env_steps"], "time/sps": sps}
-                m.update({"charts/rollout_success": np.mean(ep_success)} if ep_success else {})
+                if ep_success:
+                    m["charts/rollout_success"] = np.mean(ep_success)
                 ep_success = []
                 keys = ("losses/bc", "charts/rollout_success", "charts/noise_std", "losses/approx_kl")
                 run.report(step, m, phase, total, (s_phase, t_phase), keys)
@@ -491,10 +565,12 @@ def main(args: Args) -> dict[str, float]:
                 save(step)
     env.close()
     run.close()
-    final |= {k: float(v) for k, v in jax.device_get(info).items()} | {"charts/first_ratio_dev_max": first_dev}
-    return final | {"run_dir": run.dir, "step": step, "iterations": step - bc_steps, "time/wall_s": phase_s, **counts}
+    final.update({k: float(v) for k, v in jax.device_get(info).items()})
+    final.update(counts, run_dir=run.dir, step=step, iterations=step - bc_steps)
+    final.update({"charts/first_ratio_dev_max": first_dev, "time/wall_s": phase_s})
+    return final
 
 
 if __name__ == "__main__":
     with runlog.one_line_errors():
-        main(tyro.cli(Args))
+        main(runlog.cli(Args, CONFIGS))
