@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
 import flow_ppo  # noqa: E402
-from common import mesh, pi0, qchunk  # noqa: E402
+from common import mesh, pi0, qchunk, runlog  # noqa: E402
 
 SCRIPTS = ("acrlpd_pi0", "chunk_awr", "flow_ppo")
 MODEL_HORIZON = {"pi0": 50, "pi05": 10, "cpu": 10}  # openpi's pi0_libero / pi05_libero chunks
@@ -146,10 +146,8 @@ def policy(setup: Setup, env: SimpleNamespace, horizon: int) -> tuple[pi0.Pi0, p
 
 
 def script_args(module: Any, setup: Setup, **overrides: Any) -> Any:
-    """The script's Args for --env libero (its preset filled in as `runlog.prepared` does), with `overrides`."""
-    args = module.Args(env="libero", fsdp_devices=setup.devices, **overrides)
-    preset = module.PRESETS["libero"]
-    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    """The script's Args for --env libero (its "libero" config), with `overrides`."""
+    return runlog.configured(module.CONFIGS, "libero", fsdp_devices=setup.devices, **overrides)
 
 
 class Abstract:
@@ -201,7 +199,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
     env = libero_env(setup.preset)
     model, io = policy(setup, env, args.action_horizon)
     cfg = model.config
-    nets = m.Nets(model, io, pi0.HeadMLP(tuple(args.critic_hidden)))
+    nets = m.Nets(model, io, m.Critic(tuple(args.critic_hidden)))
     width = cfg.vlm.width + (cfg.state_dim or cfg.action_dim) + args.action_horizon * env.action_dim
     tx, pi_tx, critic_tx = m.make_optimizers(args, nets, jax.eval_shape(model.init, jax.random.key(0)))
 
@@ -263,7 +261,7 @@ def chunk_awr_cases(setup: Setup, ab: Abstract) -> list[Case]:
     env = libero_env(setup.preset)
     model, io = policy(setup, env, args.action_horizon)
     cfg = model.config
-    nets = m.Nets(model, io, pi0.HeadMLP(tuple(args.critic_hidden)), pi0.HeadMLP(tuple(args.critic_hidden)))
+    nets = m.Nets(model, io, m.MLP(tuple(args.critic_hidden)), m.MLP(tuple(args.critic_hidden)))
     z_width = cfg.vlm.width + (cfg.state_dim or cfg.action_dim)
     tx, critic_tx = m.make_optimizers(args)
 

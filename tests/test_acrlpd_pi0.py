@@ -80,7 +80,7 @@ def make_nets(**kw):
     unit = lambda d: {"mean": np.zeros(d, np.float32), "std": np.ones(d, np.float32), "q01": -np.ones(d, np.float32),
                       "q99": np.ones(d, np.float32)}  # fmt: skip
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    nets = ac.Nets(model, pi0.EnvIO(cfg, table, {"state": unit(10), "actions": unit(2)}, 2), pi0.HeadMLP((16,)))
+    nets = ac.Nets(model, pi0.EnvIO(cfg, table, {"state": unit(10), "actions": unit(2)}, 2), ac.Critic((16,)))
     x = jnp.zeros((1, cfg.vlm.width + 10 + args.action_horizon * 2))
     critic = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(jax.random.key(1), args.num_qs))
     target = jax.vmap(lambda k: nets.critic.init(k, x)["params"])(jax.random.split(jax.random.key(2), args.num_qs))
@@ -226,11 +226,12 @@ def test_bad_flags_get_clear_errors(tmp_path):
         ac.check(ac.Args(**{**TINY, "distill_weight": -1.0}))
     with pytest.raises(ValueError, match=r"--select-temp must be > 0 \(got 0.0\)"):
         ac.check(ac.Args(**{**TINY, "select_temp": 0.0}))
-    assert ac.check(ac.Args()).learning_starts == 32_000  # the push preset
+    assert ac.check(ac.Args()).learning_starts == 32_000  # the push config
     with pytest.raises(ValueError, match="--env Pendulum-v1: pass --dataset"):
         ac.check(ac.Args(env="Pendulum-v1"))
     (tmp_path / "d.h5").touch()
-    assert ac.check(ac.Args(env="Pendulum-v1", dataset=str(tmp_path / "d.h5"))).bon == ac.PRESETS["gym"]["bon"]
+    gym = ac.check(runlog.configured(ac.CONFIGS, "Pendulum-v1", dataset=str(tmp_path / "d.h5")))
+    assert (gym.env, gym.bon, gym.target_n) == ("Pendulum-v1", ac.CONFIGS["gym"].bon, 4)
 
 
 @pytest.mark.slow  # ~70 s: two subprocesses at once; the 4-device one compiles both phases' sharded updates

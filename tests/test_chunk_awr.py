@@ -123,7 +123,7 @@ def _setup(beta: float):
         for k, d in (("state", 10), ("actions", 2))
     }
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
-    nets = chunk_awr.Nets(model, pi0.EnvIO(cfg, table, stats, 2), pi0.HeadMLP((16,)), pi0.HeadMLP((16,)))
+    nets = chunk_awr.Nets(model, pi0.EnvIO(cfg, table, stats, 2), chunk_awr.MLP((16,)), chunk_awr.MLP((16,)))
     x = jnp.zeros((1, cfg.vlm.width + 10 + 10))
     q = jax.vmap(lambda k: nets.q.init(k, x)["params"])(jax.random.split(jax.random.key(1), 2))
     v = nets.v.init(jax.random.key(2), jnp.zeros((1, cfg.vlm.width + 10)))["params"]

@@ -90,7 +90,7 @@ def test_policy_adam_skips_the_value_warmup(ramp):
     nets = fp.Nets(types.SimpleNamespace(optimizer_labels=labels), None, None, None)
     train = {"params": {"w": jnp.zeros(64)}, "heads": {"noise": {"b": jnp.zeros(4)}, "value": {"v": jnp.zeros(8)}}}
     lr = 1e-3
-    args = fp.Args(learning_rate=lr, lr_ramp=ramp, max_grad_norm=1e9)
+    args = fp.Args(lr=lr, lr_ramp=ramp, max_grad_norm=1e9)
     tx, _ = fp.make_optimizers(args, nets, train)
     update, opt = jax.jit(tx.update), tx.init(train)
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from common import RunError, envs, gymenv, qchunk
+from common import RunError, envs, gymenv, qchunk, runlog
 
 OGBENCH = importlib.util.find_spec("ogbench") is not None
 CUBE = "ogbench:cube-single-singletask-task1-v0"
@@ -161,8 +161,8 @@ def test_scripts_run_on_ogbench(script: str, tmp_path_factory: pytest.TempPathFa
         gymenv.make_ogbench_dataset(part, CUBE, episodes=3, noise=0.1)
         os.replace(part, out)
     module = importlib.import_module(script)
-    flags = dict(tiny.RUNS[script], env=CUBE, dataset=str(out), run_dir=str(tmp_path / "run"))
-    result = module.main(module.Args(**flags))
+    flags = dict(tiny.RUNS[script], dataset=str(out), run_dir=str(tmp_path / "run"))
+    result = module.main(runlog.configured(module.CONFIGS, CUBE, **flags))  # the scripts' "gym" config
     evals = [v for k, v in result.items() if k.endswith("eval/success_rate")]  # acrlpd: offline/ and online
     assert evals and all(0.0 <= v <= 1.0 for v in evals) and os.path.exists(tmp_path / "run" / "metrics.jsonl")
 

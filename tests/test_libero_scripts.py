@@ -106,7 +106,7 @@ def test_located_lists_every_path_and_uses_default_cache_paths(tmp_path, monkeyp
     for k in ("OPENPI_DATA_HOME", "HF_LEROBOT_HOME", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = acrlpd_pi0.Args(env="libero")
+    args = runlog.configured(acrlpd_pi0.CONFIGS, "libero")
     with pytest.raises(RunError) as err:
         runlog.located(args, data_with_checkpoint="optional")
     msg = str(err.value)
@@ -141,8 +141,9 @@ def test_dataset_image_size_sets_the_render_size(libero_demo):
 def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
     """openpi's pi0_libero, its tokenizer and the LeRobot data from the caches: offline, then online."""
     run_dir = str(tmp_path / "run")
-    args = acrlpd_pi0.Args(
-        env="libero",
+    args = runlog.configured(
+        acrlpd_pi0.CONFIGS,
+        "libero",
         env_kwargs=ENV_32,
         run_dir=run_dir,
         offline_steps=2,  # one joint update call, the prior data encoded for the critic, then 2 chunk steps in the
@@ -218,8 +219,9 @@ def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
     """openpi's pi05_libero from the cache, told to read its state from the prompt (openpi's pi05 default), on the
     cached LeRobot data (openpi's LIBERO data format) read at the env's image size."""
     run_dir = str(tmp_path / "run")
-    args = chunk_awr.Args(
-        env="libero",
+    args = runlog.configured(
+        chunk_awr.CONFIGS,
+        "libero",
         env_kwargs=ENV_32,
         pi0_preset="pi05",
         discrete_state=True,
@@ -231,7 +233,7 @@ def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
         batch_size=4,
         critic_batch_size=4,
         critic_hidden=(16,),
-        num_envs=1,
+        eval_envs=1,
         eval_episodes=1,
         log_every=1,
     )
@@ -246,8 +248,9 @@ def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
 def test_flow_ppo(libero_demo, tmp_path, seen, in_caches):
     """openpi's pi0_libero from the cache: PPO from it, no BC, so no data looked for."""
     run_dir = str(tmp_path / "run")
-    args = flow_ppo.Args(
-        env="libero",
+    args = runlog.configured(
+        flow_ppo.CONFIGS,
+        "libero",
         env_kwargs=ENV_32,
         run_dir=run_dir,
         model_horizon=10,  # π₀ predicts 10 actions, the first 5 are executed and enter the chains' likelihood

@@ -17,7 +17,7 @@ import tiny
 import acrlpd_pi0
 import chunk_awr
 import flow_ppo
-from common import RunError, envs, qchunk
+from common import RunError, envs
 
 AWR_KEYS = ("losses/q", "losses/v", "losses/policy", "charts/weight_mean", "eval/success_rate")
 ACRLPD_KEYS = ("losses/bc", "losses/critic", "losses/cql_gap", "losses/distill", "charts/sample_log_std",
@@ -55,7 +55,7 @@ def test_acrlpd_same_run_at_any_reward_scale(tmp_path, small_push, monkeypatch):
     assert len(base) >= 10
     np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
     # Q in reward units (the data's return statistics unused): CQL's weight against TD changes, the offline phase too
-    monkeypatch.setattr(qchunk, "return_units", lambda chunks: (0.0, 1.0))
+    monkeypatch.setattr(acrlpd_pi0, "return_units", lambda offline: (0.0, 1.0))
     raw = run(acrlpd_pi0, dict(flags, online_steps=0), tmp_path, "raw", 25.0, -0.5)
     assert len(raw) >= 4 and not np.allclose(raw, base[: len(raw)], rtol=2e-3, atol=1e-5)
 
