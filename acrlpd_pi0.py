@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, envs, mesh, pi0, qchunk, runlog
+from common import RunError, data, envs, mesh, pi0, runlog
 
 
 @dataclass
@@ -226,7 +226,7 @@ class Nets:
     ret: tuple[float, float] = (0.0, 1.0)  # (μ, σ): Q in critic units (return − μ) / σ, see `return_units`
 
 
-def return_units(offline: qchunk.ChunkDataset | None) -> tuple[float, float]:
+def return_units(offline: data.ChunkDataset | None) -> tuple[float, float]:
     """(μ, σ), the mean and std of the prior data's Monte Carlo returns from o_t: the critic learns in critic units
     (return − μ) / σ, so that its learning rate and --cql-weight hold at any reward scale. (0, 1) without prior data."""
     if offline is None or len(offline) == 0:
@@ -436,14 +436,14 @@ def online_batches(nets: Nets, args: Args, params, offline, buffer, run: runlog.
 
     if offline is None:  # no prior data: every row from the buffer
         return lambda np_rng, n: buffer_rows(np_rng.integers(0, len(buffer), n))
-    data = offline.data
+    episodes = offline.data
     enc = jax.jit(partial(encode, nets, args), static_argnames="views_only")
     kept = run.kept("critic_cache")  # a resumed run reads the target chunks back: it encodes the views alone
 
     def encode_rows(i):
-        return enc(params, qchunk.gather_obs(data.obs, i), jax.random.fold_in(rng, i[0]), bool(kept))
+        return enc(params, data.gather_obs(episodes.obs, i), jax.random.fold_in(rng, i[0]), bool(kept))
 
-    obs_z, cand = mesh.map_batches(encode_rows, len(data), bs)  # every frame once: [F,W+S], [F,N,H,A] or None
+    obs_z, cand = mesh.map_batches(encode_rows, len(episodes), bs)  # every frame once: [F,W+S], [F,N,H,A] or None
     if kept:
         cand = kept["cand"]
     else:
@@ -451,7 +451,7 @@ def online_batches(nets: Nets, args: Args, params, offline, buffer, run: runlog.
     to_model = jax.jit(lambda a, s: nets.io.executed(nets.io.to_model(a, s)))
 
     def chunk_rows(i):
-        return to_model(data.actions[offline.action_idx[i]], data.obs["state"][offline.obs_idx[i]])
+        return to_model(episodes.actions[offline.action_idx[i]], episodes.obs["state"][offline.obs_idx[i]])
 
     chunk = mesh.map_batches(chunk_rows, len(offline), bs)  # [C,H,A]: the data chunks as the critic reads them
 
@@ -532,11 +532,11 @@ def main(args: Args) -> dict:
     path = args.dataset
     if path is None and args.pi0_checkpoint is None:  # push: the demonstrator's data, generated on first use
         path = envs.default_dataset("push", image_size=args.image_size)
-    data, offline, stats, prompts = None, None, None, env.prompts  # no prior data: online only, from π₀
+    episodes, offline, stats, prompts = None, None, None, env.prompts  # no prior data: online only, from π₀
     if path is not None:
-        data = envs.load_dataset(path, env, spec.image_size)
-        offline = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-        stats, prompts = qchunk.norm_stats(data), data.prompts
+        episodes = data.load_dataset(path, env, spec.image_size)
+        offline = data.make_chunks(episodes, args.action_horizon, args.gamma)
+        stats, prompts = data.norm_stats(episodes), episodes.prompts
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     nets = Nets(policy.model, policy.io, Critic(tuple(args.critic_hidden)), return_units(offline))
@@ -554,7 +554,7 @@ def main(args: Args) -> dict:
     n_critic = pi0.param_count(state["critic"]) / args.num_qs / 1e3
     print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline or ())} chunks from {path}")
     run = runlog.Run.from_args(args, "acrlpd_pi0")
-    buffer = qchunk.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma, td_only=True)  # + critic's cache
+    buffer = data.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma, td_only=True)  # + critic's cache
 
     # ---- restore: the train state, and on the host the buffer, the envs and the online episodes' successes
     step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []  # ep_success: the online episodes' last 100

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, envs, mesh, pi0, qchunk, runlog
+from common import RunError, data, envs, mesh, pi0, runlog
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Args(runlog.RunArgs):
     """y of L_Q: mc (the discounted return to the episode's end: Q of the data's policy by regression, no bootstrap
     lag, as one-step AWR) or td (r_t + γ^n (1 − done) V(x_{t+H}): slower to propagate, it needs more critic steps)"""
     truncation: Literal["repeat", "bootstrap"] = "repeat"
-    """mc's tail past a time limit: repeat (the last reward forever: γ^(L−t) r_{L−1} / (1 − γ), qchunk's return_to_go)
+    """mc's tail past a time limit: repeat (the last reward forever: γ^(L−t) r_{L−1} / (1 − γ), data's return_to_go)
     or bootstrap (γ^(L−t) V(x_{L−1}), the last stored frame standing in for the unseen next one; V is IQL's upper
     expectile, an optimistic tail; measured: docs/results/ogbench.md)"""
     reward: Literal["return", "subgoal"] = "return"
@@ -201,7 +201,7 @@ def value(nets: Nets, vparams, obs_z):  # -> [B]
     return nets.v.apply({"params": vparams}, obs_z)
 
 
-def return_units(chunks: qchunk.ChunkDataset | None) -> tuple[float, float]:
+def return_units(chunks: data.ChunkDataset | None) -> tuple[float, float]:
     """(μ, σ), the mean and std of the data's Monte Carlo returns from o_t: Q and V learn in critic units
     (return − μ) / σ, so that their learning rates and β hold at any reward scale. (0, 1) without chunks."""
     if chunks is None or len(chunks) == 0:
@@ -215,7 +215,7 @@ def return_units(chunks: qchunk.ChunkDataset | None) -> tuple[float, float]:
 def chunk_reward(batch, kind: str):
     """r_t per chunk [B]: the in-chunk discounted return, or 1 if a valid step of the chunk completes a sub-goal."""
     if kind == "subgoal":
-        return batch["subgoal"].astype(jnp.float32)  # qchunk: (per-step flag & valid).any over the chunk
+        return batch["subgoal"].astype(jnp.float32)  # data.make_chunks: (per-step flag & valid).any over the chunk
     return batch["discounted_return"].astype(jnp.float32)
 
 
@@ -248,7 +248,7 @@ def critic_loss(critic, batch, v_target, nets: Nets, args: Args):
     if args.critic_target == "mc" and "end_obs_z" in batch:  # G_t to the episode's end, then V past a time limit
         tail = batch["end_discount"] * (mu + sigma * value(nets, critic["v"], batch["end_obs_z"]))  # reward units
         y = (batch["return_to_end"] + tail - mu) / sigma
-    elif args.critic_target == "mc":  # --truncation repeat: qchunk's tail, the last reward forever
+    elif args.critic_target == "mc":  # --truncation repeat: data.make_chunks' tail, the last reward forever
         y = (batch["return_to_go"] - mu) / sigma
     else:  # the bootstrap back in reward units, the target in critic units
         v_next = mu + sigma * value(nets, critic["v"], batch["next_obs_z"])
@@ -345,7 +345,7 @@ def make_update(nets: Nets, args: Args, tx, critic_tx, shardings):
     return {p: mesh.scan_updates(partial(step, phase=p), shardings) for p in phases}
 
 
-def make_advantage(nets: Nets, data: qchunk.EpisodeData, chunks: qchunk.ChunkDataset):
+def make_advantage(nets: Nets, episodes: data.EpisodeData, chunks: data.ChunkDataset):
     """A = min Q̄(x, A_data) − V(x) of the dataset chunks `i`, from precomputed views of every frame (after the critic
     phase)."""
 
@@ -357,7 +357,7 @@ def make_advantage(nets: Nets, data: qchunk.EpisodeData, chunks: qchunk.ChunkDat
 
     def advantage(state, views, i):
         o = chunks.obs_idx[i]
-        return value_gap(state, views[o], data.actions[chunks.action_idx[i]], data.obs["state"][o])
+        return value_gap(state, views[o], episodes.actions[chunks.action_idx[i]], episodes.obs["state"][o])
 
     return advantage
 
@@ -392,12 +392,14 @@ def main(args: Args) -> dict:
     env = spec.make(1, args.seed)  # only its spaces, cameras and prompts are needed here
     env.close()
     path = args.dataset or envs.default_dataset(env="push", noise="mixed", episodes=args.episodes)
-    data = envs.load_dataset(path, env, spec.image_size)
-    chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-    stats = qchunk.norm_stats(data)
-    policy = runlog.make_policy(env, data.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
+    episodes = data.load_dataset(path, env, spec.image_size)
+    chunks = data.make_chunks(episodes, args.action_horizon, args.gamma)
+    stats = data.norm_stats(episodes)
+    policy = runlog.make_policy(
+        env, episodes.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags()
+    )
     cfg = policy.model.config
-    print(f"{len(data.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
+    print(f"{len(episodes.episode_lengths)} episodes, {len(chunks)} chunks of H={args.action_horizon} from {path}")
     units = return_units(chunks)
     if args.reward == "subgoal":  # sub-goal flags are 0/1 rewards of their own: unscaled
         units = return_units(None)
@@ -430,7 +432,7 @@ def main(args: Args) -> dict:
 
     # ---- loop: Q and V on the frozen initial π₀'s features, then π₀ by advantage-weighted flow matching
     updates = make_update(nets, args, tx, critic_tx, shardings)
-    advantage = make_advantage(nets, data, chunks)
+    advantage = make_advantage(nets, episodes, chunks)
     act = mesh.host_local(make_act(nets, args), dev_mesh)  # each process acts on its own evaluation envs
     views, cdf, result, last_eval = None, None, {}, step  # an evaluation at the restored step came before its save
     bootstrap = args.critic_target == "mc" and args.truncation == "bootstrap" and bool(chunks.end_discount.any())
@@ -441,7 +443,7 @@ def main(args: Args) -> dict:
         return critic_obs(prefix.features, prefix.state)
 
     def encode_all(params):  # every frame once, with the frozen initial π₀ (critic phase)
-        return mesh.map_batches(lambda i: encode(params, qchunk.gather_obs(data.obs, i)), len(data), 4096)
+        return mesh.map_batches(lambda i: encode(params, data.gather_obs(episodes.obs, i)), len(episodes), 4096)
 
     def do_eval(step):
         nonlocal result, last_eval
@@ -460,7 +462,7 @@ def main(args: Args) -> dict:
                 i = np_rng.integers(0, len(chunks), size)
             frozen = phase == "critic" and views is not None  # frozen π₀: views precomputed per frame, no images
             td_next = phase != "policy" and args.critic_target == "td"  # o_{t+H} is read by the TD target only
-            keys = [k for k in qchunk.CHUNK_KEYS if k != "rewards"]  # no loss reads the per-step rewards
+            keys = [k for k in data.CHUNK_KEYS if k != "rewards"]  # no loss reads the per-step rewards
             keys.append("actions")
             if not frozen:
                 keys.append("obs")
@@ -469,7 +471,7 @@ def main(args: Args) -> dict:
             b = chunks.get(i, tuple(keys))
             if frozen:  # the chunk's state alone (π₀'s relative action form) and the views of o_t (and o_{t+H})
                 o = chunks.obs_idx[i]
-                b["obs"] = {"state": data.obs["state"][o]}
+                b["obs"] = {"state": episodes.obs["state"][o]}
                 b["obs_z"] = views[o]
                 if td_next:
                     b["next_obs_z"] = views[chunks.next_obs_idx[i]]
@@ -480,7 +482,7 @@ def main(args: Args) -> dict:
                 if frozen:
                     b["end_obs_z"] = views[e]
                 else:
-                    b["end_obs"] = qchunk.gather_obs(data.obs, e)
+                    b["end_obs"] = data.gather_obs(episodes.obs, e)
             if phase == "policy" and cdf is None:
                 b["adv"] = adv_table[i]
             elif phase == "policy":  # the weights chose the chunks: the loss gets w = exp(0) = 1
@@ -493,7 +495,7 @@ def main(args: Args) -> dict:
         t_phase, s_phase, phase_s = time.time(), step, 0.0
         if phase == "critic" and step < end and args.value_loss == "expectile":
             views = encode_all(state["params"])
-            print(f"[critic] features of {len(data)} frames in {time.time() - t_phase:.1f}s")
+            print(f"[critic] features of {len(episodes)} frames in {time.time() - t_phase:.1f}s")
         if phase != "critic":  # the advantages of every dataset chunk, once (two-phase), pick the chunks
             adv_table = mesh.to_host(state["adv"])
             if args.weighting == "sample" and args.beta > 0 and phase == "policy":

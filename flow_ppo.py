@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, envs, mesh, pi0, qchunk, runlog
+from common import RunError, data, envs, mesh, pi0, runlog
 
 
 @dataclass
@@ -472,9 +472,9 @@ def main(args: Args) -> dict[str, float]:
         bc_steps = 0
     else:  # the prior data: norm stats and the BC warm start
         path = args.dataset or envs.default_dataset("push")
-        data = envs.load_dataset(path, env, spec.image_size)
-        chunks = qchunk.make_chunks(data, args.action_horizon, args.gamma)
-        stats, prompts = qchunk.norm_stats(chunks.data), chunks.prompts
+        episodes = data.load_dataset(path, env, spec.image_size)
+        chunks = data.make_chunks(episodes, args.action_horizon, args.gamma)
+        stats, prompts = data.norm_stats(chunks.data), chunks.prompts
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
     nets = Nets(policy.model, policy.io, NoiseHead(cfg.action_dim, args.min_std, args.max_std), ValueHead())

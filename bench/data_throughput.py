@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.data import ReplayBuffer, load_episodes, make_chunks  # noqa: E402
 from common.envs import PUSH_PROMPTS, PushDemonstrator, PushEnv, execute_chunk, make_dataset  # noqa: E402
-from common.qchunk import ReplayBuffer, load_episodes, make_chunks  # noqa: E402
 
 
 def rate(fn, items: int, seconds: float = 2.0) -> float:

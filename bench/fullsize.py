@@ -5,7 +5,7 @@ Each `Case` is one function a script jits (its own `make_update` / `make_act`, c
 with --env libero's preset), the abstract arguments it is called with (`jax.ShapeDtypeStruct`s carrying the FSDP
 shardings the script gives them: nothing is allocated) and how many samples one call processes. The train states are
 `jax.eval_shape`s of the same construction each script's `main` runs; the batches are one row of a synthetic
-LIBERO-shaped episode cut by the scripts' own `qchunk.make_chunks` (every key and dtype a script's batch has),
+LIBERO-shaped episode cut by the scripts' own `data.make_chunks` (every key and dtype a script's batch has),
 widened to the batch size. What depends on π₀'s outputs (the critic's cached views, PPO's stored chains) is the
 `jax.eval_shape` of the script's own function that makes it.
 
@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
 import flow_ppo  # noqa: E402
-from common import mesh, pi0, qchunk, runlog  # noqa: E402
+from common import data, mesh, pi0, runlog  # noqa: E402
 
 SCRIPTS = ("acrlpd_pi0", "chunk_awr", "flow_ppo")
 MODEL_HORIZON = {"pi0": 50, "pi05": 10, "cpu": 10}  # openpi's pi0_libero / pi05_libero chunks
@@ -105,18 +105,22 @@ def materialise(tree: Any, rng: jax.Array) -> Any:
 
 
 def libero_env(preset: str) -> SimpleNamespace:
-    """What the scripts read of a LIBERO env (`common.libero.LiberoEnv`), without the simulator."""
+    """What the scripts read of a LIBERO env (`common.libero.LiberoVecEnv`), without the simulator."""
     size = 224 if preset != "cpu" else 32
-    return SimpleNamespace(action_dim=7, state_dim=8, camera_names=["base_0_rgb", "left_wrist_0_rgb"],
-                           prompts=PROMPTS, image_size=size)  # fmt: skip
+    return SimpleNamespace(
+        action_dim=7, state_dim=8, camera_names=["base_0_rgb", "left_wrist_0_rgb"], prompts=PROMPTS, image_size=size
+    )
 
 
-def episode(env: SimpleNamespace, frames: int = 12) -> qchunk.EpisodeData:
+def episode(env: SimpleNamespace, frames: int = 12) -> data.EpisodeData:
     """One synthetic LIBERO-shaped episode (the batch's structure, not its values)."""
     s = env.image_size
-    obs = {"state": np.zeros((frames, env.state_dim), np.float32), "prompt_id": np.zeros(frames, np.int32),
-           "images": {c: np.zeros((frames, s, s, 3), np.uint8) for c in env.camera_names}}  # fmt: skip
-    return qchunk.EpisodeData(
+    obs = {
+        "state": np.zeros((frames, env.state_dim), np.float32),
+        "prompt_id": np.zeros(frames, np.int32),
+        "images": {c: np.zeros((frames, s, s, 3), np.uint8) for c in env.camera_names},
+    }
+    return data.EpisodeData(
         obs=obs,
         actions=np.zeros((frames, env.action_dim), np.float32),
         rewards=np.zeros(frames, np.float32),
@@ -134,12 +138,17 @@ def policy(setup: Setup, env: SimpleNamespace, horizon: int) -> tuple[pi0.Pi0, p
     delta on the first 6 dims, π₀.₅ quantile norm), the run's precision and remat."""
     full = setup.preset != "cpu"
     dims = dict(action_dim=32, state_dim=None) if full else dict(action_dim=env.action_dim, state_dim=env.state_dim)
-    cfg = pi0.make_config(setup.preset, **dims, action_horizon=MODEL_HORIZON[setup.preset],
-                          cameras=tuple(env.camera_names))  # fmt: skip
+    cfg = pi0.make_config(
+        setup.preset, **dims, action_horizon=MODEL_HORIZON[setup.preset], cameras=tuple(env.camera_names)
+    )
     cfg = dataclasses.replace(cfg, **pi0.train_precision(cfg, setup.precision, setup.remat))
     table = pi0.make_prompt_table(env.prompts, pi0.make_tokenizer(None, cfg), cfg.state_in_prompt)
-    unit = lambda d: {"mean": np.zeros(d, np.float32), "std": np.ones(d, np.float32), "q01": -np.ones(d, np.float32),
-                      "q99": np.ones(d, np.float32)}  # fmt: skip
+    unit = lambda d: {
+        "mean": np.zeros(d, np.float32),
+        "std": np.ones(d, np.float32),
+        "q01": -np.ones(d, np.float32),
+        "q99": np.ones(d, np.float32),
+    }
     stats = {"state": unit(env.state_dim), "actions": unit(env.action_dim)}
     io = pi0.EnvIO(cfg, table, stats, env.action_dim, 6 if full else 0, quantile=cfg.pi05, horizon=horizon)
     return pi0.Pi0(cfg), io
@@ -214,7 +223,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
         return {**state, "critic_opt": critic_tx.init(critic), "target_critic": critic}
 
     state = ab.state(init, jax.random.key(0))
-    row = qchunk.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
+    row = data.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *m.TD_KEYS)
     joint_batch = ab.batch({k: row[k] for k in keys}, setup.batch, stacked=True)
     obs = _rows(row["obs"], setup.batch)
@@ -240,7 +249,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
             {"n": args.bon, "beta": 0.0},
             setup.act_batch,
             **own,
-        ),  # fmt: skip
+        ),
         Case(
             f"acrlpd_pi0/act_bon{args.bon}_recomputed",
             act,
@@ -248,7 +257,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
             {"n": 1, "beta": 0.0},
             setup.act_batch,
             **own,
-        ),  # fmt: skip  # the same chunks, one VLM pass per candidate (samples: obs)
+        ),  # the same chunks, one VLM pass per candidate (samples: obs)
         Case("acrlpd_pi0/act_learn", act_learn, (state, act_obs, bc_batch, ab.key()), {}, setup.act_batch, **own),
     ]
 
@@ -276,7 +285,7 @@ def chunk_awr_cases(setup: Setup, ab: Abstract) -> list[Case]:
 
     state = ab.state(init, jax.random.key(0))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    row = qchunk.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
+    row = data.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
     row = {k: v for k, v in row.items() if k not in ("rewards", "next_obs")}  # as main's `batches`: mc target
     critic_row = {**row, "obs": {"state": row["obs"]["state"]}, "obs_z": np.zeros((1, z_width), np.float32)}
     policy_row = {**row, "adv": np.zeros(1, np.float32)}
@@ -297,7 +306,7 @@ def chunk_awr_cases(setup: Setup, ab: Abstract) -> list[Case]:
             setup.act_batch,
             **own,
             view=lambda st: st["params"],
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -325,7 +334,7 @@ def flow_ppo_cases(setup: Setup, ab: Abstract) -> list[Case]:
         return {**train, "opt": tx.init(train), "bc_opt": {}, "ret_stats": stats}
 
     state = ab.state(init, jax.random.key(0))
-    row = qchunk.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
+    row = data.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
     act = m.make_act(nets, args)[0]
     _, chain, sde_step, logp, value = jax.eval_shape(act, _unplaced(state), _rows(row["obs"], 1), jax.random.key(0))
     rollout = {"obs": row["obs"], "chain": chain, "sde_step": sde_step, "logp": logp, "values": value}
@@ -335,9 +344,7 @@ def flow_ppo_cases(setup: Setup, ab: Abstract) -> list[Case]:
     own = dict(init=init, state=state)
     return [
         Case("flow_ppo/ppo_update", ppo_update, ppo_args, {}, setup.batch, **own),
-        Case(
-            "flow_ppo/act", act, (state, ab.batch(row["obs"], setup.act_batch), ab.key()), {}, setup.act_batch, **own
-        ),  # fmt: skip
+        Case("flow_ppo/act", act, (state, ab.batch(row["obs"], setup.act_batch), ab.key()), {}, setup.act_batch, **own),
     ]
 
 

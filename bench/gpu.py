@@ -35,9 +35,17 @@ import jax  # noqa: E402
 
 # dense bf16 peak TFLOP/s by device kind (vendor data sheets, SXM parts)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "GH200": 989.4, "B200": 2250.0}
-ORDER = ("acrlpd_pi0/joint_update", "acrlpd_pi0/act_bon32", "acrlpd_pi0/act_bon32_recomputed", "flow_ppo/act",
-         "chunk_awr/policy_update", "flow_ppo/ppo_update", "acrlpd_pi0/critic_update", "chunk_awr/critic_update",
-         "chunk_awr/act")  # fmt: skip  # what matters most first, in case the run is cut short
+ORDER = (
+    "acrlpd_pi0/joint_update",
+    "acrlpd_pi0/act_bon32",
+    "acrlpd_pi0/act_bon32_recomputed",
+    "flow_ppo/act",
+    "chunk_awr/policy_update",
+    "flow_ppo/ppo_update",
+    "acrlpd_pi0/critic_update",
+    "chunk_awr/critic_update",
+    "chunk_awr/act",
+)  # what matters most first, in case the run is cut short
 
 
 @dataclass(frozen=True)
@@ -113,14 +121,18 @@ def main(b: Bench) -> dict:
     model = {c.name: c for s in fullsize.SCRIPTS for c in fullsize.cases(s, plain)}
     names = [n for n in (*ORDER, *cases) if n in cases and (not b.only or n in b.only)]
     result = {"bench": dataclasses.asdict(b), "device": kind, "jax": jax.__version__, "rows": {}}
-    print(f"{'function':<34} {'compile':>8} {'peak GB':>8} {'ms/call':>9} {'samples/s':>10} {'MFU':>6} {'HFU':>6} "
-          f"{'max in use':>10}")  # fmt: skip
+    print(
+        f"{'function':<34} {'compile':>8} {'peak GB':>8} {'ms/call':>9} {'samples/s':>10} {'MFU':>6} {'HFU':>6} "
+        f"{'max in use':>10}"
+    )
     for name in dict.fromkeys(names):
         r = result["rows"][name] = time_case(cases[name], fullsize.matmul_flops(model[name]), b, peak)
         pct = lambda x: f"{100 * x:5.1f}%" if x is not None else "     ?"
-        print(f"{name:<34} {r['compile_s']:7.1f}s {r['peak_gb']:8.2f} {r['ms_per_call']:9.1f} "
-              f"{r['samples_per_s']:10.1f} {pct(r['mfu'])} {pct(r['hfu'])} {r['device_peak_gb']:9.1f}G",
-              flush=True)  # fmt: skip
+        print(
+            f"{name:<34} {r['compile_s']:7.1f}s {r['peak_gb']:8.2f} {r['ms_per_call']:9.1f} "
+            f"{r['samples_per_s']:10.1f} {pct(r['mfu'])} {pct(r['hfu'])} {r['device_peak_gb']:9.1f}G",
+            flush=True,
+        )
         save(b, result)
     if b.libero:
         result["libero"] = libero_rate()

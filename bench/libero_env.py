@@ -67,9 +67,15 @@ def eval_episode(args: argparse.Namespace) -> dict:
     from common import pi0
 
     env = envs.make_env(
-        "libero", 1, seed=0, image_size=args.image_size, suite=args.suite, task_ids=[0], eval_mode=True,
+        "libero",
+        1,
+        seed=0,
+        image_size=args.image_size,
+        suite=args.suite,
+        task_ids=[0],
+        eval_mode=True,
         max_episode_steps=args.episode_steps,
-    )  # fmt: skip
+    )
     try:
         cfg = pi0.make_config(
             "cpu", action_dim=env.action_dim, state_dim=env.state_dim, cameras=tuple(env.camera_names)
@@ -145,23 +151,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for libero_env.{json,png}")
     args = parser.parse_args()
     gl = libero.setup_rendering()
-    result = {"suite": args.suite, "image_size": args.image_size, "mujoco_gl": gl, "cpus": os.cpu_count(),
-              "load_average_at_start": os.getloadavg()[0], "throughput": [], "episode": None}  # fmt: skip
+    result = {
+        "suite": args.suite,
+        "image_size": args.image_size,
+        "mujoco_gl": gl,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
+        "throughput": [],
+        "episode": None,
+    }
     print(f"LIBERO {args.suite}, two cameras at {args.image_size}², MUJOCO_GL={gl}")
     print(f"{'envs':>4} {'steps/s':>8} {'/env':>7} {'start s':>8} {'1st reset s':>11} {'RSS/env MB':>11}")
     for n in args.envs:
         r = measure_envs(n, args)
         result["throughput"].append(r)
         save(result, args.out)  # partial runs keep what they measured
-        print(f"{n:>4} {r['steps_per_s']:>8.2f} {r['steps_per_s_per_env']:>7.2f} {r['start_s']:>8.1f} "
-              f"{r['reset_s']:>11.1f} {r['worker_rss_mb']:>11.0f}", flush=True)  # fmt: skip
+        print(
+            f"{n:>4} {r['steps_per_s']:>8.2f} {r['steps_per_s_per_env']:>7.2f} {r['start_s']:>8.1f} "
+            f"{r['reset_s']:>11.1f} {r['worker_rss_mb']:>11.0f}",
+            flush=True,
+        )
     if not args.skip_episode:
         e = eval_episode(args)
         result["episode"] = e
         save(result, args.out)
-        print(f"evaluation episode (CPU pi0 preset, random init, H={e['action_horizon']}): {e['episode_steps']} steps "
-              f"in {e['episode_wall_s']:.1f}s (policy {e['policy_s']:.1f}s, env {e['env_s']:.1f}s; reset "
-              f"{e['reset_s']:.1f}s), success={e['success']}")  # fmt: skip
+        print(
+            f"evaluation episode (CPU pi0 preset, random init, H={e['action_horizon']}): {e['episode_steps']} steps "
+            f"in {e['episode_wall_s']:.1f}s (policy {e['policy_s']:.1f}s, env {e['env_s']:.1f}s; reset "
+            f"{e['reset_s']:.1f}s), success={e['success']}"
+        )
     print(f"-> {args.out / 'libero_env.json'}")
 
 

@@ -38,8 +38,11 @@ import fullsize  # noqa: E402
 
 OUT = os.path.join(fullsize.ROOT, "bench", "results")
 GB = 1e9
-MAIN_UPDATE = {"acrlpd_pi0": "acrlpd_pi0/joint_update", "chunk_awr": "chunk_awr/policy_update",
-               "flow_ppo": "flow_ppo/ppo_update"}  # fmt: skip  # the update that trains π₀: the one that limits B
+MAIN_UPDATE = {
+    "acrlpd_pi0": "acrlpd_pi0/joint_update",
+    "chunk_awr": "chunk_awr/policy_update",
+    "flow_ppo": "flow_ppo/ppo_update",
+}  # the update that trains π₀: the one that limits B
 
 
 @dataclass(frozen=True)
@@ -118,17 +121,25 @@ def search(b: Bench) -> dict:
                 for frozen in (False, True) if script != "chunk_awr" else (False,):
                     r = largest_batch(b, script, preset=preset, devices=devices, freeze_backbone=frozen)
                     rows[f"{script}/{preset}/{devices}/{'frozen' if frozen else 'full'}"] = r
-                    print(f"{script:<11} {preset:<5} {devices:>3} {'yes' if frozen else 'no':>10} {r['batch']:>6} "
-                          f"{r['peak']:8.1f} {r['per_row']:7.2f}   ({sum(r['compiles']):.0f}s to compile "
-                          f"{len(r['compiles'])}×)", flush=True)  # fmt: skip
+                    print(
+                        f"{script:<11} {preset:<5} {devices:>3} {'yes' if frozen else 'no':>10} {r['batch']:>6} "
+                        f"{r['peak']:8.1f} {r['per_row']:7.2f}   ({sum(r['compiles']):.0f}s to compile "
+                        f"{len(r['compiles'])}×)",
+                        flush=True,
+                    )
     return rows
 
 
 def compare(b: Bench) -> dict:
     rows = {}
     print(f"π₀ updates, {b.preset}, {b.devices} device(s), batch {b.batch}: peak GB per device")
-    choices = [("float32", "none"), ("float32", "nothing_saveable"), ("bfloat16", "none"),
-               ("bfloat16", "dots_with_no_batch_dims_saveable"), ("bfloat16", "nothing_saveable")]  # fmt: skip
+    choices = [
+        ("float32", "none"),
+        ("float32", "nothing_saveable"),
+        ("bfloat16", "none"),
+        ("bfloat16", "dots_with_no_batch_dims_saveable"),
+        ("bfloat16", "nothing_saveable"),
+    ]
     print(f"{'script':<11} " + " ".join(f"{p[:4]}/{r[:12]:>12}" for p, r in choices))
     for script in b.scripts:
         peaks = []

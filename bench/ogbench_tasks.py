@@ -99,8 +99,14 @@ def budget(run: str, b: Bench) -> list[str]:
     if run == "flow_ppo":
         return ["--time-budget-s", str(train_s * 0.7), "--eval-every", "20"]  # an evaluation: ~12 s on cube
     offline, online = b.acrlpd_rates
-    return ["--offline-steps", str(int(train_s * 0.5 * offline)), "--online-steps", str(int(train_s * 0.5 * online)),
-            "--eval-every", "0"]  # fmt: skip
+    return [
+        "--offline-steps",
+        str(int(train_s * 0.5 * offline)),
+        "--online-steps",
+        str(int(train_s * 0.5 * online)),
+        "--eval-every",
+        "0",
+    ]
 
 
 class PeakMemory(threading.Thread):
@@ -150,9 +156,25 @@ def main(b: Bench) -> dict:
             for run in b.runs:
                 script, flags = RUNS[run]
                 run_dir = os.path.join(ROOT, "runs", f"bench_ogbench_{task}_{run}_{seed}_{int(time.time())}")
-                cmd = [sys.executable, script, "--env", f"ogbench:{TASKS[task][0]}", "--dataset", data, "--seed",
-                       str(seed), "--run-dir", run_dir, "--num-envs", str(b.num_envs), "--eval-episodes",
-                       str(b.eval_episodes), *flags, *budget(run, b), *extra]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    script,
+                    "--env",
+                    f"ogbench:{TASKS[task][0]}",
+                    "--dataset",
+                    data,
+                    "--seed",
+                    str(seed),
+                    "--run-dir",
+                    run_dir,
+                    "--num-envs",
+                    str(b.num_envs),
+                    "--eval-episodes",
+                    str(b.eval_episodes),
+                    *flags,
+                    *budget(run, b),
+                    *extra,
+                ]
                 print(" ".join(cmd), flush=True)
                 start = time.time()
                 proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"})
@@ -166,8 +188,16 @@ def main(b: Bench) -> dict:
                     proc.wait()
                     status = "stopped at 1.5× the budget (partial)"
                 memory.done = True
-                row = dict(task=task, run=run, seed=seed, status=status, wall_s=time.time() - start,
-                           peak_mb=memory.peak_mb, run_dir=run_dir, **read(run_dir))  # fmt: skip
+                row = dict(
+                    task=task,
+                    run=run,
+                    seed=seed,
+                    status=status,
+                    wall_s=time.time() - start,
+                    peak_mb=memory.peak_mb,
+                    run_dir=run_dir,
+                    **read(run_dir),
+                )
                 results["runs"].append(row)
                 report(results, b.tag)
     return results
@@ -184,8 +214,10 @@ def report(results: dict, tag: str = "") -> None:
                 continue
             first, last = (curve[0], curve[-1]) if curve else (None, None)
             best = max((v for v in curve if v is not None), default=None)
-            print(f"{r['task']:>6} {r['run'] + name:>10} {r['seed']:>4} {pct(first)} {pct(last)} {pct(best)} "
-                  f"{r['wall_s'] / 60:5.1f}m {rates:>12} {r['peak_mb'] / 1024:6.1f}G  {r['status']}")  # fmt: skip
+            print(
+                f"{r['task']:>6} {r['run'] + name:>10} {r['seed']:>4} {pct(first)} {pct(last)} {pct(best)} "
+                f"{r['wall_s'] / 60:5.1f}m {rates:>12} {r['peak_mb'] / 1024:6.1f}G  {r['status']}"
+            )
     with open(os.path.join(OUT, f"ogbench{tag}.json"), "w") as fh:
         json.dump(results, fh, indent=1)
 

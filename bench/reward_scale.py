@@ -59,26 +59,46 @@ def main(b: BenchArgs) -> list[dict]:
                 kwargs = {"reward_scale": str(a), "reward_shift": str(shift)}
                 t0 = time.time()
                 if script == "chunk_awr":
-                    args = chunk_awr.Args(seed=seed, env_kwargs=kwargs, policy_steps=b.awr_steps,
-                                          eval_episodes=b.eval_episodes, eval_every=3000)  # fmt: skip
+                    args = chunk_awr.Args(
+                        seed=seed,
+                        env_kwargs=kwargs,
+                        policy_steps=b.awr_steps,
+                        eval_episodes=b.eval_episodes,
+                        eval_every=3000,
+                    )
                     out = chunk_awr.main(args)
                 else:
                     if bc_dir is None:  # the BC start, shared by every reward setting of this seed
                         bc_dir = os.path.join(ROOT, "runs", f"bench_reward_scale_bc__{seed}__{tag}")
-                        flow_ppo.main(flow_ppo.Args(seed=seed, iterations=0, eval_episodes=b.eval_episodes,
-                                                    run_dir=bc_dir))  # fmt: skip
+                        flow_ppo.main(
+                            flow_ppo.Args(seed=seed, iterations=0, eval_episodes=b.eval_episodes, run_dir=bc_dir)
+                        )
                     budget = dict(iterations=b.ppo_iterations, eval_every=25)
-                    args = flow_ppo.Args(seed=seed, env_kwargs=kwargs, pi0_checkpoint=bc_dir,
-                                         eval_episodes=b.eval_episodes, **budget)  # fmt: skip
+                    args = flow_ppo.Args(
+                        seed=seed, env_kwargs=kwargs, pi0_checkpoint=bc_dir, eval_episodes=b.eval_episodes, **budget
+                    )
                     out = flow_ppo.main(args)
                 rows = [json.loads(line) for line in open(os.path.join(out["run_dir"], "metrics.jsonl"))]
                 curve = [(r["step"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r]
-                results.append(dict(script=script, seed=seed, scale=a, shift=shift, start=curve[0][1], end=curve[-1][1],
-                                    curve=curve, wall_s=time.time() - t0, run_dir=out["run_dir"]))  # fmt: skip
+                results.append(
+                    dict(
+                        script=script,
+                        seed=seed,
+                        scale=a,
+                        shift=shift,
+                        start=curve[0][1],
+                        end=curve[-1][1],
+                        curve=curve,
+                        wall_s=time.time() - t0,
+                        run_dir=out["run_dir"],
+                    )
+                )
                 print(f"\n{'script':<10} {'seed':>4} {'a':>6} {'b':>6} {'start':>6} {'end':>6} {'wall s':>7}")
                 for r in results:
-                    print(f"{r['script']:<10} {r['seed']:>4} {r['scale']:>6g} {r['shift']:>6g} {r['start']:>6.3f} "
-                          f"{r['end']:>6.3f} {r['wall_s']:>7.0f}")  # fmt: skip
+                    print(
+                        f"{r['script']:<10} {r['seed']:>4} {r['scale']:>6g} {r['shift']:>6g} {r['start']:>6.3f} "
+                        f"{r['end']:>6.3f} {r['wall_s']:>7.0f}"
+                    )
                 os.makedirs(os.path.dirname(b.out), exist_ok=True)
                 with open(b.out + ".tmp", "w") as f:
                     json.dump({"args": vars(b), "results": results}, f, indent=2)

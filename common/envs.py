@@ -1,17 +1,15 @@
-"""Environments: the embedded `push` task, its scripted demonstrator and dataset writer, the gymnasium (`gymenv`) and
-LIBERO hooks, datasets by kind, and open-loop execution of action chunks in vectorised environments.
+"""Environments: the embedded `push` task, its demonstrator and datasets, which env a run uses (`EnvSpec`), open-loop
+execution of action chunks, and evaluation.
 
-Every environment here is vectorised over `num_envs` copies, with attributes `num_envs, action_dim, state_dim,
-prompts, camera_names, action_low, action_high`, the methods `reset(seed) -> (obs, info)`, `step(actions, active)`,
-`reset_where(mask) -> obs`, `close()`, and the shared observation format
+Every env is vectorised over E copies, with `num_envs, action_dim, state_dim, prompts, camera_names, action_low,
+action_high`, `reset(seed) -> (obs, info)`, `step(actions, active)`, `reset_where(mask) -> obs`, `close()`, and
 
     obs = {"state": float32[E, S], "prompt_id": int32[E], "images": {camera: uint8[E, h, w, 3]}}
 
-(`images` may be empty; `prompt_id` indexes `env.prompts`) and float32 actions [E, A] in the env's units.
-`step` never autoresets: the caller resets ended envs with `reset_where`. `step(actions, active=mask)` advances only
-the envs where `mask` is True (the others keep their state and report reward 0, no termination/truncation);
-`execute_chunk` relies on it so that an env whose episode ended inside a chunk is never stepped again.
-`info` of `step` holds bool[E] `success` and `subgoal`, and the running `episode_return` / `episode_length`.
+(`prompt_id` indexes `env.prompts`), actions float32 [E, A] in the env's units. `step` never autoresets; it advances
+only the envs where `active` (the others report reward 0, no termination or truncation), so an env whose episode
+ended inside a chunk is never stepped again. `info` holds bool[E] `success` and `subgoal`, and the running
+`episode_return` / `episode_length`.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,7 @@ import h5py
 import jax
 import numpy as np
 
-from common import RunError, gymenv, mesh
-from common.gymenv import GymVecEnv
+from common import RunError, data, mesh
 
 Obs = dict[str, Any]
 
@@ -63,16 +60,14 @@ def _copy_obs(obs: Obs) -> Obs:
 class PushEnv:
     """The embedded `push` task, vectorised in numpy.
 
-    A disc agent (radius 0.05) moves in [-1, 1]^2 with velocity `speed * clip(action, -1, 1)` per step and pushes a
-    round block (radius 0.08, starting within 0.45 of the centre) kinematically: after the agent moves, an
-    overlapping block is moved out along the contact normal; a block held by a wall stops the agent. Three targets
-    (red, green, blue) sit 120 degrees apart on a circle of radius 0.65 at a random
-    rotation; the prompt names one. Reward 1 and termination when the block centre is within 0.12 of the named
-    target; truncation after `max_episode_steps`. State (10): agent xy, block xy, red xy, green xy, blue xy.
+    A disc agent moves in [-1, 1]² with velocity `speed * clip(action, -1, 1)` and pushes a round block kinematically
+    (an overlapping block moves out along the contact normal; a block held by a wall stops the agent). Three targets
+    (red, green, blue) sit 120° apart on a circle at a random rotation; the prompt names one. Reward 1 and termination
+    when the block is within `success_radius` of it; truncation after `max_episode_steps`. State (10): agent xy,
+    block xy, red xy, green xy, blue xy.
 
-    New episodes are drawn from one generator seeded `seed` for all envs (`first` None: the demonstrator datasets), or
-    with `first` an index, env i from its own generator seeded (seed, first + i): env `first + i` of a run then plays
-    the same episodes however the run's envs are split over processes (`EnvSpec.make_share`).
+    New episodes come from one generator seeded `seed` (`first` None: the datasets), or env i's own seeded
+    (seed, first + i): a run's env plays the same episodes however the envs are split over processes.
     """
 
     agent_radius = 0.05
@@ -175,7 +170,7 @@ class PushEnv:
     _STATE = ("agent", "block", "targets", "prompt_id", "elapsed", "moved", "episode_return")
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Everything that changes as the envs run, the generator included: `set_state` continues exactly."""
+        """Everything that changes as the envs run, the generators included: `set_state` continues exactly."""
         rng = np.array(json.dumps([g.bit_generator.state for g in self._rngs or [self._rng]]))
         return {"rng": rng, **{k: getattr(self, k).copy() for k in self._STATE}}
 
@@ -186,7 +181,6 @@ class PushEnv:
         for k in self._STATE:
             setattr(self, k, np.array(state[k], dtype=getattr(self, k).dtype))
         saved = json.loads(str(state["rng"]))
-        saved = saved if isinstance(saved, list) else [saved]  # saved before envs had generators of their own
         if len(saved) != len(self._rngs or [self._rng]):
             raise RunError(f"the saved push state has {len(saved)} generators, this one {len(self._rngs) or 1}")
         for g, st in zip(self._rngs or [self._rng], saved, strict=True):
@@ -217,10 +211,8 @@ class PushEnv:
 
 
 class PushDemonstrator:
-    """Scripted expert for `push`: go behind the block (seen from the named target) around it, then push.
-
-    `noise` is the std of Gaussian noise added to each action before clipping to [-1, 1].
-    """
+    """Scripted expert for `push`: go around the block to behind it (seen from the named target), then push. `noise`:
+    the std of Gaussian noise added to each action before clipping."""
 
     def __init__(self, noise: float, seed: int = 0):
         self.noise, self._rng = noise, np.random.default_rng(seed)
@@ -270,12 +262,9 @@ def make_dataset(
     image_size: int = 0,
     num_envs: int = 250,
 ) -> str:
-    """Roll out the push demonstrator and write the episodes as robomimic/LIBERO-layout HDF5; returns the path.
-
-    `noise="mixed"` splits `episodes` evenly over noise 0.3, 0.6 and 1.0. Per demo: `actions` (the clipped actions
-    applied), `rewards`, `dones` (1 only at a true termination), `obs/state`, `obs/subgoal` (the flag returned by the
-    step, aligned with rewards), `obs/base_0_rgb` with images; attrs `num_samples`, `language_instruction`,
-    `truncated`, `success`, `noise`. Episodes are truncated (not terminated) at the time limit.
+    """Roll out the push demonstrator into robomimic/LIBERO-layout HDF5 at `path` (returned): per demo `actions`,
+    `rewards`, `dones` (true terminations only), `obs/state`, `obs/subgoal`, images; attrs `language_instruction`,
+    `truncated`, `success`, `noise`. `noise="mixed"` splits the episodes over `MIXED_NOISES`.
     """
     if env != "push":
         raise ValueError(f"make_dataset only knows env='push' (got {env!r}); LIBERO demos come as HDF5 files already.")
@@ -347,7 +336,7 @@ def _rollout_batch(env: PushEnv, expert: PushDemonstrator, n: int) -> list[dict]
 
 
 def default_dataset(env: str = "push", noise: float | str = 0.6, episodes: int = 1000, image_size: int = 0) -> str:
-    """Path of a cached demonstrator dataset under `$PI0RL_DATA` (default `~/.cache/pi0rl`), generated once."""
+    """A cached demonstrator dataset under `$PI0RL_DATA` (default `~/.cache/pi0rl`), generated once; its path."""
     root = Path(os.environ.get("PI0RL_DATA", Path.home() / ".cache" / "pi0rl"))
     noise = noise if noise == "mixed" else float(noise)
     path = root / f"{env}_noise{noise}_episodes{episodes}_image{image_size}_seed0.h5"
@@ -360,59 +349,73 @@ def default_dataset(env: str = "push", noise: float | str = 0.6, episodes: int =
     return str(path)
 
 
+# ----------------------------------------------------------------------------------------------------- which env
 def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw: Any) -> Any:
-    """'push' -> `PushEnv`; 'libero' -> `common.libero.make_libero_env`; anything else -> `GymVecEnv`. `kw` may hold
-    `first` (all three) and `total` (LIBERO): see `EnvSpec.make`."""
+    """'push' -> `PushEnv`; 'libero' -> `libero.LiberoVecEnv`; anything else -> `gymenv.GymVecEnv`."""
     if name != "libero":
         kw.pop("total", None)
     if name == "push":
         return PushEnv(num_envs, image_size=image_size, seed=seed, **kw)
     if name == "libero":
-        try:
-            libero = importlib.import_module("common.libero")
-        except ModuleNotFoundError as err:
-            if err.name != "common.libero":
-                raise
-            raise ImportError("--env libero needs common/libero.py (the LIBERO adapter), which is missing.") from err
+        from common import libero
+
         if image_size:
             kw["image_size"] = image_size
         return libero.make_libero_env(num_envs=num_envs, seed=seed, **kw)
     if image_size:
         raise RunError(f"image_size={image_size}: gymnasium envs ({name!r}) are state-only; use image_size=0.")
+    from common.gymenv import GymVecEnv
+
     return GymVecEnv(name, num_envs, seed=seed, **kw)
 
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """Which environment a run uses, from explicit values (a script builds it from its flags, `make_spec`):
-    `name` ('push', 'libero' or a gymnasium id), `kwargs` for `make_env` (decoded: `--env-kwargs suite libero_goal
-    task_ids [0,3]`), and the `dataset` whose images LIBERO renders at when `kwargs` set no image size (online and
-    offline observations then match)."""
+    """Which environment a run uses (`make_spec` builds it from a script's flags): `name` ('push', 'libero' or a
+    gymnasium id), `kwargs` for `make_env`, the `dataset` whose image size LIBERO renders at unless `kwargs` set one,
+    and the reward transform. It holds the evaluation envs kept between evaluations until `close`."""
 
     name: str
     kwargs: dict[str, Any]
     dataset: str | None = None
     reward: tuple[float, float] = (1.0, 0.0)  # (a, b): rewards a·r + b, the env's and the dataset's (`ScaledReward`)
+    kept: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def make(self, num_envs: int, seed: int, evaluation: bool = False, first: int = 0, total: int | None = None) -> Any:
-        """`num_envs` vectorised envs, envs `first`.. of a run's `total` (default `num_envs`): each seeded by its index
-        in the run; LIBERO evaluation envs (`evaluation`) play the suite's fixed initial states, env e its e-th."""
+        """`num_envs` envs, envs `first`.. of a run's `total` (default `num_envs`), each seeded by its index in the run.
+        Evaluation envs: LIBERO's play the suite's fixed initial states; gymnasium's are made once and kept (their
+        workers take seconds to start; `evaluate` reseeds them, so a kept env plays what a new one would)."""
+        if evaluation and self.name not in ("push", "libero"):
+            key = (num_envs, first, total)
+            if key not in self.kept:
+                self.kept[key] = self._make(num_envs, seed, evaluation, first, total)
+            return self.kept[key]
+        return self._make(num_envs, seed, evaluation, first, total)
+
+    def _make(self, num_envs: int, seed: int, evaluation: bool, first: int, total: int | None) -> Any:
         kw = dict(self.kwargs, first=first, total=total or num_envs)
         if self.name == "libero":
-            if "image_size" not in kw and self.dataset and (size := dataset_image_size(self.dataset)):
+            if "image_size" not in kw and self.dataset and (size := data.dataset_image_size(self.dataset)):
                 kw["image_size"] = size
             if evaluation:
                 kw.setdefault("eval_mode", True)
         env = make_env(self.name, num_envs, seed=seed, **kw)
         return env if self.reward == (1.0, 0.0) else ScaledReward(env, *self.reward)
 
+    def close(self) -> None:
+        """Close the kept evaluation envs."""
+        for env in self.kept.values():
+            env.close()
+        self.kept.clear()
+
     def make_share(self, num_envs: int, seed: int, evaluation: bool = False) -> Any:
-        """This process's share of a run's `num_envs` envs (its --num-envs; `mesh.process_rows`; all of them with one
-        process): the envs of every process together are those one process would make, whatever their number. A
-        count the processes cannot share evenly is refused (RunError)."""
+        """This process's share (`mesh.process_rows`) of a run's `num_envs` envs: the envs of all processes together
+        are those one process would make. A count the processes cannot share evenly is refused."""
         if num_envs % jax.process_count():
-            raise RunError(f"--num-envs {num_envs} must be a multiple of the {jax.process_count()} processes: each "
-                           "steps an equal share of the envs")  # fmt: skip
+            raise RunError(
+                f"--num-envs {num_envs} must be a multiple of the {jax.process_count()} processes: each "
+                "steps an equal share of the envs"
+            )
         rows = mesh.process_rows(num_envs)
         return self.make(rows.stop - rows.start, seed, evaluation, first=rows.start, total=num_envs)
 
@@ -423,15 +426,16 @@ class EnvSpec:
 
 
 def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None, image_size: int = 0) -> EnvSpec:
-    """An `EnvSpec` from flag values: `env_kwargs` values decoded as JSON where they parse (a bare word stays a
-    string: `suite libero_goal`), `image_size` (a script's `--image-size`) added unless the kwargs give one. Refused
-    before any env is made: a value that starts like JSON ([, {, ") but does not parse, and for push and libero a
-    key their constructor does not take."""
+    """An `EnvSpec` from flag values: `env_kwargs` decoded as JSON where they parse (a bare word stays a string),
+    `image_size` added unless they give one, a gymnasium env's prompt the dataset's instruction. Refused before any
+    env is made: a value that looks like JSON and does not parse; for push and libero a key they do not take."""
     kw = {k: _decode(k, v) for k, v in (env_kwargs or {}).items()}
     reward = (kw.pop("reward_scale", 1.0), kw.pop("reward_shift", 0.0))
     if not all(isinstance(x, (int, float)) for x in reward) or reward[0] <= 0:
-        raise RunError(f"--env-kwargs reward_scale {reward[0]} reward_shift {reward[1]}: numbers, the scale > 0 (r → "
-                       "scale·r + shift; a scale ≤ 0 would reverse or erase the task)")  # fmt: skip
+        raise RunError(
+            f"--env-kwargs reward_scale {reward[0]} reward_shift {reward[1]}: numbers, the scale > 0 (r → "
+            "scale·r + shift; a scale ≤ 0 would reverse or erase the task)"
+        )
     if name in ("push", "libero"):
         target = PushEnv if name == "push" else importlib.import_module("common.libero").LiberoVecEnv
         takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed", "first", "total")]
@@ -440,34 +444,14 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
     if image_size:
         kw.setdefault("image_size", image_size)
     if name not in ("push", "libero") and dataset and "prompt" not in kw:  # the data's instruction, sent by the env
-        found = dataset_instructions(dataset)
+        found = data.dataset_instructions(dataset)
         if len(found) > 1:
-            raise RunError(f"--dataset {dataset} holds {len(found)} instructions ({'; '.join(found[:3])}...); a "
-                           "gymnasium env sends one: pass --env-kwargs prompt '<its instruction>'")  # fmt: skip
+            raise RunError(
+                f"--dataset {dataset} holds {len(found)} instructions ({'; '.join(found[:3])}...); a "
+                "gymnasium env sends one: pass --env-kwargs prompt '<its instruction>'"
+            )
         kw["prompt"] = found[0] if found else ""
     return EnvSpec(name, kw, dataset, (float(reward[0]), float(reward[1])))
-
-
-def dataset_instructions(path: str | os.PathLike) -> list[str]:
-    """The distinct non-empty instructions of a dataset's episodes, read from its metadata only: HDF5 demo attrs
-    `language_instruction` / the `data` group's `problem_info`, a LeRobot folder's `meta/tasks.jsonl`; [] for npz and
-    Minari data (which carry none)."""
-    p = Path(path)
-    if is_lerobot(p):
-        tasks = p / "meta" / "tasks.jsonl"
-        lines = tasks.read_text().splitlines() if tasks.exists() else []
-        return sorted({json.loads(line)["task"] for line in lines if line.strip()} - {""})
-    from common import qchunk
-
-    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
-    found: set[str] = set()
-    for file in files:
-        if not file.is_file() or not h5py.is_hdf5(file):
-            continue
-        with h5py.File(file, "r") as f:
-            info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}") if "data" in f else {}
-            found |= {qchunk.demo_instruction(demo, info) for demo in f.get("data", {}).values()}
-    return sorted(found - {""})
 
 
 def _decode(key: str, value: Any) -> Any:
@@ -481,55 +465,9 @@ def _decode(key: str, value: Any) -> Any:
         return value  # a plain string, e.g. a suite name
 
 
-LEROBOT_IMAGE_SIZE = 128  # LeRobot images are read resized to this unless told (openpi's LIBERO set at 256²: ~90 GB)
-
-
-def is_lerobot(path: str | os.PathLike) -> bool:
-    """A LeRobot dataset folder (`meta/tasks.jsonl` or `data/**/*.parquet`), e.g. openpi's
-    physical-intelligence/libero."""
-    p = Path(path)
-    return p.is_dir() and ((p / "meta" / "tasks.jsonl").exists() or any(p.glob("data/**/*.parquet")))
-
-
-def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Any:
-    """Prior data for `env` (`qchunk.EpisodeData`): robomimic/LIBERO HDF5 (a file or a folder of them) through
-    `qchunk.load_episodes`, a LeRobot folder through `libero.load_lerobot` with its images resized to `image_size`
-    (0: `LEROBOT_IMAGE_SIZE`, the size `EnvSpec.make` renders LIBERO at for such a dataset), an OGBench/D4RL-layout
-    .npz file (`gymenv.load_npz`; rewards relabelled for an OGBench single-task env) or a Minari dataset folder
-    (`gymenv.load_minari`). Prompt ids index the env's prompts first, then the data's new ones; actions must have the
-    env's dimension."""
-    lerobot = is_lerobot(path)
-    if lerobot:
-        from common import libero
-
-        data = libero.load_lerobot(path, prompts=env.prompts, image_size=image_size or LEROBOT_IMAGE_SIZE)
-    elif str(path).endswith(".npz"):
-        data = gymenv.load_npz(path, getattr(env, "env_id", ""), prompts=env.prompts)
-    elif gymenv.is_minari(path):
-        data = gymenv.load_minari(path, prompts=env.prompts)
-    else:
-        from common import qchunk
-
-        data = qchunk.load_episodes(path, prompts=env.prompts)  # refuses NaN / inf per file and demo as it reads
-    if data.actions.shape[1] != env.action_dim:
-        raise RunError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
-    if getattr(env, "state_dim", data.obs["state"].shape[1]) != data.obs["state"].shape[1]:
-        raise RunError(f"{path}: observations have {data.obs['state'].shape[1]} dims, the environment's "
-                       f"{env.state_dim}: is it this env's dataset?")  # fmt: skip
-    if lerobot:
-        from common import qchunk
-
-        qchunk.refuse_non_finite(path, data)
-    if (transform := getattr(env, "reward_transform", None)) is not None:  # the env's a·r + b, on the data too
-        data.rewards = (transform[0] * data.rewards + transform[1]).astype(np.float32)
-    return data
-
-
 class ScaledReward:
-    """An env whose rewards are a·r + b (`--env-kwargs reward_scale A reward_shift B`; `load_dataset` transforms the
-    dataset read for it the same way), for studies of reward scale: success and everything else are the env's. A
-    shift b < 0 keeps a task with termination at success the same task (each step costs); b > 0 pays for living and
-    may not."""
+    """An env whose rewards are a·r + b (`--env-kwargs reward_scale A reward_shift B`; `data.load_dataset` transforms
+    its dataset the same way); success and everything else are the env's."""
 
     def __init__(self, env: Any, scale: float, shift: float):
         self.env, self.reward_transform, self._maskable = env, (scale, shift), takes_active(env)
@@ -549,27 +487,8 @@ class ScaledReward:
         return obs, r.astype(np.float32), term, trunc, info
 
 
-def dataset_image_size(path: str | os.PathLike) -> int | None:
-    """Height of the first camera image of the first demo of a robomimic/LIBERO HDF5 dataset (file or folder of
-    .hdf5/.h5 files), `LEROBOT_IMAGE_SIZE` for a LeRobot folder; None when it has no images or is neither."""
-    if is_lerobot(path):
-        return LEROBOT_IMAGE_SIZE
-    p = Path(path)
-    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
-    if not files or not h5py.is_hdf5(files[0]):
-        return None
-    try:
-        with h5py.File(files[0], "r") as f:
-            demos = sorted(f.get("data", {}))
-            obs = f["data"][demos[0]].get("obs", {}) if demos else {}
-            shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
-    except OSError:  # a truncated file: `qchunk.load_episodes` says so when it reads it
-        return None
-    return int(shapes[0][1]) if shapes else None
-
-
 # ----------------------------------------------------------------------------------------------------- chunks
-@jax.tree_util.register_dataclass  # a pytree: `mesh.all_rows` gathers every process's
+@jax.tree_util.register_dataclass  # a pytree: `mesh.all_rows` gathers it
 @dataclass
 class ChunkStep:
     """What executing one action chunk [E, H, A] open loop did (numpy arrays; see `execute_chunk`)."""
@@ -589,7 +508,7 @@ class ChunkStep:
 
 
 def takes_active(env: Any) -> bool:
-    """Whether `env.step` takes an `active` mask (push, LIBERO, gymnasium workers; a plain vector env does not)."""
+    """Whether `env.step` takes an `active` mask (the envs here do; a plain vector env does not)."""
     return "active" in inspect.signature(env.step).parameters
 
 
@@ -641,40 +560,19 @@ def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tupl
 
 
 def loop_state(env: Any, obs: Obs) -> dict[str, Any]:
-    """What continuing a script's env loop exactly needs, for a checkpoint's host arrays: the current observation and
-    the env's own state where it can save it (`get_state`: push); {} when it cannot (gymnasium, LIBERO)."""
+    """What continuing an env loop exactly needs, for a checkpoint's host arrays: the observation and the env's state
+    where it can save it (push); {} when it cannot (gymnasium, LIBERO)."""
     return {"obs": obs, "env": env.get_state()} if hasattr(env, "get_state") else {}
 
 
 def resume_loop(env: Any, saved: dict[str, Any], seed: int) -> Obs:
-    """The observation to continue the env loop from, after `loop_state`'s output was restored into `saved`. An env
-    that could not save its state starts new episodes here, seeded `seed`: from this point on, a resumed run is not
-    the run it would have been (the README says so)."""
+    """The observation to continue the env loop from `loop_state`'s restored output; an env that could not save its
+    state starts new episodes here, seeded `seed` (the resumed run then differs from an uninterrupted one)."""
     if saved:
         env.set_state(saved["env"])
         return saved["obs"]
     print(f"{type(env).__name__} cannot save its state: its envs start new episodes at the resume (seed {seed})")
     return env.reset(seed=seed)[0]
-
-
-_EVAL_ENVS: dict[tuple, Any] = {}
-
-
-def _keeps_evaluation_envs(spec: EnvSpec) -> bool:
-    """Gymnasium evaluation envs are kept between evaluations: their worker processes take seconds to start, and
-    `evaluate` reseeds them (`reset(seed)`), so a kept env plays what a new one would. Push and LIBERO envs are made
-    anew (cheap; LIBERO's evaluation envs replay fixed initial states)."""
-    return getattr(spec, "name", "push") not in ("push", "libero")
-
-
-def _evaluation_envs(spec: EnvSpec, num_envs: int, seed: int, first: int, total: int) -> Any:
-    """`spec.make(..., evaluation=True)`, or the kept ones (`_keeps_evaluation_envs`)."""
-    if not _keeps_evaluation_envs(spec):
-        return spec.make(num_envs, seed, evaluation=True, first=first, total=total)
-    key = (spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str), spec.reward, num_envs, first, total)
-    if key not in _EVAL_ENVS:
-        _EVAL_ENVS[key] = spec.make(num_envs, seed, evaluation=True, first=first, total=total)
-    return _EVAL_ENVS[key]
 
 
 def evaluate(
@@ -690,25 +588,19 @@ def evaluate(
     prefix: str = "",
     max_chunks: int | None = None,
 ) -> dict[str, float]:
-    """Evaluate a chunk policy on `episodes` episodes of `spec`'s evaluation envs (`spec.make(E, seed,
-    evaluation=True)`): E = min(num_envs, episodes) envs, env e playing episodes e, e + E, ...; every chunk of
-    `horizon` actions executed open loop (`execute_chunk`). On several processes E is rounded up to a multiple of
-    their number, each plays its share of the envs (`EnvSpec.make_share`'s; an env past the episodes plays none), all
-    act together until every env is done (`act` is then collective: `mesh.host_local`), and the results are
-    summed over the processes: every process returns the same numbers.
+    """eval/{prefix}success_rate and eval/{prefix}return of a chunk policy over `episodes` episodes of `spec`'s
+    evaluation envs: E = min(num_envs, episodes) envs (on several processes rounded up to a multiple of their number,
+    each its share), env e playing episodes e, e + E, ...; chunks of `horizon` actions executed open loop. Every
+    process returns the same numbers (`act` is then collective). An episode still running after `max_chunks` chunks
+    (None: one more than the time limit allows) counts as a failure with return 0.
 
-    act(obs, key) -> (actions [E,H,A] in env units, value [E] or None), `key` split off `rng` once per chunk; `value`
-    is a critic's prediction of the discounted return from the chosen chunk on.
-    Returns eval/{prefix}success_rate (a step of the episode reported success) and eval/{prefix}return (its summed
-    reward). An episode still running after `max_chunks` chunks (None: ceil(max_episode_steps / H) + 1, one more than
-    the env's time limit allows) is stopped and counted as a failure with return 0. With values also the critic's
-    calibration over every chunk chosen in an evaluated episode: eval/{prefix}q_pred (mean value),
-    eval/{prefix}q_realised (mean discounted return, with `gamma`, that followed until the episode's end) and
-    eval/{prefix}q_gap (their difference).
+    act(obs, key) -> (actions [E,H,A] in env units, value [E] or None), a key split off `rng` per chunk. With values
+    also the critic's calibration over the chunks of evaluated episodes: eval/{prefix}q_pred (mean value),
+    eval/{prefix}q_realised (mean discounted return that followed, to the episode's end) and eval/{prefix}q_gap.
     """
     E = -(-min(num_envs, episodes) // jax.process_count()) * jax.process_count()
     mine = mesh.process_rows(E)  # this process's envs of the E
-    env = _evaluation_envs(spec, mine.stop - mine.start, seed, first=mine.start, total=E)
+    env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E)
     obs, _ = env.reset(seed=seed)
     todo = (episodes - np.arange(E)[mine] + E - 1) // E  # episodes each env still has to play
     success, ret = np.zeros(len(todo), bool), np.zeros(len(todo))  # of each env's current episode (this process's)
@@ -731,7 +623,7 @@ def evaluate(
         todo -= ended & live
         if not mesh.anywhere(todo.any()):  # every process's envs are done
             break
-    if not _keeps_evaluation_envs(spec):
+    if env not in spec.kept.values():
         env.close()
     n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
@@ -749,8 +641,9 @@ def evaluate(
     return out
 
 
-def evaluate_policies(spec: EnvSpec, policies: dict[str, tuple[str, Callable]], rng: jax.Array, label: str,
-                      **where: Any) -> dict[str, float]:  # fmt: skip
+def evaluate_policies(
+    spec: EnvSpec, policies: dict[str, tuple[str, Callable]], rng: jax.Array, label: str, **where: Any
+) -> dict[str, float]:
     """`evaluate` each of `policies` {metric prefix: (name, act)} with the same `rng` and `where` (episodes, envs,
     seed, horizon, gamma) and print one line: each name's success rate, with the critic's calibration (predicted vs
     realised discounted return) where `act` gives values."""
@@ -766,7 +659,9 @@ def evaluate_policies(spec: EnvSpec, policies: dict[str, tuple[str, Callable]], 
 # ----------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     """`python -m common.envs make-dataset --env push --episodes N --noise X --out FILE.h5 [--image-size 0]`, or
-    `--env ogbench:<id> [--recipe task|noisy|play] --out FILE.npz` (`gymenv.make_ogbench_dataset`)."""
+    `--env ogbench:<id> [--recipe task|noisy|play] --out FILE.npz` (`gymenv.write_ogbench_dataset`)."""
+    from common import gymenv
+
     parser = argparse.ArgumentParser(prog="python -m common.envs")
     sub = parser.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-dataset", help="write demonstrator episodes (push: HDF5; ogbench:<id>: OGBench's npz)")
@@ -774,14 +669,14 @@ def main(argv: list[str] | None = None) -> None:
         "--env", default="push", help="push, or ogbench:<OGBench id> (e.g. cube-single-singletask-task1-v0)"
     )
     mk.add_argument("--episodes", type=int, default=1000)
-    mk.add_argument("--noise", default=None, help="push: action noise std, or 'mixed' (0.3/0.6/1.0 in equal parts), "
-                    "default 0.6; OGBench: the recipe's noise level, default 0.1 (OGBench's)")  # fmt: skip
+    noise_help = "push: action noise std, or 'mixed' (0.3/0.6/1.0 in equal parts), default 0.6; OGBench: the recipe's "
+    mk.add_argument("--noise", default=None, help=noise_help + "noise level, default 0.1 (OGBench's)")
     mk.add_argument("--out", required=True)
     mk.add_argument("--image-size", type=int, default=0)
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--recipe", default="task", choices=gymenv.OGBENCH_RECIPES,
-                    help="OGBench: task (the single-task env, oracle aimed at its goal; cube tasks), or OGBench's own "
-                    "noisy / play data-collection recipes (episodes of --episode-steps)")  # fmt: skip
+    recipe_help = "OGBench: task (the single-task env, oracle aimed at its goal; cube tasks), or OGBench's own noisy / "
+    recipe_help += "play data-collection recipes (episodes of --episode-steps)"
+    mk.add_argument("--recipe", default="task", choices=gymenv.OGBENCH_RECIPES, help=recipe_help)
     mk.add_argument("--p-random", type=float, default=None, help="OGBench: random-action probability (recipe's own)")
     mk.add_argument("--episode-steps", type=int, default=1001, help="OGBench noisy/play: steps an episode")
     args = parser.parse_args(argv)
@@ -799,28 +694,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag, ok in ranges.items():
         if not ok:
             value = getattr(args, flag[2:].replace("-", "_"))
-            raise SystemExit(f"{flag} {value}: out of range (--episodes, --episode-steps ≥ 1; --noise ≥ 0; "
-                             "--p-random in [0, 1])")  # fmt: skip
+            bounds = "--episodes, --episode-steps ≥ 1; --noise ≥ 0; --p-random in [0, 1]"
+            raise SystemExit(f"{flag} {value}: out of range ({bounds})")
     if args.env.startswith("ogbench:"):
-        if not args.out.endswith(".npz"):
-            raise SystemExit(f"--out {args.out}: OGBench datasets are written in OGBench's npz layout; name it .npz")
-        if os.path.exists(args.out):
-            raise SystemExit(f"--out {args.out} exists; pick a new name (nothing on disk is overwritten)")
-        try:
-            if noise == "mixed":
-                raise RunError("--noise mixed is push's; OGBench's recipes take one noise level")
-            stats = gymenv.make_ogbench_dataset(args.out, args.env, args.episodes, noise,
-                                                args.recipe, args.seed, args.p_random, args.episode_steps)  # fmt: skip
-        except RunError as e:
-            raise SystemExit(str(e)) from None
-        reached = ""
-        if gymenv.ogbench_task(args.env):  # the task's own success, from the relabelled rewards
-            data = gymenv.load_npz(args.out, args.env, [""])
-            reached = f", {data.terminals.sum()} frames at the task's goal"
-        oracle = "" if stats["success_rate"] is None else f", oracle success {stats['success_rate']:.1%}"
-        print(f"{args.episodes} episodes, {stats['frames']} steps{oracle}{reached}, {time.time() - start:.1f}s")
-        print(f"-> {args.out}")
-        return
+        return gymenv.write_ogbench_dataset(args, noise)
     path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)
     with h5py.File(path, "r") as f:
         rate, total = f["data"].attrs["success_rate"], f["data"].attrs["total"]

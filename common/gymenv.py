@@ -1,27 +1,13 @@
-"""Gymnasium benchmarks: envs stepped in worker processes, and the datasets users already have for them.
-
-- `GymVecEnv`: any registered gymnasium id (or "module:EnvId") with Box state observations and Box actions, its
-  sub-envs spread over worker processes (`workers`; 0 keeps them in this process). The interface is `common.envs`'s:
-  per-env `active` masks and `reset_where`, never an autoreset. Success is `info["success"]`, else
-  `info["is_success"]`. A worker is a fresh `python -m common.gymenv` process (no JAX, no copy of the script), talking
-  pickles over its stdin/stdout; it exits when this process dies, even by kill -9.
-- `load_npz`: OGBench's npz layout (`observations`, `actions`, `terminals` marking each trajectory's last frame, and
-  `qpos` / `qvel` / `button_states`), the layout OGBench's `make_env_and_datasets` reads and Q-chunking trains on.
-  With no `rewards` in the file, a single-task OGBench env's rewards are relabelled from `qpos` by OGBench's own
-  `relabel_dataset` (−1 per unmet sub-goal, 0 at success) and a success frame is a true termination, as the env
-  terminates there. A file with `rewards` (and `terminals`/`masks`, D4RL style) is read as given.
-- `load_minari`: a Minari dataset folder (Farama's offline format), through `minari.MinariDataset`.
-- `make_ogbench_dataset`: OGBench's scripted oracles rolled out with OGBench's published noise recipes, written in
-  OGBench's npz layout (`python -m common.envs make-dataset --env ogbench:<id>`).
+"""Gymnasium environments: any registered id (or "module:EnvId") with Box state observations and Box actions, its
+sub-envs in worker processes (`common.workers`), and OGBench's scripted oracles writing datasets in OGBench's npz
+layout (`python -m common.envs make-dataset --env ogbench:<id>`; read back by `data.load_npz`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +16,12 @@ import gymnasium as gym
 import numpy as np
 
 from common import RunError
+from common.workers import Pool, WorkerError
 
 Obs = dict[str, Any]
+# what gymnasium.make raises for an id that is not registered
+UNKNOWN = ("NameNotFound", "NamespaceNotFound", "VersionNotFound", "Error", "ModuleNotFoundError", "DeprecatedEnv")
+UNKNOWN += ("UnregisteredEnv",)
 
 
 def _rss_mb() -> float:
@@ -52,7 +42,6 @@ def available_mb() -> float:
         return float("inf")
 
 
-# ----------------------------------------------------------------------------------------------------- sub-envs
 class _Envs:
     """`count` gymnasium envs in one process: what a worker (or `GymVecEnv` with workers=0) holds."""
 
@@ -89,119 +78,30 @@ class _Envs:
             env.close()
 
 
-def _serve() -> None:
-    """A worker's loop (`python -m common.gymenv`): build the envs, then answer commands until "close" or EOF."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # whatever the env prints goes to stderr, never into the pickle stream
-    inp = sys.stdin.buffer
-    envs = None
-    while True:
-        try:
-            cmd, payload = pickle.load(inp)
-        except EOFError:  # the parent is gone
-            return
-        try:
-            if cmd == "make":
-                envs = _Envs(**payload)
-                reply = envs.info
-            elif cmd == "close":
-                envs and envs.close()
-                return
-            else:
-                reply = getattr(envs, cmd)(*payload)
-            pickle.dump(("ok", reply), out)
-        except Exception as e:  # noqa: BLE001  (sent to the parent, which raises it there)
-            pickle.dump(("error", (type(e).__name__, str(e))), out)
-        out.flush()
-
-
-class _Worker:
-    """One worker process and its pipe."""
-
-    def __init__(self) -> None:
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        # its own session: Ctrl-C and a SIGTERM to the script's process group reach the script alone, which saves and
-        # exits; a worker ends when its pipe closes (the script exited, however it died) or on "close"
-        cmd = [sys.executable, "-m", "common.gymenv"]
-        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.proc = subprocess.Popen(cmd, **pipes, env=env, cwd=root, start_new_session=True)
-
-    def send(self, cmd: str, payload: Any) -> None:
-        try:
-            pickle.dump((cmd, payload), self.proc.stdin)
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            self._died()
-
-    def _died(self) -> None:
-        code = self.proc.wait()
-        raise RunError(f"a gymnasium worker process died (exit code {code}); see its stderr above") from None
-
-    def recv(self) -> Any:
-        try:
-            status, reply = pickle.load(self.proc.stdout)
-        except EOFError:
-            self._died()
-        if status == "error":
-            raise _WorkerError(*reply)
-        return reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send("close", None)
-                self.proc.wait(timeout=10)
-            except (OSError, RunError, subprocess.TimeoutExpired):
-                self.proc.kill()
-
-
-class _WorkerError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind, self.message = kind, message
-
-
-class _Local:
-    """`_Envs` in this process, behind the worker's send/recv interface."""
-
-    def send(self, cmd: str, payload: Any) -> None:
-        try:
-            self.reply = ("ok", _Envs(**payload)) if cmd == "make" else ("ok", getattr(self.envs, cmd)(*payload))
-        except Exception as e:  # noqa: BLE001
-            self.reply = ("error", e)
-
-    def recv(self) -> Any:
-        status, reply = self.reply
-        if status == "error":
-            raise _WorkerError(type(reply).__name__, str(reply)) from reply
-        if isinstance(reply, _Envs):
-            self.envs, reply = reply, reply.info
-        return reply
-
-    def close(self) -> None:
-        if hasattr(self, "envs"):
-            self.envs.close()
-
-
-# ----------------------------------------------------------------------------------------------------- vector env
 class GymVecEnv:
-    """`num_envs` copies of a gymnasium env, state-only, spread over `workers` processes (default: one per CPU core,
-    at most one per env; 0: all in this process). Env i is first reset with seed `seed + first + i` (`first`: the
-    index of env 0 among a run's envs, `EnvSpec.make_share`). `make_kwargs` go to `gymnasium.make` (e.g.
-    `max_episode_steps`). `prompt`: the instruction every observation carries (prompt id 0; `envs.make_spec` sets the
-    dataset's, so that evaluation sends what training read). Prints the memory the envs take at start, and refuses
-    (RunError) a count that would not fit in this machine's available memory, before making more than the first
-    worker's envs.
+    """`num_envs` copies of a gymnasium env, state-only, with `common.envs`'s interface (`active` masks,
+    `reset_where`, no autoreset), spread over `workers` processes (default: one per CPU core, at most one per env; 0:
+    all in this process). Env i is first reset with seed `seed + first + i` (`first`: env 0's index in the run).
+    `make_kwargs` go to `gymnasium.make`; `prompt` is the instruction every observation carries (prompt id 0).
+    Success is `info["success"]`, else `info["is_success"]`. Refuses (RunError) a count that would not fit in the
+    available memory, measured on the first worker's envs, and prints the memory the envs take.
     """
 
-    def __init__(self, env_id: str, num_envs: int, seed: int = 0, first: int = 0, workers: int | None = None,
-                 prompt: str = "", **make_kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        env_id: str,
+        num_envs: int,
+        seed: int = 0,
+        first: int = 0,
+        workers: int | None = None,
+        prompt: str = "",
+        **make_kwargs: Any,
+    ):
         workers = min(num_envs, os.cpu_count() or 1) if workers is None else min(workers, num_envs)
         self.env_id, self.num_envs, self.seed, self.first, self.prompt = env_id, num_envs, seed, first, prompt
         counts = [len(r) for r in np.array_split(np.arange(num_envs), max(workers, 1))]
         self._where = [(w, i) for w, c in enumerate(counts) for i in range(c)]  # env -> (worker, index there)
-        self._pool: list[Any] = []
+        self._pool = Pool("common.gymenv:_Envs", "gymnasium", processes=workers > 0)
         try:
             self._start(env_id, counts, workers, make_kwargs)
         except BaseException:
@@ -213,9 +113,9 @@ class GymVecEnv:
 
     def _start(self, env_id: str, counts: list[int], workers: int, make_kwargs: dict[str, Any]) -> None:
         start = time.time()
-        self._pool = [_Worker() if workers else _Local() for _ in counts]
-        self._pool[0].send("make", dict(env_id=env_id, count=counts[0], make_kwargs=make_kwargs))
-        info = self._recv(0, make_kwargs)
+        make = [dict(env_id=env_id, count=c, make_kwargs=make_kwargs) for c in counts]
+        with self._errors(make_kwargs):
+            (info,) = self._pool.start(make[:1])
         self._check_spaces(env_id, info["obs_space"], info["act_space"])
         need = info["per_env_mb"] * (self.num_envs - counts[0]) + (info["rss_mb"] - info["per_env_mb"] * counts[0]) * (
             len(counts) - 1
@@ -227,9 +127,8 @@ class GymVecEnv:
                 f"(~{info['per_env_mb']:.0f} MB each), {available_mb() / 1024:.1f} GB is available: "
                 f"pass --num-envs (and --eval-envs) ≤ {fit}"
             )
-        for w in range(1, len(counts)):
-            self._pool[w].send("make", dict(env_id=env_id, count=counts[w], make_kwargs=make_kwargs))
-        rss = info["rss_mb"] + sum(self._recv(w, make_kwargs)["rss_mb"] for w in range(1, len(counts)))
+        with self._errors(make_kwargs):
+            rss = info["rss_mb"] + sum(i["rss_mb"] for i in self._pool.start(make[1:]))
         where = f"in {workers} worker processes" if workers else "in this process"
         print(
             f"{env_id}: {self.num_envs} envs {where}, ~{info['per_env_mb']:.0f} MB per env, {rss / 1024:.2f} GB "
@@ -251,23 +150,17 @@ class GymVecEnv:
         )
         self.max_episode_steps = info["max_episode_steps"]
 
-    def _recv(self, w: int, make_kwargs: dict[str, Any]) -> Any:
+    @contextlib.contextmanager
+    def _errors(self, make_kwargs: dict[str, Any]):
+        """An exception of the envs as a RunError that says what to do."""
         try:
-            return self._pool[w].recv()
-        except _WorkerError as e:
+            yield
+        except WorkerError as e:
             if e.kind == "TypeError" and make_kwargs:  # a keyword the env does not take
                 raise RunError(
                     f"--env-kwargs {make_kwargs}: gymnasium.make({self.env_id!r}, ...) refused them ({e.message})"
                 ) from None
-            if e.kind in (
-                "NameNotFound",
-                "NamespaceNotFound",
-                "VersionNotFound",
-                "Error",
-                "ModuleNotFoundError",
-                "DeprecatedEnv",
-                "UnregisteredEnv",
-            ):
+            if e.kind in UNKNOWN:
                 raise RunError(
                     f"unknown environment {self.env_id!r} ({e.message}). Use 'push', 'libero', 'ogbench:<id>', or any "
                     "gymnasium id registered in this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import "
@@ -294,15 +187,14 @@ class GymVecEnv:
             )
 
     def _call(self, cmd: str, envs: np.ndarray, arrays: list[np.ndarray]) -> list[tuple[np.ndarray, Any]]:
-        """Send `cmd` to every worker holding one of `envs` (with its rows of `arrays`), then gather the replies."""
-        jobs = []
-        for w in range(len(self._pool)):
-            mine = [int(e) for e in envs if self._where[e][0] == w]
-            if mine:
-                rows = [[self._where[e][1] for e in mine]] + [[a[e] for e in mine] for a in arrays]
-                self._pool[w].send(cmd, rows)
-                jobs.append((w, np.array(mine)))
-        return [(mine, self._recv(w, {})) for w, mine in jobs]
+        """`cmd` on every worker holding one of `envs`, with its rows of `arrays`: [(those envs, the reply)]."""
+        jobs, mine = {}, {}
+        for w in range(len(self._pool.workers)):
+            if here := [int(e) for e in envs if self._where[e][0] == w]:
+                jobs[w] = ([self._where[e][1] for e in here], *([a[e] for e in here] for a in arrays))
+                mine[w] = np.array(here)
+        with self._errors({}):
+            return [(mine[w], reply) for w, reply in self._pool.call(cmd, jobs).items()]
 
     def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
         """Reset all envs; the first reset (or one with `seed`) seeds env i with `seed + first + i`."""
@@ -338,144 +230,7 @@ class GymVecEnv:
         return {"state": self._state.copy(), "prompt_id": np.zeros(self.num_envs, np.int32), "images": {}}
 
     def close(self) -> None:
-        for w in self._pool:
-            w.close()
-        self._pool = []
-
-
-# ----------------------------------------------------------------------------------------------------- datasets
-def _episodes(
-    path: str | os.PathLike,
-    state: np.ndarray,
-    actions: np.ndarray,
-    rewards: np.ndarray,
-    terminal: np.ndarray,
-    ends: np.ndarray,
-    prompts: list[str],
-) -> Any:
-    """`qchunk.EpisodeData` from frame arrays: `ends` marks each trajectory's last frame, `terminal` a true
-    termination (the trajectory is cut there: the frames after it start a new episode, as the env would reset)."""
-    from common import qchunk
-
-    n = len(actions)
-    if not (len(state) == n == len(rewards) == len(terminal) == len(ends)):
-        raise qchunk.DatasetError(f"{path}: observations, actions, rewards and terminals differ in length")
-    if state.ndim != 2:
-        raise qchunk.DatasetError(
-            f"{path}: observations have shape {state.shape}; only state vectors [N, S] are read "
-            "(pixel datasets, e.g. OGBench's visual-*, are not)"
-        )
-    ends = ends.astype(bool).copy()
-    ends[-1] = True  # a file cut short still ends its last trajectory
-    cut = ends | terminal
-    stops = np.flatnonzero(cut) + 1
-    starts = np.concatenate([[0], stops[:-1]]).astype(np.int64)
-    lengths = (stops - starts).astype(np.int64)
-    obs = {"state": state.astype(np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}}
-    subgoal = np.zeros(n, bool)
-    truncated = ~terminal[stops - 1]
-    data = qchunk.EpisodeData(obs, actions.astype(np.float32), rewards.astype(np.float32), terminal.astype(bool),
-                              subgoal, starts, lengths, truncated, list(prompts))  # fmt: skip
-    qchunk.refuse_non_finite(path, data)
-    return data
-
-
-def load_npz(path: str | os.PathLike, env_id: str, prompts: list[str]) -> Any:
-    """Episodes from an npz file in OGBench's layout (see the module docstring) for env `env_id`."""
-    from common import qchunk
-
-    try:
-        f = np.load(path, allow_pickle=False)
-        data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise qchunk.DatasetError(f"{path}: not a readable npz file ({e})") from None
-    missing = [k for k in ("observations", "actions", "terminals") if k not in data]
-    if missing:
-        raise qchunk.DatasetError(
-            f"{path}: no {', '.join(missing)} (found {', '.join(sorted(data))}); expected OGBench's npz layout: "
-            "observations, actions, terminals [, qpos, qvel, rewards]"
-        )
-    ends = data["terminals"].astype(bool)
-    if "rewards" not in data:
-        rewards, terminal = _ogbench_rewards(path, env_id, data)
-    elif "timeouts" in data:  # D4RL's layout: terminals are true terminations, timeouts the time limits
-        rewards, terminal, ends = data["rewards"], ends, ends | data["timeouts"].astype(bool)
-    else:  # OGBench's layout with rewards: a true termination where masks == 0 (or dones)
-        rewards = data["rewards"]
-        terminal = (data["masks"] == 0) if "masks" in data else data.get("dones", np.zeros(len(rewards), bool))
-    return _episodes(path, data["observations"], data["actions"], rewards, np.asarray(terminal, bool), ends, prompts)
-
-
-def ogbench_task(env_id: str) -> str | None:
-    """The OGBench single-task id inside `env_id` ("ogbench:cube-single-singletask-task1-v0" -> its id), else None."""
-    name = env_id.split(":", 1)[-1]
-    return name if re.fullmatch(r"[a-z0-9-]+-singletask(-task\d+)?-v\d+", name) else None
-
-
-def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """OGBench's single-task rewards and terminations for the frames of `data`, relabelled from `qpos` (and
-    `button_states`) by OGBench's `relabel_dataset`, as its `make_env_and_datasets` does: the reward of frame t is
-    that of its state (−1 per unmet sub-goal, 0 at success: OGBench's single-task envs score the state before the
-    action) and a success frame is a termination (the env terminates there)."""
-    from common import qchunk
-
-    task = ogbench_task(env_id)
-    if task is None:
-        raise qchunk.DatasetError(
-            f"{path}: no 'rewards' in the file, and --env {env_id} is not an OGBench single-task "
-            "env to relabel them for (e.g. ogbench:cube-single-singletask-task1-v0); add a "
-            "'rewards' array (and 'masks') to the file"
-        )
-    if "qpos" not in data:
-        raise qchunk.DatasetError(
-            f"{path}: no 'qpos' to relabel OGBench rewards from; write the file with "
-            "OGBench's generator or `python -m common.envs make-dataset`"
-        )
-    from ogbench.relabel_utils import relabel_dataset
-
-    env = gym.make(f"ogbench:{task}")
-    try:
-        labels = {k: data[k] for k in ("qpos", "qvel", "button_states") if k in data}
-        relabel_dataset(task, env, labels)
-    finally:
-        env.close()
-    return labels["rewards"], labels["masks"] == 0
-
-
-def is_minari(path: str | os.PathLike) -> bool:
-    """A Minari dataset folder (holding `data/main_data.hdf5` or `data/metadata.json`)."""
-    p = Path(path)
-    return (p / "data" / "metadata.json").exists() or (p / "metadata.json").exists() and (p / "main_data.hdf5").exists()
-
-
-def load_minari(path: str | os.PathLike, prompts: list[str]) -> Any:
-    """Episodes of a Minari dataset folder (`minari.MinariDataset`); Box observations only. Each episode's
-    `observations` has one frame more than its `actions` (the last is dropped); terminations are true ends,
-    truncations time limits."""
-    from common import qchunk
-
-    try:
-        import minari
-    except ModuleNotFoundError:
-        raise qchunk.DatasetError(f"{path}: a Minari dataset needs `pip install 'minari[hdf5]'`") from None
-    p = Path(path)
-    ds = minari.MinariDataset(p / "data" if (p / "data").is_dir() else p)
-    if not isinstance(ds.observation_space, gym.spaces.Box):
-        raise qchunk.DatasetError(
-            f"{path}: observation space {ds.observation_space}; only Box observations are read "
-            "(flatten Dict observations into one vector when writing the dataset)"
-        )
-    eps = list(ds.iterate_episodes())
-    if not eps:
-        raise qchunk.DatasetError(f"{path}: the Minari dataset holds no episodes")
-    state = np.concatenate(
-        [np.asarray(e.observations, np.float32)[: len(e.actions)].reshape(len(e.actions), -1) for e in eps]
-    )
-    actions = np.concatenate([np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in eps])
-    rewards = np.concatenate([np.asarray(e.rewards, np.float32) for e in eps])
-    terminal = np.concatenate([np.asarray(e.terminations, bool) for e in eps])
-    ends = np.concatenate([np.arange(len(e.actions)) == len(e.actions) - 1 for e in eps])
-    return _episodes(path, state, actions, rewards, terminal, ends, prompts)
+        self._pool.close()
 
 
 # ----------------------------------------------------------------------------------------------------- OGBench oracle
@@ -513,6 +268,8 @@ def make_ogbench_dataset(
     import ogbench  # noqa: F401  (registers the ids)
     from ogbench.manipspace.oracles.markov import button_markov, cube_markov, drawer_markov, window_markov
     from ogbench.manipspace.oracles.plan import button_plan, cube_plan, drawer_plan, window_plan
+
+    from common.data import ogbench_task  # here: a worker process imports this module without h5py
 
     if recipe not in OGBENCH_RECIPES:
         raise RunError(f"--recipe {recipe}: one of {', '.join(OGBENCH_RECIPES)}")
@@ -622,6 +379,30 @@ def make_ogbench_dataset(
     return dict(episodes=episodes, frames=len(arrays["actions"]), success_rate=rate)
 
 
+def write_ogbench_dataset(args: Any, noise: float | str) -> None:
+    """`python -m common.envs make-dataset --env ogbench:<id>`: the oracle's episodes written to `args.out` (npz)."""
+    from common import data
+
+    start = time.time()
+    if not args.out.endswith(".npz"):
+        raise SystemExit(f"--out {args.out}: OGBench datasets are written in OGBench's npz layout; name it .npz")
+    if os.path.exists(args.out):
+        raise SystemExit(f"--out {args.out} exists; pick a new name (nothing on disk is overwritten)")
+    try:
+        if noise == "mixed":
+            raise RunError("--noise mixed is push's; OGBench's recipes take one noise level")
+        how = (args.recipe, args.seed, args.p_random, args.episode_steps)
+        stats = make_ogbench_dataset(args.out, args.env, args.episodes, noise, *how)
+    except RunError as e:
+        raise SystemExit(str(e)) from None
+    reached = ""
+    if data.ogbench_task(args.env):  # the task's own success, from the relabelled rewards
+        reached = f", {data.load_npz(args.out, args.env, ['']).terminals.sum()} frames at the task's goal"
+    oracle = "" if stats["success_rate"] is None else f", oracle success {stats['success_rate']:.1%}"
+    print(f"{args.episodes} episodes, {stats['frames']} steps{oracle}{reached}, {time.time() - start:.1f}s")
+    print(f"-> {args.out}")
+
+
 def _task_target(env: gym.Env, info: dict[str, Any]) -> dict[str, Any]:
     """`info` with the target keys OGBench's cube oracle reads in data-collection mode, for a task-mode cube env: the
     first cube not yet within 4 cm of its goal (all done: the last), its goal position, its own yaw."""
@@ -637,7 +418,3 @@ def _task_target(env: gym.Env, info: dict[str, Any]) -> dict[str, Any]:
         "privileged/target_block_yaw": info[f"privileged/block_{i}_yaw"],
     }
     return dict(info, **target)
-
-
-if __name__ == "__main__":
-    _serve()

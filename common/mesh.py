@@ -1,15 +1,10 @@
-"""Device mesh, FSDP parameter sharding and data sharding with JAX's own sharding and multi-host runtime.
+"""The device mesh: FSDP parameter sharding, data sharding and several hosts, with JAX's own sharding and runtime.
 
-One mesh with axes ("batch", "fsdp"): parameters are sharded over "fsdp" (openpi's rule: each large array on its
-largest dimension divisible by the fsdp size, small ones replicated), the batch over both axes. On several hosts,
-`init_distributed()` calls `jax.distributed.initialize()` first, and then every process (one per host):
-  - draws the same global batches (same seed) and feeds its own rows of them (`stack_batches`), or feeds the rows its
-    own envs made (`shard_batch`); batch sizes are global (`check_split`);
-  - steps its own share of the envs (`envs.EnvSpec.make_share`) and acts on them through `host_local`, whose global
-    batch is that of one process with all the envs: a run gives the same numbers on any number of processes;
-  - pulls results back whole (`to_host`, `all_rows`, `process_sum`) and agrees with the others on what decides the
-    control flow (`agreed`, `anywhere`), since every jitted call on the mesh is a collective all processes make.
-With one process every helper here is the plain single-host operation.
+One mesh with axes ("batch", "fsdp"): parameters sharded over "fsdp" (openpi's rule), the batch over both. On several
+hosts every process draws the same global batches and feeds its own rows, steps its own share of the envs and acts
+on them through `host_local`, so that a run gives the same numbers on any number of processes; it pulls results
+back whole and agrees with the others on what decides the control flow (every jitted call is a collective). With
+one process every helper is the plain single-host operation.
 """
 
 from __future__ import annotations
@@ -31,12 +26,8 @@ BATCH_AXES = ("batch", "fsdp")  # the batch is split over every device
 
 
 def init_distributed() -> None:
-    """Join a multi-host run when the launcher says so (JAX_COORDINATOR_ADDRESS, or SLURM / Cloud TPU detection).
-
-    Set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on each host (or run under SLURM,
-    where jax finds them itself) and start the same command on every host. A single host does nothing. On CPU the
-    processes' collectives go through gloo (this jax's default, `jax_cpu_collectives_implementation`: nothing to set).
-    """
+    """Join a multi-host run when the launcher says so: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID on every host, or SLURM (jax finds them itself). A single host does nothing."""
     if jax.distributed.is_initialized():
         return
     if address := os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -53,8 +44,7 @@ def init_distributed() -> None:
 
 
 def make_mesh(fsdp_devices: int = 1) -> Mesh:
-    """All devices (of every process: `init_distributed` first) as a (batch, fsdp) grid; fsdp_devices must divide the
-    device count."""
+    """All devices of every process as a (batch, fsdp) grid; `fsdp_devices` must divide their number."""
     init_distributed()
     n = jax.device_count()
     if fsdp_devices < 1 or n % fsdp_devices:
@@ -92,8 +82,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_split(mesh: Mesh, batches: dict[str, int]) -> None:
-    """Refuse, before any work, a global batch size (`batches`: {flag: size}) that is not a multiple of the device
-    count: each device gets an equal slice (and each process its devices' slices)."""
+    """Refuse a global batch size ({flag: size}) that is not a multiple of the device count (equal slices)."""
     n = mesh.devices.size
     for flag, size in batches.items():
         if size % n:
@@ -107,38 +96,33 @@ def process_rows(n: int) -> slice:
 
 
 def _place_local(tree: Any, sharding: NamedSharding) -> Any:
-    """This host's numpy arrays placed with `sharding` (on several hosts each passes its own slice)."""
+    """This host's numpy arrays placed with `sharding` (each host passes its own slice)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place this host's numpy batch on the mesh, split over the batch axes (each host passes its own rows: the ones
-    its envs made)."""
+    """This host's numpy batch (the rows its envs made) placed on the mesh, split over the batch axes."""
     return _place_local(batch, data_sharding(mesh))
 
 
 def place_batch(batch: Any, mesh: Mesh) -> Any:
-    """A global numpy batch (dict of [B,...], the same on every process: drawn with the same seed) placed on the mesh
-    split over the batch axes, each process passing only its own rows (`process_rows`)."""
+    """A global numpy batch (the same on every process) placed split over the batch axes, each process its rows."""
     rows = process_rows(len(jax.tree.leaves(batch)[0]))
     return _place_local(jax.tree.map(lambda x: x[rows], batch), data_sharding(mesh))
 
 
 def stack_batches(batches: list[Any], mesh: Mesh) -> Any:
-    """Global numpy batches (dicts of [B,...], the same on every process: drawn with the same seed) stacked [U,B,...]
-    for `scan_updates`, placed on the mesh with B split over the batch axes: each process keeps only its own rows
-    (`process_rows`), so the update sees the batch one process would feed."""
+    """Global numpy batches (the same on every process) stacked [U,B,...] for `scan_updates`, B split over the batch
+    axes, each process placing its own rows."""
     rows = process_rows(len(jax.tree.leaves(batches[0])[0]))
     stacked = jax.tree.map(lambda *v: np.stack([x[rows] for x in v]), *batches)
     return _place_local(stacked, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
 
 
 def to_host(tree: Any) -> Any:
-    """A pytree of arrays pulled to this host whole, as numpy. An array spread over other processes' devices cannot
-    be read directly (`np.asarray` refuses it): it is all-gathered (`process_allgather`), a collective."""
-
+    """A pytree of arrays pulled to this host whole, as numpy (an array spread over several processes: gathered)."""
     spread = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable
     if any(spread(x) for x in jax.tree.leaves(tree)):
         _settle()  # once for the whole tree, not once per leaf
@@ -147,13 +131,9 @@ def to_host(tree: Any) -> Any:
 
 
 def host_local(fn: Callable, mesh: Mesh, keep: int = 0) -> Callable:
-    """`fn` (jitted: acting, encoding observations) called by each process with its own rows: its numpy arguments
-    ([B_l,...], this process's envs) are rows of a global batch of B_l·process_count, and its outputs ([B,...]) come
-    back as this process's rows, numpy. Every process calls it at once with as many rows (a collective). The rows
-    are placed split over the batch axes when the local devices divide them, else gathered and run whole on every
-    device (as one process runs them); either way `fn` sees the batch one process with all the envs would.
-    `keep`: the first `keep` outputs of `fn` (a tuple) are global values (a train state updated on that batch, its
-    metrics), returned as they are. One process: `fn` itself."""
+    """`fn` (jitted) called by every process at once with its own rows: its numpy arguments [B_l,...] are rows of a
+    global batch, its outputs come back as this process's rows, so that `fn` sees the batch one process with all
+    the envs would. `keep`: the first `keep` outputs are global values (a train state), returned as they are."""
     if jax.process_count() == 1:
         return fn
     spec, rows = PartitionSpec(BATCH_AXES), lambda args: {len(x) for x in jax.tree.leaves(args) if _is_np(x)}
@@ -180,19 +160,15 @@ def _is_np(x: Any) -> bool:
 
 
 def _settle() -> None:
-    """Before a collective of host values on several processes: on CPUs, wait for every computation dispatched so far.
-    XLA's CPU runtime orders a device's programs by their data alone, so the small program of a host collective, which
-    reads none of the train state, can overtake an update still running on one process and not on another; each then
-    waits for ever in a different collective (seen with py-spy: flow_ppo's BC update and the `agreed` clock after it,
-    on 2 processes). GPUs and TPUs run a device's programs in the order they were dispatched: nothing to wait for."""
+    """Before a collective of host values, on CPUs: wait for every computation dispatched so far (XLA's CPU runtime
+    orders programs by their data alone, so a host collective could overtake an update and deadlock the processes)."""
     if jax.default_backend() == "cpu":
         jax.block_until_ready(jax.live_arrays())
 
 
 def all_rows(tree: Any) -> Any:
-    """Every process's host rows (numpy leaves [n_p,...]; n_p may differ between processes, the rest of the shape
-    and the dtype may not) concatenated in process order, on every process: what all the envs did, for what every
-    process keeps whole (acrlpd's replay buffer, success rates). Two all-gathers of bytes. One process: `tree`."""
+    """Every process's host rows (numpy leaves [n_p,...], n_p may differ) concatenated in process order, on every
+    process: what all the envs did. Two all-gathers of bytes."""
     if jax.process_count() == 1:
         return tree
     _settle()
@@ -215,8 +191,7 @@ def all_rows(tree: Any) -> Any:
 
 
 def process_sum(values: Any) -> np.ndarray:
-    """Numbers (an array) summed over the processes, on every process (counts and sums that make a global mean).
-    One process: the values themselves."""
+    """Numbers (an array) summed over the processes, on every process."""
     values = np.asarray(values, np.float64)
     if jax.process_count() == 1:
         return values
@@ -225,7 +200,7 @@ def process_sum(values: Any) -> np.ndarray:
 
 
 def anywhere(flag: bool) -> bool:
-    """Whether `flag` is true in any process, on every process (e.g. an env still playing: go on together)."""
+    """Whether `flag` is true in any process, on every process."""
     if jax.process_count() == 1:
         return bool(flag)
     _settle()
@@ -233,9 +208,8 @@ def anywhere(flag: bool) -> bool:
 
 
 def agreed(value: Any) -> Any:
-    """Process 0's value (JSON: a number, a str of up to 4 kB) on every process, exactly: for host values that decide
-    the control flow (time budgets, a folder name from the clock), which must be the same everywhere or a process
-    waits forever in a collective the others never make. One process: `value`."""
+    """Process 0's value (JSON, up to 4 kB) on every process: for host values that decide the control flow (time
+    budgets, a folder name from the clock), which must be the same everywhere."""
     if jax.process_count() == 1:
         return value
     _settle()
@@ -251,10 +225,8 @@ def barrier(name: str) -> None:
 
 
 def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any:
-    """`fn(idx)` over row-index batches covering range(n), each padded to `batch_size` by repeating the last row (one
-    compiled shape), pulled to the host (`to_host`) and concatenated: a pytree of numpy arrays [n, ...]. For computing
-    something of every frame of a dataset once (encoded features, advantages); on several processes every process
-    computes all of it (the same inputs) and keeps it whole."""
+    """`fn(idx)` over index batches covering range(n), each padded to `batch_size` (one compiled shape), pulled to the
+    host and concatenated [n, ...]: something of every frame of a dataset, computed once."""
     outs, batch_size = [], min(batch_size, n)  # a small dataset is not padded up to a large batch
     for lo in range(0, n, batch_size):
         idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)
@@ -263,10 +235,9 @@ def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any
 
 
 def scan_updates(step: Callable[[Any, Any, jax.Array], tuple[Any, Any]], state_sharding: Any = None) -> Callable:
-    """One jitted `update(state, batches, rng) -> (state, info)` that runs K updates `step(state, batch, key) ->
-    (state, info)` in one `lax.scan` over batches stacked [K,B,...], one key split off `rng` per update, and returns
-    the last state (donated: updated in place) and every info entry averaged over the K updates.
-    `state_sharding`: where the new state is placed (None: wherever XLA puts it)."""
+    """One jitted `update(state, batches, rng)` running K updates `step(state, batch, key) -> (state, info)` in a
+    `lax.scan` over batches stacked [K,B,...] (a key split off `rng` each), returning the last state (donated) and
+    the info averaged; `state_sharding`: where the new state is placed."""
 
     def update(state: Any, batches: Any, rng: jax.Array) -> tuple[Any, Any]:
         keys = jax.random.split(rng, jax.tree.leaves(batches)[0].shape[0])

@@ -1,31 +1,23 @@
-"""The π₀ / π₀.₅ backbone in Flax, numerically the same as openpi's JAX models, and what the scripts need of it.
+"""The π₀ / π₀.₅ model in Flax, numerically the same as openpi's JAX models, and its operations the scripts use.
 
-Architecture (Black et al., "π₀: A Vision-Language-Action Flow Model", 2024; openpi):
+Architecture (Black et al., "π₀: A Vision-Language-Action Flow Model"; openpi):
   prefix = [SigLIP tokens of each camera (masked cameras stay in the sequence) | prompt embeddings * sqrt(W)]
   suffix = [state token (π₀ only) | action tokens at flow time t]
-  Two Gemma experts (the VLM for the prefix, the small action expert for the suffix) run the same layers side by side
-  and attend jointly over the concatenated tokens; the prefix-LM mask comes from the cumulative autoregressive mask
-  and RoPE positions from the cumulative input mask. π₀.₅ conditions the action expert on t through adaRMS norms.
+  Two Gemma experts (the VLM for the prefix, the action expert for the suffix) run the same layers side by side and
+  attend jointly over the concatenated tokens (prefix-LM mask, RoPE positions from the cumulative input mask). π₀.₅
+  conditions the action expert on t through adaRMS norms. The parameter tree is openpi's, with no renaming.
 
-The parameter tree is openpi's (`PaliGemma/llm/layers/attn/q_einsum/w`, ...), so `load_openpi_params` restores an
-openpi checkpoint with no renaming. Shape letters: B batch, N candidates, H chunk length, A action dim, L prompt
-tokens, W width, D depth, K kv heads, G query heads per kv head, E head dim; in the attention einsums T the query
-tokens and S the key tokens of the group attended jointly, P the cached prefix tokens (suffix queries over a prefix
-cache: T = S = the suffix tokens).
-
-Performance: `prefix()` runs the VLM once per observation and returns its KV cache and pooled features; every
-denoising step and every one of N candidates attends to that cache by broadcasting (the cache is never tiled or
-recomputed), and the critic/value heads read the pooled features instead of running the VLM again.
+Shape letters: B batch, N candidates, H chunk length, A action dim, L prompt tokens, W width, D depth, K kv heads,
+G query heads per kv head, E head dim; in attention T the query and S the key tokens, P the cached prefix tokens.
+`prefix()` runs the VLM once per observation; every denoising step and every candidate attends to its KV cache by
+broadcasting (never tiled or recomputed), and critics read its pooled features.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
-import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,7 +111,7 @@ _SO400M = SigLIPConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_s
 PRESETS: dict[str, Pi0Config] = {
     "pi0": Pi0Config(vlm=_GEMMA_2B, expert=_GEMMA_300M, vit=_SO400M, pi05=False, max_token_len=48),
     "pi05": Pi0Config(vlm=_GEMMA_2B, expert=_GEMMA_300M, vit=_SO400M, pi05=True, max_token_len=200),
-    # The CPU preset: the same code paths at a size that trains in minutes on 2 cores (see README for its speed).
+    # The CPU preset: the same code paths at a size a laptop CPU trains.
     "cpu": Pi0Config(
         vlm=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
         expert=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
@@ -135,9 +127,8 @@ PRESETS: dict[str, Pi0Config] = {
 
 
 def train_precision(config: Pi0Config, precision: str | None = None, remat: str | None = None) -> dict[str, str]:
-    """How a run trains π₀ (`dataclasses.replace(config, **train_precision(config, ...))`): float32 parameters and
-    optimizer state, computed in `precision` with layers rematerialised under `remat`; None: openpi's choice for a
-    full-size π₀ (VLM width ≥ 1024: bfloat16, nothing_saveable), float32 without remat for smaller ones."""
+    """The config fields of training: float32 parameters computed in `precision`, layers rematerialised under `remat`;
+    None: openpi's choice for a full-size π₀ (bfloat16, nothing_saveable), float32 without remat for smaller ones."""
     full = config.vlm.width >= 1024
     precision = precision or ("bfloat16" if full else "float32")
     return {"dtype": precision, "param_dtype": "float32", "remat": remat or ("nothing_saveable" if full else "none")}
@@ -198,11 +189,8 @@ class Einsum(nn.Module):
 
 class Attention(nn.Module):
     """Multi-query attention computed jointly over the token groups of all experts (each with its own projections).
-
-    Without a cache: `mask` [B,T,T] over the concatenated tokens. With `cache=(k, v, prefix_mask)` from a prefix
-    pass ([Bc,P,K,E], [Bc,P,K,E], [Bc,P]): the tokens here belong to Bc·N rows (N candidates per cached row); each
-    attends to its row's prefix (broadcast, never tiled) and to its own tokens through `mask` [Bc·N,T,T].
-    """
+    Without a cache: `mask` [B,T,T]. With `cache=(k, v, prefix_mask)` ([Bc,P,K,E] ×2, [Bc,P]) the tokens belong to
+    Bc·N rows, each attending to its row's prefix (broadcast) and to its own tokens through `mask` [Bc·N,T,T]."""
 
     configs: Sequence[GemmaConfig]
 
@@ -591,10 +579,7 @@ class Pi0:
         time: jax.Array | None = None,
     ):
         """Flow-matching loss per step, [B,H] (openpi): t ~ Beta(1.5,1)·0.999+0.001, x_t = t·ε + (1−t)·a, target ε − a.
-
-        Pass a Prefix to reuse a VLM pass. `freeze_backbone` stops gradients at the prefix, so the VLM's backward
-        pass is never built (only the action expert and the projections learn).
-        """
+        A Prefix reuses a VLM pass; `freeze_backbone` stops gradients at the prefix (no VLM backward pass)."""
         prefix = obs_or_prefix if isinstance(obs_or_prefix, Prefix) else self.prefix(params, obs_or_prefix)
         if freeze_backbone:
             prefix = jax.lax.stop_gradient(prefix)
@@ -608,10 +593,7 @@ class Pi0:
         return jnp.mean(jnp.square(v_t[:, 0] - (noise - actions)), axis=-1)
 
     def sample(self, params: Params, prefix: Prefix, noise: jax.Array, num_steps: int = 10) -> jax.Array:
-        """Euler integration of the flow from t=1 (noise) to t=0 for N candidates per observation from one cache.
-
-        noise [B,N,H,A] -> actions [B,N,H,A]. Time is accumulated as t ← t + δ like openpi's sampler.
-        """
+        """Euler integration from t=1 (noise [B,N,H,A]) to t=0 (actions [B,N,H,A]), t ← t + δ as openpi's sampler."""
         B, N = noise.shape[:2]
         dt = -1.0 / num_steps
 
@@ -629,28 +611,27 @@ class Pi0:
         noise = jax.random.normal(rng, (prefix.mask.shape[0], n, c.action_horizon, c.action_dim))
         return self.sample(params, prefix, noise, num_steps)
 
-    def sample_scored(self, params: Params, prefix: Prefix, rng: jax.Array, n: int, num_steps: int,
-                      score: Callable[[jax.Array], Any], slice_: int = 0) -> tuple[jax.Array, Any]:  # fmt: skip
-        """`sample_n` in slices of `slice_` candidates (0: all n at once), each slice scored as soon as it is sampled
-        (`score`: chunks [B,S,H,A] -> a pytree of [B,S,...]) under `lax.map`, so that memory holds one slice's
-        activations -> chunks [B,n,H,A], scores (the pytree, [B,n,...]). Slice i's noise comes from split(rng)[i]."""
+    def sample_scored(
+        self, params: Params, prefix: Prefix, rng: jax.Array, n: int, steps: int, score: Callable, slice_: int = 0
+    ) -> tuple[jax.Array, Any]:
+        """`sample_n` in slices of `slice_` candidates (0: all at once) under `lax.map`, each scored when sampled
+        (`score`: chunks [B,S,H,A] -> a pytree of [B,S,...]) so that memory holds one slice -> chunks [B,n,H,A],
+        scores [B,n,...]. Slice i's noise comes from split(rng)[i]."""
         S = slice_ or n
 
         def part(key):
-            chunks = self.sample_n(params, prefix, key, S, num_steps)
+            chunks = self.sample_n(params, prefix, key, S, steps)
             return chunks, score(chunks)
 
         out = jax.lax.map(part, jax.random.split(rng, n // S))  # [n/S,B,S,...]
         return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n, *x.shape[3:]), out)
 
-    def sample_logp(self, params: Params, prefix: Prefix, noise: jax.Array, steps: int, rng: jax.Array,
-                    hutchinson: bool) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-        """`sample` with the log-density of each sample by the change of variables along the flow (chunk AWR's
-        entropy term): log π(A) = log N(x_1) + (1/K) Σ_k tr ∂v/∂x (x_k, t_k).
-
-        noise [B,N,H,A] -> (A [B,N,H,A], log π [B,N]). Exact trace: one JVP per coordinate (rows never interact);
-        Hutchinson: E[εᵀ J ε] with Rademacher ε.
-        """
+    def sample_logp(
+        self, params: Params, prefix: Prefix, noise: jax.Array, steps: int, rng: jax.Array, hutchinson: bool
+    ):
+        """`sample` with each sample's log-density by the change of variables along the flow: log π(A) = log N(x_1) +
+        (1/K) Σ_k tr ∂v/∂x (x_k, t_k) -> (A [B,N,H,A], log π [B,N]). Exact trace: one JVP per coordinate;
+        Hutchinson: E[εᵀ J ε] with Rademacher ε."""
         B, N, H, A = noise.shape
         dt = -1.0 / steps
 
@@ -755,20 +736,16 @@ STATE_BINS = 256  # openpi's π₀.₅ discretises each normalised state dim int
 
 def discretize_state(state: jax.Array) -> jax.Array:
     """openpi's `np.digitize(state, np.linspace(-1, 1, 257)[:-1]) - 1` in JAX: [..., S] -> int32 bins in [-1, 255]
-    (below -1: bin -1, as openpi writes it). The edges k/128 − 1 are exact in float32, so no value moves a bin."""
+    (the edges k/128 − 1 are exact in float32)."""
     edges = jnp.arange(STATE_BINS, dtype=jnp.float32) / (STATE_BINS / 2) - 1.0
     return (jnp.searchsorted(edges, state.astype(jnp.float32), side="right") - 1).astype(jnp.int32)
 
 
 @flax.struct.dataclass
 class PromptTable:
-    """Every instruction tokenised once; observations carry `prompt_id` into it. tokens/mask [P,L].
-
-    With the state in the prompt (π₀.₅, `state_in_prompt`): `tokens` holds each prompt's part before the state (for
-    openpi: BOS "Task: <text>, State:"), and `bins` [2,257,M] / `bin_len` [2,257] the token ids of every bin value
-    b ∈ [-1, 255] (row b+1) as a middle dim ([0]: " <b>") and as the last dim ([1]: " <b>;\nAction: "), zero-padded
-    to M. `state_prompt` assembles a batch's tokens from them inside jit: no host round trip per step.
-    """
+    """Every instruction tokenised once; observations carry `prompt_id` into it. tokens/mask [P,L]. With the state in
+    the prompt (π₀.₅): `tokens` is each prompt's part before the state, and `bins` [2,257,M] / `bin_len` [2,257] the
+    ids of every bin value b ∈ [-1, 255] (row b+1) as a middle dim ([0]) and as the last ([1]), for `state_prompt`."""
 
     tokens: jax.Array
     mask: jax.Array
@@ -777,11 +754,8 @@ class PromptTable:
 
 
 def state_prompt(table: PromptTable, pid: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """π₀.₅'s prompt with the state: [B] prompt ids, [B,S] normalised state -> tokens [B,L], mask [B,L] (jittable).
-
-    The prefix of prompt `pid`, then each dim's bin tokens in order (the last dim's variant closes the prompt),
-    scattered to their offsets (prefix length + the lengths before them); tokens past L are dropped, as openpi
-    truncates a long prompt."""
+    """π₀.₅'s prompt with the state, in jit: [B] prompt ids, [B,S] normalised state -> tokens [B,L], mask [B,L]: the
+    prompt's prefix, then each dim's bin tokens scattered to their offsets; tokens past L dropped (as openpi)."""
     B, S = state.shape
     L, M = table.tokens.shape[1], table.bins.shape[-1]
     row = discretize_state(state) + 1  # [B,S] row of each bin value in the tables
@@ -804,12 +778,8 @@ def make_observation(
     state_stats: dict[str, Any] | None = None,
     quantile: bool = False,
 ) -> Observation:
-    """An environment/dataset observation batch -> π₀ inputs (jittable).
-
-    obs = {"state": [B,S], "prompt_id": [B], "images": {camera: uint8 or float [B,h,w,3]}}. Images are resized with
-    padding to the model's size and scaled to [-1,1]; cameras the observation lacks are black and masked; the state
-    is normalised with `state_stats` and zero-padded to the action dim.
-    """
+    """An observation batch -> π₀ inputs (jittable): images resized with padding and scaled to [-1,1] (missing cameras
+    black and masked), the state normalised with `state_stats` and zero-padded, the prompt from the table."""
     state = normalize(jnp.asarray(obs["state"], jnp.float32), state_stats, quantile)
     state_dim = config.state_dim or config.action_dim
     if state.shape[-1] > state_dim:
@@ -836,18 +806,11 @@ def make_observation(
 
 
 class EnvIO:
-    """Between one environment and π₀: observation batches to π₀ inputs (`make_observation`), action chunks from the
-    env's units [..., A] to π₀'s normalised action space zero-padded to the model's action dim [..., A_m], and back.
-
-    `stats`: {"state", "actions"} norm stats (`normalize`'s layout); `quantile`: openpi's quantile normalisation
-    (π₀.₅ checkpoints) instead of mean/std; `delta`: the first `delta` action dims are predicted relative to the state
-    (openpi's pi0_libero; the caller decides, e.g. `libero.openpi_delta_dims`), so the state is subtracted going in
-    and added coming out.
-    `horizon`: the chunk the scripts work with, executed open loop, learned from and valued (default: the model's
-    whole chunk); fewer than the model's `action_horizon` H_m keeps the first `horizon` actions of every sampled chunk
-    and discards the rest, like openpi's `replan_steps` (pi0_libero: H_m = 50, 5 executed). Data chunks [.., horizon,
-    A] are zero-padded to H_m and their padded steps get zero weight (`step_weights`).
-    """
+    """Between an env and π₀: observations to π₀ inputs, action chunks from env units [..., A] to π₀'s normalised,
+    zero-padded [..., A_m], and back. `quantile`: openpi's quantile normalisation (π₀.₅) instead of mean/std;
+    `delta`: the first `delta` action dims are predicted relative to the state (openpi's pi0_libero). `horizon`: the
+    executed chunk H (default π₀'s whole chunk H_m); the rest of each sampled chunk is discarded, as openpi's
+    `replan_steps`, and data chunks are zero-padded to H_m with zero weight there (`step_weights`)."""
 
     def __init__(
         self,
@@ -874,8 +837,7 @@ class EnvIO:
         return make_observation(self.config, obs, self.table, self.stats["state"], self.quantile)
 
     def to_model(self, actions: jax.Array, state: jax.Array | None = None) -> jax.Array:
-        """Env-unit chunks [..., H, A] -> normalised, zero-padded [..., H_m, A_m]; relative to `state` [B,S] on the
-        delta dims when it is given (a chunk [B,H,A] the policy should predict), absolute without it."""
+        """Env-unit chunks [..., H, A] -> normalised, zero-padded [..., H_m, A_m], relative to `state` when given."""
         off = 0.0 if state is None else self.state_offset(state)
         a = normalize(actions - off, self.stats["actions"], self.quantile)
         pad_t = self.config.action_horizon - a.shape[-2]  # executed chunks [.., H, A]: discarded steps are 0
@@ -904,10 +866,9 @@ class EnvIO:
         return state_offset(state, self.action_dim, self.delta)
 
 
-def sample_env_actions(model: Pi0, io: EnvIO, params: Params, obs: dict[str, Any], rng: jax.Array, steps: int,
-                       noise_scale: float = 1.0) -> jax.Array:  # fmt: skip
-    """π₀'s action chunk for a batch of env observations, the executed part in env units [B,H,A] (jittable): one
-    prefix pass, then `steps` Euler steps from noise_scale·N(0, I) (0: the deterministic mean-noise policy)."""
+def sample_env_actions(model: Pi0, io: EnvIO, params: Params, obs: dict, rng: jax.Array, steps: int, noise_scale=1.0):
+    """π₀'s chunks for env observations, the executed part in env units [B,H,A] (jittable): one prefix pass, then
+    `steps` Euler steps from noise_scale·N(0, I) (0: the deterministic mean-noise policy)."""
     c = model.config
     prefix = model.prefix(params, io.observe(obs))
     noise = noise_scale * jax.random.normal(rng, (prefix.mask.shape[0], 1, c.action_horizon, c.action_dim))
@@ -916,8 +877,7 @@ def sample_env_actions(model: Pi0, io: EnvIO, params: Params, obs: dict[str, Any
 
 def state_offset(state: Any, action_dim: int, dims: int) -> Any:
     """What to add to a chunk predicted relative to the state: [..., S] -> [..., 1, A], the first `dims` state entries
-    (zero beyond them); 0.0 when dims = 0. Works on numpy and jax arrays (needs S ≥ A when dims > 0). Which dims are
-    relative is the checkpoint's convention (LIBERO: `libero.openpi_delta_dims`), passed in by the caller."""
+    (zero beyond); 0.0 when dims = 0. numpy or jax."""
     if not dims:
         return 0.0
     return state[..., None, :action_dim] * (np.arange(action_dim) < dims)
@@ -944,61 +904,9 @@ def _digitize(state: np.ndarray) -> np.ndarray:
     return np.digitize(state, bins=np.linspace(-1, 1, STATE_BINS + 1)[:-1]) - 1
 
 
-class PaligemmaTokenizer:
-    """The PaliGemma SentencePiece model with openpi's prompt formats, padded to `max_len` with a mask. π₀: BOS +
-    cleaned text, then "\\n" encoded alone; π₀.₅ with the state: BOS + "Task: <text>, State: <bins>;\\nAction: " with
-    the 256-bin discretised state written as space-separated integers.
-
-    For jit, the π₀.₅ prompt is cut into parts: the text before the state (`state_prefix`), and each bin value as a
-    middle or last dim (`state_bins`), each part's ids read off SentencePiece's own encoding of a longer string.
-    That is exact when SentencePiece splits at the spaces before the numbers (its default), and `make_prompt_table`
-    checks it against the whole-string encoding before a run starts.
-    """
-
-    def __init__(self, model_path: str, max_len: int):
-        if not os.path.isfile(model_path):
-            raise RunError(
-                f"--tokenizer {model_path!r}: no such file; pass the path of "
-                "openpi's paligemma_tokenizer.model (it is in openpi's asset cache)"
-            )
-        import sentencepiece
-
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
-        self.max_len, self.vocab_size = max_len, self.sp.get_piece_size()
-
-    def ids(self, prompt: str, state: np.ndarray | None = None) -> list[int]:
-        """The unpadded token ids, computed on the host from whole strings (the reference for the parts)."""
-        text = _clean(prompt)
-        if state is None:
-            return self.sp.encode(text, add_bos=True) + self.sp.encode("\n")
-        bins = _digitize(state)
-        return self.sp.encode(f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: ", add_bos=True)
-
-    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return _pad(self.ids(prompt, state), self.max_len)
-
-    def _after(self, head: str, text: str) -> list[int]:
-        """The ids `head + text` encodes to after those of `head` alone (what `text` adds in that context)."""
-        base, full = self.sp.encode(head), self.sp.encode(head + text)
-        return full[len(base) :] if full[: len(base)] == base else [-1]  # -1: not separable (caught by the check)
-
-    def state_prefix(self, prompt: str) -> list[int]:
-        """The ids of a π₀.₅ prompt before its state."""
-        return self.sp.encode(f"Task: {_clean(prompt)}, State:", add_bos=True)
-
-    def state_bins(self) -> tuple[list[list[int]], list[list[int]]]:
-        """([ids of " <b>" as a middle dim], [ids of " <b>;\\nAction: " as the last dim]), indexed by b + 1 for b in
-        [-1, 255]: the same for every prompt."""
-        mid = [self._after("State:", f" {b}") for b in _bin_values()]
-        return mid, [self._after("State:", f" {b};\nAction: ") for b in _bin_values()]
-
-
 class BuiltinTokenizer:
-    """A word-level tokenizer that needs no file, for the CPU preset: common robot-task words get their own ids,
-    every other word hashes (crc32, stable across runs) into the ids left. 0 = pad, 1 = BOS, 2 = newline; the last 12
-    ids of the vocabulary write numbers (digits, minus, and a separator) for the π₀.₅ variant, which puts the
-    discretised state after the text: BOS, words, newline, then per dim its digits and a separator (newline after
-    the last)."""
+    """A word-level tokenizer that needs no file (the CPU preset): common robot-task words have their own ids, other
+    words hash (crc32) into the ids left; 0 pad, 1 BOS, 2 newline; the last 12 ids write π₀.₅'s state numbers."""
 
     WORDS = (
         "push pick place put open close turn on off the a an to in into onto of and at on top left right front "
@@ -1044,18 +952,18 @@ class BuiltinTokenizer:
         return mid, [self._number(b, 2) for b in _bin_values()]
 
 
-def make_tokenizer(path: str | None, config: Pi0Config) -> PaligemmaTokenizer | BuiltinTokenizer:
-    """The PaliGemma SentencePiece model at `path` (--tokenizer, for openpi checkpoints), or with None the built-in
-    word tokenizer (the CPU preset), for `config`'s prompt length and vocabulary."""
+def make_tokenizer(path: str | None, config: Pi0Config) -> Any:
+    """openpi's PaliGemma tokenizer at `path` (--tokenizer), or with None the built-in word tokenizer."""
     if path:
+        from common.openpi import PaligemmaTokenizer
+
         return PaligemmaTokenizer(path, config.max_token_len)
     return BuiltinTokenizer(config.max_token_len, config.vocab_size)
 
 
 def make_prompt_table(prompts: Sequence[str], tokenizer, state_in_prompt: bool = False) -> PromptTable:
-    """Every prompt tokenised once. With `state_in_prompt` (π₀.₅): the parts `state_prompt` assembles per step, each
-    prompt's assembly checked against the tokenizer's whole-string encoding (every bin value, in the middle and at
-    the end) so that a tokenizer that cannot be cut this way stops here instead of feeding π₀.₅ wrong prompts."""
+    """Every prompt tokenised once. With `state_in_prompt` (π₀.₅): the parts `state_prompt` assembles, checked against
+    the tokenizer's whole-string encoding so that a tokenizer that cannot be cut this way stops the run here."""
     if not state_in_prompt:
         toks, masks = zip(*(tokenizer.tokenize(p) for p in prompts), strict=True) if prompts else ((), ())
         return PromptTable(tokens=jnp.asarray(np.stack(toks)), mask=jnp.asarray(np.stack(masks)))
@@ -1084,159 +992,3 @@ def make_prompt_table(prompts: Sequence[str], tokenizer, state_in_prompt: bool =
             bins[k, i, : len(ids)] = ids
     lens = np.array([[len(x) for x in mid], [len(x) for x in last]], np.int32)
     return PromptTable(jnp.asarray(np.stack(toks)), jnp.asarray(np.stack(masks)), jnp.asarray(bins), jnp.asarray(lens))
-
-
-# ----------------------------------------------------------------------------------------------------------- openpi
-class CheckpointError(RunError):
-    """An openpi checkpoint that cannot be used as asked; the message says what was wrong and how to fix it."""
-
-
-def _params_dir(path: str) -> str:
-    path = os.path.abspath(os.path.expanduser(path))
-    for cand in (os.path.join(path, "params"), path):
-        if os.path.isfile(os.path.join(cand, "_METADATA")) or os.path.isfile(os.path.join(cand, "manifest.ocdbt")):
-            return cand
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
-    raise CheckpointError(
-        f"{path!r} is not an openpi checkpoint: expected an orbax checkpoint in {path}/params "
-        f"(with _METADATA); found {sorted(os.listdir(path))[:10]}"
-    )
-
-
-def config_from_params(params: Params, *, action_horizon: int, max_token_len: int, **overrides: Any) -> Pi0Config:
-    """Every size that the parameter shapes determine, read off them; horizon and token length must be given."""
-    try:
-        pg, llm = params["PaliGemma"], params["PaliGemma"]["llm"]
-        attn, layers = llm["layers"]["attn"], llm["layers"]
-
-        def gemma(i: int) -> GemmaConfig:
-            s = "" if i == 0 else f"_{i}"
-            if f"q_einsum{s}" in attn:
-                q, kv = attn[f"q_einsum{s}"]["w"].shape, attn[f"kv_einsum{s}"]["w"].shape
-                depth, heads, width, head_dim, kv_heads = q[0], q[1], q[2], q[3], kv[2]
-            else:
-                qkv = attn[f"qkv_einsum{s}"]["w"].shape
-                depth, heads, width, head_dim, kv_heads = qkv[0], qkv[2], qkv[3], qkv[4], qkv[2]
-            mlp = layers[f"mlp{s}"]["gating_einsum"].shape[-1]
-            return GemmaConfig(width, depth, mlp, heads, kv_heads, head_dim)
-
-        vit, cams = PRESETS["cpu"].vit, ()
-        if "img" in pg:
-            img = pg["img"]
-            blk = img["Transformer"]["encoderblock"]
-            patch, width = img["embedding"]["kernel"].shape[0], img["embedding"]["kernel"].shape[-1]
-            vit = SigLIPConfig(
-                width=width,
-                depth=blk["LayerNorm_0"]["scale"].shape[0],
-                mlp_dim=blk["MlpBlock_0"]["Dense_0"]["kernel"].shape[-1],
-                num_heads=blk["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape[2],
-                patch_size=patch,
-                image_size=int(math.isqrt(img["pos_embedding"].shape[1])) * patch,
-            )
-            cams = CAMERAS
-        fields = dict(
-            vlm=gemma(0),
-            expert=gemma(1),
-            vit=vit,
-            pi05="time_mlp_in" in params,
-            vocab_size=llm["embedder"]["input_embedding"].shape[0],
-            action_dim=params["action_in_proj"]["kernel"].shape[0],
-            action_horizon=action_horizon,
-            state_dim=params["state_proj"]["kernel"].shape[0] if "state_proj" in params else None,
-            max_token_len=max_token_len,
-            cameras=cams,
-        )
-    except KeyError as e:
-        raise CheckpointError(f"parameter {e} missing: this is not a π₀/π₀.₅ parameter tree") from None
-    return Pi0Config(**{**fields, **overrides})
-
-
-def check_params(params: Params, config: Pi0Config) -> None:
-    """Raise CheckpointError naming missing, extra and mis-shaped parameters against what `config` builds."""
-    expected = jax.eval_shape(Pi0(dataclasses.replace(config, param_dtype="float32")).init, jax.random.key(0))
-    flat = lambda t: {
-        jax.tree_util.keystr(p, simple=True, separator="/"): x.shape for p, x in jax.tree_util.tree_leaves_with_path(t)
-    }
-    want, got = flat(expected), flat(params)
-    problems = [
-        f"{k}: checkpoint has shape {tuple(got[k])}, the requested model needs {tuple(want[k])}"
-        for k in sorted(want.keys() & got.keys())
-        if tuple(got[k]) != tuple(want[k])
-    ]
-    problems += [f"missing {k} (expected shape {want[k]})" for k in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
-    if problems:
-        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise CheckpointError(
-            "the checkpoint does not fit the requested π₀ model:\n  "
-            + "\n  ".join(problems[:12])
-            + more
-            + "\n(check --pi0-preset, --action-horizon and the π₀ / π₀.₅ choice)"
-        )
-
-
-def load_openpi_params(
-    path: str,
-    *,
-    action_horizon: int = 50,
-    max_token_len: int = 48,
-    expect: Pi0Config | None = None,
-    dtype: str = "float32",
-) -> tuple[Params, Pi0Config]:
-    """Restore `<path>/params` (orbax, openpi's layout) -> (params, config inferred from the shapes).
-
-    `expect`: a config the checkpoint must match (every parameter's shape is checked against it). `dtype`: cast the
-    parameters and compute in it, e.g. "bfloat16" to serve the full model on one GPU (training keeps float32
-    parameters and sets the compute dtype alone: `runlog.make_policy`'s precision).
-    """
-    import orbax.checkpoint as ocp
-
-    with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we place the arrays ourselves)
-        warnings.filterwarnings("ignore", "Sharding info not provided")
-        restored = ocp.PyTreeCheckpointer().restore(_params_dir(path))
-    params = restored.get("params", restored) if isinstance(restored, dict) else restored
-    # openpi's nnx states store leaves as {"value": array}; keep the plain tree
-    params = jax.tree.map(
-        lambda x: x["value"] if isinstance(x, dict) else x,
-        params,
-        is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"},
-    )
-    sizes = dict(action_horizon=action_horizon, max_token_len=max_token_len)
-    config = config_from_params(params, **sizes, dtype=dtype, param_dtype=dtype)
-    if expect is not None:
-        check_params(params, dataclasses.replace(expect, **sizes))
-        config = dataclasses.replace(expect, **sizes, dtype=dtype, param_dtype=dtype)
-    check_params(params, config)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    return params, config
-
-
-def asset_ids(path: str) -> list[str]:
-    """The asset ids of an openpi checkpoint that hold norm stats: paths under `<path>/assets` with a
-    norm_stats.json (openpi's LIBERO: physical-intelligence/libero)."""
-    assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
-    return sorted(os.path.relpath(d, assets) for d, _, files in os.walk(assets) if "norm_stats.json" in files)
-
-
-def load_norm_stats(path: str, asset_id: str | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """`<ckpt>/assets/<asset_id>/norm_stats.json` -> {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}."""
-    assets = os.path.join(os.path.abspath(os.path.expanduser(path)), "assets")
-    if asset_id is None:
-        found = asset_ids(path)
-        if len(found) != 1:
-            raise CheckpointError(
-                f"cannot choose the norm stats in {assets}: found {found or 'none'}; "
-                "pass --asset-id (e.g. physical-intelligence/libero)"
-            )
-        asset_id = found[0]
-    file = os.path.join(assets, asset_id, "norm_stats.json")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"no norm stats at {file}: pass the openpi checkpoint directory and its --asset-id")
-    with open(file) as f:
-        raw = json.load(f)
-    raw = raw.get("norm_stats", raw)
-    return {
-        k: {s: np.asarray(v[s], np.float32) for s in ("mean", "std", "q01", "q99") if v.get(s) is not None}
-        for k, v in raw.items()
-    }

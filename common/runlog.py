@@ -1,18 +1,16 @@
-"""Run plumbing shared by the scripts: the run block of their Args (`RunArgs`, `resumed`, `check_choices`), the run
-folder (metrics.jsonl (+ wandb), args.json, orbax checkpoints, progress lines, stopping on SIGINT/SIGTERM), one-line
-errors for the command line, and loading the π₀ a run starts from (an openpi checkpoint or a run folder, `load_pi0`).
+"""Runs: the run block of the scripts' Args, the run folder (metrics, args.json, orbax checkpoints, resume, stopping
+on SIGINT/SIGTERM), one-line errors, and the π₀ a run starts from (`make_policy`).
 
-runs/<env>__<script>__<seed>__<time>/
+runs/<env>__<exp_name>__<seed>__<time>/
     args.json        the Args the run started with (+ "_script"); `--resume` reads them back
     metrics.jsonl    one JSON object per log step: {"step": ..., "losses/...": ..., "eval/...": ...}
     checkpoints/     orbax CheckpointManager: {"state": train state pytree, "extra": JSON (norm stats, counters)}
-    host/            per checkpoint step and process, <step>.p<i>.npz: what lives on the host (replay buffer, env
-                     state, current observation), written before the orbax checkpoint of the same step
+    host/            <step>.p<i>.npz per checkpoint step and process: what lives on the host (replay buffer, env
+                     state, observation), written before the orbax checkpoint of the same step
 
-A run folder belongs to one run: a new run refuses a non-empty --run-dir, `--resume` continues the run with its own
-args.json. Every file is replaced atomically (a temporary file, then `os.replace`; orbax commits a step by renaming
-its folder), so a kill at any moment leaves the last complete checkpoint and its host file. Resuming truncates
-metrics.jsonl to the restored step: an interrupted and resumed run logs each step once.
+A run folder belongs to one run. Every file is replaced atomically (a temporary file, then `os.replace`; orbax
+renames a step's folder), so a kill at any moment leaves the last complete checkpoint and its host file. Resuming
+truncates metrics.jsonl to the restored step: an interrupted and resumed run logs each step once.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import glob
 import json
 import logging
 import os
@@ -42,7 +39,6 @@ import tyro
 from common import RunError, mesh, pi0
 
 DATASET_KINDS = "prior data: robomimic/LIBERO HDF5, a LeRobot folder, an OGBench/D4RL .npz or a Minari folder"
-EXPORT_RECORD = "pi0rl.json"  # beside an exported openpi checkpoint: how its prompts are made (openpi ignores it)
 
 # flags a resumed run may change: where it runs and logs, not what it computes
 RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices", "eval_envs", "remat")
@@ -130,10 +126,18 @@ class RunArgs:
     def pi0_flags(self) -> dict[str, Any]:
         """The run block's flags that choose the π₀ a run starts from, as `make_policy`'s arguments; a resumed run's
         norm stats are its own (its checkpoint's), whatever the data or the checkpoint hold now."""
-        return dict(env_name=self.env, checkpoint=self.pi0_checkpoint, preset=self.pi0_preset,
-                    tokenizer=self.tokenizer, asset_id=self.asset_id, model_horizon=self.model_horizon,
-                    discrete_state=self.discrete_state, precision=self.precision, remat=self.remat,
-                    resume_dir=self.run_dir if self.resume else None)  # fmt: skip
+        return dict(
+            env_name=self.env,
+            checkpoint=self.pi0_checkpoint,
+            preset=self.pi0_preset,
+            tokenizer=self.tokenizer,
+            asset_id=self.asset_id,
+            model_horizon=self.model_horizon,
+            discrete_state=self.discrete_state,
+            precision=self.precision,
+            remat=self.remat,
+            resume_dir=self.run_dir if self.resume else None,
+        )
 
 
 def resumed(args: Any, script: str, defaults: Any = None) -> Any:
@@ -145,7 +149,7 @@ def resumed(args: Any, script: str, defaults: Any = None) -> Any:
     if not args.resume:
         return args
     if not args.run_dir:
-        raise RunError("--resume needs --run-dir: the run folder to continue (e.g. runs/push__acrlpd_pi0__1__...)")
+        raise RunError("--resume needs --run-dir: the run folder to continue (runs/<env>__<name>__<seed>__<time>)")
     file = os.path.join(args.run_dir, "args.json")
     try:
         with open(file) as f:
@@ -193,12 +197,6 @@ def resumed(args: Any, script: str, defaults: Any = None) -> Any:
     return dataclasses.replace(args, **values)
 
 
-LIBERO_REPO = "physical-intelligence/libero"  # openpi's LIBERO data on the Hugging Face hub (LeRobot format)
-# What openpi's LIBERO configs say of their checkpoints, which store no config (training/config.py): the chunk length,
-# and that pi05_libero was trained without the state in its prompt (discrete_state_input=False)
-OPENPI_LIBERO = {"pi0_libero": {"action_horizon": 50}, "pi05_libero": {"action_horizon": 10, "discrete_state": False}}
-
-
 def configured(configs: dict[str, Any], env: str, **overrides: Any) -> Any:
     """The named config of `env` (configs["gym"] for any gymnasium id not named) with `env` and `overrides` set."""
     return dataclasses.replace(configs.get(env, configs["gym"]), env=env, **overrides)
@@ -224,9 +222,10 @@ def prepared(args: Any, script: str, configs: dict[str, Any], *, data_with_check
     is always needed without a checkpoint; with one, `data_with_checkpoint` says: "needed", "optional" (used when
     there is some) or "unused"."""
     args = resumed(args, script, configured(configs, args.env))
-    args = located(args, data_with_checkpoint=data_with_checkpoint)
+    args = _located(args, data_with_checkpoint)
     named, base = configs.get(args.env, configs["gym"]), type(args)()
-    changed = [f.name for f in dataclasses.fields(base) if f.name != "env" and getattr(named, f.name) != getattr(base, f.name)]
+    changed = [f.name for f in dataclasses.fields(base) if getattr(named, f.name) != getattr(base, f.name)]
+    changed = [name for name in changed if name != "env"]
     if changed:
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(named, name)}" for name in changed)
         print(f"config {args.env if args.env in configs else 'gym'}: {flags} (the rest: the defaults, see --help)")
@@ -234,107 +233,21 @@ def prepared(args: Any, script: str, configs: dict[str, Any], *, data_with_check
     return args
 
 
-def openpi_home() -> str:
-    """openpi's cache (openpi/shared/download.py): $OPENPI_DATA_HOME, default ~/.cache/openpi."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("OPENPI_DATA_HOME", "~/.cache/openpi")))
+def _located(args: Any, data_with_checkpoint: str) -> Any:
+    """`openpi.located` where a run uses openpi's caches or a checkpoint (--env libero, --pi0-checkpoint); else the
+    preset alone."""
+    if args.env != "libero" and not args.pi0_checkpoint:
+        return dataclasses.replace(args, pi0_preset=args.pi0_preset or "cpu")
+    from common import openpi
 
-
-def lerobot_home() -> str:
-    """LeRobot's cache (lerobot/utils/constants.py): $HF_LEROBOT_HOME, default $HF_HOME/lerobot, where HF_HOME is
-    huggingface_hub's ($HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface)."""
-    if "HF_LEROBOT_HOME" in os.environ:
-        return os.path.abspath(os.path.expanduser(os.environ["HF_LEROBOT_HOME"]))
-    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
-    hf_home = os.environ.get("HF_HOME", os.path.join(xdg, "huggingface"))
-    return os.path.abspath(os.path.join(os.path.expanduser(hf_home), "lerobot"))
-
-
-def checkpoint_record(checkpoint: str) -> dict[str, Any]:
-    """What is known of how an openpi-layout checkpoint was trained (openpi stores no config with it): the record of
-    our export (`pi0rl.json`: action_horizon, max_token_len, discrete_state), over what openpi's configs say of
-    pi0_libero / pi05_libero, recognised by a folder name on the path (`OPENPI_LIBERO`)."""
-    names = os.path.abspath(os.path.expanduser(checkpoint)).split(os.sep)
-    record = next((dict(r) for n in names for name, r in OPENPI_LIBERO.items() if n.startswith(name)), {})
-    if os.path.isfile(file := os.path.join(checkpoint, EXPORT_RECORD)):
-        with open(file) as f:
-            record.update({k: v for k, v in json.load(f).items() if v is not None})
-    return record
-
-
-def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
-    """`args` with π₀'s preset chosen (None: pi0 for --env libero, else cpu) and, for --env libero, the inputs left
-    unset found where openpi and LeRobot put them (nothing is downloaded):
-      --pi0-checkpoint  $OPENPI_DATA_HOME/openpi-assets/checkpoints/<preset>_libero (pi0 / pi05 presets)
-      --tokenizer       $OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model (for an openpi checkpoint)
-      --dataset         $HF_LEROBOT_HOME/physical-intelligence/libero, else LeRobot's hub snapshots under
-                        $HF_LEROBOT_HOME/hub/datasets--physical-intelligence--libero/snapshots/ (newest first)
-    A run folder given as --pi0-checkpoint lends its own --tokenizer; an openpi-layout one its --model-horizon where
-    `checkpoint_record` knows it (any env). A resumed run keeps its own (args.json). What was found is printed; what
-    is needed and not found stops the run with one RunError listing every path looked at and the flag that replaces
-    it. The data
-    is looked for unless a checkpoint is used and `data_with_checkpoint` is "unused", and needed unless it is
-    "optional" (acrlpd_pi0.py then runs online only)."""
-    preset = args.pi0_preset or ("pi0" if args.env == "libero" else "cpu")
-    found: dict[str, Any] = {"pi0_preset": preset}
-    if args.resume:  # a resumed run keeps what it found when it started (args.json)
-        return dataclasses.replace(args, **found)
-    home, missing = openpi_home(), []
-
-    def first(flag: str, paths: list[str], kind: str = "dir") -> str | None:
-        hit = next((p for p in paths if (os.path.isdir if kind == "dir" else os.path.isfile)(p)), None)
-        if hit:
-            print(f"--env libero: {flag} {hit} (found in the cache)")
-        else:
-            missing.append((flag, paths))
-        return hit
-
-    checkpoint = args.pi0_checkpoint
-    if args.env == "libero" and checkpoint is None and preset in ("pi0", "pi05"):
-        checkpoint = found["pi0_checkpoint"] = first(
-            "--pi0-checkpoint", [os.path.join(home, "openpi-assets", "checkpoints", f"{preset}_libero")]
-        )
-    ckpt = os.path.expanduser(checkpoint or "")
-    run_folder = bool(ckpt) and os.path.isdir(os.path.join(ckpt, "checkpoints"))
-    if run_folder and args.tokenizer is None and os.path.isfile(file := os.path.join(ckpt, "args.json")):
-        with open(file) as f:
-            found["tokenizer"] = json.load(f).get("tokenizer")  # the prompts its π₀ learned from
-    horizon = checkpoint_record(ckpt).get("action_horizon") if ckpt and not run_folder else None
-    if horizon and not args.model_horizon:  # the chunk it was trained on
-        found["model_horizon"] = horizon
-        print(f"--pi0-checkpoint {checkpoint}: trained on {horizon}-action chunks: --model-horizon {horizon}")
-    if args.env != "libero":
-        return dataclasses.replace(args, **found)
-    if checkpoint and not run_folder and args.tokenizer is None:
-        found["tokenizer"] = first(
-            "--tokenizer", [os.path.join(home, "big_vision", "paligemma_tokenizer.model")], kind="file"
-        )
-    if args.dataset is None and not (checkpoint and data_with_checkpoint == "unused"):
-        hub = os.path.join(lerobot_home(), "hub", f"datasets--{LIBERO_REPO.replace('/', '--')}", "snapshots")
-        snapshots = sorted(glob.glob(os.path.join(hub, "*")), key=os.path.getmtime, reverse=True)
-        paths = [os.path.join(lerobot_home(), *LIBERO_REPO.split("/")), *(snapshots or [os.path.join(hub, "*")])]
-        found["dataset"] = first("--dataset", paths)
-        if found["dataset"] is None and checkpoint and data_with_checkpoint == "optional":
-            missing.pop()  # optional here: start from π₀ with no prior data
-            print(f"--env libero: no prior data (looked at {', '.join(paths)}): starting from π₀ alone")
-    if missing:
-        lines = [f"{flag} (looked at: {', '.join(paths)})" for flag, paths in missing]
-        raise RunError(
-            "--env libero: not found in openpi's or LeRobot's cache (nothing is downloaded): "
-            + "; ".join(lines)
-            + ". Pass the flags, or point OPENPI_DATA_HOME / HF_LEROBOT_HOME at the caches"
-        )
-    return dataclasses.replace(args, **found)
+    return openpi.located(args, data_with_checkpoint=data_with_checkpoint)
 
 
 class Run:
-    """One training run's folder (see the module docstring). `resume=True` reopens `run_dir`; `restore()` then returns
-    its last checkpoint. From construction to `close()` the first SIGINT or SIGTERM sets `stopping`: the script's loop
-    saves at its next update boundary (`save` then exits with status 0 and prints the resume command); a second one
-    acts as usual (Ctrl-C: KeyboardInterrupt).
-
-    On several processes (one folder, on a filesystem every host sees) every process makes the Run, saves and
-    restores the orbax checkpoint (a collective) and its own host file; process 0 (`is_main`) alone writes args.json,
-    metrics.jsonl, wandb and the progress lines. A signal to any process stops them all at the same step."""
+    """One run's folder (module docstring); `resume=True` reopens it and `restore()` returns its last checkpoint. Until
+    `close()` the first SIGINT or SIGTERM sets `stopping`: the next `save` then exits with status 0 and prints the
+    resume command; a second signal acts as usual. On several processes every process saves and restores the orbax
+    checkpoint (a collective) and its own host file; process 0 alone writes args.json, metrics and progress lines."""
 
     def __init__(
         self,
@@ -413,9 +326,7 @@ class Run:
 
     @property
     def stopping(self) -> str | None:
-        """The signal (SIGINT, SIGTERM) that asked the run to stop at its next update boundary, or None. On several
-        hosts one host's signal stops them all: the processes agree on it (a tiny all-gather) so that they save
-        the same step together."""
+        """The signal that asked the run to stop at its next update boundary, or None; one host's stops them all."""
         if jax.process_count() == 1:
             return self._signal
         return (self._signal or "a signal to another host") if mesh.anywhere(self._signal is not None) else None
@@ -443,11 +354,9 @@ class Run:
         if self._wandb:
             self._wandb.log(row, step=int(step))
 
-    def report(self, step: int, metrics: dict[str, Any], phase: str, total: int, start: tuple[int, float],
-               show: tuple[str, ...]) -> None:  # fmt: skip
-        """`log` the metrics with the phase's rate (time/{phase}_steps_per_s, since `start` = (step, time)) and print
-        a progress line (`progress`) with the `show` metrics that are there. A loss (losses/*) that is NaN or inf
-        stops the run here with a RunError (the step, the loss, the last good checkpoint)."""
+    def report(self, step: int, metrics: dict, phase: str, total: int, start: tuple[int, float], show: tuple) -> None:
+        """`log` the metrics with the phase's rate since `start` = (step, time) and print a progress line with the
+        `show` metrics; a loss (losses/*) that is NaN or inf stops the run (RunError)."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics[f"time/{phase}_steps_per_s"] = (step - start[0]) / max(time.time() - start[1], 1e-9)
         self.log(step, metrics)
@@ -461,8 +370,7 @@ class Run:
         self.progress(step, total, phase, *start, **{k.split("/")[-1]: metrics[k] for k in show if k in metrics})
 
     def progress(self, step: int, total: int, phase: str, start_step: int, start_time: float, **shown: float) -> None:
-        """A periodic progress line with steps/s, ETA and the `shown` scalars (numbers or 0-d device arrays); printed by
-        process 0 alone."""
+        """A progress line with steps/s, ETA and the `shown` scalars (process 0 alone)."""
         if not self.is_main:
             return
         rate = (step - start_step) / max(time.time() - start_time, 1e-9)
@@ -482,11 +390,9 @@ class Run:
         return f"the last good checkpoint is step {self.saved_step} in {self.dir}/checkpoints"
 
     def save(self, step: int, state: Any, extra: dict[str, Any], host: dict[str, Any] | None = None) -> None:
-        """Checkpoint `step`: the `host` arrays (nested dicts of numpy arrays: replay buffer, env state; per process,
-        `host/<step>.p<i>.npz`), then an orbax checkpoint of the train `state` with the JSON `extra` (norm stats,
-        counters). Saving again at the step last saved rewrites the host file only (the train state does not change
-        without a step: acrlpd's warm-up). A state with NaN or inf is not saved (RunError). When a signal asked the
-        run to stop (`stopping`), the run is closed and the process exits with status 0 after the save."""
+        """Checkpoint `step`: the `host` arrays (nested dicts of numpy arrays, per process), then an orbax checkpoint
+        of the train `state` with the JSON `extra`; at the step last saved, the host file only. A state with NaN or
+        inf is not saved (RunError). When `stopping`, the run is closed and the process exits with status 0."""
         ocp, new = self._ocp, step != self.saved_step
         if new and not _all_finite(state):
             raise self._failed(f"step {step}: the train state holds NaN or inf and was not saved; {self._last_good()}")
@@ -524,9 +430,8 @@ class Run:
             return {k: z[k] for k in z.files}
 
     def keep(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Write `arrays` once for the run (`<run dir>/<name>.p<i>.npz`, atomically; per process: each keeps what it
-        computed) and return them: what a run computed from a train state that has moved on since (a cache), for a
-        resumed run to read back (`kept`) what the uninterrupted one used."""
+        """Write `arrays` once for the run (per process) and return them: a cache computed from a train state that
+        moves on, for a resumed run to read back (`kept`) what the uninterrupted one used."""
         atomic_write(os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz"), lambda f: np.savez(f, **arrays))
         return arrays
 
@@ -534,8 +439,7 @@ class Run:
         return os.path.join(self.dir, "host", f"{step}.p{jax.process_index()}.npz")
 
     def _prune_host(self, step: int) -> None:
-        """Drop this process's host files of steps orbax no longer keeps and a killed write's temporary file (harmless
-        till then); another process's files are its own (it may be writing one)."""
+        """Drop this process's host files of steps orbax no longer keeps, and a killed write's temporary file."""
         keep, folder, mine = {*self._mgr.all_steps(), step}, os.path.join(self.dir, "host"), f".p{jax.process_index()}."
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             if mine not in name:
@@ -545,9 +449,8 @@ class Run:
                     os.remove(os.path.join(folder, name))
 
     def restore(self, target: Any) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
-        """(step, state shaped like `target`, extra, host arrays or {}) of the last checkpoint when resuming, and
-        metrics.jsonl truncated to that step; None for a new run, or a resumed one that had saved nothing yet (it
-        starts over, its metrics emptied)."""
+        """(step, state shaped like `target`, extra, host arrays or {}) of the last checkpoint when resuming, with
+        metrics.jsonl truncated to that step; None for a new run or one that saved nothing yet."""
         if not self.resume:
             return None
         step, ocp = self._mgr.latest_step(), self._ocp
@@ -614,8 +517,8 @@ class Run:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """For a script's `__main__`: a `RunError` (bad flag, file, run folder, full disk, NaN) prints its one line to
-    stderr and exits with status 2; Ctrl-C before the run could save says so (status 130)."""
+    """For a script's `__main__`: a `RunError` prints its one line to stderr and exits with status 2; Ctrl-C before
+    the run could save says so (status 130)."""
     try:
         yield
     except RunError as e:
@@ -627,9 +530,8 @@ def one_line_errors():
 
 
 def atomic_write(path: str, data: bytes | typing.Callable[[typing.BinaryIO], Any]) -> None:
-    """Write `data` (bytes, or a function that writes to a binary file) to a temporary file next to `path`, flush it
-    to disk, then rename it over `path`: a reader (or a resume after a kill) sees the old file or the new one, never
-    a part of one."""
+    """Write `data` (bytes, or a function writing to a binary file) to a temporary file, flush it to disk, then rename
+    it over `path`: a reader sees the old file or the new one, never a part of one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -644,8 +546,7 @@ def atomic_write(path: str, data: bytes | typing.Callable[[typing.BinaryIO], Any
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dicts of arrays -> {"a/b/c": array}; an empty dict is kept as the key "a/b/" (so `_unflatten` rebuilds
-    it: an observation without images still has "images": {})."""
+    """Nested dicts of arrays -> {"a/b/c": array}; an empty dict stays, as the key "a/b/"."""
     out: dict[str, np.ndarray] = {}
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -668,8 +569,7 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _reason(e: BaseException) -> str:
-    """The root cause of an exception chain in a few words: an OSError's strerror (No space left on device), else
-    the type and the first line of the message."""
+    """The root cause of an exception chain in a few words (an OSError's strerror, else type and first line)."""
     seen = e
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
@@ -682,14 +582,13 @@ def _reason(e: BaseException) -> str:
 
 
 def _nbytes(tree: Any) -> int:
-    return sum(int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float64)).itemsize
-               for x in jax.tree.leaves(tree))  # fmt: skip
+    size = lambda x: int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float64)).itemsize
+    return sum(size(x) for x in jax.tree.leaves(tree))
 
 
 def _quiet_stragglers() -> typing.Callable[[], None]:
-    """While orbax writes: a failed write makes its and tensorstore's worker threads report the same failure again
-    (logged errors, tracebacks of a closed event loop, unretrieved tasks and coroutines), burying the one line that says
-    what happened; keep those quiet. Returns the function that undoes it (after a successful save)."""
+    """While orbax writes: keep quiet what its and tensorstore's threads report again after a failed write (it would
+    bury the one line that says what happened). Returns the function that undoes it."""
     hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
     loggers = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
     filters = warnings.filters[:]
@@ -751,63 +650,14 @@ def check_ranges(args: Any, **ranges: tuple[float, float | None]) -> None:
             raise RunError(f"--{name.replace('_', '-')} must be {bound} (got {value})")
 
 
-def load_pi0(
-    path: str, action_horizon: int, *, asset_id: str | None = None, run_config: dict[str, Any] | None = None
-) -> tuple[pi0.Params, pi0.Pi0Config, dict[str, dict[str, np.ndarray]]]:
-    """(π₀ parameters, `pi0.Pi0Config`, norm stats) to start from (--pi0-checkpoint): an openpi checkpoint directory
-    or a run folder of these scripts (one with a checkpoints/ folder).
-
-    openpi: `<path>/params` and `<path>/assets/<asset_id>/norm_stats.json` (`pi0.load_openpi_params`,
-    `pi0.load_norm_stats`); the config read off the parameter shapes, with prompts of up to 48 tokens.
-    Run folder: its latest checkpoint (`Run.save`), with the π₀ parameters (openpi layout) at state["params"]
-    (state["pi"] in acrlpd_pi0.py folders written before 2026-11-30) and the statistics at extra["norm_stats"] =
-    {"state": {...}, "actions": {...}} (`pi0.normalize`'s layout); the config read off the shapes and `run_config`,
-    the fields the run chose that the shapes do not fix (max_token_len, default 48; state_dim; cameras).
-    """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-        params, cfg = pi0.load_openpi_params(path, action_horizon=action_horizon, max_token_len=48)
-        record = checkpoint_record(path)  # else openpi's defaults: 200 prompt tokens for π₀.₅, 48 for π₀, and
-        cfg = dataclasses.replace(  # π₀.₅ with the state in its prompt
-            cfg,
-            max_token_len=record.get("max_token_len", 200 if cfg.pi05 else 48),
-            discrete_state=record.get("discrete_state", cfg.pi05),
-        )
-        return params, cfg, pi0.load_norm_stats(path, asset_id)
-    import orbax.checkpoint as ocp
-
-    mgr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
-    step = mgr.latest_step()
-    if step is None:
-        raise RunError(f"--pi0-checkpoint {path}: its checkpoints/ folder is empty (the run saved nothing)")
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
-    state, extra = out["state"], out["extra"]
-    key = next((k for k in ("params", "pi") if isinstance(state, dict) and k in state), None)
-    if key is None or "norm_stats" not in extra:
-        raise RunError(
-            f"--pi0-checkpoint {path}: expected the π₀ params at state['params'] and extra['norm_stats'] (a run "
-            f"folder of acrlpd_pi0.py, chunk_awr.py or flow_ppo.py); found state keys "
-            f"{list(state) if isinstance(state, dict) else type(state)}"
-        )
-    params = jax.tree.map(jnp.asarray, state[key])
-    record = extra.get("pi0", {})  # what the run's π₀ read (prompt length, state in the prompt), when recorded
-    cfg = pi0.config_from_params(
-        params, action_horizon=action_horizon, **{"max_token_len": 48, **(run_config or {}), **record}
-    )
-    stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in extra["norm_stats"].items()}
-    return params, cfg, stats
-
-
 def crossed(prev: int, step: int, every: int, start: int = 0) -> bool:
-    """Whether the steps (prev, step] passed `start` + a multiple of `every` (0: never): the cadence test of every
-    script's log, evaluate and save, for loops that advance several steps at a time."""
+    """Whether the steps (prev, step] passed `start` + a multiple of `every` (0: never): the cadence test."""
     return every > 0 and (step - start) // every > (prev - start) // every
 
 
 @dataclasses.dataclass
 class Policy:
-    """π₀ as a run starts it: the model, its parameters (loaded, or initialised from the given key), the plumbing
-    between the env and π₀ (`io`) and the norm stats that plumbing uses (saved with every checkpoint)."""
+    """π₀ as a run starts it: the model, its parameters, the plumbing between env and π₀ (`io`) and its norm stats."""
 
     model: pi0.Pi0
     params: pi0.Params
@@ -815,8 +665,7 @@ class Policy:
     stats: dict[str, dict[str, np.ndarray]]
 
     def record(self) -> dict[str, Any]:
-        """What every checkpoint keeps next to π₀'s parameters to be read the same way again (by --pi0-checkpoint,
-        a resume, `common.export`): the norm stats and the prompt's form."""
+        """What a checkpoint keeps next to π₀'s parameters to be read the same way again: norm stats, prompt form."""
         c = self.model.config
         prompt = {"max_token_len": c.max_token_len, "discrete_state": c.state_in_prompt}
         return {"norm_stats": self.stats, "pi0": prompt}
@@ -840,30 +689,31 @@ def make_policy(
     remat: str | None = None,
     resume_dir: str | None = None,
 ) -> Policy:
-    """The π₀ a run starts from (the run block's flags, passed explicitly): `checkpoint` (openpi or a run folder,
-    `load_pi0`, with its norm stats) or the `preset` sized to `env`, initialised from `rng`, with `data_stats` (the
-    prior data's); prompts tokenised once into a table (`prompts`: the env's first, then the data's new ones); π₀'s
-    chunk `model_horizon` (0: `action_horizon`) of which the first `action_horizon` actions are executed. An openpi
-    checkpoint used on LIBERO predicts the first six dims relative to the state when its stats say so
-    (`libero.openpi_delta_dims`). `resume_dir`: the run being resumed, whose last checkpoint's norm stats win (its
-    parameters are restored by the script). A checkpoint whose dimensions do not fit `env` is refused here."""
+    """The π₀ a run starts from: `checkpoint` (`openpi.load_pi0`, with its norm stats) or the `preset` sized to `env`,
+    initialised from `rng`, with `data_stats`; `prompts` tokenised once; chunks of `model_horizon` (0:
+    `action_horizon`) of which `action_horizon` are executed. `resume_dir`: the run being resumed, whose norm stats
+    win. A checkpoint whose dimensions do not fit `env` is refused here."""
     cams = tuple(env.camera_names)
     H_m = model_horizon or action_horizon
     if checkpoint:  # what a run folder's shapes leave open comes from the preset and the env
+        from common import openpi
+
         rc = dict(max_token_len=pi0.PRESETS[preset].max_token_len, state_dim=env.state_dim, cameras=cams)
-        params, cfg, stats = load_pi0(checkpoint, H_m, asset_id=asset_id, run_config=rc)
+        params, cfg, stats = openpi.load_pi0(checkpoint, H_m, asset_id=asset_id, run_config=rc)
         cfg = dataclasses.replace(cfg, cameras=cams or cfg.cameras)  # the env's cameras, where it has any
     else:
         if data_stats is None:
-            raise RunError(f"--env {env_name}: pass --dataset ({DATASET_KINDS}; π₀ from scratch takes its norm stats "
-                           "from it) or --pi0-checkpoint")  # fmt: skip
+            raise RunError(
+                f"--env {env_name}: pass --dataset ({DATASET_KINDS}; π₀ from scratch takes its norm stats "
+                "from it) or --pi0-checkpoint"
+            )
         params, stats = None, data_stats
         shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
         cfg = pi0.make_config(preset, **shape)
     if resume_dir and (saved := latest_extra(resume_dir)) is not None:
         stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in saved["norm_stats"].items()}
     if checkpoint:
-        stats = fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
+        stats = openpi.fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
     if discrete_state is not None:
         if not cfg.pi05:
             raise RunError(
@@ -887,7 +737,7 @@ def make_policy(
 
 
 def latest_extra(run_dir: str) -> dict[str, Any] | None:
-    """The JSON side car (norm stats, counters) of a run folder's last checkpoint, None if it has none."""
+    """The JSON `extra` (norm stats, counters) of a run folder's last checkpoint, None if it has none."""
     import orbax.checkpoint as ocp
 
     folder = os.path.join(run_dir, "checkpoints")
@@ -898,30 +748,6 @@ def latest_extra(run_dir: str) -> dict[str, Any] | None:
         return (
             None if step is None else mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
         )
-
-
-def fit_stats(checkpoint: str, cfg: pi0.Pi0Config, stats: dict[str, Any], env: Any, run_folder: bool) -> dict:
-    """A checkpoint's norm stats for `env`, or a RunError before any work when the checkpoint was made for another
-    env: a run folder's stats must have the env's state and action dims; an openpi checkpoint's at least as many (cut
-    to the env's, as openpi does); π₀ must take at least the env's dims."""
-    dims = {"actions": env.action_dim, "state": env.state_dim}
-    out = dict(stats)
-    for key, have in dims.items():
-        if key not in stats:
-            continue
-        d = len(stats[key]["mean"])
-        if d < have or (run_folder and d != have):
-            raise RunError(
-                f"--pi0-checkpoint {checkpoint}: its norm stats have {d} {key} dims, the env has {have} (action "
-                f"{env.action_dim}, state {env.state_dim}): use a checkpoint made for this env (or its --asset-id)"
-            )
-        out[key] = {s: np.asarray(x)[..., :have] for s, x in stats[key].items()}
-    if cfg.action_dim < env.action_dim or (cfg.state_dim or cfg.action_dim) < env.state_dim:
-        raise RunError(
-            f"--pi0-checkpoint {checkpoint}: π₀ takes {cfg.state_dim or cfg.action_dim} state and {cfg.action_dim} "
-            f"action dims, fewer than the env's {env.state_dim} and {env.action_dim}: use a checkpoint for this env"
-        )
-    return out
 
 
 def _jsonable(x: Any) -> Any:

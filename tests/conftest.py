@@ -129,13 +129,24 @@ def train_sentencepiece(path, sentences: list[str], vocab_size: int = 300, **opt
 
     import sentencepiece
 
-    gemma_like = dict(model_type="bpe", split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-                      normalization_rule_name="identity", allow_whitespace_only_pieces=True)  # fmt: skip
+    gemma_like = dict(
+        model_type="bpe",
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+    )
     buf = _io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, byte_fallback=True,
-        character_coverage=1.0, minloglevel=2, **{**gemma_like, **options},
-    )  # fmt: skip
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+        **{**gemma_like, **options},
+    )
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(buf.getvalue())
@@ -144,8 +155,10 @@ def train_sentencepiece(path, sentences: list[str], vocab_size: int = 300, **opt
 
 def robot_sentences(rng: np.random.Generator, n: int = 400) -> list[str]:
     """Instructions with numbers in openpi's π₀.₅ prompt format, for a small tokenizer to learn pieces from."""
-    words = ("pick up the black bowl between plate and ramekin place it on cookie box open top drawer of cabinet "
-             "put cream cheese in basket turn stove push").split()  # fmt: skip
+    words = (
+        "pick up the black bowl between plate and ramekin place it on cookie box open top drawer of cabinet "
+        "put cream cheese in basket turn stove push"
+    ).split()
     out = []
     for _ in range(n):
         text = " ".join(rng.choice(words, rng.integers(3, 10)))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import pi0  # noqa: E402
+from common import openpi, pi0  # noqa: E402
 
 TOLERANCES = {"v_t": 1e-4, "prefix_out": 1e-4, "loss": 1e-4, "sampled_actions": 1e-3}
 
@@ -33,7 +33,7 @@ def parity(fixture_dir: str) -> dict[str, float]:
     with open(os.path.join(fixture_dir, "config.json")) as f:
         num_steps = int(json.load(f).get("num_steps", 10))
     horizon, max_len = ref["actions"].shape[1], ref["obs/tokenized_prompt"].shape[1]
-    params, config = pi0.load_openpi_params(fixture_dir, action_horizon=horizon, max_token_len=max_len)
+    params, config = openpi.load_openpi_params(fixture_dir, action_horizon=horizon, max_token_len=max_len)
     model = pi0.Pi0(config)
     cams = [k.split("/")[-1] for k in ref if k.startswith("obs/image/")]
     if tuple(sorted(cams)) != tuple(sorted(config.cameras)):

@@ -14,7 +14,7 @@ import tiny
 from conftest import xla_flags
 
 import acrlpd_pi0 as ac
-from common import envs, pi0, qchunk, runlog
+from common import data, envs, pi0, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
@@ -77,8 +77,12 @@ def make_nets(**kw):
     env = envs.make_env("push", 2)
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=args.action_horizon)
     model = pi0.Pi0(cfg)
-    unit = lambda d: {"mean": np.zeros(d, np.float32), "std": np.ones(d, np.float32), "q01": -np.ones(d, np.float32),
-                      "q99": np.ones(d, np.float32)}  # fmt: skip
+    unit = lambda d: {
+        "mean": np.zeros(d, np.float32),
+        "std": np.ones(d, np.float32),
+        "q01": -np.ones(d, np.float32),
+        "q99": np.ones(d, np.float32),
+    }
     table = pi0.make_prompt_table(env.prompts, pi0.BuiltinTokenizer(cfg.max_token_len, cfg.vocab_size))
     nets = ac.Nets(model, pi0.EnvIO(cfg, table, {"state": unit(10), "actions": unit(2)}, 2), ac.Critic((16,)))
     x = jnp.zeros((1, cfg.vlm.width + 10 + args.action_horizon * 2))
@@ -156,34 +160,40 @@ def test_critic_batches_from_the_cache(tmp_path):
     π₀ chunks, those kept in the run folder), online rows from what acting stored in the buffer's extras (the buffer
     keeps no observations)."""
     nets, args, params, _, env = make_nets(target_n=2)
-    data = qchunk.load_episodes(envs.default_dataset(env="push", noise=0.6, episodes=12), prompts=env.prompts)
-    offline = qchunk.make_chunks(data, 5, 0.99)
+    episodes = data.load_episodes(envs.default_dataset(env="push", noise=0.6, episodes=12), prompts=env.prompts)
+    offline = data.make_chunks(episodes, 5, 0.99)
     obs = env.reset(seed=0)[0]
-    buffer = qchunk.ReplayBuffer(16, 5, 0.99)
+    buffer = data.ReplayBuffer(16, 5, 0.99)
     run = runlog.Run.from_args(dataclasses.replace(args, run_dir=str(tmp_path / "run")), "acrlpd_pi0")
-    cache = ac.critic_cache(nets, args, params["params"], offline, buffer, run, jax.random.key(0), bs=64)
-    rows = cache.rows(np.arange(len(offline)))
-    assert rows["obs_z"].shape == (len(offline), 64 + 10) and rows["next_cand"].shape == (len(offline), 2, 5, 2)
-    assert "obs" not in cache.sample(np.random.default_rng(0), 4)  # an empty buffer: all rows offline
+    sample = ac.online_batches(nets, args, params["params"], offline, buffer, run, jax.random.key(0), bs=64)
+    n = len(offline)
+    rows = sample(np.random.default_rng(0), n)  # an empty buffer: every row from the prior data
+    i = np.random.default_rng(0).integers(0, n, n)  # the prior-data chunks it drew (drawn first, then buffer rows)
+    assert rows["obs_z"].shape == (n, 64 + 10) and rows["next_cand"].shape == (n, 2, 5, 2)
+    assert "obs" not in rows
+    z = np.asarray(ac.encode(nets, args, params["params"], episodes.obs, jax.random.key(1))[0])  # every frame's view
+    np.testing.assert_allclose(rows["obs_z"], z[offline.obs_idx[i]], atol=1e-5)
+    np.testing.assert_allclose(rows["next_obs_z"], z[offline.next_obs_idx[i]], atol=1e-5)
+    # the data chunks in the critic's (normalised) units: EnvIO.to_model of the dataset's actions
+    a, o = episodes.actions[offline.action_idx[i[:3]]], episodes.obs["state"][offline.obs_idx[i[:3]]]
+    np.testing.assert_allclose(rows["chunk"][:3], np.asarray(nets.io.executed(nets.io.to_model(a, o))), atol=1e-6)
+    # π₀ moves online: a resumed run (another π₀) reads the target chunks the run started with, from its folder
+    assert os.path.exists(os.path.join(run.dir, "critic_cache.p0.npz"))
+    moved = jax.tree.map(lambda x: x + 0.1, params["params"])
+    again = ac.online_batches(nets, args, moved, offline, buffer, run, jax.random.key(0), bs=64)
+    np.testing.assert_array_equal(again(np.random.default_rng(0), n)["next_cand"], rows["next_cand"])
+    # online rows: what acting stored in the buffer's extras, --online-fraction (0.5) of a batch, after the prior data's
     _, step = envs.execute_chunk(env, obs, np.zeros((2, 5, 2), np.float32), 0.99)
     extras = {"obs_z": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
     extras.update(next_obs_z=np.full((2, 74), 8.0), next_cand=np.full((2, 2, 5, 2), 8.0))
     buffer.add(obs, np.zeros((2, 5, 2), np.float32), step, extras=extras)
-    b = cache.sample(np.random.default_rng(0), 10)
+    b = sample(np.random.default_rng(0), 10)
     assert (b["obs_z"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
     assert (b["n_valid"][5:] == 5).all()
-    z = np.asarray(ac.encode(nets, args, params["params"], data.obs, jax.random.key(1))[0])  # every frame's view
-    np.testing.assert_allclose(rows["obs_z"], z[offline.obs_idx], atol=1e-5)
-    np.testing.assert_allclose(rows["next_obs_z"], z[offline.next_obs_idx], atol=1e-5)
     assert not (b["obs_z"][:5] == 7).any()
-    # the data chunks in the critic's (normalised) units: EnvIO.to_model of the dataset's actions
-    want = nets.io.executed(nets.io.to_model(data.actions[offline.action_idx[:3]], data.obs["state"][:3]))
-    np.testing.assert_allclose(rows["chunk"][:3], np.asarray(want), atol=1e-6)
-    # π₀ moves online: a resumed run (another π₀) reads the target chunks the run started with, from its folder
-    assert os.path.exists(os.path.join(run.dir, "critic_cache.p0.npz"))
-    moved = jax.tree.map(lambda x: x + 0.1, params["params"])
-    again = ac.critic_cache(nets, args, moved, offline, buffer, run, jax.random.key(0), bs=64)
-    np.testing.assert_array_equal(again.rows(np.arange(4))["next_cand"], rows["next_cand"][:4])
+    only_online = ac.online_batches(nets, args, params["params"], None, buffer, run, jax.random.key(0))
+    b = only_online(np.random.default_rng(0), 6)  # no prior data: every row from the buffer, each row one transition
+    assert (b["obs_z"] == 7).all() and (b["next_obs_z"] == 8).all() and set(b) == set(extras) | set(ac.TD_KEYS)
     run.close()
 
 
@@ -245,8 +255,9 @@ def test_sharded_run_matches_one_device(tmp_path, small_push):
         cmd += ["--run-dir", str(tmp_path / f"d{devices}"), *tiny.flags(tiny.ACRLPD)]
         env = {**os.environ, "WANDB_MODE": "offline", "JAX_COMPILATION_CACHE_DIR": CACHE}
         env.update({"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")} if devices == 4 else {})
-        procs[devices] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                          env=env)  # fmt: skip
+        procs[devices] = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
     for devices, proc in procs.items():
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
         lines = [json.loads(line) for line in open(tmp_path / f"d{devices}" / "metrics.jsonl")]

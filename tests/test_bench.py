@@ -37,8 +37,22 @@ def test_matmul_flops_counts_scan_bodies_and_remat():
 
 def test_memory_plan_cpu_preset(tmp_path):
     """Every function of a script compiled for 2 forced host devices from abstract inputs, with XLA's numbers."""
-    cmd = [sys.executable, "bench/memory.py", "--preset", "cpu", "--devices", "2", "--batch", "4", "--act-batch", "2",
-           "--scripts", "chunk_awr", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "bench/memory.py",
+        "--preset",
+        "cpu",
+        "--devices",
+        "2",
+        "--batch",
+        "4",
+        "--act-batch",
+        "2",
+        "--scripts",
+        "chunk_awr",
+        "--out",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     result = json.load(open(tmp_path / "memory_one.json"))

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tiny  # noqa: E402
 
 import chunk_awr  # noqa: E402
-from common import envs, pi0, qchunk  # noqa: E402
+from common import data, envs, pi0  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
@@ -70,13 +70,13 @@ def test_check():
         chunk_awr.check(chunk_awr.Args(reward="subgoal"))  # the Monte Carlo target would ignore it
 
 
-def _episodes(flags: list[list[int]], terminal_last: list[bool]) -> qchunk.EpisodeData:
+def _episodes(flags: list[list[int]], terminal_last: list[bool]) -> data.EpisodeData:
     lengths = np.array([len(f) for f in flags])
     n = int(lengths.sum())
     terms = np.concatenate(
         [np.eye(1, k, k - 1, dtype=bool)[0] & t for k, t in zip(lengths, terminal_last, strict=True)]
     )
-    return qchunk.EpisodeData(
+    return data.EpisodeData(
         obs={"state": np.zeros((n, 10), np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}},
         actions=np.zeros((n, 2), np.float32),
         rewards=terms.astype(np.float32),
@@ -91,8 +91,8 @@ def _episodes(flags: list[list[int]], terminal_last: list[bool]) -> qchunk.Episo
 
 def test_subgoal_reward_hand_made_episode():
     # episode 0: 7 steps, sub-goal completed at step 3, terminates at step 6; episode 1: 4 steps, flag on its 1st
-    data = _episodes([[0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0]], [True, False])
-    chunks = qchunk.make_chunks(data, horizon=3, gamma=0.9)
+    episodes = _episodes([[0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0]], [True, False])
+    chunks = data.make_chunks(episodes, horizon=3, gamma=0.9)
     batch = chunks.get(np.arange(len(chunks)))
     r = np.asarray(chunk_awr.chunk_reward(batch, "subgoal"))
     # chunk t covers steps t..t+2 of its episode: only chunks containing step 3 of episode 0 (t = 1, 2, 3) and the

@@ -11,7 +11,6 @@ import pytest
 from common import RunError, runlog
 from common.envs import (
     PUSH_PROMPTS,
-    GymVecEnv,
     PushDemonstrator,
     PushEnv,
     default_dataset,
@@ -23,6 +22,7 @@ from common.envs import (
     make_spec,
     resume_loop,
 )
+from common.gymenv import GymVecEnv
 
 
 def place(env: PushEnv, e: int, agent, block, prompt: int = 0) -> None:
@@ -213,7 +213,7 @@ class CountdownEnv:
 
 def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> None:
     made = []
-    spec = SimpleNamespace(make=lambda n, seed, evaluation=False, **share: made.append(n) or CountdownEnv(n))
+    spec = SimpleNamespace(make=lambda n, seed, evaluation=False, **share: made.append(n) or CountdownEnv(n), kept={})
     values = iter([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])  # one per chunk, the same for every env
 
     def act(obs, key):
@@ -241,7 +241,7 @@ def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
     made, calls = [], []
     real = make_spec("push", {})
     make = lambda n, seed, evaluation=False, **share: made.append(n) or real.make(n, seed, evaluation, **share)
-    spec = SimpleNamespace(make=make)
+    spec = SimpleNamespace(make=make, kept={})
 
     def act(obs, key):  # stand still: every push episode is truncated after 80 steps = 16 chunks
         calls.append(1)

@@ -1,4 +1,4 @@
-"""common/export.py: a trained run and an openpi checkpoint exported and read back unchanged; bad input refused."""
+"""openpi.export: a trained run and an openpi checkpoint exported and read back unchanged; bad input refused."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from common import RunError, envs, pi0, runlog
-from common.export import export
+from common import RunError, envs, openpi, pi0, runlog
+from common.openpi import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
+    return {
+        jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def assert_same_stats(a: dict, b: dict) -> None:
@@ -56,21 +58,31 @@ def test_run_round_trip(tmp_path, tiny_acrlpd_run):
     with open(os.path.join(out, "assets", "push", "norm_stats.json")) as f:
         assert set(json.load(f)) == {"norm_stats"}
 
-    p_run, _, s_run = runlog.load_pi0(run, 5)
+    p_run, _, s_run = openpi.load_pi0(run, 5)
     a, b = flat(p_run), flat(openpi_restore(os.path.join(out, "params")))
     assert a.keys() == b.keys()
     for k in a:
         assert b[k].dtype == np.float32 and a[k].shape == b[k].shape, k
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert_same_stats(s_run, runlog.load_pi0(out, 5, asset_id="push")[2])
+    assert_same_stats(s_run, openpi.load_pi0(out, 5, asset_id="push")[2])
 
     env = envs.make_env("push", 4)
     obs = env.reset(seed=0)[0]
     chunks = []
     for src, asset in ((run, None), (out, "push")):  # both pad prompts to the run's 12 tokens (pi0rl.json)
-        policy = runlog.make_policy(env, env.prompts, None, jax.random.key(0), env_name="push", checkpoint=src,
-                                    preset="cpu", tokenizer=None, asset_id=asset, action_horizon=5,
-                                    model_horizon=0)  # fmt: skip
+        policy = runlog.make_policy(
+            env,
+            env.prompts,
+            None,
+            jax.random.key(0),
+            env_name="push",
+            checkpoint=src,
+            preset="cpu",
+            tokenizer=None,
+            asset_id=asset,
+            action_horizon=5,
+            model_horizon=0,
+        )
         chunks.append(pi0.sample_env_actions(policy.model, policy.io, policy.params, obs, jax.random.key(7), 4))
     assert chunks[0].shape == (4, 5, 2)
     np.testing.assert_array_equal(np.asarray(chunks[0]), np.asarray(chunks[1]))
@@ -89,8 +101,10 @@ def test_openpi_fixture_round_trip(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     shutil.copytree(os.path.join(fixture, "params"), os.path.join(src, "params"))  # src/ itself writable
     rng = np.random.default_rng(0)
-    stats = {"state": {"mean": rng.normal(size=32), "std": rng.uniform(0.1, 2, 32)},  # openpi writes q01 = null
-             "actions": {s: rng.normal(size=32) for s in ("mean", "std", "q01", "q99")}}  # fmt: skip
+    stats = {
+        "state": {"mean": rng.normal(size=32), "std": rng.uniform(0.1, 2, 32)},  # openpi writes q01 = null
+        "actions": {s: rng.normal(size=32) for s in ("mean", "std", "q01", "q99")},
+    }
     os.makedirs(os.path.join(src, "assets", "test"))
     with open(os.path.join(src, "assets", "test", "norm_stats.json"), "w") as f:
         json.dump({"norm_stats": {k: {s: x.tolist() for s, x in v.items()} for k, v in stats.items()}}, f)
@@ -109,7 +123,7 @@ def test_openpi_fixture_round_trip(tmp_path):
     assert text.startswith('{\n  "norm_stats": {\n    "state": {\n      "mean": [')  # indent 2, as openpi's dump
     assert json.loads(text)["norm_stats"]["state"]["q01"] is None
     want = {k: {s: np.float32(x) for s, x in v.items()} for k, v in stats.items()}
-    assert_same_stats(pi0.load_norm_stats(out, "test"), want)
+    assert_same_stats(openpi.load_norm_stats(out, "test"), want)
 
 
 def tiny_openpi(folder: str, nan: bool = False) -> str:
@@ -121,8 +135,10 @@ def tiny_openpi(folder: str, nan: bool = False) -> str:
         params["action_in_proj"]["kernel"] = params["action_in_proj"]["kernel"].at[0, 0].set(np.nan)
     ocp.PyTreeCheckpointer().save(os.path.join(folder, "params"), {"params": params})
     unit = {"mean": [0.0, 0.0], "std": [1.0, 1.0]}
-    runlog.atomic_write(os.path.join(folder, "assets", "push", "norm_stats.json"),
-                        json.dumps({"norm_stats": {"state": unit, "actions": unit}}).encode())  # fmt: skip
+    runlog.atomic_write(
+        os.path.join(folder, "assets", "push", "norm_stats.json"),
+        json.dumps({"norm_stats": {"state": unit, "actions": unit}}).encode(),
+    )
     return folder
 
 
@@ -156,8 +172,10 @@ def test_bad_input_is_refused(tmp_path, monkeypatch):
     assert "'push'" in export(src, str(tmp_path / "b"))
     assert sorted(os.listdir(tmp_path / "b")) == ["assets", "params", "pi0rl.json"]
 
-    cli = [sys.executable, "-m", "common.export", str(tmp_path / "nowhere"), str(tmp_path / "c")]
+    cli = [sys.executable, "-m", "common.openpi", str(tmp_path / "nowhere"), str(tmp_path / "c")]
     proc = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}/nowhere: no such folder; pass a run folder "
-                                                "(args.json, checkpoints/) or an openpi checkpoint"]  # fmt: skip
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/nowhere: no such folder; pass a run folder "
+        "(args.json, checkpoints/) or an openpi checkpoint"
+    ]

@@ -1,4 +1,4 @@
-"""Gymnasium benchmarks: the worker-process vector env, OGBench's npz layout, Minari folders, OGBench's oracle data."""
+"""Gymnasium envs: the worker-process vector env, OGBench's oracle data read back from its npz layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from common import RunError, envs, gymenv, qchunk, runlog
+from common import RunError, data, envs, gymenv, runlog
 
 OGBENCH = importlib.util.find_spec("ogbench") is not None
 CUBE = "ogbench:cube-single-singletask-task1-v0"
@@ -46,8 +46,8 @@ def test_worker_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
         gymenv.GymVecEnv("FrozenLake-v1", 2, workers=2)
     env = gymenv.GymVecEnv("Pendulum-v1", 2, workers=2)
     assert "2 envs in 2 worker processes" in capsys.readouterr().out  # the memory line
-    env._pool[1].proc.kill()
-    env._pool[1].proc.wait()
+    env._pool.workers[1].proc.kill()
+    env._pool.workers[1].proc.wait()
     with pytest.raises(RunError, match="worker process died"):
         env.reset()
     env.close()
@@ -57,57 +57,6 @@ def test_too_many_envs_for_memory_refused(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(gymenv, "available_mb", lambda: 1.0)
     with pytest.raises(RunError, match=r"pass --num-envs \(and --eval-envs\) ≤ 1"):
         gymenv.GymVecEnv("Pendulum-v1", 4, workers=2)
-
-
-def _ogbench_layout(path: str, rewards: bool = False) -> None:
-    """Two trajectories in OGBench's npz layout: `terminals` ends each (lengths 4 and 3)."""
-    rng = np.random.default_rng(0)
-    data = dict(observations=rng.normal(size=(7, 3)).astype(np.float32), actions=rng.normal(size=(7, 1)),
-                terminals=np.array([0, 0, 0, 1, 0, 0, 1], bool))  # fmt: skip
-    if rewards:  # a termination at frame 1 of the first trajectory (masks 0): the rest is a new episode
-        data.update(rewards=np.array([-1, 0, -1, -1, -1, -1, -1], np.float32), masks=np.array([1, 0, 1, 1, 1, 1, 1]))
-    np.savez(path, **data)
-
-
-def test_npz_reader(tmp_path: object) -> None:
-    path = os.path.join(tmp_path, "d.npz")
-    _ogbench_layout(path, rewards=True)
-    data = gymenv.load_npz(path, "Pendulum-v1", [""])
-    assert data.episode_lengths.tolist() == [2, 2, 3] and data.episode_starts.tolist() == [0, 2, 4]
-    assert data.terminals.tolist() == [False, True] + [False] * 5 and data.truncated.tolist() == [False, True, True]
-    assert data.obs["state"].shape == (7, 3) and data.prompts == [""] and (data.obs["prompt_id"] == 0).all()
-    _ogbench_layout(path)  # no rewards: only an OGBench single-task env can relabel them
-    with pytest.raises(qchunk.DatasetError, match="not an OGBench single-task env"):
-        gymenv.load_npz(path, "Pendulum-v1", [""])
-    bad = dict(np.load(path), rewards=np.array([-1, 0, -1, -1, -1, -1, -1], np.float32))
-    bad["actions"][5, 0] = np.nan
-    np.savez(path, **bad)
-    with pytest.raises(qchunk.DatasetError, match="episode 1 has NaN or inf in actions \\(frame 5\\)"):
-        gymenv.load_npz(path, "Pendulum-v1", [""])
-    np.savez(path, observations=np.zeros((3, 2)))
-    with pytest.raises(qchunk.DatasetError, match="no actions, terminals"):
-        gymenv.load_npz(path, "Pendulum-v1", [""])
-    open(path, "wb").write(b"not a zip")
-    with pytest.raises(qchunk.DatasetError, match="not a readable npz"):
-        gymenv.load_npz(path, "Pendulum-v1", [""])
-
-
-def test_minari_reader(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    minari = pytest.importorskip("minari")
-
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    env = minari.DataCollector(gym.make("Pendulum-v1", max_episode_steps=5))
-    for seed in range(2):
-        env.reset(seed=seed)
-        for _ in range(5):
-            env.step(env.action_space.sample())
-    minari.delete_dataset  # noqa: B018  (the public API this test relies on)
-    env.create_dataset(dataset_id="pendulum/test-v0", algorithm_name="random")
-    folder = os.path.join(tmp_path, "pendulum", "test-v0")
-    assert gymenv.is_minari(folder)
-    data = envs.load_dataset(folder, envs.make_env("Pendulum-v1", 1, workers=0))
-    assert data.episode_lengths.tolist() == [5, 5] and data.truncated.tolist() == [True, True]
-    assert data.obs["state"].shape == (10, 3) and data.actions.shape == (10, 1) and (data.rewards <= 0).all()
 
 
 @pytest.mark.skipif(not OGBENCH, reason="ogbench not installed")
@@ -120,9 +69,9 @@ def test_ogbench_oracle_dataset_round_trip(tmp_path: object, capsys: pytest.Capt
     raw = np.load(out)
     assert {"observations", "actions", "terminals", "qpos", "qvel"} <= set(raw.files) and raw["terminals"].sum() == 3
     env = envs.make_env(CUBE, 2, seed=0)
-    data = envs.load_dataset(out, env)
-    assert set(np.unique(data.rewards)) <= {-1.0, 0.0} and data.terminals.sum() == (data.rewards == 0).sum() >= 1
-    assert (data.rewards[data.terminals] == 0).all() and data.obs["state"].shape[1] == env.state_dim == 28
+    read = data.load_dataset(out, env)
+    assert set(np.unique(read.rewards)) <= {-1.0, 0.0} and read.terminals.sum() == (read.rewards == 0).sum() >= 1
+    assert (read.rewards[read.terminals] == 0).all() and read.obs["state"].shape[1] == env.state_dim == 28
     obs, step = envs.execute_chunk(env, env.reset()[0], np.zeros((2, 5, 5)), 0.99)
     assert (step.rewards == -1).all() and obs["state"].shape == (2, 28)
     env.close()
@@ -170,13 +119,13 @@ def test_scripts_run_on_ogbench(script: str, tmp_path_factory: pytest.TempPathFa
 def test_dataset_instruction_reaches_the_env(tmp_path: object) -> None:
     """A gymnasium env sends the dataset's instruction (prompt id 0), so evaluation reads what training read; data
     with several instructions is refused for a one-task env unless --env-kwargs prompt names one."""
-    from test_qchunk import write_demos
+    from test_data import write_demos
 
     one = write_demos(os.path.join(tmp_path, "one.h5"), [{"rewards": [0, 1], "dones": [0, 1]}], language="swing up")
     spec = envs.make_spec("Pendulum-v1", {}, dataset=one)
     env = spec.make(1, seed=0)
     assert env.prompts == ["swing up"] and env.reset()[0]["prompt_id"].tolist() == [0]
-    assert (qchunk.load_episodes(one, prompts=env.prompts).obs["prompt_id"] == 0).all()
+    assert (data.load_episodes(one, prompts=env.prompts).obs["prompt_id"] == 0).all()
     env.close()
     two = write_demos(os.path.join(tmp_path, "two.h5"), [{"rewards": [1], "dones": [1], "lang": "b"}], language="a")
     with pytest.raises(RunError, match="holds 2 instructions"):
@@ -192,8 +141,10 @@ def test_workers_exit_with_their_script() -> None:
     import sys
     import time
 
-    code = ("from common.gymenv import GymVecEnv; import time; e = GymVecEnv('Pendulum-v1', 2, workers=2); "
-            "print('pids', *[w.proc.pid for w in e._pool], flush=True); time.sleep(60)")  # fmt: skip
+    code = (
+        "from common.gymenv import GymVecEnv; import time; e = GymVecEnv('Pendulum-v1', 2, workers=2); "
+        "print('pids', *[w.proc.pid for w in e._pool.workers], flush=True); time.sleep(60)"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root)
     line = ""
@@ -226,7 +177,7 @@ def _alive(pid: int) -> bool:
         (["--episodes", "0"], "--episodes 0: out of range"),
         (["--p-random", "2"], "--p-random 2.0: out of range"),
         (["--noise", "mixed"], "--noise mixed is push's"),
-    ],  # fmt: skip
+    ],
 )
 def test_make_dataset_bad_values(tmp_path: object, flags: list[str], says: str) -> None:
     out = os.path.join(tmp_path, "d.npz")

@@ -1,19 +1,16 @@
 """LIBERO: the vectorised env on the real simulator (observation mapping, truncation, masks), a LIBERO-layout HDF5
-file recorded from the simulator read back through `qchunk.load_episodes`, and LeRobot parquet datasets.
+file recorded from the simulator read back through `data.load_episodes`.
 
 Simulator tests skip when the `libero` extra is not installed (pip install -e ".[libero]").
 """
 
 import importlib.util
-import io
-import json
-import types
 
 import numpy as np
 import pytest
 
-from common import envs, libero, pi0
-from common.qchunk import load_episodes
+from common import libero, pi0
+from common.data import load_episodes
 
 SIZE = 32  # tiny renders keep the tests fast; the mapping does not depend on the size
 
@@ -112,63 +109,3 @@ def test_libero_hdf5_recorded_from_the_simulator_reads_back(libero_demo) -> None
     assert np.allclose(data.actions[:steps], demo["actions"])
     assert data.terminals.tolist() == [False] * (steps - 1) + [True] + [False] * steps
     assert data.rewards.sum() == 1.0 and not data.truncated.any()
-
-
-def _png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def test_load_lerobot_parquet(tmp_path) -> None:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
-    rng = np.random.default_rng(0)
-    tasks = ["put the bowl on the plate", "open the drawer"]
-    (tmp_path / "meta").mkdir()
-    (tmp_path / "meta" / "tasks.jsonl").write_text(
-        "".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
-    )
-    frames = {}
-    for ep, (length, task) in enumerate([(4, 1), (3, 0), (5, 1)]):
-        img = rng.integers(0, 255, (length, 8, 8, 3), dtype=np.uint8)
-        frames[ep] = img
-        table = pa.table(
-            {
-                "image": [{"bytes": _png(x), "path": None} for x in img],
-                "wrist_image": [{"bytes": _png(x[::-1]), "path": None} for x in img],
-                "state": [rng.normal(size=8).astype(np.float32).tolist() for _ in range(length)],
-                "actions": [np.full(7, ep + 0.1 * t, np.float32).tolist() for t in range(length)],
-                "timestamp": np.arange(length, dtype=np.float32) / 10,
-                "frame_index": np.arange(length),
-                "episode_index": np.full(length, ep),
-                "index": np.arange(length),
-                "task_index": np.full(length, task),
-            }
-        )
-        table = table.take(np.arange(length)[::-1].copy())  # rows out of time order on disk: the reader sorts
-        (tmp_path / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp_path / "data" / "chunk-000" / f"episode_{ep:06d}.parquet")
-    data = libero.load_lerobot(tmp_path, prompts=["open the drawer"])
-    assert data.episode_lengths.tolist() == [4, 3, 5] and len(data) == 12
-    assert data.prompts == ["open the drawer", "put the bowl on the plate"]
-    assert data.obs["prompt_id"].tolist() == [0] * 4 + [1] * 3 + [0] * 5
-    assert data.obs["state"].shape == (12, 8) and data.actions.shape == (12, 7)
-    assert np.allclose(data.actions[:4, 0], [0.0, 0.1, 0.2, 0.3])  # frames in time order
-    assert np.array_equal(data.obs["images"]["base_0_rgb"][4:7], frames[1])  # stored upright: no rotation
-    assert np.array_equal(data.obs["images"]["left_wrist_0_rgb"][0], frames[0][0][::-1])
-    assert data.terminals.tolist() == [False] * 3 + [True] + [False] * 2 + [True] + [False] * 4 + [True]
-    assert data.rewards.sum() == 3 and not data.truncated.any()
-    small = libero.load_lerobot(tmp_path / "data", max_episodes=2, image_keys={"image": "base_0_rgb"}, image_size=4)
-    assert small.episode_lengths.tolist() == [4, 3] and small.obs["images"]["base_0_rgb"].shape == (7, 4, 4, 3)
-    assert small.prompts == tasks and small.obs["prompt_id"].tolist() == [1] * 4 + [0] * 3  # meta/ above data/
-    # the scripts' --dataset: a LeRobot folder is recognised and read at the env's image size
-    assert envs.is_lerobot(tmp_path) and envs.dataset_image_size(tmp_path) == envs.LEROBOT_IMAGE_SIZE
-    env = types.SimpleNamespace(prompts=["open the drawer"], action_dim=7)  # what load_dataset reads of an env
-    via = envs.load_dataset(tmp_path, env, image_size=6)
-    with pytest.raises(ValueError, match="actions have 7 dims, the environment's 2"):
-        envs.load_dataset(tmp_path, types.SimpleNamespace(prompts=[], action_dim=2))
-    assert via.obs["images"]["base_0_rgb"].shape == (12, 6, 6, 3) and via.prompts == data.prompts
-    assert not envs.is_lerobot(tmp_path / "meta")

@@ -1,5 +1,5 @@
 """`--env libero` end to end, as an openpi user runs it: no data, checkpoint or tokenizer flags. Each script finds
-them where openpi and LeRobot cache them (`runlog.located`): a tiny π₀ / π₀.₅ in openpi's checkpoint layout at
+them where openpi and LeRobot cache them (`openpi.located`): a tiny π₀ / π₀.₅ in openpi's checkpoint layout at
 $OPENPI_DATA_HOME/openpi-assets/checkpoints/{pi0,pi05}_libero, a SentencePiece model trained here at
 $OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model, and the LIBERO demo recorded from the simulator (conftest's
 `libero_demo`) as a LeRobot folder at $HF_LEROBOT_HOME/physical-intelligence/libero; the real simulator for rollouts
@@ -23,7 +23,7 @@ from conftest import robot_sentences, train_sentencepiece, write_openpi_checkpoi
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
 import flow_ppo  # noqa: E402
-from common import RunError, envs, pi0, runlog  # noqa: E402
+from common import RunError, data, envs, openpi, pi0, runlog  # noqa: E402
 
 # One task, 8-step episodes, one settling step, the simulators in this process (no worker start-up; test_libero.py
 # covers the worker processes). Values as on the command line (`--env-kwargs task_ids [0] max_episode_steps 8 ...`),
@@ -83,12 +83,17 @@ def caches(tmp_path_factory, libero_demo) -> dict:
     openpi, lerobot = root / "openpi", root / "lerobot"
     rng = np.random.default_rng(0)
     train_sentencepiece(openpi / "big_vision" / "paligemma_tokenizer.model", robot_sentences(rng), vocab_size=320)
-    stat = lambda d: {"mean": rng.normal(0, 0.1, d), "std": rng.uniform(0.5, 1, d), "q01": -np.ones(d),
-                      "q99": np.ones(d)}  # fmt: skip
+    stat = lambda d: {
+        "mean": rng.normal(0, 0.1, d),
+        "std": rng.uniform(0.5, 1, d),
+        "q01": -np.ones(d),
+        "q99": np.ones(d),
+    }
     for name, pi05 in (("pi0_libero", False), ("pi05_libero", True)):
         folder = openpi / "openpi-assets" / "checkpoints" / name
-        write_openpi_checkpoint(folder, tiny_openpi_config(pi05), {"state": stat(8), "actions": stat(7)},
-                                "physical-intelligence/libero")  # fmt: skip
+        write_openpi_checkpoint(
+            folder, tiny_openpi_config(pi05), {"state": stat(8), "actions": stat(7)}, "physical-intelligence/libero"
+        )
     write_lerobot(lerobot / "physical-intelligence" / "libero", libero_demo.demo)
     return {"OPENPI_DATA_HOME": str(openpi), "HF_LEROBOT_HOME": str(lerobot)}
 
@@ -108,27 +113,27 @@ def test_located_lists_every_path_and_uses_default_cache_paths(tmp_path, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     args = runlog.configured(acrlpd_pi0.CONFIGS, "libero")
     with pytest.raises(RunError) as err:
-        runlog.located(args, data_with_checkpoint="optional")
+        openpi.located(args, data_with_checkpoint="optional")
     msg = str(err.value)
     assert "\n" not in msg and msg.count("looked at") == 2  # the checkpoint, and the data (optional only with one)
     assert f"--pi0-checkpoint (looked at: {tmp_path}/.cache/openpi/openpi-assets/checkpoints/pi0_libero)" in msg
     assert f"--dataset (looked at: {tmp_path}/.cache/huggingface/lerobot/physical-intelligence/libero, " in msg
     assert "hub/datasets--physical-intelligence--libero/snapshots/*" in msg and "OPENPI_DATA_HOME" in msg
     with pytest.raises(RunError, match=f"--dataset \\(looked at: {tmp_path}/.cache/huggingface/lerobot/physical"):
-        runlog.located(chunk_awr.Args(env="libero", pi0_preset="cpu"), data_with_checkpoint="needed")
+        openpi.located(chunk_awr.Args(env="libero", pi0_preset="cpu"), data_with_checkpoint="needed")
     (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
     os.symlink(caches["OPENPI_DATA_HOME"], tmp_path / ".cache" / "openpi")
     os.symlink(caches["HF_LEROBOT_HOME"], tmp_path / ".cache" / "huggingface" / "lerobot")
-    found = runlog.located(chunk_awr.Args(env="libero", pi0_preset="pi05"), data_with_checkpoint="needed")
+    found = openpi.located(chunk_awr.Args(env="libero", pi0_preset="pi05"), data_with_checkpoint="needed")
     assert found.pi0_checkpoint == f"{tmp_path}/.cache/openpi/openpi-assets/checkpoints/pi05_libero"
     assert found.tokenizer == f"{tmp_path}/.cache/openpi/big_vision/paligemma_tokenizer.model"
     assert found.dataset == f"{tmp_path}/.cache/huggingface/lerobot/physical-intelligence/libero"
     assert found.model_horizon == 10  # openpi's pi05_libero chunk
-    assert runlog.located(acrlpd_pi0.Args(), data_with_checkpoint="optional").pi0_preset == "cpu"  # push: nothing
+    assert openpi.located(acrlpd_pi0.Args(), data_with_checkpoint="optional").pi0_preset == "cpu"  # push: nothing
 
 
 def test_dataset_image_size_sets_the_render_size(libero_demo):
-    assert envs.dataset_image_size(libero_demo.dir) == envs.dataset_image_size(libero_demo.file) == libero_demo.size
+    assert data.dataset_image_size(libero_demo.dir) == data.dataset_image_size(libero_demo.file) == libero_demo.size
     env = envs.make_spec("libero", ENV_KW, libero_demo.dir).make(1, seed=0, evaluation=True)
     try:
         assert env.image_size == libero_demo.size and env.eval_mode and env.max_episode_steps == 8
@@ -177,8 +182,16 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
     with np.load(os.path.join(run_dir, "host", "6.p0.npz")) as z:  # the online chunks: the critic's view only
         buf = {k[7:]: z[k] for k in z.files if k.startswith("buffer/")}
     assert not any(k.startswith(("obs/", "next_obs/")) for k in buf)  # no camera images: never read online
-    assert sorted(buf) == ["discounted_return", "extras/chunk", "extras/next_cand", "extras/next_obs_z",
-                           "extras/obs_z", "mask", "n_valid", "next"]  # fmt: skip
+    assert sorted(buf) == [
+        "discounted_return",
+        "extras/chunk",
+        "extras/next_cand",
+        "extras/next_obs_z",
+        "extras/obs_z",
+        "mask",
+        "n_valid",
+        "next",
+    ]
     assert buf["extras/chunk"].shape == (2, 4, 7) and buf["extras/obs_z"].shape[0] == 2
     assert buf["extras/next_cand"].shape == (2, 2, 4, 7)  # the critic's cache: 2 π₀ chunks at o_{t+H}, executed part
 

@@ -26,8 +26,14 @@ from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
-ENV = {**os.environ, "WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "WANDB_MODE": "offline",
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "PYTHONUNBUFFERED": "1",
+}
 TIMEOUT = 420  # s for one start of a run (both processes); a hung coordinator fails the test, never CI
 SHORT = ["--env-kwargs", "max_episode_steps", "10"]  # short episodes: resets, truncations, quick evaluations
 # tests/tiny.py's runs, stopped at the end of their first phase (the resumed run compiles only the second phase's
@@ -56,8 +62,9 @@ def start(script: str, run_dir: str, flags: list[str], processes: int, logs: str
         if processes > 1:  # no compilation cache: it serves process 0 alone (see above), which then reaches each
             # program's first collective while process 1 still compiles it, and gloo waits 30 s for the others there
             env.pop("JAX_COMPILATION_CACHE_DIR")
-            env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
-                       JAX_PROCESS_ID=str(i))  # fmt: skip
+            env.update(
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)
+            )
         with open(f"{logs}.p{i}.log", "w") as log:
             cmd = [sys.executable, f"{script}.py", *flags, "--run-dir", run_dir]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -116,8 +123,11 @@ def test_helpers_on_two_processes(tmp_path):
         env = {**ENV, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"), "PYTHONPATH": ROOT}
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         with open(tmp_path / f"h.p{i}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-c", HELPERS], cwd=ROOT, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", HELPERS], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
     outs = finish(procs, str(tmp_path / "h"), time.time() + 120)
     assert all(f"HELPERS_OK {i}" in out for i, out in enumerate(outs)), outs
 
@@ -167,8 +177,13 @@ def test_two_processes_stopped_and_resumed_match_one(tmp_path, small_push, scrip
     assert [r["step"] for r in got] == [r["step"] for r in reference]  # process 0 alone logged, each step once
     for g, want in zip(got, reference, strict=True):
         for keys, atol in (([k for k in want if "ratio" not in k], 1e-6), ([k for k in want if "ratio" in k], 1e-5)):
-            np.testing.assert_allclose([g[k] for k in keys], [want[k] for k in keys], rtol=1e-4, atol=atol,
-                                       err_msg=f"{script} step {want['step']}: {keys}")  # fmt: skip
+            np.testing.assert_allclose(
+                [g[k] for k in keys],
+                [want[k] for k in keys],
+                rtol=1e-4,
+                atol=atol,
+                err_msg=f"{script} step {want['step']}: {keys}",
+            )
     # (flow_ppo's ratio statistics are exp of differences of float32 log-likelihood sums: rounding ~1e-6 of 1)
     for out in (first, last):  # every process got the same evaluation numbers
         assert evaluations(out[0]) == evaluations(out[1]), out[1][-2000:]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import RunError, pi0
+from common import RunError, openpi, pi0
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
@@ -161,25 +161,25 @@ def test_sample_with_zero_steps_velocity_is_euler():
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(pi0.CheckpointError, match="does not exist"):
-        pi0.load_openpi_params(str(tmp_path / "nope"))
+    with pytest.raises(openpi.CheckpointError, match="does not exist"):
+        openpi.load_openpi_params(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(pi0.CheckpointError, match="not an openpi checkpoint"):
-        pi0.load_openpi_params(str(tmp_path / "empty"))
+    with pytest.raises(openpi.CheckpointError, match="not an openpi checkpoint"):
+        openpi.load_openpi_params(str(tmp_path / "empty"))
     path = fixture("openpi_pi0_tiny")
     wrong = pi0.make_config("pi0", action_horizon=10)  # the full-size π₀ preset cannot hold the tiny weights
-    with pytest.raises(pi0.CheckpointError, match=r"checkpoint has shape .* the requested model needs"):
-        pi0.load_openpi_params(path, action_horizon=10, expect=wrong)
-    params, config = pi0.load_openpi_params(path, action_horizon=10, max_token_len=48)
+    with pytest.raises(openpi.CheckpointError, match=r"checkpoint has shape .* the requested model needs"):
+        openpi.load_openpi_params(path, action_horizon=10, expect=wrong)
+    params, config = openpi.load_openpi_params(path, action_horizon=10, max_token_len=48)
     del params["action_out_proj"]
-    with pytest.raises(pi0.CheckpointError, match="missing action_out_proj/kernel"):
-        pi0.check_params(params, config)
-    with pytest.raises(pi0.CheckpointError, match="norm stats"):
-        pi0.load_norm_stats(path)
+    with pytest.raises(openpi.CheckpointError, match="missing action_out_proj/kernel"):
+        openpi.check_params(params, config)
+    with pytest.raises(openpi.CheckpointError, match="norm stats"):
+        openpi.load_norm_stats(path)
 
 
 def test_loader_infers_sizes_and_casts():
-    params, config = pi0.load_openpi_params(
+    params, config = openpi.load_openpi_params(
         fixture("openpi_pi0_wide"), action_horizon=7, max_token_len=20, dtype="bfloat16"
     )
     assert (config.vlm.width, config.expert.width, config.vlm.num_heads, config.vit.num_heads) == (80, 40, 4, 3)
@@ -194,7 +194,7 @@ def test_norm_stats(tmp_path):
         '{"norm_stats": {"state": {"mean": [1, 2], "std": [2, 2], "q01": [0, 0], '
         '"q99": [4, 4]}, "actions": {"mean": [0], "std": [1]}}}'
     )
-    stats = pi0.load_norm_stats(str(tmp_path / "ckpt"), "physical-intelligence/libero")
+    stats = openpi.load_norm_stats(str(tmp_path / "ckpt"), "physical-intelligence/libero")
     x = jnp.array([[3.0, 4.0, 9.0]])  # the extra (padded) dim passes through
     np.testing.assert_allclose(pi0.normalize(x, stats["state"]), [[1.0, 1.0, 9.0]], rtol=1e-5)
     np.testing.assert_allclose(
@@ -210,7 +210,7 @@ def test_tokenizers(tmp_path):
     long, mask = tok.tokenize(" ".join(["word"] * 40))
     assert mask.all() and long.shape == (12,)
     with pytest.raises(RunError, match="--tokenizer"):
-        pi0.PaligemmaTokenizer(str(tmp_path / "missing.model"), 48)
+        openpi.PaligemmaTokenizer(str(tmp_path / "missing.model"), 48)
     config = pi0.make_config("cpu", max_token_len=7, vocab_size=100)
     tok = pi0.make_tokenizer(None, config)  # no --tokenizer: the built-in one, at the config's sizes
     assert isinstance(tok, pi0.BuiltinTokenizer) and (tok.max_len, tok.vocab_size) == (7, 100)

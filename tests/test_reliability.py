@@ -26,8 +26,13 @@ from common import RunError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
-ENV = {**os.environ, "WANDB_MODE": "offline", "JAX_COMPILATION_CACHE_DIR": CACHE,
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "WANDB_MODE": "offline",
+    "JAX_COMPILATION_CACHE_DIR": CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,13 @@ def data(tmp_path_factory, small_push):
 
 
 def launch(script: str, run_dir: str, extra: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, f"{script}.py", *extra, "--run-dir", run_dir], cwd=ROOT, env=ENV,
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, f"{script}.py", *extra, "--run-dir", run_dir],
+        cwd=ROOT,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def metrics(run_dir: str) -> list[dict]:
@@ -209,8 +219,14 @@ def test_nan_loss_stops_at_the_next_log(tmp_path, data):
 def test_command_line_errors_are_one_line(tmp_path, data):
     """From the shell: one line on stderr (no traceback), exit status 2, and no run folder left behind; a full disk
     (writes beyond a file-size limit fail) while saving reads the same way."""
-    res = subprocess.run([sys.executable, "chunk_awr.py", "--batch-size", "0", "--run-dir", str(tmp_path / "x")],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "chunk_awr.py", "--batch-size", "0", "--run-dir", str(tmp_path / "x")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --batch-size must be ≥ 1 (got 0)"]
     assert not os.path.exists(tmp_path / "x")
 
@@ -220,8 +236,14 @@ def test_command_line_errors_are_one_line(tmp_path, data):
         "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000)); os.execv(sys.executable, sys.argv[1:])"
     )
-    res = subprocess.run([sys.executable, "-c", small_files, sys.executable, "acrlpd_pi0.py", *cmd], cwd=ROOT,
-                         env=no_cache, capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", small_files, sys.executable, "acrlpd_pi0.py", *cmd],
+        cwd=ROOT,
+        env=no_cache,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("error: saving step 4 in") and "failed (File too large)" in line and "--resume" in line

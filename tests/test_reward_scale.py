@@ -17,11 +17,18 @@ import tiny
 import acrlpd_pi0
 import chunk_awr
 import flow_ppo
-from common import RunError, envs
+from common import RunError, data, envs
 
 AWR_KEYS = ("losses/q", "losses/v", "losses/policy", "charts/weight_mean", "eval/success_rate")
-ACRLPD_KEYS = ("losses/bc", "losses/critic", "losses/cql_gap", "losses/distill", "charts/sample_log_std",
-               "eval/success_rate", "eval/plain_success_rate")  # fmt: skip
+ACRLPD_KEYS = (
+    "losses/bc",
+    "losses/critic",
+    "losses/cql_gap",
+    "losses/distill",
+    "charts/sample_log_std",
+    "eval/success_rate",
+    "eval/plain_success_rate",
+)
 PPO_KEYS = ("losses/value", "losses/policy", "losses/approx_kl", "charts/explained_variance", "eval/success_rate")
 
 
@@ -65,7 +72,7 @@ def test_flow_ppo_same_run_at_any_reward_scale(tmp_path, small_push):
     base = run(flow_ppo, flags, tmp_path, "base", 1.0, -1.0)  # a cost per step: rewards in the tiny run's episodes
     # 2r − 3 = 2(r − 1) − 1: the base run's rewards scaled and shifted, G' = 2.99·G − 1 (γ = 0.99). The first
     # rollout bootstraps from V = 0 in both runs, which the shift does not map, but its value targets are normalised
-    # by its own returns' statistics and π₀ waits for --critic-warmup: logged values agree to ~3·10⁻⁵ (2026-12-02)
+    # by its own returns' statistics and π₀ waits for --critic-warmup: logged values agree to ~3·10⁻⁵
     scaled = run(flow_ppo, flags, tmp_path, "scaled", 2.0, -3.0)
     assert len(base) > 10
     np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
@@ -80,22 +87,23 @@ def test_reward_transform_reaches_env_and_data(small_push):
     env.reset(seed=0)
     _, r, *_ = env.step(np.zeros((3, env.action_dim), np.float32), active=np.array([True, False, True]))
     assert r.tolist() == [-1.0, 0.0, -1.0]  # 2·0 − 1 where stepped, 0 where not
-    plain = envs.load_dataset(small_push, envs.make_spec("push", {}).make(1, 0))
-    data = envs.load_dataset(small_push, env)
-    np.testing.assert_allclose(data.rewards, 2 * plain.rewards - 1)
+    plain = data.load_dataset(small_push, envs.make_spec("push", {}).make(1, 0))
+    scaled = data.load_dataset(small_push, env)
+    np.testing.assert_allclose(scaled.rewards, 2 * plain.rewards - 1)
     with pytest.raises(RunError, match="reward_scale"):
         envs.make_spec("push", {"reward_scale": "0"})
 
 
 def test_kept_evaluation_envs_follow_the_reward():
-    """Gymnasium evaluation envs are kept between evaluations (`envs._evaluation_envs`): a spec with another reward
-    transform gets its own, not the plain env made before it."""
+    """Gymnasium evaluation envs are kept between evaluations on their spec (`EnvSpec.make(..., evaluation=True)`,
+    closed by `EnvSpec.close`): a spec with another reward transform gets its own, not the plain env."""
     plain, scaled = envs.make_spec("Pendulum-v1", {}), envs.make_spec("Pendulum-v1", {"reward_scale": "3"})
     try:
-        a = envs._evaluation_envs(plain, 1, seed=0, first=0, total=1)
-        b = envs._evaluation_envs(scaled, 1, seed=0, first=0, total=1)
+        a = plain.make(1, seed=0, evaluation=True, first=0, total=1)
+        b = scaled.make(1, seed=0, evaluation=True, first=0, total=1)
         assert a is not b and b.reward_transform == (3.0, 0.0) and not hasattr(a, "reward_transform")
-        assert envs._evaluation_envs(scaled, 1, seed=0, first=0, total=1) is b  # kept
+        assert scaled.make(1, seed=0, evaluation=True, first=0, total=1) is b  # kept
     finally:
-        for key in [k for k in envs._EVAL_ENVS if k[0] == "Pendulum-v1"]:
-            envs._EVAL_ENVS.pop(key).close()
+        plain.close()
+        scaled.close()
+    assert not plain.kept and not scaled.kept

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import RunError, pi0, runlog
+from common import RunError, openpi, pi0, runlog
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures")
 
@@ -47,29 +47,28 @@ def test_run_block_and_choices(tmp_path, capsys) -> None:
     assert run.dir == str(tmp_path / "run") and json.load(open(tmp_path / "run" / "args.json"))["seed"] == 3
 
 
-@pytest.mark.parametrize("key", ["params", "pi"])
-def test_load_pi0_from_a_run_folder(tmp_path, key) -> None:
+def test_load_pi0_from_a_run_folder(tmp_path) -> None:
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=5)
     params = pi0.Pi0(cfg).init(jax.random.key(0))
     run = runlog.Run(Args(), "script", name="script", env="push", seed=1, run_dir=str(tmp_path / "run"))
-    run.save(7, {key: params, "other": jnp.zeros(3)}, {"norm_stats": stats(10, 2), "step": 7})
+    run.save(7, {"params": params, "other": jnp.zeros(3)}, {"norm_stats": stats(10, 2), "step": 7})
     run.close()
-    got, got_cfg, got_stats = runlog.load_pi0(
+    got, got_cfg, got_stats = openpi.load_pi0(
         str(tmp_path / "run"), action_horizon=5, run_config={"max_token_len": cfg.max_token_len, "cameras": ()}
     )
     assert got_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, got, params)
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(10, 2))
     assert got_stats["state"]["mean"].dtype == np.float32
-    assert runlog.load_pi0(str(tmp_path / "run"), action_horizon=3)[1].max_token_len == 48  # the default
+    assert openpi.load_pi0(str(tmp_path / "run"), action_horizon=3)[1].max_token_len == 48  # the default
     bad = runlog.Run(Args(), "script", name="script", env="push", seed=1, run_dir=str(tmp_path / "bad"))
-    bad.save(1, {"weights": jnp.zeros(2)}, {"norm_stats": stats(10, 2)})
+    bad.save(1, {"pi": params}, {"norm_stats": stats(10, 2)})  # π₀ under another key
     bad.close()
     with pytest.raises(ValueError, match="expected the π₀ params"):
-        runlog.load_pi0(str(tmp_path / "bad"), action_horizon=5)
+        openpi.load_pi0(str(tmp_path / "bad"), action_horizon=5)
     os.makedirs(tmp_path / "empty" / "checkpoints")
     with pytest.raises(RunError, match="empty"):
-        runlog.load_pi0(str(tmp_path / "empty"), action_horizon=5)
+        openpi.load_pi0(str(tmp_path / "empty"), action_horizon=5)
 
 
 def test_load_pi0_from_an_openpi_checkpoint(tmp_path) -> None:
@@ -81,8 +80,8 @@ def test_load_pi0_from_an_openpi_checkpoint(tmp_path) -> None:
     os.symlink(params_dir, ckpt / "params")
     raw = {k: {s: v.tolist() for s, v in d.items()} for k, d in stats(8, 7).items()}
     (ckpt / "assets" / "org" / "robot" / "norm_stats.json").write_text(json.dumps({"norm_stats": raw}))
-    params, cfg, got_stats = runlog.load_pi0(str(ckpt), action_horizon=10, asset_id="org/robot")
-    want, want_cfg = pi0.load_openpi_params(params_dir, action_horizon=10, max_token_len=48)
+    params, cfg, got_stats = openpi.load_pi0(str(ckpt), action_horizon=10, asset_id="org/robot")
+    want, want_cfg = openpi.load_openpi_params(params_dir, action_horizon=10, max_token_len=48)
     assert cfg == dataclasses.replace(want_cfg, discrete_state=False) and cfg.max_token_len == 48
     jax.tree.map(np.testing.assert_array_equal, params, want)
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(8, 7))
@@ -91,7 +90,7 @@ def test_load_pi0_from_an_openpi_checkpoint(tmp_path) -> None:
         (tmp_path / name / "assets" / "x").mkdir(parents=True)
         os.symlink(os.path.join(FIXTURES, "openpi_pi05_tiny", "params"), tmp_path / name / "params")
         (tmp_path / name / "assets" / "x" / "norm_stats.json").write_text(json.dumps({"norm_stats": raw}))
-        cfg = runlog.load_pi0(str(tmp_path / name), action_horizon=10)[1]
+        cfg = openpi.load_pi0(str(tmp_path / name), action_horizon=10)[1]
         assert cfg.pi05 and cfg.max_token_len == 200 and cfg.state_in_prompt == state_in_prompt, name
 
 
@@ -153,11 +152,11 @@ def test_checkpoint_record_of_an_openpi_checkpoint(tmp_path) -> None:
     their pi0rl.json; anything else is left to --model-horizon."""
     for name in ("pi0_libero", "pi05_libero", "pi05_droid", "export"):
         (tmp_path / name).mkdir()
-    (tmp_path / "export" / runlog.EXPORT_RECORD).write_text(json.dumps({"action_horizon": 7}))
+    (tmp_path / "export" / openpi.EXPORT_RECORD).write_text(json.dumps({"action_horizon": 7}))
     for name, want in (("pi0_libero", 50), ("pi05_libero", 10), ("pi05_droid", None), ("export", 7)):
-        assert runlog.checkpoint_record(str(tmp_path / name)).get("action_horizon") == want, name
-    assert runlog.checkpoint_record(str(tmp_path / "pi05_libero"))["discrete_state"] is False
-    args = runlog.located(runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero")))
+        assert openpi.checkpoint_record(str(tmp_path / name)).get("action_horizon") == want, name
+    assert openpi.checkpoint_record(str(tmp_path / "pi05_libero"))["discrete_state"] is False
+    args = openpi.located(runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero")))
     assert args.model_horizon == 50 and args.pi0_preset == "cpu"
     given = runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero"), model_horizon=5)
-    assert runlog.located(given).model_horizon == 5
+    assert openpi.located(given).model_horizon == 5

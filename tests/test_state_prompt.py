@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import robot_sentences, train_sentencepiece
 
-from common import RunError, pi0
+from common import RunError, openpi, pi0
 
 WORDS = "pick up the black bowl between plate and ramekin place it on cookie box open top drawer of cabinet".split()
 
@@ -54,10 +54,10 @@ def _check(tokenizer, max_len, S, seed):
 @pytest.mark.parametrize("kind", sorted(SP_OPTIONS))
 def test_sentencepiece_state_prompt_matches_openpi_format(tmp_path, kind):
     path = _train(tmp_path, **SP_OPTIONS[kind])
-    tok = pi0.PaligemmaTokenizer(path, 200)
+    tok = openpi.PaligemmaTokenizer(path, 200)
     obs = _check(tok, 200, S=8, seed=1)  # LIBERO's 8 state dims, openpi's π₀.₅ prompt length
     assert obs.token_mask.sum(-1).min() < 200  # nothing truncated: the whole state is there
-    short = pi0.PaligemmaTokenizer(path, 24)  # prompts cut in the middle of the state, as openpi truncates
+    short = openpi.PaligemmaTokenizer(path, 24)  # prompts cut in the middle of the state, as openpi truncates
     obs = _check(short, 24, S=8, seed=2)
     assert bool(obs.token_mask.all())
     if kind == "bpe_gemma_like":  # an identity normaliser keeps the text as written: openpi's format, read back

@@ -2,16 +2,66 @@
 (tests/test_reliability.py): the same flags and data give the same XLA programs, so the persistent compilation cache
 compiles each once per suite. Each also sets flags the defaults leave off, so that they are run somewhere."""
 
-ACRLPD = dict(offline_steps=8, online_steps=8, batch_size=8, online_batch_size=8, updates_per_call=4, utd=2,
-              learning_starts=4, eval_episodes=3, num_envs=2, log_every=4, save_every=4, num_qs=3,
-              critic_hidden=(16,), target_n=2, bon=3, target_flow_steps=2, flow_steps=2,
-              q_agg="min2", cql_weight=0.1, freeze_backbone=True, bon_slice=1, topk=2, adapt_temp=0.1)  # fmt: skip
-CHUNK_AWR = dict(critic_steps=10, policy_steps=10, eval_episodes=2, eval_envs=2, batch_size=8, critic_batch_size=16,
-                 updates_per_call=5, log_every=5, eval_every=5, save_every=5,
-                 reward="subgoal", critic_target="td", beta=5.0, max_weight=10.0, remat="dots_saveable")  # fmt: skip
-FLOW_PPO = dict(bc_steps=3, bc_batch_size=8, iterations=4, num_envs=4, num_steps=2, update_epochs=1, num_minibatches=2,
-                eval_episodes=4, log_every=1, eval_every=2, save_every=1, critic_warmup=1, flow_steps=2,
-                noise_method="flow_sde", freeze_backbone=False, dual_clip=3.0)  # fmt: skip
+ACRLPD = dict(
+    offline_steps=8,
+    online_steps=8,
+    batch_size=8,
+    online_batch_size=8,
+    updates_per_call=4,
+    utd=2,
+    learning_starts=4,
+    eval_episodes=3,
+    num_envs=2,
+    log_every=4,
+    save_every=4,
+    num_qs=3,
+    critic_hidden=(16,),
+    target_n=2,
+    bon=3,
+    target_flow_steps=2,
+    flow_steps=2,
+    q_agg="min2",
+    cql_weight=0.1,
+    freeze_backbone=True,
+    bon_slice=1,
+    topk=2,
+    adapt_temp=0.1,
+)
+CHUNK_AWR = dict(
+    critic_steps=10,
+    policy_steps=10,
+    eval_episodes=2,
+    eval_envs=2,
+    batch_size=8,
+    critic_batch_size=16,
+    updates_per_call=5,
+    log_every=5,
+    eval_every=5,
+    save_every=5,
+    reward="subgoal",
+    critic_target="td",
+    beta=5.0,
+    max_weight=10.0,
+    remat="dots_saveable",
+)
+FLOW_PPO = dict(
+    bc_steps=3,
+    bc_batch_size=8,
+    iterations=4,
+    num_envs=4,
+    num_steps=2,
+    update_epochs=1,
+    num_minibatches=2,
+    eval_episodes=4,
+    log_every=1,
+    eval_every=2,
+    save_every=1,
+    critic_warmup=1,
+    flow_steps=2,
+    noise_method="flow_sde",
+    freeze_backbone=False,
+    dual_clip=3.0,
+)
 RUNS = {"acrlpd_pi0": ACRLPD, "chunk_awr": CHUNK_AWR, "flow_ppo": FLOW_PPO}
 
 

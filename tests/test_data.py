@@ -1,22 +1,34 @@
-"""Chunk transitions on hand-made episodes, the HDF5 reader (push and LIBERO layouts), buffers, norm stats."""
+"""common/data.py: chunk transitions on hand-made episodes, the readers (HDF5 in push and LIBERO layouts, OGBench's
+npz, Minari, LeRobot), buffers, norm stats."""
 
+import io
 import json
+import os
+import types
 
+import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
 
-from common import runlog
-from common.envs import PUSH_PROMPTS, ChunkStep, make_dataset
-from common.qchunk import (
+from common import envs, runlog
+from common.data import (
+    LEROBOT_IMAGE_SIZE,
     DatasetError,
     ReplayBuffer,
     compute_norm_stats,
+    dataset_image_size,
     gather_obs,
+    is_lerobot,
+    is_minari,
+    load_dataset,
     load_episodes,
+    load_lerobot,
+    load_npz,
     make_chunks,
     norm_stats,
 )
+from common.envs import PUSH_PROMPTS, ChunkStep, make_dataset
 
 G = 0.9
 
@@ -302,8 +314,12 @@ def test_td_only_buffer_keeps_what_a_td_target_reads() -> None:
     arrays and 216,187 with o_t's and o_{t+H}'s two 128² cameras; the TD arrays as the full buffer computes them."""
     E, H, A, Z, N = 2, 10, 7, 2048 + 32, 8
     rng = np.random.default_rng(0)
-    extras = {"obs_z": rng.normal(size=(E, Z)).astype(np.float32), "chunk": np.zeros((E, H, A), np.float32),
-              "next_obs_z": np.zeros((E, Z), np.float32), "next_cand": np.zeros((E, N, H, A), np.float32)}  # fmt: skip
+    extras = {
+        "obs_z": rng.normal(size=(E, Z)).astype(np.float32),
+        "chunk": np.zeros((E, H, A), np.float32),
+        "next_obs_z": np.zeros((E, Z), np.float32),
+        "next_cand": np.zeros((E, N, H, A), np.float32),
+    }
     cams = {c: np.zeros((E, 128, 128, 3), np.uint8) for c in ("base_0_rgb", "left_wrist_0_rgb")}
     obs = {"state": np.zeros((E, 8), np.float32), "prompt_id": np.zeros(E, np.int32), "images": cams}
     step = chunk_step(rng.uniform(size=(E, H)), np.r_[np.ones((1, H)), np.arange(H)[None] < 4], [False, True])
@@ -319,10 +335,132 @@ def test_td_only_buffer_keeps_what_a_td_target_reads() -> None:
     assert td.actions is None and td.rewards is None and td.return_to_go is None
     for k in ("discounted_return", "n_valid", "mask"):
         np.testing.assert_array_equal(getattr(td, k)[:E], getattr(full, k)[:E])
-    assert sorted(td.state_dict()) == ["discounted_return", "extras/chunk", "extras/next_cand", "extras/next_obs_z",
-                                       "extras/obs_z", "mask", "n_valid", "next"]  # fmt: skip
+    assert sorted(td.state_dict()) == [
+        "discounted_return",
+        "extras/chunk",
+        "extras/next_cand",
+        "extras/next_obs_z",
+        "extras/obs_z",
+        "mask",
+        "n_valid",
+        "next",
+    ]
     back = ReplayBuffer(capacity=8, horizon=H, gamma=G, td_only=True)
     back.load_state_dict(td.state_dict())
     np.testing.assert_array_equal(back.extras["obs_z"][:E], extras["obs_z"])
     with pytest.raises(ValueError, match="td_only buffer keeps no chunks"):
         td.sample(rng, 2)
+
+
+def _ogbench_layout(path: str, rewards: bool = False) -> None:
+    """Two trajectories in OGBench's npz layout: `terminals` ends each (lengths 4 and 3)."""
+    rng = np.random.default_rng(0)
+    data = dict(
+        observations=rng.normal(size=(7, 3)).astype(np.float32),
+        actions=rng.normal(size=(7, 1)),
+        terminals=np.array([0, 0, 0, 1, 0, 0, 1], bool),
+    )
+    if rewards:  # a termination at frame 1 of the first trajectory (masks 0): the rest is a new episode
+        data.update(rewards=np.array([-1, 0, -1, -1, -1, -1, -1], np.float32), masks=np.array([1, 0, 1, 1, 1, 1, 1]))
+    np.savez(path, **data)
+
+
+def test_npz_reader(tmp_path: object) -> None:
+    path = os.path.join(tmp_path, "d.npz")
+    _ogbench_layout(path, rewards=True)
+    data = load_npz(path, "Pendulum-v1", [""])
+    assert data.episode_lengths.tolist() == [2, 2, 3] and data.episode_starts.tolist() == [0, 2, 4]
+    assert data.terminals.tolist() == [False, True] + [False] * 5 and data.truncated.tolist() == [False, True, True]
+    assert data.obs["state"].shape == (7, 3) and data.prompts == [""] and (data.obs["prompt_id"] == 0).all()
+    _ogbench_layout(path)  # no rewards: only an OGBench single-task env can relabel them
+    with pytest.raises(DatasetError, match="not an OGBench single-task env"):
+        load_npz(path, "Pendulum-v1", [""])
+    bad = dict(np.load(path), rewards=np.array([-1, 0, -1, -1, -1, -1, -1], np.float32))
+    bad["actions"][5, 0] = np.nan
+    np.savez(path, **bad)
+    with pytest.raises(DatasetError, match="episode 1 has NaN or inf in actions \\(frame 5\\)"):
+        load_npz(path, "Pendulum-v1", [""])
+    np.savez(path, observations=np.zeros((3, 2)))
+    with pytest.raises(DatasetError, match="no actions, terminals"):
+        load_npz(path, "Pendulum-v1", [""])
+    open(path, "wb").write(b"not a zip")
+    with pytest.raises(DatasetError, match="not a readable npz"):
+        load_npz(path, "Pendulum-v1", [""])
+
+
+def test_minari_reader(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    minari = pytest.importorskip("minari")
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    env = minari.DataCollector(gym.make("Pendulum-v1", max_episode_steps=5))
+    for seed in range(2):
+        env.reset(seed=seed)
+        for _ in range(5):
+            env.step(env.action_space.sample())
+    minari.delete_dataset  # noqa: B018  (the public API this test relies on)
+    env.create_dataset(dataset_id="pendulum/test-v0", algorithm_name="random")
+    folder = os.path.join(tmp_path, "pendulum", "test-v0")
+    assert is_minari(folder)
+    data = load_dataset(folder, envs.make_env("Pendulum-v1", 1, workers=0))
+    assert data.episode_lengths.tolist() == [5, 5] and data.truncated.tolist() == [True, True]
+    assert data.obs["state"].shape == (10, 3) and data.actions.shape == (10, 1) and (data.rewards <= 0).all()
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_load_lerobot_parquet(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(0)
+    tasks = ["put the bowl on the plate", "open the drawer"]
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "tasks.jsonl").write_text(
+        "".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
+    )
+    frames = {}
+    for ep, (length, task) in enumerate([(4, 1), (3, 0), (5, 1)]):
+        img = rng.integers(0, 255, (length, 8, 8, 3), dtype=np.uint8)
+        frames[ep] = img
+        table = pa.table(
+            {
+                "image": [{"bytes": _png(x), "path": None} for x in img],
+                "wrist_image": [{"bytes": _png(x[::-1]), "path": None} for x in img],
+                "state": [rng.normal(size=8).astype(np.float32).tolist() for _ in range(length)],
+                "actions": [np.full(7, ep + 0.1 * t, np.float32).tolist() for t in range(length)],
+                "timestamp": np.arange(length, dtype=np.float32) / 10,
+                "frame_index": np.arange(length),
+                "episode_index": np.full(length, ep),
+                "index": np.arange(length),
+                "task_index": np.full(length, task),
+            }
+        )
+        table = table.take(np.arange(length)[::-1].copy())  # rows out of time order on disk: the reader sorts
+        (tmp_path / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / "data" / "chunk-000" / f"episode_{ep:06d}.parquet")
+    data = load_lerobot(tmp_path, prompts=["open the drawer"])
+    assert data.episode_lengths.tolist() == [4, 3, 5] and len(data) == 12
+    assert data.prompts == ["open the drawer", "put the bowl on the plate"]
+    assert data.obs["prompt_id"].tolist() == [0] * 4 + [1] * 3 + [0] * 5
+    assert data.obs["state"].shape == (12, 8) and data.actions.shape == (12, 7)
+    assert np.allclose(data.actions[:4, 0], [0.0, 0.1, 0.2, 0.3])  # frames in time order
+    assert np.array_equal(data.obs["images"]["base_0_rgb"][4:7], frames[1])  # stored upright: no rotation
+    assert np.array_equal(data.obs["images"]["left_wrist_0_rgb"][0], frames[0][0][::-1])
+    assert data.terminals.tolist() == [False] * 3 + [True] + [False] * 2 + [True] + [False] * 4 + [True]
+    assert data.rewards.sum() == 3 and not data.truncated.any()
+    small = load_lerobot(tmp_path / "data", max_episodes=2, image_keys={"image": "base_0_rgb"}, image_size=4)
+    assert small.episode_lengths.tolist() == [4, 3] and small.obs["images"]["base_0_rgb"].shape == (7, 4, 4, 3)
+    assert small.prompts == tasks and small.obs["prompt_id"].tolist() == [1] * 4 + [0] * 3  # meta/ above data/
+    # the scripts' --dataset: a LeRobot folder is recognised and read at the env's image size
+    assert is_lerobot(tmp_path) and dataset_image_size(tmp_path) == LEROBOT_IMAGE_SIZE
+    env = types.SimpleNamespace(prompts=["open the drawer"], action_dim=7)  # what load_dataset reads of an env
+    via = load_dataset(tmp_path, env, image_size=6)
+    with pytest.raises(ValueError, match="actions have 7 dims, the environment's 2"):
+        load_dataset(tmp_path, types.SimpleNamespace(prompts=[], action_dim=2))
+    assert via.obs["images"]["base_0_rgb"].shape == (12, 6, 6, 3) and via.prompts == data.prompts
+    assert not is_lerobot(tmp_path / "meta")

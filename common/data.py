@@ -1,33 +1,25 @@
-"""Data for chunked RL: episodes from robomimic/LIBERO HDF5, chunk transitions with their masks, the online replay
-buffer, offline/online mixing (RLPD), and normalisation statistics.
+"""Data for chunked RL: every dataset reader into one episode type (`EpisodeData`), chunk transitions with their
+masks, the online replay buffer, offline/online mixing, and normalisation statistics.
 
 A chunk transition at frame t of an episode of length L (H = horizon, gamma = discount):
-  obs o_t; actions a_t..a_{t+H-1} (past the episode's end: the last action repeated, and `valid` False there);
+  obs o_t; actions a_t..a_{t+H-1} (past the episode's end: the last action repeated, `valid` False there);
   rewards r_{t+k} (0 where not valid); discounted_return = sum_k gamma^k r_{t+k} over valid k;
   next_obs o_{t+H}, or the episode's last stored frame o_{L-1} when t+H >= L;
   mask = 0 iff a true termination happens in steps t..t+H-1 (truncation is not termination);
-  n_valid = the number of valid steps (a script's TD target discounts its bootstrap by gamma^n_valid).
-A dataset episode that ends without a termination (time limit, or a demo that just stops) is not terminated. The
-successor of its last step is not stored, so next_obs is the last stored frame o_{L-1} there: bootstrapping from it
-is an approximation, exact when rewards are zero there (as in push's truncated episodes). Online chunks
-(`ReplayBuffer`) store the true final observation.
-
-Batches (`ChunkDataset.sample`, `ReplayBuffer.sample`) are dicts of numpy arrays:
-  obs / next_obs: {"state": f32[B, S], "prompt_id": i32[B], "images": {cam: u8[B, h, w, 3]}}, actions f32[B, H, A],
-  rewards f32[B, H], discounted_return f32[B], n_valid i32[B], mask f32[B], valid bool[B, H], subgoal bool[B]
-  (a subgoal flag was raised in a valid step of the chunk), return_to_go f32[B] (sum_k gamma^k r_{t+k} from o_t to the
-  episode's end, the Monte Carlo return of the data's policy; past a truncated episode's time limit its last reward
-  is taken to repeat forever, gamma^(L-t) r_{L-1} / (1 - gamma): 0 for push, the value of never reaching the goal
-  for OGBench's −1 per step; NaN for online chunks, whose episode had not ended when they were stored;
-  `ChunkDataset` also keeps its parts, return_to_end and end_discount = gamma^(L-t) on a truncated episode, with
-  end_obs_idx, the frame o_{L-1} whose value a script may put in place of the repeated reward). A
-  `ReplayBuffer` made without an observation example stores no observations (a script that caches what it reads of
-  them in `extras`).
+  n_valid = the number of valid steps (a TD target discounts its bootstrap by gamma^n_valid);
+  return_to_go = sum_k gamma^k r_{t+k} to the episode's end; past a time limit the last reward is taken to repeat
+  forever (gamma^(L-t) r_{L-1} / (1 - gamma)); NaN for online chunks, whose episode had not ended when stored.
+A dataset episode that ends without a termination is not terminated; its successor is not stored, so next_obs is
+o_{L-1} there (exact when rewards are zero there). Online chunks (`ReplayBuffer`) store the true final observation.
+Batches are dicts of numpy arrays: obs / next_obs {"state": f32[B, S], "prompt_id": i32[B], "images": {cam:
+u8[B, h, w, 3]}}, actions f32[B, H, A] and the per-chunk `CHUNK_KEYS`.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +34,9 @@ Batch = dict[str, Any]
 
 # LIBERO camera keys -> openpi camera names. LIBERO's stored images are upside down (OpenGL): rotate them 180°.
 LIBERO_CAMERAS = {"agentview_rgb": "base_0_rgb", "eye_in_hand_rgb": "left_wrist_0_rgb"}
-# Without an `obs/state` key, the state is LIBERO's end-effector position (3) + axis-angle orientation (3) + the two
-# gripper joint positions (2), as openpi uses it; `joint_states` is ignored.
+# Without `obs/state`: LIBERO's eef position (3) + axis-angle (3) + the two gripper joints (2), as openpi uses it.
 LIBERO_STATE_KEYS = ("ee_pos", "ee_ori", "gripper_states")
+LEROBOT_IMAGE_SIZE = 128  # LeRobot images are read resized to this unless told (all of openpi's LIBERO at 256²: ~90 GB)
 
 
 class DatasetError(RunError):
@@ -67,6 +59,71 @@ class EpisodeData:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+
+# ----------------------------------------------------------------------------------------------------- readers
+def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> EpisodeData:
+    """Prior data for `env`: robomimic/LIBERO HDF5 (a file or a folder of them), a LeRobot folder (images resized to
+    `image_size`, 0: `LEROBOT_IMAGE_SIZE`), an OGBench/D4RL .npz file or a Minari folder. Prompt ids index the env's
+    prompts first, then the data's new ones; the env's reward transform (`envs.ScaledReward`) applies to the data."""
+    lerobot = is_lerobot(path)
+    if lerobot:
+        data = load_lerobot(path, prompts=env.prompts, image_size=image_size or LEROBOT_IMAGE_SIZE)
+    elif str(path).endswith(".npz"):
+        data = load_npz(path, getattr(env, "env_id", ""), prompts=env.prompts)
+    elif is_minari(path):
+        data = load_minari(path, prompts=env.prompts)
+    else:
+        data = load_episodes(path, prompts=env.prompts)  # refuses NaN / inf per file and demo as it reads
+    if data.actions.shape[1] != env.action_dim:
+        raise RunError(f"{path}: actions have {data.actions.shape[1]} dims, the environment's {env.action_dim}")
+    if getattr(env, "state_dim", data.obs["state"].shape[1]) != data.obs["state"].shape[1]:
+        raise RunError(
+            f"{path}: observations have {data.obs['state'].shape[1]} dims, the environment's "
+            f"{env.state_dim}: is it this env's dataset?"
+        )
+    if lerobot:
+        refuse_non_finite(path, data)
+    if (transform := getattr(env, "reward_transform", None)) is not None:  # the env's a·r + b, on the data too
+        data.rewards = (transform[0] * data.rewards + transform[1]).astype(np.float32)
+    return data
+
+
+def dataset_instructions(path: str | os.PathLike) -> list[str]:
+    """The distinct non-empty instructions of a dataset, from its metadata only (HDF5 attrs, LeRobot's
+    `meta/tasks.jsonl`); [] for npz and Minari data."""
+    p = Path(path)
+    if is_lerobot(p):
+        tasks = p / "meta" / "tasks.jsonl"
+        lines = tasks.read_text().splitlines() if tasks.exists() else []
+        return sorted({json.loads(line)["task"] for line in lines if line.strip()} - {""})
+    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
+    found: set[str] = set()
+    for file in files:
+        if not file.is_file() or not h5py.is_hdf5(file):
+            continue
+        with h5py.File(file, "r") as f:
+            info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}") if "data" in f else {}
+            found |= {demo_instruction(demo, info) for demo in f.get("data", {}).values()}
+    return sorted(found - {""})
+
+
+def dataset_image_size(path: str | os.PathLike) -> int | None:
+    """The image height of an HDF5 dataset's first demo, `LEROBOT_IMAGE_SIZE` for a LeRobot folder, else None."""
+    if is_lerobot(path):
+        return LEROBOT_IMAGE_SIZE
+    p = Path(path)
+    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
+    if not files or not h5py.is_hdf5(files[0]):
+        return None
+    try:
+        with h5py.File(files[0], "r") as f:
+            demos = sorted(f.get("data", {}))
+            obs = f["data"][demos[0]].get("obs", {}) if demos else {}
+            shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
+    except OSError:  # a truncated file: `load_episodes` says so when it reads it
+        return None
+    return int(shapes[0][1]) if shapes else None
 
 
 def _dataset_files(paths: str | Path | list) -> list[Path]:
@@ -92,8 +149,10 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise DatasetError(f"{path}: not a readable HDF5 file ({e}); is it empty, truncated or still being written? "
-                           "Write it again (python -m common.envs make-dataset for push)") from None  # fmt: skip
+        raise DatasetError(
+            f"{path}: not a readable HDF5 file ({e}); is it empty, truncated or still being written? "
+            "Write it again (python -m common.envs make-dataset for push)"
+        ) from None
 
 
 def _demo_names(data: h5py.Group) -> list[str]:
@@ -105,8 +164,7 @@ def _camera_name(key: str) -> str:
 
 
 def demo_instruction(demo: h5py.Group, info: dict[str, Any]) -> str:
-    """A demo's instruction: its attr `language_instruction`, else the file's `problem_info["language_instruction"]`
-    (`info`, the `data` group's parsed attr), else ""."""
+    """A demo's attr `language_instruction`, else the file's `problem_info["language_instruction"]`, else ""."""
     lang = demo.attrs.get("language_instruction", info.get("language_instruction", ""))
     return lang.decode() if isinstance(lang, bytes) else str(lang)
 
@@ -118,17 +176,12 @@ def load_episodes(
     max_episodes: int | None = None,
     min_length: int = 1,
 ) -> EpisodeData:
-    """Read episodes from robomimic/LIBERO-layout HDF5 files (a file, a list, or a folder of .hdf5/.h5 files).
+    """Episodes of robomimic/LIBERO-layout HDF5 files (a file, a list, or a folder of .hdf5/.h5 files).
 
-    Per demo group `data/demo_<i>`: `actions`, `rewards`, `dones`, `obs/<key>`. State from `obs/state`, else the
-    LIBERO rule (`LIBERO_STATE_KEYS`). Images: every uint8 obs of shape [T, h, w, 3] (or only `image_keys`, given by
-    file key or camera name; [] for none); LIBERO's `agentview_rgb` / `eye_in_hand_rgb` become `base_0_rgb` /
-    `left_wrist_0_rgb` rotated 180° (`img[::-1, ::-1]`); other keys pass through unchanged. The instruction is the
-    demo attr `language_instruction`, else `problem_info["language_instruction"]` of the file's `data` group; it is
-    mapped to an index into `prompts` (new instructions appended, first those listed in `problem_info["prompts"]`).
-    `dones` are taken as given (LIBERO demos end at success with done=1 on the last step; a demo ending with done=0
-    keeps bootstrapping). Truncation per episode from the demo attr `truncated` (default False); `subgoal` from
-    `obs/subgoal` (default all False).
+    Per demo `data/demo_<i>`: `actions`, `rewards`, `dones` (as given), `obs/<key>`. State: `obs/state`, else
+    `LIBERO_STATE_KEYS`. Images: every uint8 obs [T, h, w, 3] (or `image_keys`, file keys or camera names), LIBERO's
+    renamed by `LIBERO_CAMERAS` and rotated 180°. Instructions (`demo_instruction`) index `prompts`, new ones
+    appended (first `problem_info["prompts"]`). Attr `truncated` and `obs/subgoal` default to False.
     """
     prompts = list(prompts or [])
     files = _dataset_files(paths)
@@ -183,9 +236,9 @@ def load_episodes(
             continue
         with _open(path) as f:
             for i, (_, name, length, lang, _) in mine:
+                rows = slice(starts[i], starts[i] + length)
                 try:
-                    _read_demo(f["data"][name], slice(starts[i], starts[i] + length), length, layout, obs, actions,
-                               rewards, terminals, subgoal)  # fmt: skip
+                    _read_demo(f["data"][name], rows, length, layout, obs, actions, rewards, terminals, subgoal)
                 except OSError as e:  # a half-written file: its index is there, its data is not
                     raise DatasetError(f"{path}:data/{name}: unreadable ({e}); the file looks truncated") from None
                 for key, x in (("obs/state", obs["state"]), ("actions", actions), ("rewards", rewards)):
@@ -199,8 +252,7 @@ def load_episodes(
 
 
 def refuse_non_finite(path: str | Path, data: EpisodeData) -> None:
-    """A DatasetError naming the episode, key and frame of the first NaN or inf in a dataset's state, actions or
-    rewards (for readers that load whole arrays; `load_episodes` checks each demo as it reads it)."""
+    """A DatasetError naming the episode, key and frame of the first NaN or inf in state, actions or rewards."""
     for key, x in (("state", data.obs["state"]), ("actions", data.actions), ("rewards", data.rewards)):
         if not np.isfinite(x).all():
             frame = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
@@ -208,9 +260,9 @@ def refuse_non_finite(path: str | Path, data: EpisodeData) -> None:
             raise DatasetError(f"{path}: episode {episode} has NaN or inf in {key} (frame {frame}); fix or drop it")
 
 
-def _read_demo(g: h5py.Group, sl: slice, length: int, layout: dict, obs: dict, actions: np.ndarray,
-               rewards: np.ndarray, terminals: np.ndarray, subgoal: np.ndarray) -> None:  # fmt: skip
-    """Copy one demo group into the preallocated arrays at rows `sl`."""
+def _read_demo(g: h5py.Group, sl: slice, length: int, layout: dict, obs: dict, *out: np.ndarray) -> None:
+    """Copy one demo group into the preallocated arrays (actions, rewards, terminals, subgoal) at rows `sl`."""
+    actions, rewards, terminals, subgoal = out
     o = g["obs"]
     if "state" in o:
         obs["state"][sl] = np.asarray(o["state"]).reshape(length, -1)
@@ -256,10 +308,261 @@ def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | N
     return {"state_dim": state_dim, "action_dim": int(np.prod(g["actions"].shape[1:])), "images": images}
 
 
-# ----------------------------------------------------------------------------------------------------- normalisation
+def is_lerobot(path: str | os.PathLike) -> bool:
+    """A LeRobot dataset folder (`meta/tasks.jsonl` or `data/**/*.parquet`), e.g. openpi's LIBERO data."""
+    p = Path(path)
+    return p.is_dir() and ((p / "meta" / "tasks.jsonl").exists() or any(p.glob("data/**/*.parquet")))
+
+
+def _decode_image(cell: Any, size: int | None) -> np.ndarray:
+    """A LeRobot image cell ({"bytes": PNG/JPEG, "path"}, raw bytes, or a nested [h][w][3] list) -> uint8 [h, w, 3]."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if isinstance(data, bytes | bytearray):
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if size and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, np.uint8)
+    if data is None:
+        raise ValueError("image cell without bytes (LeRobot video datasets store frames in mp4; not supported)")
+    arr = np.asarray(data, np.uint8)
+    if size and arr.shape[:2] != (size, size):
+        from PIL import Image
+
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR), np.uint8)
+    return arr
+
+
+def load_lerobot(
+    path: str | os.PathLike,
+    prompts: list[str] | None = None,
+    max_episodes: int | None = None,
+    image_keys: dict[str, str] | None = None,
+    image_size: int | None = None,
+) -> EpisodeData:
+    """A LeRobot dataset (`data/**/*.parquet`, `meta/tasks.jsonl`): columns `state`, `actions`, `episode_index`,
+    `frame_index`, `task_index` and the image columns `image_keys` maps to cameras (default openpi's LIBERO; {}:
+    none), kept upright and resized to `image_size`² when given. Rewards and terminations from `next.reward` /
+    `next.done`, else a demo's last frame is a success (as LIBERO's HDF5 demos). Prompts: `prompts`, then the
+    tasks not in it (without `prompts`, prompt_id = task_index)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError('load_lerobot needs pyarrow: pip install -e ".[libero]"') from err
+    root = Path(path)
+    data = root / "data" if (root / "data").is_dir() else root  # meta/ may hold parquet files too (LeRobot v3)
+    files = sorted(data.glob("**/*.parquet")) if root.is_dir() else [root]
+    if not files or not files[0].exists():
+        raise DatasetError(f"{root}: no parquet files (expected a LeRobot dataset folder with data/**/*.parquet)")
+    meta = (root if root.is_dir() else root.parent) / "meta" / "tasks.jsonl"
+    for parent in [root, *root.parents][:4]:
+        if (parent / "meta" / "tasks.jsonl").exists():
+            meta = parent / "meta" / "tasks.jsonl"
+            break
+    task_text: dict[int, str] = {}
+    if meta.exists():
+        for line in meta.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                task_text[int(row["task_index"])] = row["task"]
+    image_keys = {"image": "base_0_rgb", "wrist_image": "left_wrist_0_rgb"} if image_keys is None else image_keys
+    prompts = list(prompts or [])
+    prompts += [task_text[t] for t in sorted(task_text) if task_text[t] not in prompts]  # task_index order
+    cols: dict[str, list] = {}
+    episodes_seen: list[int] = []
+    for f in files:
+        table = pq.read_table(f)
+        names = set(table.column_names)
+        need = {"state", "actions", "episode_index"} | set(image_keys)
+        if need - names:
+            raise DatasetError(f"{f}: missing columns {sorted(need - names)}; it has {sorted(names)}")
+        ep = table.column("episode_index").to_numpy()
+        keep = np.ones(len(ep), bool)
+        if max_episodes is not None:
+            new = [int(x) for x in dict.fromkeys(ep.tolist()) if int(x) not in episodes_seen]
+            allowed = set(episodes_seen) | set(new[: max(0, max_episodes - len(episodes_seen))])
+            keep = np.isin(ep, list(allowed))
+            if not keep.any():
+                break
+        episodes_seen += [int(x) for x in dict.fromkeys(ep[keep].tolist()) if int(x) not in episodes_seen]
+        for name in need | ({"frame_index", "task_index", "next.reward", "next.done"} & names):
+            values = table.column(name).to_pylist()
+            cols.setdefault(name, []).extend(v for v, k in zip(values, keep, strict=True) if k)
+    if not cols:
+        raise DatasetError(f"{root}: no frames read")
+    ep = np.asarray(cols["episode_index"], np.int64)
+    frame = np.asarray(cols.get("frame_index", np.arange(len(ep))), np.int64)
+    order = np.lexsort((frame, ep))  # group by episode, frames in time order
+    ep = ep[order]
+    starts = np.flatnonzero(np.r_[True, ep[1:] != ep[:-1]])
+    lengths = np.diff(np.r_[starts, len(ep)])
+    n = len(ep)
+    task_idx = np.asarray(cols.get("task_index", np.zeros(n)), np.int64)[order]
+    prompt_id = np.zeros(n, np.int32)
+    for t in np.unique(task_idx):
+        text = task_text.get(int(t), f"task {int(t)}")
+        if text not in prompts:
+            prompts.append(text)
+        prompt_id[task_idx == t] = prompts.index(text)
+    last = np.zeros(n, bool)
+    last[starts + lengths - 1] = True
+    if "next.reward" in cols:
+        rewards = np.asarray(cols["next.reward"], np.float32)[order]
+    else:
+        rewards = last.astype(np.float32)
+    terminals = np.asarray(cols["next.done"], bool)[order] if "next.done" in cols else last
+    obs = {
+        "state": np.asarray([cols["state"][i] for i in order], np.float32).reshape(n, -1),
+        "prompt_id": prompt_id,
+        "images": {
+            cam: np.stack([_decode_image(cols[key][i], image_size) for i in order]) for key, cam in image_keys.items()
+        },
+    }
+    actions = np.asarray([cols["actions"][i] for i in order], np.float32).reshape(n, -1)
+    return EpisodeData(
+        obs=obs,
+        actions=actions,
+        rewards=rewards,
+        terminals=terminals,
+        subgoal=np.zeros(n, bool),
+        episode_starts=starts.astype(np.int64),
+        episode_lengths=lengths.astype(np.int64),
+        truncated=np.zeros(len(starts), bool),
+        prompts=prompts,
+    )
+
+
+def _episodes(
+    path: str | os.PathLike,
+    state: np.ndarray,
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    terminal: np.ndarray,
+    ends: np.ndarray,
+    prompts: list[str],
+) -> EpisodeData:
+    """`EpisodeData` from frame arrays: `ends` marks each trajectory's last frame, `terminal` a true termination
+    (the trajectory is cut there: the frames after it start a new episode, as the env would reset)."""
+    n = len(actions)
+    if not (len(state) == n == len(rewards) == len(terminal) == len(ends)):
+        raise DatasetError(f"{path}: observations, actions, rewards and terminals differ in length")
+    if state.ndim != 2:
+        raise DatasetError(
+            f"{path}: observations have shape {state.shape}; only state vectors [N, S] are read "
+            "(pixel datasets, e.g. OGBench's visual-*, are not)"
+        )
+    ends = ends.astype(bool).copy()
+    ends[-1] = True  # a file cut short still ends its last trajectory
+    cut = ends | terminal
+    stops = np.flatnonzero(cut) + 1
+    starts = np.concatenate([[0], stops[:-1]]).astype(np.int64)
+    lengths = (stops - starts).astype(np.int64)
+    obs = {"state": state.astype(np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}}
+    subgoal = np.zeros(n, bool)
+    truncated = ~terminal[stops - 1]
+    actions, rewards = actions.astype(np.float32), rewards.astype(np.float32)
+    data = EpisodeData(obs, actions, rewards, terminal.astype(bool), subgoal, starts, lengths, truncated, list(prompts))
+    refuse_non_finite(path, data)
+    return data
+
+
+def load_npz(path: str | os.PathLike, env_id: str, prompts: list[str]) -> EpisodeData:
+    """Episodes of an npz file in OGBench's layout (`observations`, `actions`, `terminals` ending each trajectory,
+    `qpos` / `qvel` / `button_states`). Without `rewards`, an OGBench single-task env's are relabelled from `qpos`
+    (`_ogbench_rewards`); with them (and `masks`, or D4RL's `timeouts`) the file is read as given."""
+    try:
+        f = np.load(path, allow_pickle=False)
+        data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable npz file ({e})") from None
+    missing = [k for k in ("observations", "actions", "terminals") if k not in data]
+    if missing:
+        raise DatasetError(
+            f"{path}: no {', '.join(missing)} (found {', '.join(sorted(data))}); expected OGBench's npz layout: "
+            "observations, actions, terminals [, qpos, qvel, rewards]"
+        )
+    ends = data["terminals"].astype(bool)
+    if "rewards" not in data:
+        rewards, terminal = _ogbench_rewards(path, env_id, data)
+    elif "timeouts" in data:  # D4RL's layout: terminals are true terminations, timeouts the time limits
+        rewards, terminal, ends = data["rewards"], ends, ends | data["timeouts"].astype(bool)
+    else:  # OGBench's layout with rewards: a true termination where masks == 0 (or dones)
+        rewards = data["rewards"]
+        terminal = (data["masks"] == 0) if "masks" in data else data.get("dones", np.zeros(len(rewards), bool))
+    return _episodes(path, data["observations"], data["actions"], rewards, np.asarray(terminal, bool), ends, prompts)
+
+
+def ogbench_task(env_id: str) -> str | None:
+    """The OGBench single-task id inside `env_id` ("ogbench:cube-single-singletask-task1-v0" -> its id), else None."""
+    name = env_id.split(":", 1)[-1]
+    return name if re.fullmatch(r"[a-z0-9-]+-singletask(-task\d+)?-v\d+", name) else None
+
+
+def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """OGBench's single-task rewards (−1 per unmet sub-goal, 0 at success, scored on the state before the action)
+    and terminations at success, relabelled from `qpos` by OGBench's `relabel_dataset` as `make_env_and_datasets`."""
+    task = ogbench_task(env_id)
+    if task is None:
+        raise DatasetError(
+            f"{path}: no 'rewards' in the file, and --env {env_id} is not an OGBench single-task "
+            "env to relabel them for (e.g. ogbench:cube-single-singletask-task1-v0); add a "
+            "'rewards' array (and 'masks') to the file"
+        )
+    if "qpos" not in data:
+        raise DatasetError(
+            f"{path}: no 'qpos' to relabel OGBench rewards from; write the file with "
+            "OGBench's generator or `python -m common.envs make-dataset`"
+        )
+    import gymnasium as gym
+    from ogbench.relabel_utils import relabel_dataset
+
+    env = gym.make(f"ogbench:{task}")
+    try:
+        labels = {k: data[k] for k in ("qpos", "qvel", "button_states") if k in data}
+        relabel_dataset(task, env, labels)
+    finally:
+        env.close()
+    return labels["rewards"], labels["masks"] == 0
+
+
+def is_minari(path: str | os.PathLike) -> bool:
+    """A Minari dataset folder (holding `data/main_data.hdf5` or `data/metadata.json`)."""
+    p = Path(path)
+    return (p / "data" / "metadata.json").exists() or (p / "metadata.json").exists() and (p / "main_data.hdf5").exists()
+
+
+def load_minari(path: str | os.PathLike, prompts: list[str]) -> EpisodeData:
+    """Episodes of a Minari dataset folder, Box observations only (each episode's extra last frame dropped)."""
+    try:
+        import minari
+    except ModuleNotFoundError:
+        raise DatasetError(f"{path}: a Minari dataset needs `pip install 'minari[hdf5]'`") from None
+    import gymnasium as gym
+
+    p = Path(path)
+    ds = minari.MinariDataset(p / "data" if (p / "data").is_dir() else p)
+    if not isinstance(ds.observation_space, gym.spaces.Box):
+        raise DatasetError(
+            f"{path}: observation space {ds.observation_space}; only Box observations are read "
+            "(flatten Dict observations into one vector when writing the dataset)"
+        )
+    eps = list(ds.iterate_episodes())
+    if not eps:
+        raise DatasetError(f"{path}: the Minari dataset holds no episodes")
+    state = np.concatenate(
+        [np.asarray(e.observations, np.float32)[: len(e.actions)].reshape(len(e.actions), -1) for e in eps]
+    )
+    actions = np.concatenate([np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in eps])
+    rewards = np.concatenate([np.asarray(e.rewards, np.float32) for e in eps])
+    terminal = np.concatenate([np.asarray(e.terminations, bool) for e in eps])
+    ends = np.concatenate([np.arange(len(e.actions)) == len(e.actions) - 1 for e in eps])
+    return _episodes(path, state, actions, rewards, terminal, ends, prompts)
+
+
+# ----------------------------------------------------------------------------------------------------- chunks
 def compute_norm_stats(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-dimension statistics over all leading axes of x[..., D] (openpi's norm_stats.json entry layout):
-    {"mean", "std", "q01", "q99"}, float32 [D]."""
+    """{"mean", "std", "q01", "q99"} float32 [D] over all leading axes of x[..., D] (openpi's norm_stats.json)."""
     x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
     q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
     stats = {"mean": x.mean(0), "std": x.std(0), "q01": q01, "q99": q99}
@@ -267,13 +570,11 @@ def compute_norm_stats(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def norm_stats(data: EpisodeData) -> dict[str, dict[str, np.ndarray]]:
-    """The state and action statistics of a dataset, in the dict layout of openpi's norm_stats.json and
-    `pi0.normalize`: {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}, float32 arrays."""
+    """{"state": stats, "actions": stats} of a dataset (`compute_norm_stats`; `pi0.normalize`'s layout)."""
     pairs = (("state", data.obs["state"]), ("actions", data.actions))
     return {k: compute_norm_stats(x) for k, x in pairs}
 
 
-# ----------------------------------------------------------------------------------------------------- chunks
 def gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
     """Rows `idx` of a frame-major observation dict ({"state", "prompt_id", "images"}, e.g. `EpisodeData.obs`)."""
     images = {k: v[idx] for k, v in obs["images"].items()}
@@ -284,8 +585,7 @@ CHUNK_KEYS = ("rewards", "discounted_return", "n_valid", "mask", "valid", "subgo
 
 
 def _batch(src: Any, i: np.ndarray, obs: dict | None, actions: np.ndarray, next_obs: dict | None) -> Batch:
-    """The batch dict (module docstring): rows `i` of `src`'s per-chunk arrays (`CHUNK_KEYS`) plus the gathered obs
-    and actions."""
+    """Rows `i` of `src`'s `CHUNK_KEYS`, with the gathered obs and actions."""
     batch = {k: getattr(src, k)[i] for k in CHUNK_KEYS}
     batch["actions"] = actions
     batch.update({k: v for k, v in (("obs", obs), ("next_obs", next_obs)) if v is not None})
@@ -307,7 +607,7 @@ class ChunkDataset:
     valid: np.ndarray  # bool[M, H], step t+k inside the episode and not after a termination
     mask: np.ndarray  # f32[M], 0 iff a termination happens inside the chunk
     n_valid: np.ndarray  # i32[M], number of valid steps
-    subgoal: np.ndarray  # bool[M]
+    subgoal: np.ndarray  # bool[M], a subgoal flag in a valid step
     return_to_go: np.ndarray  # f32[M], discounted return from o_t to the episode's end (past a time limit: its tail)
     return_to_end: np.ndarray  # f32[M], sum_{t<=j<L} gamma^(j-t) r_j: the return within the episode, no tail
     end_obs_idx: np.ndarray  # i64[M], the episode's last stored frame o_{L-1}
@@ -321,8 +621,7 @@ class ChunkDataset:
         return len(self.obs_idx)
 
     def get(self, indices: np.ndarray, keys: tuple[str, ...] | None = None) -> Batch:
-        """The batch for the given chunk indices (e.g. to weight every chunk of the dataset), only its `keys` (None:
-        all): what a loss does not read (o_{t+H} and its images for BC) is never gathered."""
+        """The batch of chunks `indices`, only its `keys` (None: all): what is not asked for is never gathered."""
         i, frames, want = np.asarray(indices), self.data.obs, lambda k: keys is None or k in keys
         obs = gather_obs(frames, self.obs_idx[i]) if want("obs") else None
         next_obs = gather_obs(frames, self.next_obs_idx[i]) if want("next_obs") else None
@@ -399,9 +698,9 @@ class MixedBatches:
     buffer): its `keys` and arrays cached per chunk (`at_chunk` {name: [C,...]}) or per frame, read at each chunk's
     o_t (`at_obs` {name: [F,...]}) or o_{t+H} (`at_next`), under the buffer's extras' names. Offline rows come first."""
 
-    def __init__(self, buffer: ReplayBuffer, keys: tuple[str, ...], offline: ChunkDataset | None = None,
-                 online_fraction: float = 0.5, at_chunk: dict | None = None, at_obs: dict | None = None,
-                 at_next: dict | None = None):  # fmt: skip
+    def __init__(
+        self, buffer, keys: tuple, offline=None, online_fraction=0.5, at_chunk=None, at_obs=None, at_next=None
+    ):
         self.buffer, self.keys, self.offline, self.online_fraction = buffer, keys, offline, online_fraction
         self.at_chunk, self.at_obs, self.at_next = at_chunk or {}, at_obs or {}, at_next or {}
 
@@ -427,12 +726,11 @@ class MixedBatches:
 
 
 class ReplayBuffer:
-    """Circular buffer of online chunk transitions, sampled in the same batch form as `ChunkDataset`.
+    """Circular buffer of online chunk transitions, sampled in `ChunkDataset`'s batch form.
 
-    `obs_example`: one observation in the shared format, batched ([E, ...]) or not (only trailing shapes are used);
-    None: no observations are stored (o_t and o_{t+H} take the most memory, images above all; a script that reads
-    only what it cached at acting time keeps that in `extras`). `td_only`: of the chunk itself keep only what a TD
-    target reads (`discounted_return`, `n_valid`, `mask`), not the actions, per-step rewards and flags.
+    `obs_example`: one observation (batched or not: only trailing shapes are used); None: no observations are stored
+    (what a script cached at acting time goes in `extras`). `td_only`: keep only what a TD target reads of a chunk
+    (`discounted_return`, `n_valid`, `mask`).
     """
 
     def __init__(
@@ -464,7 +762,6 @@ class ReplayBuffer:
         self.n_valid = np.zeros(capacity, np.int32)
         self.mask = np.zeros(capacity, np.float32)
         self.subgoal = None if td_only else np.zeros(capacity, bool)
-        # unknown when stored (the episode goes on)
         self.return_to_go = None if td_only else np.full(capacity, np.nan, np.float32)
         self.extras: dict[str, np.ndarray] = {}  # per-transition arrays a script caches (e.g. encoded features)
 
@@ -479,8 +776,8 @@ class ReplayBuffer:
         next_obs: dict[str, Any] | None = None,
         extras: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Store E chunk transitions: obs at the chunk start, actions [E, H, A], the `envs.ChunkStep` result, and
-        optional `extras` {name: [E, ...]} kept alongside (in `self.extras`, saved and loaded with the rest)."""
+        """Store E chunk transitions: obs at the chunk start, actions [E, H, A], the `envs.ChunkStep`, and `extras`
+        {name: [E, ...]} kept alongside (saved and loaded with the rest)."""
         e, h = actions.shape[:2]
         if h != self.horizon:
             raise ValueError(f"actions have chunk length {h}, the buffer was made for horizon {self.horizon}.")
@@ -513,7 +810,7 @@ class ReplayBuffer:
         self.size = min(self.size + e, self.capacity)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        """A uniformly sampled batch (with replacement) of stored transitions (obs only when they are stored)."""
+        """A uniformly sampled batch (with replacement); obs only when they are stored."""
         if self.size == 0:
             raise ValueError("the replay buffer is empty; add transitions before sampling.")
         if self.td_only:
@@ -541,19 +838,17 @@ class ReplayBuffer:
         return out
 
     def bytes_per_transition(self) -> int:
-        """Host memory one stored chunk transition takes (allocated arrays and extras; `state_dict` saves these)."""
+        """Host memory one stored chunk transition takes (allocated arrays and extras)."""
         return sum(v.nbytes // self.capacity for v in self._arrays().values()) + (
             0 if self.return_to_go is None else self.return_to_go.itemsize
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The stored transitions and the write position, for a checkpoint (`runlog.Run.save`'s host arrays).
-        `return_to_go` is left out: it is NaN for every online chunk."""
+        """The stored transitions and the write position, for a checkpoint's host arrays (not `return_to_go`: NaN)."""
         return {"next": np.asarray(self._next), **{k: v[: self.size] for k, v in self._arrays().items()}}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Fill this (empty, same-shaped) buffer from `state_dict`'s output (flat keys or the nested dicts a
-        checkpoint gives back)."""
+        """Fill this empty, same-shaped buffer from `state_dict`'s output (flat or nested, as a checkpoint gives it)."""
         flat = _flat(saved)
         n = len(flat.get("n_valid", ()))
         if n == 0:  # saved empty
