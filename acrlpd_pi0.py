@@ -510,13 +510,41 @@ def make_act(nets: Nets, args: Args, pi_tx):
     return act, jax.jit(act_learn, donate_argnums=0)
 
 
+def calibration(trace: envs.EvalTrace, gamma: float, prefix: str) -> dict:
+    """The critic's calibration over every chunk chosen in an evaluated episode: its value of the chunk (q_pred)
+    against the discounted return that followed until the episode's end (q_realised), and their gap."""
+    togo = np.zeros_like(trace.rewards)  # [T,E]: every step's discounted return to its episode's end
+    acc = np.zeros(trace.rewards.shape[1])
+    for t in range(len(togo) - 1, -1, -1):
+        acc = trace.rewards[t] + gamma * np.where(trace.ends[t], 0.0, acc)
+        togo[t] = acc
+    pred = np.concatenate([q[live] for _, q, live in trace.chunks])
+    real = np.concatenate([togo[t][live] for t, _, live in trace.chunks])
+    pred, real, n = mesh.process_sum([pred.sum(), real.sum(), len(pred)])  # every process's envs
+    out = {f"eval/{prefix}q_pred": float(pred / n), f"eval/{prefix}q_realised": float(real / n)}
+    out[f"eval/{prefix}q_gap"] = float((pred - real) / n)
+    return out
+
+
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
-    """The same --eval-episodes episodes each time (one `rng`) per policy, best-of-N and plain π₀: success, return and
-    the critic's calibration (its value of its chosen chunks, eval/*q_pred, vs the discounted return that followed)."""
+    """Best-of-N and plain π₀, each on the same --eval-episodes episodes every time (one `rng`): success, return and
+    the critic's calibration (its value of the chunks it chose vs the discounted return that followed); printed."""
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    policy = lambda n, beta: lambda obs, key: act(state, obs, key, n, beta)[:2]  # best of n by mean − β·std
-    policies = {"": (f"BoN-{args.bon}", policy(args.bon, args.act_pessimism)), "plain_": ("plain π₀", policy(1, 0.0))}
-    return envs.evaluate_policies(spec, policies, rng, label, **where, horizon=args.action_horizon, gamma=args.gamma)
+    where.update(horizon=args.action_horizon, gamma=args.gamma)
+
+    def best_of(n, beta):  # the best of n chunks by mean − β·std: (obs, key) -> (chunk, its Q)
+        return lambda obs, key: act(state, obs, key, n, beta)[:2]
+
+    policies = {"": (f"BoN-{args.bon}", best_of(args.bon, args.act_pessimism)), "plain_": ("plain π₀", best_of(1, 0.0))}
+    out, shown = {}, []
+    for prefix, (name, policy) in policies.items():
+        metrics, trace = envs.evaluate(spec, policy, rng, prefix=prefix, **where)
+        metrics.update(calibration(trace, args.gamma, prefix))
+        out.update(metrics)
+        q = f"Q pred {metrics[f'eval/{prefix}q_pred']:.3f} vs realised {metrics[f'eval/{prefix}q_realised']:.3f}"
+        shown.append(f"{name} {metrics[f'eval/{prefix}success_rate']:.1%} ({q})")
+    print(f"[{label}] " + " | ".join(shown), flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -642,6 +670,7 @@ def main(args: Args) -> dict:
             results.update({f"{p}/{k}": v for p in (phase, "final") for k, v in m.items()})
             save(step)
     env.close()
+    spec.close()  # the evaluation envs it kept
     run.close()
     results.update({k: float(v) for k, v in jax.device_get(info).items()}, step=step, run_dir=run.dir)
     return results

@@ -370,12 +370,12 @@ def make_act(nets: Nets, args: Args):
 
 
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng) -> dict:
-    """The policy from one noise draw (scaled by --eval-noise), --eval-episodes spread over --num-envs envs; the same
+    """The policy from one noise draw (scaled by --eval-noise), --eval-episodes spread over --eval-envs envs; the same
     episodes (env seeds, noise: the same `rng`) at every evaluation."""
     t = time.time()
     policy = lambda obs, key: (act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    out, _ = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     out["time/eval_s"] = time.time() - t
     return out
 
@@ -539,6 +539,7 @@ def main(args: Args) -> dict:
     if last_eval != step:  # the final evaluation, unless one just ran
         do_eval(step)
     save(step)
+    spec.close()  # the evaluation envs it kept
     run.close()
     out = {**result, "step": step, "policy_updates": step - critic_steps, "run_dir": run.dir, "time/train_s": train_s}
     out["time/policy_updates_per_s"] = (step - s_phase) / max(phase_s, 1e-9)

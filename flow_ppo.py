@@ -412,7 +412,7 @@ def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -
     """The ODE policy on the same episodes at every evaluation (one `rng`: env seeds, initial noise); printed."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    out = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    out, _ = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     print(f"[{label}] success {out['eval/success_rate']:.3f}", flush=True)
     return out
 
@@ -564,6 +564,7 @@ def main(args: Args) -> dict[str, float]:
             if saving and step != bc_steps:
                 save(step)
     env.close()
+    spec.close()  # the evaluation envs it kept
     run.close()
     final.update({k: float(v) for k, v in jax.device_get(info).items()})
     final.update(counts, run_dir=run.dir, step=step, iterations=step - bc_steps)

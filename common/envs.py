@@ -575,6 +575,16 @@ def resume_loop(env: Any, saved: dict[str, Any], seed: int) -> Obs:
     return env.reset(seed=seed)[0]
 
 
+@dataclass
+class EvalTrace:
+    """What an evaluation's envs did, for a script to measure more than success (e.g. a critic's calibration): the
+    rewards and episode ends of every step, and what `act` reported with each chunk (this process's envs)."""
+
+    rewards: np.ndarray  # [T,E] every step's reward, 0 outside the evaluated episodes
+    ends: np.ndarray  # [T,E] an episode ended (terminated or truncated) at this step
+    chunks: list[tuple[int, np.ndarray, np.ndarray]]  # per chunk: (its first step, act's report [E], evaluated [E])
+
+
 def evaluate(
     spec: EnvSpec,
     act: Callable[[Obs, jax.Array], tuple[Any, Any]],
@@ -587,39 +597,42 @@ def evaluate(
     gamma: float = 1.0,
     prefix: str = "",
     max_chunks: int | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], EvalTrace]:
     """eval/{prefix}success_rate and eval/{prefix}return of a chunk policy over `episodes` episodes of `spec`'s
     evaluation envs: E = min(num_envs, episodes) envs (on several processes rounded up to a multiple of their number,
     each its share), env e playing episodes e, e + E, ...; chunks of `horizon` actions executed open loop. Every
     process returns the same numbers (`act` is then collective). An episode still running after `max_chunks` chunks
-    (None: one more than the time limit allows) counts as a failure with return 0.
+    (None: one more than the time limit allows) counts as a failure with return 0. Also returns the `EvalTrace`.
 
-    act(obs, key) -> (actions [E,H,A] in env units, value [E] or None), a key split off `rng` per chunk. With values
-    also the critic's calibration over the chunks of evaluated episodes: eval/{prefix}q_pred (mean value),
-    eval/{prefix}q_realised (mean discounted return that followed, to the episode's end) and eval/{prefix}q_gap.
+    act(obs, key) -> (actions [E,H,A] in env units, a report [E] or None: e.g. a critic's value of the chunk), a key
+    split off `rng` per chunk.
     """
     E = -(-min(num_envs, episodes) // jax.process_count()) * jax.process_count()
     mine = mesh.process_rows(E)  # this process's envs of the E
     env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E)
     obs, _ = env.reset(seed=seed)
     todo = (episodes - np.arange(E)[mine] + E - 1) // E  # episodes each env still has to play
-    success, ret = np.zeros(len(todo), bool), np.zeros(len(todo))  # of each env's current episode (this process's)
+    success = np.zeros(len(todo), bool)  # of each env's current episode (this process's envs)
+    ret = np.zeros(len(todo))
     n_success, total = 0, 0.0
-    rewards, ends, decisions = [], [], []  # per step [E]: rewards (0 outside evaluated episodes), an episode ended
+    rewards, ends, chunks = [], [], []  # per step [E]: rewards (0 outside evaluated episodes), an episode ended
     per_episode = max_chunks or math.ceil((getattr(env, "max_episode_steps", None) or 1000) / horizon) + 1
     for _ in range(per_episode * ((episodes + E - 1) // E)):
         rng, key = jax.random.split(rng)
-        actions, value = act(obs, key)
+        actions, report = act(obs, key)
         live = todo > 0
-        if value is not None:  # (step index, value [E], evaluated [E]) per chunk
-            decisions.append((len(rewards), np.asarray(value), live))
+        if report is not None:
+            chunks.append((len(rewards), np.asarray(report), live))
         obs, step = execute_chunk(env, obs, np.asarray(actions), gamma)
         rewards += list(np.where(live, step.rewards.T, 0.0))  # H rows [E]
         ends += list((step.step_terminated | step.step_truncated).T)
-        success, ret = success | step.success, ret + step.rewards.sum(1)
+        success = success | step.success
+        ret = ret + step.rewards.sum(1)
         ended = step.terminated | step.truncated
-        n_success, total = n_success + (success & ended & live).sum(), total + ret[ended & live].sum()
-        success, ret = success & ~ended, np.where(ended, 0.0, ret)
+        n_success += (success & ended & live).sum()
+        total += ret[ended & live].sum()
+        success = success & ~ended
+        ret = np.where(ended, 0.0, ret)
         todo -= ended & live
         if not mesh.anywhere(todo.any()):  # every process's envs are done
             break
@@ -627,33 +640,7 @@ def evaluate(
         env.close()
     n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
-    if decisions:
-        r, end = np.stack(rewards), np.stack(ends)  # [T,E]
-        togo, acc = np.zeros_like(r), np.zeros(r.shape[1])  # discounted return-to-go of every step (to its episode end)
-        for t in range(len(r) - 1, -1, -1):
-            acc = r[t] + gamma * np.where(end[t], 0.0, acc)
-            togo[t] = acc
-        pred = np.concatenate([v[live] for _, v, live in decisions])
-        real = np.concatenate([togo[t][live] for t, _, live in decisions])
-        pred, real, n = mesh.process_sum([pred.sum(), real.sum(), len(pred)])
-        out[f"eval/{prefix}q_pred"], out[f"eval/{prefix}q_realised"] = float(pred / n), float(real / n)
-        out[f"eval/{prefix}q_gap"] = float((pred - real) / n)
-    return out
-
-
-def evaluate_policies(
-    spec: EnvSpec, policies: dict[str, tuple[str, Callable]], rng: jax.Array, label: str, **where: Any
-) -> dict[str, float]:
-    """`evaluate` each of `policies` {metric prefix: (name, act)} with the same `rng` and `where` (episodes, envs,
-    seed, horizon, gamma) and print one line: each name's success rate, with the critic's calibration (predicted vs
-    realised discounted return) where `act` gives values."""
-    out, shown = {}, []
-    for prefix, (name, act) in policies.items():
-        out.update(evaluate(spec, act, rng, prefix=prefix, **where))
-        q = f" (Q pred {out[f'eval/{prefix}q_pred']:.3f} vs realised {out[f'eval/{prefix}q_realised']:.3f})"
-        shown.append(f"{name} {out[f'eval/{prefix}success_rate']:.1%}" + (q if f"eval/{prefix}q_pred" in out else ""))
-    print(f"[{label}] " + " | ".join(shown), flush=True)
-    return out
+    return out, EvalTrace(np.stack(rewards), np.stack(ends), chunks)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import acrlpd_pi0
 from common import RunError, runlog
 from common.envs import (
     PUSH_PROMPTS,
@@ -220,7 +221,8 @@ def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> Non
         return np.zeros((len(obs["state"]), 2, 1), np.float32), np.full(len(obs["state"]), next(values))
 
     g = 0.5
-    out = evaluate(spec, act, jax.random.key(0), episodes=3, num_envs=2, seed=0, horizon=2, gamma=g, prefix="p_")
+    out, trace = evaluate(spec, act, jax.random.key(0), episodes=3, num_envs=2, seed=0, horizon=2, gamma=g, prefix="p_")
+    out.update(acrlpd_pi0.calibration(trace, g, "p_"))  # what acrlpd_pi0.py measures of its critic
     # 2 envs for 3 episodes: env 0 plays two (chunks of 2 and 1 steps each), env 1 one; 4 chunks in all
     assert made == [2] and next(values) == 50.0
     # successes: the first episode of each env, not env 0's second; every return is 3
@@ -233,8 +235,8 @@ def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> Non
     )
     assert out["eval/p_q_gap"] == pytest.approx(np.mean(pred) - np.mean(real))
     still = lambda obs, key: (np.zeros((len(obs["state"]), 2, 1), np.float32), None)  # no values: no calibration
-    without = evaluate(spec, still, jax.random.key(0), episodes=2, num_envs=2, seed=0, horizon=2)
-    assert set(without) == {"eval/success_rate", "eval/return"} and made[-1] == 2
+    without, trace = evaluate(spec, still, jax.random.key(0), episodes=2, num_envs=2, seed=0, horizon=2)
+    assert set(without) == {"eval/success_rate", "eval/return"} and made[-1] == 2 and trace.chunks == []
 
 
 def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
@@ -247,7 +249,7 @@ def test_evaluate_spreads_episodes_over_num_envs(monkeypatch) -> None:
         calls.append(1)
         return np.zeros((len(obs["state"]), 5, 2), np.float32), None
 
-    out = evaluate(spec, act, jax.random.key(0), episodes=5, num_envs=2, seed=1, horizon=5, gamma=0.99)
+    out, _ = evaluate(spec, act, jax.random.key(0), episodes=5, num_envs=2, seed=1, horizon=5, gamma=0.99)
     # 2 envs for 5 episodes: env 0 plays episodes 0, 2, 4 and env 1 episodes 1, 3; the last chunk ends env 0's third
     assert made == [2] and len(calls) == 3 * 16 and out == {"eval/success_rate": 0.0, "eval/return": 0.0}
 
