@@ -167,7 +167,7 @@ def main(b: Bench) -> dict:
                     str(seed),
                     "--run-dir",
                     run_dir,
-                    "--num-envs",
+                    "--eval-envs" if script == "chunk_awr.py" else "--num-envs",  # chunk_awr's envs only evaluate
                     str(b.num_envs),
                     "--eval-episodes",
                     str(b.eval_episodes),
