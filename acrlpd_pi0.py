@@ -581,8 +581,8 @@ def main(args: Args) -> dict:
     n_pi = pi0.param_count(state["params"]) / 1e6
     n_critic = pi0.param_count(state["critic"]) / args.num_qs / 1e3
     print(f"π₀ {n_pi:.2f}M params, critic {args.num_qs}×{n_critic:.0f}k, {len(offline or ())} chunks from {path}")
-    run = runlog.Run.from_args(args, "acrlpd_pi0")
-    buffer = data.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma, td_only=True)  # + critic's cache
+    run = runlog.Run(args, "acrlpd_pi0")
+    buffer = data.ReplayBuffer(args.buffer_size, args.action_horizon, args.gamma)  # TD arrays + critic's cache
 
     # ---- restore: the train state, and on the host the buffer, the envs and the online episodes' successes
     step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []  # ep_success: the online episodes' last 100
@@ -634,8 +634,8 @@ def main(args: Args) -> dict:
                 next_obs, cs = envs.execute_chunk(env, obs, np.asarray(chunk), args.gamma)
                 next_z, next_cand = encode_next(state["params"], cs.final_obs, k_next)  # o_{t+H}, before any reset
                 extras = {"obs_z": obs_z, "chunk": executed, "next_obs_z": next_z, "next_cand": next_cand}
-                chunk, cs, extras = mesh.all_rows(jax.device_get((chunk, cs, extras)))  # all envs: one buffer for all
-                buffer.add(obs, chunk, cs, extras=extras)
+                cs, extras = mesh.all_rows(jax.device_get((cs, extras)))  # every process's envs: one buffer for all
+                buffer.add(cs, extras)
                 ep_success = (ep_success + cs.success[cs.terminated | cs.truncated].tolist())[-100:]
                 obs = next_obs
                 if n:

@@ -415,7 +415,7 @@ def main(args: Args) -> dict:
     state["adv"] = jnp.zeros(len(chunks), jnp.float32)  # A of every dataset chunk, set after the critic phase
     shardings = mesh.fsdp_sharding(state, dev_mesh)  # π₀ and its moments sharded; the critics small: replicated
     state = jax.device_put(state, shardings)
-    run = runlog.Run.from_args(args, "chunk_awr")
+    run = runlog.Run(args, "chunk_awr")
     critic_steps = args.critic_steps if args.schedule == "two-phase" and args.beta > 0 else 0
     total = critic_steps + args.policy_steps
 

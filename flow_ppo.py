@@ -488,7 +488,7 @@ def main(args: Args) -> dict[str, float]:
     state["ret_stats"] = {"mean": jnp.zeros(()), "var": jnp.ones(()), "count": jnp.zeros(())}  # --norm-value's
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
     print(f"π₀ {pi0.param_count(state['params']) / 1e6:.2f}M params; {bc_steps} BC updates, {args.iterations} PPO its")
-    run = runlog.Run.from_args(args, "flow_ppo")
+    run = runlog.Run(args, "flow_ppo")
     total = bc_steps + args.iterations
 
     # ---- restore: the train state, counters, and on the host the envs and the episodes since the last log

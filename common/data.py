@@ -1,5 +1,6 @@
 """Data for chunked RL: every dataset reader into one episode type (`EpisodeData`), chunk transitions with their
-masks, the online replay buffer, offline/online mixing, and normalisation statistics.
+masks, the online replay buffer and normalisation statistics. The robomimic/LIBERO HDF5 reader is here; LeRobot's is
+in `common.openpi`, OGBench/D4RL npz and Minari in `common.gymenv`, imported by `load_dataset` when a path needs them.
 
 A chunk transition at frame t of an episode of length L (H = horizon, gamma = discount):
   obs o_t; actions a_t..a_{t+H-1} (past the episode's end: the last action repeated, `valid` False there);
@@ -17,7 +18,6 @@ u8[B, h, w, 3]}}, actions f32[B, H, A] and the per-chunk `CHUNK_KEYS`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -36,7 +36,6 @@ Batch = dict[str, Any]
 LIBERO_CAMERAS = {"agentview_rgb": "base_0_rgb", "eye_in_hand_rgb": "left_wrist_0_rgb"}
 # Without `obs/state`: LIBERO's eef position (3) + axis-angle (3) + the two gripper joints (2), as openpi uses it.
 LIBERO_STATE_KEYS = ("ee_pos", "ee_ori", "gripper_states")
-LEROBOT_IMAGE_SIZE = 128  # LeRobot images are read resized to this unless told (all of openpi's LIBERO at 256²: ~90 GB)
 
 
 class DatasetError(RunError):
@@ -64,15 +63,20 @@ class EpisodeData:
 # ----------------------------------------------------------------------------------------------------- readers
 def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> EpisodeData:
     """Prior data for `env`: robomimic/LIBERO HDF5 (a file or a folder of them), a LeRobot folder (images resized to
-    `image_size`, 0: `LEROBOT_IMAGE_SIZE`), an OGBench/D4RL .npz file or a Minari folder. Prompt ids index the env's
-    prompts first, then the data's new ones; the env's reward transform (`envs.ScaledReward`) applies to the data."""
-    lerobot = is_lerobot(path)
-    if lerobot:
-        data = load_lerobot(path, prompts=env.prompts, image_size=image_size or LEROBOT_IMAGE_SIZE)
+    `image_size`, 0: `openpi.LEROBOT_IMAGE_SIZE`), an OGBench/D4RL .npz file or a Minari folder. Prompt ids index the
+    env's prompts, then the data's new ones; the env's reward transform (`envs.ScaledReward`) applies to the data."""
+    if is_lerobot(path):
+        from common import openpi
+
+        data = openpi.load_lerobot(path, prompts=env.prompts, image_size=image_size or openpi.LEROBOT_IMAGE_SIZE)
     elif str(path).endswith(".npz"):
-        data = load_npz(path, getattr(env, "env_id", ""), prompts=env.prompts)
+        from common import gymenv
+
+        data = gymenv.load_npz(path, getattr(env, "env_id", ""), prompts=env.prompts)
     elif is_minari(path):
-        data = load_minari(path, prompts=env.prompts)
+        from common import gymenv
+
+        data = gymenv.load_minari(path, prompts=env.prompts)
     else:
         data = load_episodes(path, prompts=env.prompts)  # refuses NaN / inf per file and demo as it reads
     if data.actions.shape[1] != env.action_dim:
@@ -82,66 +86,23 @@ def load_dataset(path: str | os.PathLike, env: Any, image_size: int = 0) -> Epis
             f"{path}: observations have {data.obs['state'].shape[1]} dims, the environment's "
             f"{env.state_dim}: is it this env's dataset?"
         )
-    if lerobot:
-        refuse_non_finite(path, data)
     if (transform := getattr(env, "reward_transform", None)) is not None:  # the env's a·r + b, on the data too
         data.rewards = (transform[0] * data.rewards + transform[1]).astype(np.float32)
     return data
 
 
-def dataset_instructions(path: str | os.PathLike) -> list[str]:
-    """The distinct non-empty instructions of a dataset, from its metadata only (HDF5 attrs, LeRobot's
-    `meta/tasks.jsonl`); [] for npz and Minari data."""
+def hdf5_files(p: Path) -> list[Path]:
+    """The .hdf5/.h5 files of a folder, or [p] for a file."""
+    return sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
+
+
+def _dataset_files(path: str | Path) -> list[Path]:
     p = Path(path)
-    if is_lerobot(p):
-        tasks = p / "meta" / "tasks.jsonl"
-        lines = tasks.read_text().splitlines() if tasks.exists() else []
-        return sorted({json.loads(line)["task"] for line in lines if line.strip()} - {""})
-    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
-    found: set[str] = set()
-    for file in files:
-        if not file.is_file() or not h5py.is_hdf5(file):
-            continue
-        with h5py.File(file, "r") as f:
-            info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}") if "data" in f else {}
-            found |= {demo_instruction(demo, info) for demo in f.get("data", {}).values()}
-    return sorted(found - {""})
-
-
-def dataset_image_size(path: str | os.PathLike) -> int | None:
-    """The image height of an HDF5 dataset's first demo, `LEROBOT_IMAGE_SIZE` for a LeRobot folder, else None."""
-    if is_lerobot(path):
-        return LEROBOT_IMAGE_SIZE
-    p = Path(path)
-    files = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
-    if not files or not h5py.is_hdf5(files[0]):
-        return None
-    try:
-        with h5py.File(files[0], "r") as f:
-            demos = sorted(f.get("data", {}))
-            obs = f["data"][demos[0]].get("obs", {}) if demos else {}
-            shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
-    except OSError:  # a truncated file: `load_episodes` says so when it reads it
-        return None
-    return int(shapes[0][1]) if shapes else None
-
-
-def _dataset_files(paths: str | Path | list) -> list[Path]:
-    files: list[Path] = []
-    for p in [paths] if isinstance(paths, str | Path) else paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")])
-            if not found:
-                raise DatasetError(f"{p}: directory holds no .hdf5/.h5 files; point to a dataset file or folder.")
-            files += found
-        elif not p.exists():
-            raise DatasetError(
-                f"{p}: no such file; check the path, or write one with `python -m common.envs make-dataset`."
-            )
-        else:
-            files.append(p)
-    return files
+    if not p.exists():
+        raise DatasetError(f"{p}: no such file; check the path, or write one with `python -m common.envs make-dataset`")
+    if p.is_dir() and not hdf5_files(p):
+        raise DatasetError(f"{p}: directory holds no .hdf5/.h5 files; point to a dataset file or folder.")
+    return hdf5_files(p)
 
 
 def _open(path: Path) -> h5py.File:
@@ -159,32 +120,18 @@ def _demo_names(data: h5py.Group) -> list[str]:
     return sorted(data.keys(), key=lambda k: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", k)])
 
 
-def _camera_name(key: str) -> str:
-    return LIBERO_CAMERAS.get(key, key)
-
-
 def demo_instruction(demo: h5py.Group, info: dict[str, Any]) -> str:
     """A demo's attr `language_instruction`, else the file's `problem_info["language_instruction"]`, else ""."""
     lang = demo.attrs.get("language_instruction", info.get("language_instruction", ""))
     return lang.decode() if isinstance(lang, bytes) else str(lang)
 
 
-def load_episodes(
-    paths: str | Path | list[str | Path],
-    prompts: list[str] | None = None,
-    image_keys: list[str] | None = None,
-    max_episodes: int | None = None,
-    min_length: int = 1,
-) -> EpisodeData:
-    """Episodes of robomimic/LIBERO-layout HDF5 files (a file, a list, or a folder of .hdf5/.h5 files).
-
-    Per demo `data/demo_<i>`: `actions`, `rewards`, `dones` (as given), `obs/<key>`. State: `obs/state`, else
-    `LIBERO_STATE_KEYS`. Images: every uint8 obs [T, h, w, 3] (or `image_keys`, file keys or camera names), LIBERO's
-    renamed by `LIBERO_CAMERAS` and rotated 180°. Instructions (`demo_instruction`) index `prompts`, new ones
-    appended (first `problem_info["prompts"]`). Attr `truncated` and `obs/subgoal` default to False.
-    """
+def load_episodes(dataset: str | Path, prompts: list[str] | None = None) -> EpisodeData:
+    """Episodes of robomimic/LIBERO-layout HDF5 files (a file or a folder of them): per demo `data/demo_<i>`
+    `actions`, `rewards`, `dones`, `obs/state` (else `LIBERO_STATE_KEYS`), every uint8 obs [T, h, w, 3] as an image
+    (LIBERO's renamed and rotated 180°); instructions index `prompts`, new ones appended."""
     prompts = list(prompts or [])
-    files = _dataset_files(paths)
+    files = _dataset_files(dataset)
     # Pass 1: check the layout and collect lengths, so that the frames are copied once into preallocated arrays.
     plan: list[tuple[Path, str, int, str, bool]] = []
     layout: dict[str, Any] | None = None
@@ -198,10 +145,8 @@ def load_episodes(
                 info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}")
                 prompts += [p for p in info.get("prompts", []) if p not in prompts]  # keep a writer's prompt order
                 for name in _demo_names(f["data"]):
-                    if max_episodes is not None and len(plan) >= max_episodes:
-                        break
                     g = f["data"][name]
-                    here = _demo_layout(path, name, g, image_keys)
+                    here = _demo_layout(path, name, g)
                     if layout is None:
                         layout = here
                     elif here != layout:
@@ -209,11 +154,8 @@ def load_episodes(
                             f"{path}:{name}: observation layout {here} differs from the first demo's {layout}."
                         )
                     length = len(g["actions"])
-                    if length < min_length:
-                        raise DatasetError(
-                            f"{path}:{name}: episode of length {length} is shorter than min_length={min_length}; "
-                            "drop it from the file or lower min_length."
-                        )
+                    if length < 1:
+                        raise DatasetError(f"{path}:{name}: an episode without steps; drop it from the file")
                     lang = demo_instruction(g, info)
                     plan.append((path, name, length, lang, bool(g.attrs.get("truncated", False))))
         except OSError as e:  # a truncated file: h5py opens it, reading its index fails
@@ -278,7 +220,7 @@ def _read_demo(g: h5py.Group, sl: slice, length: int, layout: dict, obs: dict, *
         subgoal[sl] = np.asarray(o["subgoal"]).reshape(length) > 0
 
 
-def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | None) -> dict[str, Any]:
+def _demo_layout(path: Path, name: str, g: h5py.Group) -> dict[str, Any]:
     """Check one demo group's keys; returns its state/action dims and {camera: (file key, image shape)}."""
     where = f"{path}:data/{name}"
     missing = [k for k in ("actions", "rewards", "dones", "obs") if k not in g]
@@ -294,17 +236,10 @@ def _demo_layout(path: Path, name: str, g: h5py.Group, image_keys: list[str] | N
     else:
         raise DatasetError(
             f"{where}/obs: no 'state' key and not the LIBERO keys {list(LIBERO_STATE_KEYS)}; "
-            f"it has {sorted(o.keys())}. "
-            "Store the proprioceptive state as obs/state."
+            f"it has {sorted(o.keys())}. Store the proprioceptive state as obs/state."
         )
     found = {k: o[k] for k in o if o[k].dtype == np.uint8 and o[k].ndim == 4 and o[k].shape[-1] == 3}
-    if image_keys is not None:  # file keys or camera names
-        keys = [k if k in found else next((f for f in found if _camera_name(f) == k), None) for k in image_keys]
-        if None in keys:
-            unknown = [k for k, f in zip(image_keys, keys, strict=True) if f is None]
-            raise DatasetError(f"{where}/obs: image keys {unknown} not found; image keys present: {sorted(found)}.")
-        found = {k: found[k] for k in keys}
-    images = {_camera_name(k): (k, tuple(v.shape[1:])) for k, v in found.items()}
+    images = {LIBERO_CAMERAS.get(k, k): (k, tuple(v.shape[1:])) for k, v in found.items()}
     return {"state_dim": state_dim, "action_dim": int(np.prod(g["actions"].shape[1:])), "images": images}
 
 
@@ -314,265 +249,23 @@ def is_lerobot(path: str | os.PathLike) -> bool:
     return p.is_dir() and ((p / "meta" / "tasks.jsonl").exists() or any(p.glob("data/**/*.parquet")))
 
 
-def _decode_image(cell: Any, size: int | None) -> np.ndarray:
-    """A LeRobot image cell ({"bytes": PNG/JPEG, "path"}, raw bytes, or a nested [h][w][3] list) -> uint8 [h, w, 3]."""
-    data = cell.get("bytes") if isinstance(cell, dict) else cell
-    if isinstance(data, bytes | bytearray):
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if size and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, np.uint8)
-    if data is None:
-        raise ValueError("image cell without bytes (LeRobot video datasets store frames in mp4; not supported)")
-    arr = np.asarray(data, np.uint8)
-    if size and arr.shape[:2] != (size, size):
-        from PIL import Image
-
-        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR), np.uint8)
-    return arr
-
-
-def load_lerobot(
-    path: str | os.PathLike,
-    prompts: list[str] | None = None,
-    max_episodes: int | None = None,
-    image_keys: dict[str, str] | None = None,
-    image_size: int | None = None,
-) -> EpisodeData:
-    """A LeRobot dataset (`data/**/*.parquet`, `meta/tasks.jsonl`): columns `state`, `actions`, `episode_index`,
-    `frame_index`, `task_index` and the image columns `image_keys` maps to cameras (default openpi's LIBERO; {}:
-    none), kept upright and resized to `image_size`² when given. Rewards and terminations from `next.reward` /
-    `next.done`, else a demo's last frame is a success (as LIBERO's HDF5 demos). Prompts: `prompts`, then the
-    tasks not in it (without `prompts`, prompt_id = task_index)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError('load_lerobot needs pyarrow: pip install -e ".[libero]"') from err
-    root = Path(path)
-    data = root / "data" if (root / "data").is_dir() else root  # meta/ may hold parquet files too (LeRobot v3)
-    files = sorted(data.glob("**/*.parquet")) if root.is_dir() else [root]
-    if not files or not files[0].exists():
-        raise DatasetError(f"{root}: no parquet files (expected a LeRobot dataset folder with data/**/*.parquet)")
-    meta = (root if root.is_dir() else root.parent) / "meta" / "tasks.jsonl"
-    for parent in [root, *root.parents][:4]:
-        if (parent / "meta" / "tasks.jsonl").exists():
-            meta = parent / "meta" / "tasks.jsonl"
-            break
-    task_text: dict[int, str] = {}
-    if meta.exists():
-        for line in meta.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                task_text[int(row["task_index"])] = row["task"]
-    image_keys = {"image": "base_0_rgb", "wrist_image": "left_wrist_0_rgb"} if image_keys is None else image_keys
-    prompts = list(prompts or [])
-    prompts += [task_text[t] for t in sorted(task_text) if task_text[t] not in prompts]  # task_index order
-    cols: dict[str, list] = {}
-    episodes_seen: list[int] = []
-    for f in files:
-        table = pq.read_table(f)
-        names = set(table.column_names)
-        need = {"state", "actions", "episode_index"} | set(image_keys)
-        if need - names:
-            raise DatasetError(f"{f}: missing columns {sorted(need - names)}; it has {sorted(names)}")
-        ep = table.column("episode_index").to_numpy()
-        keep = np.ones(len(ep), bool)
-        if max_episodes is not None:
-            new = [int(x) for x in dict.fromkeys(ep.tolist()) if int(x) not in episodes_seen]
-            allowed = set(episodes_seen) | set(new[: max(0, max_episodes - len(episodes_seen))])
-            keep = np.isin(ep, list(allowed))
-            if not keep.any():
-                break
-        episodes_seen += [int(x) for x in dict.fromkeys(ep[keep].tolist()) if int(x) not in episodes_seen]
-        for name in need | ({"frame_index", "task_index", "next.reward", "next.done"} & names):
-            values = table.column(name).to_pylist()
-            cols.setdefault(name, []).extend(v for v, k in zip(values, keep, strict=True) if k)
-    if not cols:
-        raise DatasetError(f"{root}: no frames read")
-    ep = np.asarray(cols["episode_index"], np.int64)
-    frame = np.asarray(cols.get("frame_index", np.arange(len(ep))), np.int64)
-    order = np.lexsort((frame, ep))  # group by episode, frames in time order
-    ep = ep[order]
-    starts = np.flatnonzero(np.r_[True, ep[1:] != ep[:-1]])
-    lengths = np.diff(np.r_[starts, len(ep)])
-    n = len(ep)
-    task_idx = np.asarray(cols.get("task_index", np.zeros(n)), np.int64)[order]
-    prompt_id = np.zeros(n, np.int32)
-    for t in np.unique(task_idx):
-        text = task_text.get(int(t), f"task {int(t)}")
-        if text not in prompts:
-            prompts.append(text)
-        prompt_id[task_idx == t] = prompts.index(text)
-    last = np.zeros(n, bool)
-    last[starts + lengths - 1] = True
-    if "next.reward" in cols:
-        rewards = np.asarray(cols["next.reward"], np.float32)[order]
-    else:
-        rewards = last.astype(np.float32)
-    terminals = np.asarray(cols["next.done"], bool)[order] if "next.done" in cols else last
-    obs = {
-        "state": np.asarray([cols["state"][i] for i in order], np.float32).reshape(n, -1),
-        "prompt_id": prompt_id,
-        "images": {
-            cam: np.stack([_decode_image(cols[key][i], image_size) for i in order]) for key, cam in image_keys.items()
-        },
-    }
-    actions = np.asarray([cols["actions"][i] for i in order], np.float32).reshape(n, -1)
-    return EpisodeData(
-        obs=obs,
-        actions=actions,
-        rewards=rewards,
-        terminals=terminals,
-        subgoal=np.zeros(n, bool),
-        episode_starts=starts.astype(np.int64),
-        episode_lengths=lengths.astype(np.int64),
-        truncated=np.zeros(len(starts), bool),
-        prompts=prompts,
-    )
-
-
-def _episodes(
-    path: str | os.PathLike,
-    state: np.ndarray,
-    actions: np.ndarray,
-    rewards: np.ndarray,
-    terminal: np.ndarray,
-    ends: np.ndarray,
-    prompts: list[str],
-) -> EpisodeData:
-    """`EpisodeData` from frame arrays: `ends` marks each trajectory's last frame, `terminal` a true termination
-    (the trajectory is cut there: the frames after it start a new episode, as the env would reset)."""
-    n = len(actions)
-    if not (len(state) == n == len(rewards) == len(terminal) == len(ends)):
-        raise DatasetError(f"{path}: observations, actions, rewards and terminals differ in length")
-    if state.ndim != 2:
-        raise DatasetError(
-            f"{path}: observations have shape {state.shape}; only state vectors [N, S] are read "
-            "(pixel datasets, e.g. OGBench's visual-*, are not)"
-        )
-    ends = ends.astype(bool).copy()
-    ends[-1] = True  # a file cut short still ends its last trajectory
-    cut = ends | terminal
-    stops = np.flatnonzero(cut) + 1
-    starts = np.concatenate([[0], stops[:-1]]).astype(np.int64)
-    lengths = (stops - starts).astype(np.int64)
-    obs = {"state": state.astype(np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}}
-    subgoal = np.zeros(n, bool)
-    truncated = ~terminal[stops - 1]
-    actions, rewards = actions.astype(np.float32), rewards.astype(np.float32)
-    data = EpisodeData(obs, actions, rewards, terminal.astype(bool), subgoal, starts, lengths, truncated, list(prompts))
-    refuse_non_finite(path, data)
-    return data
-
-
-def load_npz(path: str | os.PathLike, env_id: str, prompts: list[str]) -> EpisodeData:
-    """Episodes of an npz file in OGBench's layout (`observations`, `actions`, `terminals` ending each trajectory,
-    `qpos` / `qvel` / `button_states`). Without `rewards`, an OGBench single-task env's are relabelled from `qpos`
-    (`_ogbench_rewards`); with them (and `masks`, or D4RL's `timeouts`) the file is read as given."""
-    try:
-        f = np.load(path, allow_pickle=False)
-        data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DatasetError(f"{path}: not a readable npz file ({e})") from None
-    missing = [k for k in ("observations", "actions", "terminals") if k not in data]
-    if missing:
-        raise DatasetError(
-            f"{path}: no {', '.join(missing)} (found {', '.join(sorted(data))}); expected OGBench's npz layout: "
-            "observations, actions, terminals [, qpos, qvel, rewards]"
-        )
-    ends = data["terminals"].astype(bool)
-    if "rewards" not in data:
-        rewards, terminal = _ogbench_rewards(path, env_id, data)
-    elif "timeouts" in data:  # D4RL's layout: terminals are true terminations, timeouts the time limits
-        rewards, terminal, ends = data["rewards"], ends, ends | data["timeouts"].astype(bool)
-    else:  # OGBench's layout with rewards: a true termination where masks == 0 (or dones)
-        rewards = data["rewards"]
-        terminal = (data["masks"] == 0) if "masks" in data else data.get("dones", np.zeros(len(rewards), bool))
-    return _episodes(path, data["observations"], data["actions"], rewards, np.asarray(terminal, bool), ends, prompts)
-
-
-def ogbench_task(env_id: str) -> str | None:
-    """The OGBench single-task id inside `env_id` ("ogbench:cube-single-singletask-task1-v0" -> its id), else None."""
-    name = env_id.split(":", 1)[-1]
-    return name if re.fullmatch(r"[a-z0-9-]+-singletask(-task\d+)?-v\d+", name) else None
-
-
-def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """OGBench's single-task rewards (−1 per unmet sub-goal, 0 at success, scored on the state before the action)
-    and terminations at success, relabelled from `qpos` by OGBench's `relabel_dataset` as `make_env_and_datasets`."""
-    task = ogbench_task(env_id)
-    if task is None:
-        raise DatasetError(
-            f"{path}: no 'rewards' in the file, and --env {env_id} is not an OGBench single-task "
-            "env to relabel them for (e.g. ogbench:cube-single-singletask-task1-v0); add a "
-            "'rewards' array (and 'masks') to the file"
-        )
-    if "qpos" not in data:
-        raise DatasetError(
-            f"{path}: no 'qpos' to relabel OGBench rewards from; write the file with "
-            "OGBench's generator or `python -m common.envs make-dataset`"
-        )
-    import gymnasium as gym
-    from ogbench.relabel_utils import relabel_dataset
-
-    env = gym.make(f"ogbench:{task}")
-    try:
-        labels = {k: data[k] for k in ("qpos", "qvel", "button_states") if k in data}
-        relabel_dataset(task, env, labels)
-    finally:
-        env.close()
-    return labels["rewards"], labels["masks"] == 0
-
-
 def is_minari(path: str | os.PathLike) -> bool:
     """A Minari dataset folder (holding `data/main_data.hdf5` or `data/metadata.json`)."""
     p = Path(path)
     return (p / "data" / "metadata.json").exists() or (p / "metadata.json").exists() and (p / "main_data.hdf5").exists()
 
 
-def load_minari(path: str | os.PathLike, prompts: list[str]) -> EpisodeData:
-    """Episodes of a Minari dataset folder, Box observations only (each episode's extra last frame dropped)."""
-    try:
-        import minari
-    except ModuleNotFoundError:
-        raise DatasetError(f"{path}: a Minari dataset needs `pip install 'minari[hdf5]'`") from None
-    import gymnasium as gym
-
-    p = Path(path)
-    ds = minari.MinariDataset(p / "data" if (p / "data").is_dir() else p)
-    if not isinstance(ds.observation_space, gym.spaces.Box):
-        raise DatasetError(
-            f"{path}: observation space {ds.observation_space}; only Box observations are read "
-            "(flatten Dict observations into one vector when writing the dataset)"
-        )
-    eps = list(ds.iterate_episodes())
-    if not eps:
-        raise DatasetError(f"{path}: the Minari dataset holds no episodes")
-    state = np.concatenate(
-        [np.asarray(e.observations, np.float32)[: len(e.actions)].reshape(len(e.actions), -1) for e in eps]
-    )
-    actions = np.concatenate([np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in eps])
-    rewards = np.concatenate([np.asarray(e.rewards, np.float32) for e in eps])
-    terminal = np.concatenate([np.asarray(e.terminations, bool) for e in eps])
-    ends = np.concatenate([np.arange(len(e.actions)) == len(e.actions) - 1 for e in eps])
-    return _episodes(path, state, actions, rewards, terminal, ends, prompts)
-
-
 # ----------------------------------------------------------------------------------------------------- chunks
-def compute_norm_stats(x: np.ndarray) -> dict[str, np.ndarray]:
-    """{"mean", "std", "q01", "q99"} float32 [D] over all leading axes of x[..., D] (openpi's norm_stats.json)."""
-    x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
-    q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
-    stats = {"mean": x.mean(0), "std": x.std(0), "q01": q01, "q99": q99}
-    return {k: np.asarray(v, np.float32) for k, v in stats.items()}
-
-
 def norm_stats(data: EpisodeData) -> dict[str, dict[str, np.ndarray]]:
-    """{"state": stats, "actions": stats} of a dataset (`compute_norm_stats`; `pi0.normalize`'s layout)."""
-    pairs = (("state", data.obs["state"]), ("actions", data.actions))
-    return {k: compute_norm_stats(x) for k, x in pairs}
+    """{"state": stats, "actions": stats} of a dataset's frames, each {"mean", "std", "q01", "q99"} float32 [D]
+    (openpi's norm_stats.json; `pi0.normalize`'s layout)."""
+    out = {}
+    for key, x in (("state", data.obs["state"]), ("actions", data.actions)):
+        x = np.asarray(x, np.float64)
+        q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
+        stats = {"mean": x.mean(0), "std": x.std(0), "q01": q01, "q99": q99}
+        out[key] = {k: np.asarray(v, np.float32) for k, v in stats.items()}
+    return out
 
 
 def gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
@@ -582,14 +275,6 @@ def gather_obs(obs: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
 
 
 CHUNK_KEYS = ("rewards", "discounted_return", "n_valid", "mask", "valid", "subgoal", "return_to_go")  # per chunk
-
-
-def _batch(src: Any, i: np.ndarray, obs: dict | None, actions: np.ndarray, next_obs: dict | None) -> Batch:
-    """Rows `i` of `src`'s `CHUNK_KEYS`, with the gathered obs and actions."""
-    batch = {k: getattr(src, k)[i] for k in CHUNK_KEYS}
-    batch["actions"] = actions
-    batch.update({k: v for k, v in (("obs", obs), ("next_obs", next_obs)) if v is not None})
-    return batch
 
 
 @dataclass
@@ -622,20 +307,18 @@ class ChunkDataset:
 
     def get(self, indices: np.ndarray, keys: tuple[str, ...] | None = None) -> Batch:
         """The batch of chunks `indices`, only its `keys` (None: all): what is not asked for is never gathered."""
-        i, frames, want = np.asarray(indices), self.data.obs, lambda k: keys is None or k in keys
-        obs = gather_obs(frames, self.obs_idx[i]) if want("obs") else None
-        next_obs = gather_obs(frames, self.next_obs_idx[i]) if want("next_obs") else None
-        batch = _batch(self, i, obs, self.data.actions[self.action_idx[i]], next_obs)
+        i = np.asarray(indices)
+        batch = {k: getattr(self, k)[i] for k in CHUNK_KEYS}
+        batch["actions"] = self.data.actions[self.action_idx[i]]
+        if keys is None or "obs" in keys:
+            batch["obs"] = gather_obs(self.data.obs, self.obs_idx[i])
+        if keys is None or "next_obs" in keys:
+            batch["next_obs"] = gather_obs(self.data.obs, self.next_obs_idx[i])
         return batch if keys is None else {k: batch[k] for k in keys}
 
     def sample(self, rng: np.random.Generator, batch_size: int, keys: tuple[str, ...] | None = None) -> Batch:
         """A uniformly sampled batch (with replacement) of the `keys` (None: all)."""
         return self.get(rng.integers(0, len(self), batch_size), keys)
-
-    def all_indices(self, batch_size: int):
-        """Yield index arrays covering every chunk once, in order (the last one may be shorter)."""
-        for lo in range(0, len(self), batch_size):
-            yield np.arange(lo, min(lo + batch_size, len(self)))
 
 
 def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
@@ -683,125 +366,36 @@ def make_chunks(data: EpisodeData, horizon: int, gamma: float) -> ChunkDataset:
     )
 
 
-def return_units(chunks: ChunkDataset | None) -> tuple[float, float]:
-    """(μ, σ): the mean and std of the chunks' Monte Carlo returns from o_t, for values learned in critic units,
-    (return − μ) / σ, at any reward scale; (0, 1) without chunks (values in reward units)."""
-    if chunks is None or len(chunks) == 0:
-        return 0.0, 1.0
-    return float(chunks.return_to_go.mean()), float(chunks.return_to_go.std()) or 1.0
-
-
 # ----------------------------------------------------------------------------------------------------- online
-class MixedBatches:
-    """RLPD's symmetric sampling of cached arrays: `online_fraction` of each batch from a `ReplayBuffer` (its fields
-    `keys` and its `extras`) once it holds anything, the rest from the prior data `offline` (None: every row from the
-    buffer): its `keys` and arrays cached per chunk (`at_chunk` {name: [C,...]}) or per frame, read at each chunk's
-    o_t (`at_obs` {name: [F,...]}) or o_{t+H} (`at_next`), under the buffer's extras' names. Offline rows come first."""
-
-    def __init__(
-        self, buffer, keys: tuple, offline=None, online_fraction=0.5, at_chunk=None, at_obs=None, at_next=None
-    ):
-        self.buffer, self.keys, self.offline, self.online_fraction = buffer, keys, offline, online_fraction
-        self.at_chunk, self.at_obs, self.at_next = at_chunk or {}, at_obs or {}, at_next or {}
-
-    def rows(self, i: np.ndarray) -> Batch:
-        """The prior data's rows of chunks `i`."""
-        o, nxt = self.offline.obs_idx[i], self.offline.next_obs_idx[i]
-        out = {k: getattr(self.offline, k)[i] for k in self.keys}
-        out.update({k: v[i] for k, v in self.at_chunk.items()}, **{k: v[o] for k, v in self.at_obs.items()})
-        return {**out, **{k: v[nxt] for k, v in self.at_next.items()}}
-
-    def sample(self, rng: np.random.Generator, n: int) -> Batch:
-        b = self.buffer
-        online = {**{k: getattr(b, k) for k in self.keys}, **b.extras}
-        if self.offline is None:
-            return {k: v[rng.integers(0, len(b), n)] for k, v in online.items()}
-        n_on = int(round(n * self.online_fraction)) if len(b) else 0
-        i = rng.integers(0, len(self.offline), n - n_on)
-        j = rng.integers(0, len(b) or 1, n_on)
-        out = self.rows(i)
-        if n_on:
-            out = {k: np.concatenate([v, online[k][j]]) for k, v in out.items()}
-        return out
-
-
 class ReplayBuffer:
-    """Circular buffer of online chunk transitions, sampled in `ChunkDataset`'s batch form.
+    """Circular buffer of online chunk transitions: what a TD target reads of a chunk (`KEYS`) and the per-transition
+    arrays a script caches when it acts (`extras`: e.g. o_t's features, the chunk, o_{t+H}'s features)."""
 
-    `obs_example`: one observation (batched or not: only trailing shapes are used); None: no observations are stored
-    (what a script cached at acting time goes in `extras`). `td_only`: keep only what a TD target reads of a chunk
-    (`discounted_return`, `n_valid`, `mask`).
-    """
+    KEYS = ("discounted_return", "n_valid", "mask")
 
-    def __init__(
-        self,
-        capacity: int,
-        horizon: int,
-        gamma: float,
-        obs_example: dict[str, Any] | None = None,
-        td_only: bool = False,
-    ):
-        self.capacity, self.horizon, self.gamma, self.td_only = capacity, horizon, gamma, td_only
+    def __init__(self, capacity: int, horizon: int, gamma: float):
+        self.capacity, self.horizon, self.gamma = capacity, horizon, gamma
         self.size, self._next = 0, 0
-
-        def obs_storage() -> dict[str, Any] | None:
-            if obs_example is None:
-                return None
-            images = {k: np.shape(v)[-3:] for k, v in obs_example.get("images", {}).items()}
-            return {
-                "state": np.zeros((capacity, np.shape(obs_example["state"])[-1]), np.float32),
-                "prompt_id": np.zeros(capacity, np.int32),
-                "images": {k: np.zeros((capacity, *s), np.uint8) for k, s in images.items()},
-            }
-
-        self.obs, self.next_obs = obs_storage(), obs_storage()
-        self.actions: np.ndarray | None = None  # allocated at the first add, when A is known
-        per_step = (lambda dtype: None) if td_only else (lambda dtype: np.zeros((capacity, horizon), dtype))
-        self.rewards, self.valid = per_step(np.float32), per_step(bool)
         self.discounted_return = np.zeros(capacity, np.float32)
         self.n_valid = np.zeros(capacity, np.int32)
         self.mask = np.zeros(capacity, np.float32)
-        self.subgoal = None if td_only else np.zeros(capacity, bool)
-        self.return_to_go = None if td_only else np.full(capacity, np.nan, np.float32)
-        self.extras: dict[str, np.ndarray] = {}  # per-transition arrays a script caches (e.g. encoded features)
+        self.extras: dict[str, np.ndarray] = {}  # allocated at the first add, when their shapes are known
 
     def __len__(self) -> int:
         return self.size
 
-    def add(
-        self,
-        obs: dict[str, Any],
-        actions: np.ndarray,
-        step: Any,
-        next_obs: dict[str, Any] | None = None,
-        extras: dict[str, np.ndarray] | None = None,
-    ) -> None:
-        """Store E chunk transitions: obs at the chunk start, actions [E, H, A], the `envs.ChunkStep`, and `extras`
-        {name: [E, ...]} kept alongside (saved and loaded with the rest)."""
-        e, h = actions.shape[:2]
-        if h != self.horizon:
-            raise ValueError(f"actions have chunk length {h}, the buffer was made for horizon {self.horizon}.")
-        if self.actions is None and not self.td_only:
-            self.actions = np.zeros((self.capacity, h, actions.shape[-1]), np.float32)
-        next_obs = step.final_obs if next_obs is None else next_obs
-        idx = (self._next + np.arange(e)) % self.capacity
-        if self.obs is not None:
-            for store, src in ((self.obs, obs), (self.next_obs, next_obs)):
-                store["state"][idx] = src["state"]
-                store["prompt_id"][idx] = src["prompt_id"]
-                for k, v in store["images"].items():
-                    v[idx] = src["images"][k]
+    def add(self, step: Any, extras: dict[str, np.ndarray]) -> None:
+        """Store the E chunks an `envs.ChunkStep` executed, with `extras` {name: [E, ...]}."""
         valid = np.asarray(step.valid, bool)
+        e, h = valid.shape
+        if h != self.horizon:
+            raise ValueError(f"chunks of length {h}, the buffer was made for horizon {self.horizon}.")
+        idx = (self._next + np.arange(e)) % self.capacity
         rewards = np.where(valid, step.rewards, 0.0)
         self.discounted_return[idx] = (rewards * self.gamma ** np.arange(h, dtype=np.float64)).sum(1)
         self.n_valid[idx] = valid.sum(1)
         self.mask[idx] = 1.0 - np.asarray(step.terminated, np.float32)
-        if not self.td_only:
-            self.actions[idx] = actions
-            self.rewards[idx] = rewards
-            self.valid[idx] = valid
-            self.subgoal[idx] = (np.asarray(step.subgoal, bool) & valid).any(1)
-        for k, v in (extras or {}).items():
+        for k, v in extras.items():
             v = np.asarray(v)
             if k not in self.extras:
                 self.extras[k] = np.zeros((self.capacity, *v.shape[1:]), v.dtype)
@@ -809,65 +403,27 @@ class ReplayBuffer:
         self._next = int((self._next + e) % self.capacity)
         self.size = min(self.size + e, self.capacity)
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        """A uniformly sampled batch (with replacement); obs only when they are stored."""
-        if self.size == 0:
-            raise ValueError("the replay buffer is empty; add transitions before sampling.")
-        if self.td_only:
-            raise ValueError("a td_only buffer keeps no chunks to sample as a Batch; read its arrays and extras")
-        i = rng.integers(0, self.size, batch_size)
-        if self.obs is None:
-            return _batch(self, i, None, self.actions[i], None)
-        return _batch(self, i, gather_obs(self.obs, i), self.actions[i], gather_obs(self.next_obs, i))
-
-    _SAVED = ("obs", "next_obs", "actions", "rewards", "valid", "discounted_return", "n_valid", "mask", "subgoal")
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        """The stored arrays by flat name ("obs/state", "obs/images/base_0_rgb", "rewards", ...)."""
-        out: dict[str, np.ndarray] = {}
-        for k in self._SAVED:
-            v = getattr(self, k)
-            if v is None:
-                continue
-            if k in ("obs", "next_obs"):
-                out.update({f"{k}/{n}": v[n] for n in ("state", "prompt_id")})
-                out.update({f"{k}/images/{c}": img for c, img in v["images"].items()})
-            else:
-                out[k] = v
-        out.update({f"extras/{k}": v for k, v in self.extras.items()})
-        return out
-
     def bytes_per_transition(self) -> int:
-        """Host memory one stored chunk transition takes (allocated arrays and extras)."""
-        return sum(v.nbytes // self.capacity for v in self._arrays().values()) + (
-            0 if self.return_to_go is None else self.return_to_go.itemsize
-        )
+        """Host memory one stored chunk transition takes."""
+        arrays = [getattr(self, k) for k in self.KEYS] + list(self.extras.values())
+        return sum(v.nbytes // self.capacity for v in arrays)
 
     def state_dict(self) -> dict[str, Any]:
-        """The stored transitions and the write position, for a checkpoint's host arrays (not `return_to_go`: NaN)."""
-        return {"next": np.asarray(self._next), **{k: v[: self.size] for k, v in self._arrays().items()}}
+        """The stored transitions and the write position, for a checkpoint's host arrays."""
+        n = self.size
+        extras = {k: v[:n] for k, v in self.extras.items()}
+        return {"next": np.asarray(self._next), **{k: getattr(self, k)[:n] for k in self.KEYS}, "extras": extras}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Fill this empty, same-shaped buffer from `state_dict`'s output (flat or nested, as a checkpoint gives it)."""
-        flat = _flat(saved)
-        n = len(flat.get("n_valid", ()))
-        if n == 0:  # saved empty
-            return
+        """Fill this empty buffer from `state_dict`'s output."""
+        n = len(saved["n_valid"])
         if n > self.capacity:
             raise DatasetError(
                 f"the saved replay buffer holds {n} transitions, more than --buffer-size {self.capacity}"
             )
-        if "actions" in flat:
-            self.actions = np.zeros((self.capacity, *flat["actions"].shape[1:]), np.float32)
-        for k in (f for f in flat if f.startswith("extras/")):
-            self.extras[k[7:]] = np.zeros((self.capacity, *flat[k].shape[1:]), flat[k].dtype)
-        for k, v in self._arrays().items():
-            v[:n] = flat[k]
-        self.size, self._next = n, int(flat["next"])
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+        for k in self.KEYS:
+            getattr(self, k)[:n] = saved[k]
+        for k, v in saved.get("extras", {}).items():
+            self.extras[k] = np.zeros((self.capacity, *v.shape[1:]), v.dtype)
+            self.extras[k][:n] = v
+        self.size, self._next = n, int(saved["next"])

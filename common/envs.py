@@ -8,8 +8,7 @@ action_high`, `reset(seed) -> (obs, info)`, `step(actions, active)`, `reset_wher
 
 (`prompt_id` indexes `env.prompts`), actions float32 [E, A] in the env's units. `step` never autoresets; it advances
 only the envs where `active` (the others report reward 0, no termination or truncation), so an env whose episode
-ended inside a chunk is never stepped again. `info` holds bool[E] `success` and `subgoal`, and the running
-`episode_return` / `episode_length`.
+ended inside a chunk is never stepped again. `info` holds bool[E] `success` and `subgoal`.
 """
 
 from __future__ import annotations
@@ -26,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import h5py
 import jax
 import numpy as np
 
-from common import RunError, data, mesh
+from common import RunError, mesh
 
 Obs = dict[str, Any]
 
@@ -84,22 +82,12 @@ class PushEnv:
         self.prompts = list(PUSH_PROMPTS)
         self.camera_names = [PUSH_CAMERA] if image_size > 0 else []
         self.action_low, self.action_high = -np.ones(2, np.float32), np.ones(2, np.float32)
-        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        images = {c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.camera_names}
-        self.single_observation_space = gym.spaces.Dict(
-            {
-                "state": gym.spaces.Box(-1.0, 1.0, (10,), np.float32),
-                "prompt_id": gym.spaces.Discrete(len(self.prompts)),
-                "images": gym.spaces.Dict(images),
-            }
-        )
         self.first = first
         self._seed(seed)
         e = num_envs
         self.agent, self.block = np.zeros((e, 2)), np.zeros((e, 2))
         self.targets, self.prompt_id = np.zeros((e, 3, 2)), np.zeros(e, np.int32)
         self.elapsed, self.moved = np.zeros(e, np.int64), np.zeros(e, bool)
-        self.episode_return = np.zeros(e, np.float32)
         self.reset_where(np.ones(e, bool))
 
     def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
@@ -135,7 +123,7 @@ class PushEnv:
         agent = np.where(dist < clear, block + gap / np.maximum(dist, 1e-6) * clear, agent)
         self.agent[idx], self.block[idx] = agent, block
         self.prompt_id[idx] = rng.integers(0, len(self.prompts), n)
-        self.elapsed[idx], self.moved[idx], self.episode_return[idx] = 0, False, 0.0
+        self.elapsed[idx], self.moved[idx] = 0, False
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
         """Advance the envs where `active` (default all) with actions [E, 2]; no autoreset."""
@@ -161,13 +149,11 @@ class PushEnv:
         goal = self.targets[np.arange(self.num_envs), self.prompt_id]
         success = act & (np.linalg.norm(self.block - goal, axis=-1) < self.success_radius)
         truncated = act & ~success & (self.elapsed >= self.max_episode_steps)
-        reward = success.astype(np.float32)
-        self.episode_return += reward
+        reward = success.astype(np.float32)  # sparse: 1 at success
         info = {"success": success, "subgoal": act & (self.moved | touch)}
-        info.update(episode_return=self.episode_return.copy(), episode_length=self.elapsed.copy())
         return self._obs(), reward, success, truncated, info
 
-    _STATE = ("agent", "block", "targets", "prompt_id", "elapsed", "moved", "episode_return")
+    _STATE = ("agent", "block", "targets", "prompt_id", "elapsed", "moved")
 
     def get_state(self) -> dict[str, np.ndarray]:
         """Everything that changes as the envs run, the generators included: `set_state` continues exactly."""
@@ -240,8 +226,7 @@ class PushDemonstrator:
         side_dir = np.where(perp > 1e-6, side / np.maximum(perp, 1e-6), np.stack([-u[:, 1], u[:, 0]], -1))
         around = block + side_dir * (c + 0.08) - u * 0.06
         waypoint = np.where(blocked, around, behind)
-        step = waypoint - agent
-        approach = step / max(PushEnv.speed, 1e-6)
+        approach = (waypoint - agent) / PushEnv.speed
         approach = approach / np.maximum(1.0, np.linalg.norm(approach, axis=-1, keepdims=True))
         action = np.where(aligned, push, approach)
         action = action + self.noise * self._rng.standard_normal(action.shape)
@@ -262,10 +247,8 @@ def make_dataset(
     image_size: int = 0,
     num_envs: int = 250,
 ) -> str:
-    """Roll out the push demonstrator into robomimic/LIBERO-layout HDF5 at `path` (returned): per demo `actions`,
-    `rewards`, `dones` (true terminations only), `obs/state`, `obs/subgoal`, images; attrs `language_instruction`,
-    `truncated`, `success`, `noise`. `noise="mixed"` splits the episodes over `MIXED_NOISES`.
-    """
+    """Roll out the push demonstrator into robomimic/LIBERO-layout HDF5 at `path` (returned); `dones` are true
+    terminations, attr `truncated` the time limits. `noise="mixed"` splits the episodes over `MIXED_NOISES`."""
     if env != "push":
         raise ValueError(f"make_dataset only knows env='push' (got {env!r}); LIBERO demos come as HDF5 files already.")
     noises = list(MIXED_NOISES) if noise == "mixed" else [float(noise)]
@@ -350,18 +333,16 @@ def default_dataset(env: str = "push", noise: float | str = 0.6, episodes: int =
 
 
 # ----------------------------------------------------------------------------------------------------- which env
-def make_env(name: str, num_envs: int, seed: int = 0, image_size: int = 0, **kw: Any) -> Any:
-    """'push' -> `PushEnv`; 'libero' -> `libero.LiberoVecEnv`; anything else -> `gymenv.GymVecEnv`."""
-    if name != "libero":
-        kw.pop("total", None)
-    if name == "push":
-        return PushEnv(num_envs, image_size=image_size, seed=seed, **kw)
+def make_env(name: str, num_envs: int, seed: int = 0, **kw: Any) -> Any:
+    """'push' -> `PushEnv`; 'libero' -> `libero.make_libero_env`; anything else -> `gymenv.GymVecEnv`."""
     if name == "libero":
         from common import libero
 
-        if image_size:
-            kw["image_size"] = image_size
         return libero.make_libero_env(num_envs=num_envs, seed=seed, **kw)
+    kw.pop("total", None)
+    if name == "push":
+        return PushEnv(num_envs, seed=seed, **kw)
+    image_size = kw.pop("image_size", 0)
     if image_size:
         raise RunError(f"image_size={image_size}: gymnasium envs ({name!r}) are state-only; use image_size=0.")
     from common.gymenv import GymVecEnv
@@ -385,22 +366,17 @@ class EnvSpec:
         """`num_envs` envs, envs `first`.. of a run's `total` (default `num_envs`), each seeded by its index in the run.
         Evaluation envs: LIBERO's play the suite's fixed initial states; gymnasium's are made once and kept (their
         workers take seconds to start; `evaluate` reseeds them, so a kept env plays what a new one would)."""
-        if evaluation and self.name not in ("push", "libero"):
-            key = (num_envs, first, total)
-            if key not in self.kept:
-                self.kept[key] = self._make(num_envs, seed, evaluation, first, total)
+        key = (num_envs, first, total)
+        if evaluation and key in self.kept:
             return self.kept[key]
-        return self._make(num_envs, seed, evaluation, first, total)
-
-    def _make(self, num_envs: int, seed: int, evaluation: bool, first: int, total: int | None) -> Any:
         kw = dict(self.kwargs, first=first, total=total or num_envs)
-        if self.name == "libero":
-            if "image_size" not in kw and self.dataset and (size := data.dataset_image_size(self.dataset)):
-                kw["image_size"] = size
-            if evaluation:
-                kw.setdefault("eval_mode", True)
+        if self.name == "libero":  # rendered at the dataset's image size unless told; evaluation: fixed init states
+            kw.update(dataset=self.dataset, eval_mode=kw.get("eval_mode", evaluation))
         env = make_env(self.name, num_envs, seed=seed, **kw)
-        return env if self.reward == (1.0, 0.0) else ScaledReward(env, *self.reward)
+        env = env if self.reward == (1.0, 0.0) else ScaledReward(env, *self.reward)
+        if evaluation and self.name not in ("push", "libero"):
+            self.kept[key] = env
+        return env
 
     def close(self) -> None:
         """Close the kept evaluation envs."""
@@ -409,8 +385,7 @@ class EnvSpec:
         self.kept.clear()
 
     def make_share(self, num_envs: int, seed: int, evaluation: bool = False) -> Any:
-        """This process's share (`mesh.process_rows`) of a run's `num_envs` envs: the envs of all processes together
-        are those one process would make. A count the processes cannot share evenly is refused."""
+        """This process's share (`mesh.process_rows`) of a run's `num_envs` envs: all shares make one process's."""
         if num_envs % jax.process_count():
             raise RunError(
                 f"--num-envs {num_envs} must be a multiple of the {jax.process_count()} processes: each "
@@ -444,13 +419,9 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
     if image_size:
         kw.setdefault("image_size", image_size)
     if name not in ("push", "libero") and dataset and "prompt" not in kw:  # the data's instruction, sent by the env
-        found = data.dataset_instructions(dataset)
-        if len(found) > 1:
-            raise RunError(
-                f"--dataset {dataset} holds {len(found)} instructions ({'; '.join(found[:3])}...); a "
-                "gymnasium env sends one: pass --env-kwargs prompt '<its instruction>'"
-            )
-        kw["prompt"] = found[0] if found else ""
+        from common import gymenv
+
+        kw["prompt"] = gymenv.dataset_prompt(dataset)
     return EnvSpec(name, kw, dataset, (float(reward[0]), float(reward[1])))
 
 
@@ -470,20 +441,17 @@ class ScaledReward:
     its dataset the same way); success and everything else are the env's."""
 
     def __init__(self, env: Any, scale: float, shift: float):
-        self.env, self.reward_transform, self._maskable = env, (scale, shift), takes_active(env)
+        self.env, self.reward_transform = env, (scale, shift)
 
     def __getattr__(self, name: str) -> Any:  # everything else is the env's
         return getattr(self.env, name)
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
         a, b = self.reward_transform
-        stepped = self.env.step(actions, active=active) if self._maskable else self.env.step(actions)
-        obs, r, term, trunc, info = stepped
+        obs, r, term, trunc, info = self.env.step(actions, active=active)
         r = a * np.asarray(r, np.float32) + b
         if active is not None:  # envs not stepped report 0
             r = np.where(active, r, 0.0)
-        if "episode_return" in info and "episode_length" in info:
-            info = {**info, "episode_return": a * np.asarray(info["episode_return"]) + b * info["episode_length"]}
         return obs, r.astype(np.float32), term, trunc, info
 
 
@@ -501,47 +469,29 @@ class ChunkStep:
     step_terminated: np.ndarray  # [E, H] bool
     step_truncated: np.ndarray  # [E, H] bool
     success: np.ndarray  # [E] bool
-    subgoal: np.ndarray  # [E, H] bool, per-step subgoal flags (False where not executed)
     final_obs: Obs  # obs at t+H, or the last obs of an ended episode (before any reset)
-    episode_return: np.ndarray  # [E] float32, nan unless the episode ended in this chunk
-    episode_length: np.ndarray  # [E] int64, 0 unless the episode ended in this chunk
-
-
-def takes_active(env: Any) -> bool:
-    """Whether `env.step` takes an `active` mask (the envs here do; a plain vector env does not)."""
-    return "active" in inspect.signature(env.step).parameters
 
 
 def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tuple[Obs, ChunkStep]:
-    """Execute actions [E, H, A] open loop; an env whose episode ends at step k is not stepped after k.
-
-    Envs that ended are reset at the chunk boundary: `next_obs` holds their fresh obs, `step.final_obs` their last.
-    """
+    """Execute actions [E, H, A] open loop; an env whose episode ends at step k is not stepped after k. Envs that ended
+    are reset at the chunk boundary: `next_obs` holds their fresh obs, `step.final_obs` their last."""
     e, h = actions.shape[:2]
-    maskable = takes_active(env)
     active = np.ones(e, bool)
-    out = {k: np.zeros((e, h), bool) for k in ("valid", "step_terminated", "step_truncated", "subgoal")}
+    out = {k: np.zeros((e, h), bool) for k in ("valid", "step_terminated", "step_truncated")}
     out["rewards"] = np.zeros((e, h), np.float32)
     success = np.zeros(e, bool)
-    ep_return, ep_length = np.full(e, np.nan, np.float32), np.zeros(e, np.int64)
     final_obs = _copy_obs(obs)
     for k in range(h):
         if not active.any():
             break
-        result = env.step(actions[:, k], active=active) if maskable else env.step(actions[:, k])
-        o, r, term, trunc, info = result
+        o, r, term, trunc, info = env.step(actions[:, k], active=active)
         term, trunc = active & np.asarray(term, bool), active & np.asarray(trunc, bool) & ~np.asarray(term, bool)
         out["rewards"][:, k] = np.where(active, r, 0.0)
         out["valid"][:, k] = active
         out["step_terminated"][:, k], out["step_truncated"][:, k] = term, trunc
-        out["subgoal"][:, k] = active & np.asarray(info.get("subgoal", np.zeros(e, bool)), bool)
         success |= active & np.asarray(info.get("success", np.zeros(e, bool)), bool)
         final_obs = _select(active, o, final_obs)
-        ended = term | trunc
-        if ended.any():
-            ep_return = np.where(ended, info.get("episode_return", np.nan), ep_return).astype(np.float32)
-            ep_length = np.where(ended, info.get("episode_length", 0), ep_length)
-        active = active & ~ended
+        active = active & ~(term | trunc)
     terminated, truncated = out["step_terminated"].any(1), out["step_truncated"].any(1)
     discounted = (out["rewards"] * gamma ** np.arange(h, dtype=np.float32)).sum(1)
     step = ChunkStep(
@@ -550,8 +500,6 @@ def execute_chunk(env: Any, obs: Obs, actions: np.ndarray, gamma: float) -> tupl
         truncated=truncated,
         success=success,
         final_obs=final_obs,
-        episode_return=ep_return,
-        episode_length=ep_length,
         **out,
     )
     ended = terminated | truncated
@@ -645,8 +593,7 @@ def evaluate(
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    """`python -m common.envs make-dataset --env push --episodes N --noise X --out FILE.h5 [--image-size 0]`, or
-    `--env ogbench:<id> [--recipe task|noisy|play] --out FILE.npz` (`gymenv.write_ogbench_dataset`)."""
+    """`python -m common.envs make-dataset --env push|ogbench:<id> --out FILE [--episodes N --noise X ...]`."""
     from common import gymenv
 
     parser = argparse.ArgumentParser(prog="python -m common.envs")
@@ -661,28 +608,17 @@ def main(argv: list[str] | None = None) -> None:
     mk.add_argument("--out", required=True)
     mk.add_argument("--image-size", type=int, default=0)
     mk.add_argument("--seed", type=int, default=0)
-    recipe_help = "OGBench: task (the single-task env, oracle aimed at its goal; cube tasks), or OGBench's own noisy / "
-    recipe_help += "play data-collection recipes (episodes of --episode-steps)"
-    mk.add_argument("--recipe", default="task", choices=gymenv.OGBENCH_RECIPES, help=recipe_help)
-    mk.add_argument("--p-random", type=float, default=None, help="OGBench: random-action probability (recipe's own)")
-    mk.add_argument("--episode-steps", type=int, default=1001, help="OGBench noisy/play: steps an episode")
+    gymenv.add_ogbench_flags(mk)
     args = parser.parse_args(argv)
     start = time.time()
     try:
         noise = args.noise if args.noise == "mixed" else float(args.noise or (0.1 if "ogbench:" in args.env else 0.6))
     except ValueError:
         raise SystemExit(f"--noise {args.noise}: a number ≥ 0 (push also takes 'mixed')") from None
-    ranges = {
-        "--episodes": args.episodes >= 1,
-        "--episode-steps": args.episode_steps >= 1,
-        "--noise": noise == "mixed" or noise >= 0,
-        "--p-random": args.p_random is None or 0 <= args.p_random <= 1,
-    }
-    for flag, ok in ranges.items():
-        if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"))
-            bounds = "--episodes, --episode-steps ≥ 1; --noise ≥ 0; --p-random in [0, 1]"
-            raise SystemExit(f"{flag} {value}: out of range ({bounds})")
+    if args.episodes < 1:
+        raise SystemExit(f"--episodes {args.episodes}: out of range (≥ 1)")
+    if noise != "mixed" and noise < 0:
+        raise SystemExit(f"--noise {args.noise}: out of range (≥ 0)")
     if args.env.startswith("ogbench:"):
         return gymenv.write_ogbench_dataset(args, noise)
     path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)

@@ -1,22 +1,27 @@
 """Gymnasium environments: any registered id (or "module:EnvId") with Box state observations and Box actions, its
-sub-envs in worker processes (`common.workers`), and OGBench's scripted oracles writing datasets in OGBench's npz
-layout (`python -m common.envs make-dataset --env ogbench:<id>`; read back by `data.load_npz`).
+sub-envs in worker processes (`common.workers`); the readers of OGBench/D4RL npz files and Minari datasets; and
+OGBench's scripted oracles writing datasets in OGBench's npz layout (`python -m common.envs make-dataset --env
+ogbench:<id>`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 
 from common import RunError
 from common.workers import Pool, WorkerError
+
+if TYPE_CHECKING:
+    from common.data import EpisodeData
 
 Obs = dict[str, Any]
 # what gymnasium.make raises for an id that is not registered
@@ -108,7 +113,6 @@ class GymVecEnv:
             self.close()
             raise
         self._state = np.zeros((num_envs, self.state_dim), np.float32)
-        self._return, self._length = np.zeros(num_envs, np.float32), np.zeros(num_envs, np.int64)
         self._seeded = False
 
     def _start(self, env_id: str, counts: list[int], workers: int, make_kwargs: dict[str, Any]) -> None:
@@ -140,14 +144,6 @@ class GymVecEnv:
         self.prompts, self.camera_names = [self.prompt], []
         self.action_low = np.broadcast_to(act_space.low, act_space.shape).reshape(-1).astype(np.float32)
         self.action_high = np.broadcast_to(act_space.high, act_space.shape).reshape(-1).astype(np.float32)
-        self.single_action_space = gym.spaces.Box(self.action_low, self.action_high, dtype=np.float32)
-        self.single_observation_space = gym.spaces.Dict(
-            {
-                "state": gym.spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32),
-                "prompt_id": gym.spaces.Discrete(1),
-                "images": gym.spaces.Dict({}),
-            }
-        )
         self.max_episode_steps = info["max_episode_steps"]
 
     @contextlib.contextmanager
@@ -208,7 +204,6 @@ class GymVecEnv:
         seeds = [None if self._seeded else self.seed + self.first + int(i) for i in range(self.num_envs)]
         for mine, obs in self._call("reset", idx, [seeds]):
             self._state[mine] = obs
-            self._return[mine], self._length[mine] = 0.0, 0
         self._seeded = self._seeded or bool(np.all(mask))
         return self._obs()
 
@@ -220,10 +215,7 @@ class GymVecEnv:
         reward, term, trunc, success = np.zeros(e, np.float32), np.zeros(e, bool), np.zeros(e, bool), np.zeros(e, bool)
         for mine, (obs, r, te, tr, ok) in self._call("step", np.flatnonzero(act), [actions]):
             self._state[mine], reward[mine], term[mine], trunc[mine], success[mine] = obs, r, te, tr & ~te, ok
-        self._return += reward
-        self._length += act
         info = {"success": success, "subgoal": np.zeros(e, bool)}
-        info.update(episode_return=self._return.copy(), episode_length=self._length.copy())
         return self._obs(), reward, term, trunc, info
 
     def _obs(self) -> Obs:
@@ -231,6 +223,165 @@ class GymVecEnv:
 
     def close(self) -> None:
         self._pool.close()
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+def _episodes(
+    path: str | os.PathLike,
+    state: np.ndarray,
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    terminal: np.ndarray,
+    ends: np.ndarray,
+    prompts: list[str],
+) -> EpisodeData:
+    """`EpisodeData` from frame arrays: `ends` marks each trajectory's last frame, `terminal` a true termination
+    (the trajectory is cut there: the frames after it start a new episode, as the env would reset)."""
+    from common.data import DatasetError, EpisodeData, refuse_non_finite  # here: workers import gymenv without h5py
+
+    n = len(actions)
+    if not (len(state) == n == len(rewards) == len(terminal) == len(ends)):
+        raise DatasetError(f"{path}: observations, actions, rewards and terminals differ in length")
+    if state.ndim != 2:
+        raise DatasetError(
+            f"{path}: observations have shape {state.shape}; only state vectors [N, S] are read "
+            "(pixel datasets, e.g. OGBench's visual-*, are not)"
+        )
+    ends = ends.astype(bool).copy()
+    ends[-1] = True  # a file cut short still ends its last trajectory
+    cut = ends | terminal
+    stops = np.flatnonzero(cut) + 1
+    starts = np.concatenate([[0], stops[:-1]]).astype(np.int64)
+    lengths = (stops - starts).astype(np.int64)
+    obs = {"state": state.astype(np.float32), "prompt_id": np.zeros(n, np.int32), "images": {}}
+    subgoal = np.zeros(n, bool)
+    truncated = ~terminal[stops - 1]
+    actions, rewards = actions.astype(np.float32), rewards.astype(np.float32)
+    data = EpisodeData(obs, actions, rewards, terminal.astype(bool), subgoal, starts, lengths, truncated, list(prompts))
+    refuse_non_finite(path, data)
+    return data
+
+
+def load_npz(path: str | os.PathLike, env_id: str, prompts: list[str]) -> EpisodeData:
+    """Episodes of an npz file in OGBench's layout (`observations`, `actions`, `terminals` ending each trajectory,
+    `qpos` / `qvel` / `button_states`). Without `rewards`, an OGBench single-task env's are relabelled from `qpos`
+    (`_ogbench_rewards`); with them (and `masks`, or D4RL's `timeouts`) the file is read as given."""
+    from common.data import DatasetError
+
+    try:
+        f = np.load(path, allow_pickle=False)
+        data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable npz file ({e})") from None
+    missing = [k for k in ("observations", "actions", "terminals") if k not in data]
+    if missing:
+        raise DatasetError(
+            f"{path}: no {', '.join(missing)} (found {', '.join(sorted(data))}); expected OGBench's npz layout: "
+            "observations, actions, terminals [, qpos, qvel, rewards]"
+        )
+    ends = data["terminals"].astype(bool)
+    if "rewards" not in data:
+        rewards, terminal = _ogbench_rewards(path, env_id, data)
+    elif "timeouts" in data:  # D4RL's layout: terminals are true terminations, timeouts the time limits
+        rewards, terminal, ends = data["rewards"], ends, ends | data["timeouts"].astype(bool)
+    else:  # OGBench's layout with rewards: a true termination where masks == 0 (or dones)
+        rewards = data["rewards"]
+        terminal = (data["masks"] == 0) if "masks" in data else data.get("dones", np.zeros(len(rewards), bool))
+    return _episodes(path, data["observations"], data["actions"], rewards, np.asarray(terminal, bool), ends, prompts)
+
+
+def ogbench_task(env_id: str) -> str | None:
+    """The OGBench single-task id inside `env_id` ("ogbench:cube-single-singletask-task1-v0" -> its id), else None."""
+    name = env_id.split(":", 1)[-1]
+    return name if re.fullmatch(r"[a-z0-9-]+-singletask(-task\d+)?-v\d+", name) else None
+
+
+def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """OGBench's single-task rewards (−1 per unmet sub-goal, 0 at success, scored on the state before the action)
+    and terminations at success, relabelled from `qpos` by OGBench's `relabel_dataset` as `make_env_and_datasets`."""
+    from common.data import DatasetError
+
+    task = ogbench_task(env_id)
+    if task is None:
+        raise DatasetError(
+            f"{path}: no 'rewards' in the file, and --env {env_id} is not an OGBench single-task "
+            "env to relabel them for (e.g. ogbench:cube-single-singletask-task1-v0); add a "
+            "'rewards' array (and 'masks') to the file"
+        )
+    if "qpos" not in data:
+        raise DatasetError(
+            f"{path}: no 'qpos' to relabel OGBench rewards from; write the file with "
+            "OGBench's generator or `python -m common.envs make-dataset`"
+        )
+    import gymnasium as gym
+    from ogbench.relabel_utils import relabel_dataset
+
+    env = gym.make(f"ogbench:{task}")
+    try:
+        labels = {k: data[k] for k in ("qpos", "qvel", "button_states") if k in data}
+        relabel_dataset(task, env, labels)
+    finally:
+        env.close()
+    return labels["rewards"], labels["masks"] == 0
+
+
+def load_minari(path: str | os.PathLike, prompts: list[str]) -> EpisodeData:
+    """Episodes of a Minari dataset folder, Box observations only (each episode's extra last frame dropped)."""
+    from common.data import DatasetError
+
+    try:
+        import minari
+    except ModuleNotFoundError:
+        raise DatasetError(f"{path}: a Minari dataset needs `pip install 'minari[hdf5]'`") from None
+    import gymnasium as gym
+
+    p = Path(path)
+    ds = minari.MinariDataset(p / "data" if (p / "data").is_dir() else p)
+    if not isinstance(ds.observation_space, gym.spaces.Box):
+        raise DatasetError(
+            f"{path}: observation space {ds.observation_space}; only Box observations are read "
+            "(flatten Dict observations into one vector when writing the dataset)"
+        )
+    eps = list(ds.iterate_episodes())
+    if not eps:
+        raise DatasetError(f"{path}: the Minari dataset holds no episodes")
+    state = np.concatenate(
+        [np.asarray(e.observations, np.float32)[: len(e.actions)].reshape(len(e.actions), -1) for e in eps]
+    )
+    actions = np.concatenate([np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in eps])
+    rewards = np.concatenate([np.asarray(e.rewards, np.float32) for e in eps])
+    terminal = np.concatenate([np.asarray(e.terminations, bool) for e in eps])
+    ends = np.concatenate([np.arange(len(e.actions)) == len(e.actions) - 1 for e in eps])
+    return _episodes(path, state, actions, rewards, terminal, ends, prompts)
+
+
+def dataset_prompt(path: str) -> str:
+    """The instruction a gymnasium env sends with every observation: its dataset's (HDF5 attrs, LeRobot's
+    `meta/tasks.jsonl`; "" for npz and Minari data); RunError for a dataset of several."""
+    import h5py
+
+    from common import data
+
+    p = Path(path)
+    found: set[str] = set()
+    if data.is_lerobot(p):
+        from common import openpi
+
+        found = set(openpi.lerobot_tasks(p / "meta" / "tasks.jsonl").values())
+    else:
+        for file in data.hdf5_files(p):
+            if not file.is_file() or not h5py.is_hdf5(file):
+                continue
+            with h5py.File(file, "r") as f:
+                info = json.loads(f["data"].attrs.get("problem_info", "{}") or "{}") if "data" in f else {}
+                found |= {data.demo_instruction(demo, info) for demo in f.get("data", {}).values()}
+    found = sorted(found - {""})
+    if len(found) > 1:
+        raise RunError(
+            f"--dataset {path} holds {len(found)} instructions ({'; '.join(found[:3])}...); a "
+            "gymnasium env sends one: pass --env-kwargs prompt '<its instruction>'"
+        )
+    return found[0] if found else ""
 
 
 # ----------------------------------------------------------------------------------------------------- OGBench oracle
@@ -268,8 +419,6 @@ def make_ogbench_dataset(
     import ogbench  # noqa: F401  (registers the ids)
     from ogbench.manipspace.oracles.markov import button_markov, cube_markov, drawer_markov, window_markov
     from ogbench.manipspace.oracles.plan import button_plan, cube_plan, drawer_plan, window_plan
-
-    from common.data import ogbench_task  # here: a worker process imports this module without h5py
 
     if recipe not in OGBENCH_RECIPES:
         raise RunError(f"--recipe {recipe}: one of {', '.join(OGBENCH_RECIPES)}")
@@ -379,11 +528,22 @@ def make_ogbench_dataset(
     return dict(episodes=episodes, frames=len(arrays["actions"]), success_rate=rate)
 
 
+def add_ogbench_flags(parser: Any) -> None:
+    """The flags of OGBench's recipes in `python -m common.envs make-dataset`."""
+    recipe_help = "OGBench: task (the single-task env, oracle aimed at its goal; cube tasks), or OGBench's own noisy / "
+    recipe_help += "play data-collection recipes (episodes of --episode-steps)"
+    parser.add_argument("--recipe", default="task", choices=OGBENCH_RECIPES, help=recipe_help)
+    parser.add_argument("--p-random", type=float, default=None, help="OGBench: random-action probability (recipe's)")
+    parser.add_argument("--episode-steps", type=int, default=1001, help="OGBench noisy/play: steps an episode")
+
+
 def write_ogbench_dataset(args: Any, noise: float | str) -> None:
     """`python -m common.envs make-dataset --env ogbench:<id>`: the oracle's episodes written to `args.out` (npz)."""
-    from common import data
-
     start = time.time()
+    if args.episode_steps < 1:
+        raise SystemExit(f"--episode-steps {args.episode_steps}: out of range (≥ 1)")
+    if args.p_random is not None and not 0 <= args.p_random <= 1:
+        raise SystemExit(f"--p-random {args.p_random}: out of range ([0, 1])")
     if not args.out.endswith(".npz"):
         raise SystemExit(f"--out {args.out}: OGBench datasets are written in OGBench's npz layout; name it .npz")
     if os.path.exists(args.out):
@@ -396,8 +556,8 @@ def write_ogbench_dataset(args: Any, noise: float | str) -> None:
     except RunError as e:
         raise SystemExit(str(e)) from None
     reached = ""
-    if data.ogbench_task(args.env):  # the task's own success, from the relabelled rewards
-        reached = f", {data.load_npz(args.out, args.env, ['']).terminals.sum()} frames at the task's goal"
+    if ogbench_task(args.env):  # the task's own success, from the relabelled rewards
+        reached = f", {load_npz(args.out, args.env, ['']).terminals.sum()} frames at the task's goal"
     oracle = "" if stats["success_rate"] is None else f", oracle success {stats['success_rate']:.1%}"
     print(f"{args.episodes} episodes, {stats['frames']} steps{oracle}{reached}, {time.time() - start:.1f}s")
     print(f"-> {args.out}")

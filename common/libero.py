@@ -24,9 +24,9 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
 from common import RunError
@@ -247,15 +247,6 @@ class LiberoVecEnv:
         self.max_episode_steps = max_episode_steps or MAX_EPISODE_STEPS[suite]
         self.num_steps_wait, self.image_size = num_steps_wait, image_size
         self.action_low, self.action_high = -np.ones(7, np.float32), np.ones(7, np.float32)
-        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)
-        images = {c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.camera_names}
-        self.single_observation_space = gym.spaces.Dict(
-            {
-                "state": gym.spaces.Box(-np.inf, np.inf, (8,), np.float32),
-                "prompt_id": gym.spaces.Discrete(len(self.prompts)),
-                "images": gym.spaces.Dict(images),
-            }
-        )
         # Evaluation plays every (task, fixed init state) pair once: init state 0 of every task, then init state 1, ...
         # (so any number of episodes covers the tasks evenly); the run's env e plays pairs e, e+E, e+2E, ...
         most = max(len(states) for states in self.init_states)
@@ -277,7 +268,7 @@ class LiberoVecEnv:
         self._state = np.zeros((e, 8), np.float32)
         self._images = {c: np.zeros((e, image_size, image_size, 3), np.uint8) for c in self.camera_names}
         self.prompt_id = np.zeros(e, np.int32)
-        self.elapsed, self.episode_return = np.zeros(e, np.int64), np.zeros(e, np.float32)
+        self.elapsed = np.zeros(e, np.int64)
         self.episodes_started = np.zeros(e, np.int64)
         self._seed_rng(seed)
 
@@ -309,7 +300,7 @@ class LiberoVecEnv:
             jobs[int(e)] = (task, self.init_states[task][init], self.num_steps_wait)
         for e, out in self._pool.call("reset", jobs).items():
             self._store(e, out)
-            self.elapsed[e], self.episode_return[e] = 0, 0.0
+            self.elapsed[e] = 0
         return self._obs()
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
@@ -322,10 +313,8 @@ class LiberoVecEnv:
             _, done = self._store(i, out)
             reward[i], success[i] = float(done), done  # sparse: 1 at success (LIBERO's reward without shaping)
         self.elapsed += act
-        self.episode_return += reward
         truncated = act & ~success & (self.elapsed >= self.max_episode_steps)
         info = {"success": success, "subgoal": np.zeros(e, bool)}
-        info.update(episode_return=self.episode_return.copy(), episode_length=self.elapsed.copy())
         return self._obs(), reward, success, truncated, info
 
     def _store(self, e: int, out: tuple) -> tuple[float, bool]:
@@ -355,4 +344,34 @@ class LiberoVecEnv:
         self.close()
 
 
-make_libero_env = LiberoVecEnv  # what `envs.make_env("libero", ...)` calls
+def make_libero_env(dataset: str | None = None, **kwargs: Any) -> LiberoVecEnv:
+    """What `envs.make_env("libero", ...)` calls: a `LiberoVecEnv` rendering at `dataset`'s image size unless
+    `kwargs` give one."""
+    if dataset and "image_size" not in kwargs:
+        size = dataset_image_size(dataset)
+        if size:
+            kwargs["image_size"] = size
+    return LiberoVecEnv(**kwargs)
+
+
+def dataset_image_size(path: str) -> int | None:
+    """The image height of an HDF5 dataset's first demo, `openpi.LEROBOT_IMAGE_SIZE` for a LeRobot folder, else None."""
+    import h5py  # here: worker processes import this module without h5py
+
+    from common import data
+
+    if data.is_lerobot(path):
+        from common.openpi import LEROBOT_IMAGE_SIZE
+
+        return LEROBOT_IMAGE_SIZE
+    files = data.hdf5_files(Path(path))
+    if not files or not h5py.is_hdf5(files[0]):
+        return None
+    try:
+        with h5py.File(files[0], "r") as f:
+            demos = sorted(f.get("data", {}))
+            obs = f["data"][demos[0]].get("obs", {}) if demos else {}
+            shapes = [obs[k].shape for k in obs if obs[k].dtype == np.uint8 and obs[k].ndim == 4]
+    except OSError:  # a truncated file: `data.load_episodes` says so when it reads it
+        return None
+    return int(shapes[0][1]) if shapes else None

@@ -72,15 +72,6 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_bytes: int = 4 * 2**20) -> Any:
     )
 
 
-def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis over every device."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def check_split(mesh: Mesh, batches: dict[str, int]) -> None:
     """Refuse a global batch size ({flag: size}) that is not a multiple of the device count (equal slices)."""
     n = mesh.devices.size
@@ -104,18 +95,17 @@ def _place_local(tree: Any, sharding: NamedSharding) -> Any:
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """This host's numpy batch (the rows its envs made) placed on the mesh, split over the batch axes."""
-    return _place_local(batch, data_sharding(mesh))
+    return _place_local(batch, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
 
 
 def place_batch(batch: Any, mesh: Mesh) -> Any:
     """A global numpy batch (the same on every process) placed split over the batch axes, each process its rows."""
     rows = process_rows(len(jax.tree.leaves(batch)[0]))
-    return _place_local(jax.tree.map(lambda x: x[rows], batch), data_sharding(mesh))
+    return _place_local(jax.tree.map(lambda x: x[rows], batch), NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
 
 
 def stack_batches(batches: list[Any], mesh: Mesh) -> Any:
-    """Global numpy batches (the same on every process) stacked [U,B,...] for `scan_updates`, B split over the batch
-    axes, each process placing its own rows."""
+    """Global numpy batches (the same on every process) stacked [U,B,...] for `scan_updates`, split as `place_batch`."""
     rows = process_rows(len(jax.tree.leaves(batches[0])[0]))
     stacked = jax.tree.map(lambda *v: np.stack([x[rows] for x in v]), *batches)
     return _place_local(stacked, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
@@ -131,9 +121,8 @@ def to_host(tree: Any) -> Any:
 
 
 def host_local(fn: Callable, mesh: Mesh, keep: int = 0) -> Callable:
-    """`fn` (jitted) called by every process at once with its own rows: its numpy arguments [B_l,...] are rows of a
-    global batch, its outputs come back as this process's rows, so that `fn` sees the batch one process with all
-    the envs would. `keep`: the first `keep` outputs are global values (a train state), returned as they are."""
+    """`fn` (jitted) called by every process at once with its own numpy rows [B_l,...] of a global batch, which `fn`
+    sees whole; it returns this process's rows, and its first `keep` outputs (a train state) as they are."""
     if jax.process_count() == 1:
         return fn
     spec, rows = PartitionSpec(BATCH_AXES), lambda args: {len(x) for x in jax.tree.leaves(args) if _is_np(x)}
@@ -235,9 +224,8 @@ def map_batches(fn: Callable[[np.ndarray], Any], n: int, batch_size: int) -> Any
 
 
 def scan_updates(step: Callable[[Any, Any, jax.Array], tuple[Any, Any]], state_sharding: Any = None) -> Callable:
-    """One jitted `update(state, batches, rng)` running K updates `step(state, batch, key) -> (state, info)` in a
-    `lax.scan` over batches stacked [K,B,...] (a key split off `rng` each), returning the last state (donated) and
-    the info averaged; `state_sharding`: where the new state is placed."""
+    """One jitted `update(state, batches [K,B,...], rng)`: K `step(state, batch, key) -> (state, info)` in a `lax.scan`
+    -> the last state (donated, placed by `state_sharding`) and the mean info."""
 
     def update(state: Any, batches: Any, rng: jax.Array) -> tuple[Any, Any]:
         keys = jax.random.split(rng, jax.tree.leaves(batches)[0].shape[0])

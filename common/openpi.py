@@ -1,5 +1,6 @@
 """openpi interop: π₀ checkpoints in its layout (openpi's own and our run folders: parameters, norm stats, the config
-read off the shapes), its PaliGemma tokenizer, its and LeRobot's caches, and export back to an openpi checkpoint.
+read off the shapes), its PaliGemma tokenizer, its and LeRobot's caches, LeRobot datasets (openpi's data format), and
+export back to an openpi checkpoint.
 Imported only by runs that use one of these.
 
     python -m common.openpi SRC OUT_DIR [--asset-id ID]     # a run folder or an openpi checkpoint -> openpi layout
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import math
 import os
 import shutil
 import warnings
+from pathlib import Path
 from typing import Annotated, Any
 
 import jax
@@ -22,6 +25,7 @@ import numpy as np
 import tyro
 
 from common import RunError, pi0, runlog
+from common.data import DatasetError, EpisodeData, refuse_non_finite
 
 LIBERO_REPO = "physical-intelligence/libero"  # openpi's LIBERO data on the Hugging Face hub (LeRobot format)
 # What openpi's LIBERO configs say of their checkpoints, which store no config (training/config.py): the chunk length,
@@ -117,6 +121,134 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
             + ". Pass the flags, or point OPENPI_DATA_HOME / HF_LEROBOT_HOME at the caches"
         )
     return dataclasses.replace(args, **found)
+
+
+# ----------------------------------------------------------------------------------------------------- LeRobot data
+LEROBOT_IMAGE_SIZE = 128  # LeRobot images are read resized to this unless told (all of openpi's LIBERO at 256²: ~90 GB)
+
+
+def lerobot_tasks(meta: Path) -> dict[int, str]:
+    """{task_index: task} of a LeRobot `meta/tasks.jsonl` ({} without one)."""
+    if not meta.exists():
+        return {}
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    return {int(row["task_index"]): row["task"] for row in rows}
+
+
+def _decode_image(cell: Any, size: int | None) -> np.ndarray:
+    """A LeRobot image cell ({"bytes": PNG/JPEG, "path"}, raw bytes, or a nested [h][w][3] list) -> uint8 [h, w, 3]."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if isinstance(data, bytes | bytearray):
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if size and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, np.uint8)
+    if data is None:
+        raise ValueError("image cell without bytes (LeRobot video datasets store frames in mp4; not supported)")
+    arr = np.asarray(data, np.uint8)
+    if size and arr.shape[:2] != (size, size):
+        from PIL import Image
+
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR), np.uint8)
+    return arr
+
+
+def load_lerobot(
+    path: str | os.PathLike,
+    prompts: list[str] | None = None,
+    max_episodes: int | None = None,
+    image_keys: dict[str, str] | None = None,
+    image_size: int | None = None,
+) -> EpisodeData:
+    """A LeRobot dataset (`data/**/*.parquet`, `meta/tasks.jsonl`): columns `state`, `actions`, `episode_index`,
+    `frame_index`, `task_index` and the image columns `image_keys` maps to cameras (default openpi's LIBERO; {}:
+    none), kept upright and resized to `image_size`² when given. Rewards and terminations from `next.reward` /
+    `next.done`, else a demo's last frame is a success (as LIBERO's HDF5 demos). Prompts: `prompts`, then the
+    tasks not in it (without `prompts`, prompt_id = task_index)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError('load_lerobot needs pyarrow: pip install -e ".[libero]"') from err
+    root = Path(path)
+    data = root / "data" if (root / "data").is_dir() else root  # meta/ may hold parquet files too (LeRobot v3)
+    files = sorted(data.glob("**/*.parquet")) if root.is_dir() else [root]
+    if not files or not files[0].exists():
+        raise DatasetError(f"{root}: no parquet files (expected a LeRobot dataset folder with data/**/*.parquet)")
+    meta = root / "meta" / "tasks.jsonl"  # or the first parent's: meta/ may sit above the folder given
+    for parent in [root, *root.parents][:4]:
+        if (parent / "meta" / "tasks.jsonl").exists():
+            meta = parent / "meta" / "tasks.jsonl"
+            break
+    task_text = lerobot_tasks(meta)
+    image_keys = {"image": "base_0_rgb", "wrist_image": "left_wrist_0_rgb"} if image_keys is None else image_keys
+    prompts = list(prompts or [])
+    prompts += [task_text[t] for t in sorted(task_text) if task_text[t] not in prompts]  # task_index order
+    cols: dict[str, list] = {}
+    episodes_seen: list[int] = []
+    for f in files:
+        table = pq.read_table(f)
+        names = set(table.column_names)
+        need = {"state", "actions", "episode_index"} | set(image_keys)
+        if need - names:
+            raise DatasetError(f"{f}: missing columns {sorted(need - names)}; it has {sorted(names)}")
+        ep = table.column("episode_index").to_numpy()
+        keep = np.ones(len(ep), bool)
+        if max_episodes is not None:
+            new = [int(x) for x in dict.fromkeys(ep.tolist()) if int(x) not in episodes_seen]
+            allowed = set(episodes_seen) | set(new[: max(0, max_episodes - len(episodes_seen))])
+            keep = np.isin(ep, list(allowed))
+            if not keep.any():
+                break
+        episodes_seen += [int(x) for x in dict.fromkeys(ep[keep].tolist()) if int(x) not in episodes_seen]
+        for name in need | ({"frame_index", "task_index", "next.reward", "next.done"} & names):
+            values = table.column(name).to_pylist()
+            cols.setdefault(name, []).extend(v for v, k in zip(values, keep, strict=True) if k)
+    if not cols:
+        raise DatasetError(f"{root}: no frames read")
+    ep = np.asarray(cols["episode_index"], np.int64)
+    frame = np.asarray(cols.get("frame_index", np.arange(len(ep))), np.int64)
+    order = np.lexsort((frame, ep))  # group by episode, frames in time order
+    ep = ep[order]
+    starts = np.flatnonzero(np.r_[True, ep[1:] != ep[:-1]])
+    lengths = np.diff(np.r_[starts, len(ep)])
+    n = len(ep)
+    task_idx = np.asarray(cols.get("task_index", np.zeros(n)), np.int64)[order]
+    prompt_id = np.zeros(n, np.int32)
+    for t in np.unique(task_idx):
+        text = task_text.get(int(t), f"task {int(t)}")
+        if text not in prompts:
+            prompts.append(text)
+        prompt_id[task_idx == t] = prompts.index(text)
+    last = np.zeros(n, bool)
+    last[starts + lengths - 1] = True
+    if "next.reward" in cols:
+        rewards = np.asarray(cols["next.reward"], np.float32)[order]
+    else:
+        rewards = last.astype(np.float32)
+    terminals = np.asarray(cols["next.done"], bool)[order] if "next.done" in cols else last
+    obs = {
+        "state": np.asarray([cols["state"][i] for i in order], np.float32).reshape(n, -1),
+        "prompt_id": prompt_id,
+        "images": {
+            cam: np.stack([_decode_image(cols[key][i], image_size) for i in order]) for key, cam in image_keys.items()
+        },
+    }
+    actions = np.asarray([cols["actions"][i] for i in order], np.float32).reshape(n, -1)
+    data = EpisodeData(
+        obs=obs,
+        actions=actions,
+        rewards=rewards,
+        terminals=terminals,
+        subgoal=np.zeros(n, bool),
+        episode_starts=starts.astype(np.int64),
+        episode_lengths=lengths.astype(np.int64),
+        truncated=np.zeros(len(starts), bool),
+        prompts=prompts,
+    )
+    refuse_non_finite(path, data)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -335,6 +467,22 @@ def fit_stats(checkpoint: str, cfg: pi0.Pi0Config, stats: dict[str, Any], env: A
     return out
 
 
+def start_from(checkpoint: str, env: Any, env_name: str, preset: str, horizon: int, asset_id: str | None) -> tuple:
+    """(π₀ parameters, config, norm stats fitted to `env` (`fit_stats`), delta dims) of a --pi0-checkpoint: what a
+    run folder's shapes leave open comes from the `preset` and the env, whose cameras π₀ reads where it has any."""
+    cams = tuple(env.camera_names)
+    rc = dict(max_token_len=pi0.PRESETS[preset].max_token_len, state_dim=env.state_dim, cameras=cams)
+    params, cfg, stats = load_pi0(checkpoint, horizon, asset_id=asset_id, run_config=rc)
+    cfg = dataclasses.replace(cfg, cameras=cams or cfg.cameras)
+    stats = fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
+    delta = 0
+    if env_name == "libero":  # openpi's pi0_libero predicts its first 6 action dims relative to the state
+        from common import libero
+
+        delta = libero.openpi_delta_dims(stats)
+    return params, cfg, stats, delta
+
+
 # ----------------------------------------------------------------------------------------------------- tokenizer
 class PaligemmaTokenizer:
     """The PaliGemma SentencePiece model with openpi's prompt formats, padded to `max_len` with a mask. π₀: BOS +
@@ -378,8 +526,8 @@ class PaligemmaTokenizer:
     def state_bins(self) -> tuple[list[list[int]], list[list[int]]]:
         """([ids of " <b>" as a middle dim], [ids of " <b>;\\nAction: " as the last dim]), indexed by b + 1 for b in
         [-1, 255]: the same for every prompt."""
-        mid = [self._after("State:", f" {b}") for b in pi0._bin_values()]
-        return mid, [self._after("State:", f" {b};\nAction: ") for b in pi0._bin_values()]
+        mid = [self._after("State:", f" {b}") for b in pi0.BIN_VALUES]
+        return mid, [self._after("State:", f" {b};\nAction: ") for b in pi0.BIN_VALUES]
 
 
 # ----------------------------------------------------------------------------------------------------- export

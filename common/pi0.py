@@ -97,11 +97,11 @@ class Pi0Config:
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
-def remat(block: type[nn.Module], policy: str, **kwargs: Any) -> type[nn.Module]:
+def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
     """`block` rematerialised under the named `jax.checkpoint_policies` policy ("none": `block` itself)."""
     if policy == "none":
         return block
-    return nn.remat(block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, policy), **kwargs)
+    return nn.remat(block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, policy))
 
 
 _GEMMA_2B = GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256)
@@ -505,8 +505,9 @@ class Pi0Module(nn.Module):
         out = out[:, -H:]
         return self.action_out_proj(out).astype(jnp.float32), out  # [B·N,H,A], action-expert outputs [B·N,H,W]
 
-    def joint(self, obs: Observation, x_t, time):
-        """openpi's training pass: prefix and suffix in one sequence. -> v_t [B,H,A], prefix_out [B,P,W]."""
+    def __call__(self, obs: Observation, x_t, time):
+        """openpi's training pass, prefix and suffix in one sequence (init runs it: it touches every parameter).
+        -> v_t [B,H,A], prefix_out [B,P,W]."""
         p_tokens, p_mask = self.embed_prefix(obs)
         s_tokens, s_ar, cond = self.embed_suffix(obs.state, x_t, time)
         s_mask = jnp.ones(s_tokens.shape[:2], bool)
@@ -515,9 +516,6 @@ class Pi0Module(nn.Module):
         positions = jnp.cumsum(mask, axis=1) - 1
         (p_out, s_out), _ = self.PaliGemma.llm([p_tokens, s_tokens], positions, make_attn_mask(mask, ar), [None, cond])
         return self.action_out_proj(s_out[:, -x_t.shape[1] :]).astype(jnp.float32), p_out
-
-    def __call__(self, obs: Observation, x_t, time):  # used by init: touches every parameter
-        return self.joint(obs, x_t, time)
 
 
 # ----------------------------------------------------------------------------------------------------------- API
@@ -563,10 +561,6 @@ class Pi0:
         )
         return v.reshape(B, N, H, A), out.reshape(B, N, H, -1)
 
-    def joint(self, params: Params, obs: Observation, x_t: jax.Array, time: jax.Array):
-        """openpi's single joint prefix+suffix pass. -> v_t [B,H,A], prefix_out [B,P,W]."""
-        return self.module.apply({"params": params}, obs, x_t, time, method=Pi0Module.joint)
-
     def flow_loss(
         self,
         params: Params,
@@ -574,15 +568,12 @@ class Pi0:
         actions: jax.Array,
         rng: jax.Array,
         *,
-        freeze_backbone: bool = False,
         noise: jax.Array | None = None,
         time: jax.Array | None = None,
     ):
         """Flow-matching loss per step, [B,H] (openpi): t ~ Beta(1.5,1)·0.999+0.001, x_t = t·ε + (1−t)·a, target ε − a.
-        A Prefix reuses a VLM pass; `freeze_backbone` stops gradients at the prefix (no VLM backward pass)."""
+        A Prefix reuses a VLM pass (a stopped one: a frozen backbone, no VLM backward pass)."""
         prefix = obs_or_prefix if isinstance(obs_or_prefix, Prefix) else self.prefix(params, obs_or_prefix)
-        if freeze_backbone:
-            prefix = jax.lax.stop_gradient(prefix)
         k_noise, k_time = jax.random.split(rng)
         B = actions.shape[0]
         noise = jax.random.normal(k_noise, actions.shape) if noise is None else noise
@@ -614,9 +605,8 @@ class Pi0:
     def sample_scored(
         self, params: Params, prefix: Prefix, rng: jax.Array, n: int, steps: int, score: Callable, slice_: int = 0
     ) -> tuple[jax.Array, Any]:
-        """`sample_n` in slices of `slice_` candidates (0: all at once) under `lax.map`, each scored when sampled
-        (`score`: chunks [B,S,H,A] -> a pytree of [B,S,...]) so that memory holds one slice -> chunks [B,n,H,A],
-        scores [B,n,...]. Slice i's noise comes from split(rng)[i]."""
+        """`sample_n` in slices of `slice_` candidates (0: all at once) under `lax.map`, each slice scored (`score`:
+        [B,S,H,A] -> pytree of [B,S,...]) when sampled, so memory holds one -> chunks [B,n,H,A], scores [B,n,...]."""
         S = slice_ or n
 
         def part(key):
@@ -654,8 +644,9 @@ class Pi0:
         log_n = -0.5 * (noise**2).sum((-2, -1)) - 0.5 * H * A * math.log(2 * math.pi)
         return x, log_n + tr_sum / steps
 
-    def backbone_mask(self, params: Params) -> Params:
-        """True for the VLM's parameters (SigLIP, embedder, expert 0): the ones a frozen backbone leaves alone."""
+    def optimizer_labels(self, params: Params, label: str, freeze_backbone: bool) -> Params:
+        """`label` on every parameter; with `freeze_backbone` "frozen" on the VLM's (SigLIP, embedder, expert 0), for
+        `optax.multi_transform`."""
 
         def is_backbone(path) -> bool:
             keys = [getattr(p, "key", str(p)) for p in path]
@@ -665,28 +656,12 @@ class Pi0:
                 return True
             return not any(re.search(r"_1$", k) for k in keys[2:])
 
-        return jax.tree_util.tree_map_with_path(lambda p, _: is_backbone(p), params)
-
-    def optimizer_labels(self, params: Params, label: str, freeze_backbone: bool) -> Params:
-        """`label` on every parameter, "frozen" on the VLM's when `freeze_backbone` (for `optax.multi_transform`)."""
-        frozen = self.backbone_mask(params)
-        return jax.tree.map(lambda f: "frozen" if f and freeze_backbone else label, frozen)
+        frozen = lambda path, _: "frozen" if freeze_backbone and is_backbone(path) else label
+        return jax.tree_util.tree_map_with_path(frozen, params)
 
 
 def param_count(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-class HeadMLP(nn.Module):
-    """Dense → LayerNorm → GELU blocks, scalar out: the critics and value heads the scripts put on π₀'s features."""
-
-    hidden: tuple[int, ...]
-
-    @nn.compact
-    def __call__(self, x):
-        for h in self.hidden:
-            x = nn.gelu(nn.LayerNorm()(nn.Dense(h)(x)))
-        return nn.Dense(1)(x)[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
@@ -711,12 +686,10 @@ def normalize(x: jax.Array, stats: dict[str, Any] | None, quantile: bool = False
     if stats is None:
         return x
     d = len(stats["mean"])
-    lo, hi = (stats["q01"], stats["q99"]) if quantile else (None, None)
-    head = (
-        (x[..., :d] - lo) / (hi - lo + 1e-6) * 2.0 - 1.0
-        if quantile
-        else (x[..., :d] - stats["mean"]) / (stats["std"] + 1e-6)
-    )
+    if quantile:
+        head = (x[..., :d] - stats["q01"]) / (stats["q99"] - stats["q01"] + 1e-6) * 2.0 - 1.0
+    else:
+        head = (x[..., :d] - stats["mean"]) / (stats["std"] + 1e-6)
     return jnp.concatenate([head, x[..., d:]], axis=-1) if x.shape[-1] > d else head
 
 
@@ -732,6 +705,7 @@ def unnormalize(x: jax.Array, stats: dict[str, Any] | None, quantile: bool = Fal
 
 
 STATE_BINS = 256  # openpi's π₀.₅ discretises each normalised state dim into 256 bins over [-1, 1]
+BIN_VALUES = range(-1, STATE_BINS)  # np.digitize writes -1 for a state below -1
 
 
 def discretize_state(state: jax.Array) -> jax.Array:
@@ -806,11 +780,9 @@ def make_observation(
 
 
 class EnvIO:
-    """Between an env and π₀: observations to π₀ inputs, action chunks from env units [..., A] to π₀'s normalised,
-    zero-padded [..., A_m], and back. `quantile`: openpi's quantile normalisation (π₀.₅) instead of mean/std;
-    `delta`: the first `delta` action dims are predicted relative to the state (openpi's pi0_libero). `horizon`: the
-    executed chunk H (default π₀'s whole chunk H_m); the rest of each sampled chunk is discarded, as openpi's
-    `replan_steps`, and data chunks are zero-padded to H_m with zero weight there (`step_weights`)."""
+    """Between an env and π₀: observations to π₀ inputs, chunks from env units [..., H, A] to π₀'s normalised,
+    zero-padded [..., H_m, A_m] and back (`quantile`: π₀.₅'s normalisation; `delta`: dims relative to the state, as
+    openpi's pi0_libero). `horizon` H of π₀'s H_m steps are executed, the rest discarded (openpi's `replan_steps`)."""
 
     def __init__(
         self,
@@ -838,7 +810,7 @@ class EnvIO:
 
     def to_model(self, actions: jax.Array, state: jax.Array | None = None) -> jax.Array:
         """Env-unit chunks [..., H, A] -> normalised, zero-padded [..., H_m, A_m], relative to `state` when given."""
-        off = 0.0 if state is None else self.state_offset(state)
+        off = 0.0 if state is None else state_offset(state, self.action_dim, self.delta)
         a = normalize(actions - off, self.stats["actions"], self.quantile)
         pad_t = self.config.action_horizon - a.shape[-2]  # executed chunks [.., H, A]: discarded steps are 0
         return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad_t), (0, self.config.action_dim - a.shape[-1])])
@@ -846,7 +818,7 @@ class EnvIO:
     def to_env(self, actions: jax.Array, state: jax.Array) -> jax.Array:
         """π₀'s chunk [B,H_m,A_m] -> the executed part in env units [B,H,A], the state [B,S] added on the delta dims."""
         a = unnormalize(self.executed(actions), self.stats["actions"], self.quantile)
-        return a + self.state_offset(state)
+        return a + state_offset(state, self.action_dim, self.delta)
 
     def executed(self, chunks: jax.Array) -> jax.Array:
         """The part of π₀'s (normalised) chunks [..., H_m, A_m] that reaches the env: [..., H, A] (critics read it)."""
@@ -860,10 +832,6 @@ class EnvIO:
         """[H_m, A_m] float: 1 on the executed steps' env dims, 0 on discarded steps and padded dims."""
         h, a = jnp.arange(self.config.action_horizon)[:, None], jnp.arange(self.config.action_dim)[None]
         return ((h < self.horizon) & (a < self.action_dim)).astype(jnp.float32)
-
-    def state_offset(self, state: jax.Array) -> jax.Array | float:
-        """[B,S] -> [B,1,A]: the state on the delta dims, zero elsewhere (0.0 without delta dims)."""
-        return state_offset(state, self.action_dim, self.delta)
 
 
 def sample_env_actions(model: Pi0, io: EnvIO, params: Params, obs: dict, rng: jax.Array, steps: int, noise_scale=1.0):
@@ -893,10 +861,6 @@ def _pad(ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.zeros(max_len, np.int32)
     tokens[: len(ids)] = ids
     return tokens, np.arange(max_len) < len(ids)
-
-
-def _bin_values() -> range:
-    return range(-1, STATE_BINS)  # np.digitize writes -1 for a state below -1
 
 
 def _digitize(state: np.ndarray) -> np.ndarray:
@@ -948,8 +912,8 @@ class BuiltinTokenizer:
         return [1, *self._words(prompt), 2]
 
     def state_bins(self) -> tuple[list[list[int]], list[list[int]]]:
-        mid = [self._number(b, self.number_ids[" "]) for b in _bin_values()]
-        return mid, [self._number(b, 2) for b in _bin_values()]
+        mid = [self._number(b, self.number_ids[" "]) for b in BIN_VALUES]
+        return mid, [self._number(b, 2) for b in BIN_VALUES]
 
 
 def make_tokenizer(path: str | None, config: Pi0Config) -> Any:
@@ -969,8 +933,7 @@ def make_prompt_table(prompts: Sequence[str], tokenizer, state_in_prompt: bool =
         return PromptTable(tokens=jnp.asarray(np.stack(toks)), mask=jnp.asarray(np.stack(masks)))
     toks, masks = [], []
     mid, last = tokenizer.state_bins()
-    probe = np.linspace(-1, 1, STATE_BINS + 1)[:-1] + 1e-3  # one value in every bin, then below -1 (bin -1)
-    probe = np.concatenate([probe, [-1.5]])
+    probe = np.append(np.linspace(-1, 1, STATE_BINS + 1)[:-1] + 1e-3, -1.5)  # a value in every bin, then bin -1
     for p in prompts:
         prefix = tokenizer.state_prefix(p)
         for end in (-1.5, 0.3, 1.0):  # the last dim: below the range, inside, and the top bin

@@ -244,49 +244,36 @@ def _located(args: Any, data_with_checkpoint: str) -> Any:
 
 
 class Run:
-    """One run's folder (module docstring); `resume=True` reopens it and `restore()` returns its last checkpoint. Until
+    """One run's folder (module docstring); --resume reopens it and `restore()` returns its last checkpoint. Until
     `close()` the first SIGINT or SIGTERM sets `stopping`: the next `save` then exits with status 0 and prints the
     resume command; a second signal acts as usual. On several processes every process saves and restores the orbax
     checkpoint (a collective) and its own host file; process 0 alone writes args.json, metrics and progress lines."""
 
-    def __init__(
-        self,
-        args: Any,
-        script: str,
-        *,
-        name: str,
-        env: str,
-        seed: int,
-        run_dir: str | None = None,
-        resume: bool = False,
-        track: bool = False,
-        wandb_project: str = "pi0-rl",
-        keep: int = 2,
-    ):
-        self.script, self.resume, self.is_main = script, resume, jax.process_index() == 0
+    def __init__(self, args: RunArgs, script: str, keep: int = 2):
+        self.script, self.resume, self.is_main = script, args.resume, jax.process_index() == 0
+        name, run_dir = args.exp_name or script, args.run_dir  # named --exp-name, or the script's name
         if run_dir is None:  # a new folder of its own, even for two runs started in the same second
-            base = os.path.join(
-                "runs", f"{env.replace(':', '_').replace('/', '_')}__{name}__{seed}__{int(time.time())}"
-            )
+            env = args.env.replace(":", "_").replace("/", "_")
+            base = os.path.join("runs", f"{env}__{name}__{args.seed}__{int(time.time())}")
             run_dir = next(d for i in range(1000) if not os.path.exists(d := base + (f"_{i}" if i else "")))
             run_dir = mesh.agreed(run_dir)  # process 0's clock and folders: one folder for all
         self.dir = os.path.abspath(run_dir)
-        if not resume and os.path.isdir(self.dir) and os.listdir(self.dir):
+        if not self.resume and os.path.isdir(self.dir) and os.listdir(self.dir):
             raise RunError(f"--run-dir {run_dir} is not empty: continue it with --resume, or pick a new folder")
         mesh.barrier("run folder checked")  # by every process, before process 0 writes into it
         os.makedirs(self.dir, exist_ok=True)
-        if self.is_main and not resume:
+        if self.is_main and not self.resume:
             text = json.dumps({**dataclasses.asdict(args), "_script": script}, indent=2, default=str)
             atomic_write(os.path.join(self.dir, "args.json"), text.encode())
         self._metrics = None  # opened at the first log (after `restore` truncated it)
         self._wandb = None
-        if track and self.is_main:
+        if args.track and self.is_main:
             try:
                 import wandb
             except ImportError as e:
                 raise RunError("--track needs wandb: pip install wandb") from e
             self._wandb = wandb.init(
-                project=wandb_project,
+                project=args.wandb_project,
                 name=os.path.basename(self.dir),
                 group=name,
                 dir=self.dir,
@@ -313,12 +300,6 @@ class Run:
         with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._handlers[sig] = signal.signal(sig, self._on_signal)
-
-    @classmethod
-    def from_args(cls, args: RunArgs, script: str) -> Run:
-        """The run of a script's Args (its run block): named --exp-name, or the script's name."""
-        keys = ("env", "seed", "run_dir", "resume", "track", "wandb_project")
-        return cls(args, script, name=args.exp_name or script, **{k: getattr(args, k) for k in keys})
 
     @property
     def resume_command(self) -> str:
@@ -355,10 +336,11 @@ class Run:
             self._wandb.log(row, step=int(step))
 
     def report(self, step: int, metrics: dict, phase: str, total: int, start: tuple[int, float], show: tuple) -> None:
-        """`log` the metrics with the phase's rate since `start` = (step, time) and print a progress line with the
-        `show` metrics; a loss (losses/*) that is NaN or inf stops the run (RunError)."""
+        """`log` the metrics with the phase's rate since `start` = (step, time) and print a progress line (process 0)
+        with the ETA and the `show` metrics; a loss (losses/*) that is NaN or inf stops the run (RunError)."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics[f"time/{phase}_steps_per_s"] = (step - start[0]) / max(time.time() - start[1], 1e-9)
+        rate = (step - start[0]) / max(time.time() - start[1], 1e-9)
+        metrics[f"time/{phase}_steps_per_s"] = rate
         self.log(step, metrics)
         bad = {k: v for k, v in metrics.items() if k.startswith("losses/") and not np.isfinite(v)}
         if bad:
@@ -367,16 +349,10 @@ class Run:
                 f"{phase} step {step}: {what}, the run stopped; {self._last_good()}. Lower the learning "
                 "rate or check the data, then start a new run (--pi0-checkpoint can start from it)"
             )
-        self.progress(step, total, phase, *start, **{k.split("/")[-1]: metrics[k] for k in show if k in metrics})
-
-    def progress(self, step: int, total: int, phase: str, start_step: int, start_time: float, **shown: float) -> None:
-        """A progress line with steps/s, ETA and the `shown` scalars (process 0 alone)."""
-        if not self.is_main:
-            return
-        rate = (step - start_step) / max(time.time() - start_time, 1e-9)
-        eta = (total - step) / max(rate, 1e-9)
-        extra = "  ".join(f"{k}={float(v):.3g}" for k, v in shown.items())
-        print(f"[{phase}] step {step}/{total}  {rate:.1f} steps/s  ETA {eta / 60:.1f} min  {extra}", flush=True)
+        if self.is_main:
+            eta = (total - step) / max(rate, 1e-9)
+            shown = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in show if k in metrics)
+            print(f"[{phase}] step {step}/{total}  {rate:.1f} steps/s  ETA {eta / 60:.1f} min  {shown}", flush=True)
 
     def _failed(self, message: str) -> RunError:
         """The RunError that ends the run, after closing it (signal handlers given back, files closed)."""
@@ -390,9 +366,8 @@ class Run:
         return f"the last good checkpoint is step {self.saved_step} in {self.dir}/checkpoints"
 
     def save(self, step: int, state: Any, extra: dict[str, Any], host: dict[str, Any] | None = None) -> None:
-        """Checkpoint `step`: the `host` arrays (nested dicts of numpy arrays, per process), then an orbax checkpoint
-        of the train `state` with the JSON `extra`; at the step last saved, the host file only. A state with NaN or
-        inf is not saved (RunError). When `stopping`, the run is closed and the process exits with status 0."""
+        """Checkpoint `step`: this process's `host` arrays, then the orbax `state` and JSON `extra` (at the step last
+        saved: the host file only); NaN or inf is not saved (RunError); when `stopping`, exit with status 0."""
         ocp, new = self._ocp, step != self.saved_step
         if new and not _all_finite(state):
             raise self._failed(f"step {step}: the train state holds NaN or inf and was not saved; {self._last_good()}")
@@ -401,10 +376,11 @@ class Run:
             if (free := shutil.disk_usage(self.dir).free) < 1.1 * need + 2**20:
                 raise OSError(errno.ENOSPC, f"{need / 2**30:.2f} GiB to write, {free / 2**30:.2f} GiB free")
             if host is not None:
-                atomic_write(self._host_file(step), lambda f: np.savez(f, **_flatten(host)))
+                atomic_write(self._file(f"host/{step}"), lambda f: np.savez(f, **_flatten(host)))
             if new:  # a failed write is reported below, once, not again by orbax's and tensorstore's threads
                 restore = _quiet_stragglers()
-                extra = _jsonable({**extra, "_host": host is not None})
+                extra = {**extra, "_host": host is not None}
+                extra = json.loads(json.dumps(extra, default=lambda x: np.asarray(x).tolist()))  # numpy, jax: lists
                 items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
                 self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
                 self._mgr.wait_until_finished()
@@ -423,7 +399,7 @@ class Run:
 
     def kept(self, name: str) -> dict[str, np.ndarray] | None:
         """The arrays `keep` wrote under `name` in this run folder (this process's), or None before it did."""
-        path = os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz")
+        path = self._file(name)
         if not os.path.exists(path):
             return None
         with np.load(path) as z:
@@ -432,11 +408,12 @@ class Run:
     def keep(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Write `arrays` once for the run (per process) and return them: a cache computed from a train state that
         moves on, for a resumed run to read back (`kept`) what the uninterrupted one used."""
-        atomic_write(os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz"), lambda f: np.savez(f, **arrays))
+        atomic_write(self._file(name), lambda f: np.savez(f, **arrays))
         return arrays
 
-    def _host_file(self, step: int) -> str:
-        return os.path.join(self.dir, "host", f"{step}.p{jax.process_index()}.npz")
+    def _file(self, name: str) -> str:
+        """This process's file `name` in the run folder (each process writes its own)."""
+        return os.path.join(self.dir, f"{name}.p{jax.process_index()}.npz")
 
     def _prune_host(self, step: int) -> None:
         """Drop this process's host files of steps orbax no longer keeps, and a killed write's temporary file."""
@@ -468,18 +445,16 @@ class Run:
                 f"{where} does not fit this script's train state ({_reason(e)}); was it written by another "
                 "version of the script? Start a new run (--pi0-checkpoint can start from it)"
             ) from e
-        host, file = {}, self._host_file(step)
+        host, file = {}, self._file(f"host/{step}")
         if out["extra"].get("_host"):  # this step was saved with host arrays: they must be there
             try:
                 with np.load(file) as z:
                     host = _unflatten({k: z[k] for k in z.files})
             except Exception as e:
                 earlier = [s for s in self._mgr.all_steps() if s < step]
-                fix = (
-                    f"move {where} out of the run folder to resume from step {max(earlier)}"
-                    if earlier
-                    else ("start a new run")
-                )
+                fix = "start a new run"
+                if earlier:
+                    fix = f"move {where} out of the run folder to resume from step {max(earlier)}"
                 raise self._failed(
                     f"{file}: {_reason(e)}; the replay buffer and env state of step {step} are lost: {fix}"
                 ) from e
@@ -689,18 +664,14 @@ def make_policy(
     remat: str | None = None,
     resume_dir: str | None = None,
 ) -> Policy:
-    """The π₀ a run starts from: `checkpoint` (`openpi.load_pi0`, with its norm stats) or the `preset` sized to `env`,
-    initialised from `rng`, with `data_stats`; `prompts` tokenised once; chunks of `model_horizon` (0:
-    `action_horizon`) of which `action_horizon` are executed. `resume_dir`: the run being resumed, whose norm stats
-    win. A checkpoint whose dimensions do not fit `env` is refused here."""
-    cams = tuple(env.camera_names)
+    """The π₀ a run starts from: `checkpoint` (`openpi.start_from`) or the `preset` sized to `env` with `data_stats`;
+    chunks of `model_horizon` (0: `action_horizon`) of which `action_horizon` are executed; `resume_dir`'s stats win."""
     H_m = model_horizon or action_horizon
-    if checkpoint:  # what a run folder's shapes leave open comes from the preset and the env
+    delta = 0
+    if checkpoint:
         from common import openpi
 
-        rc = dict(max_token_len=pi0.PRESETS[preset].max_token_len, state_dim=env.state_dim, cameras=cams)
-        params, cfg, stats = openpi.load_pi0(checkpoint, H_m, asset_id=asset_id, run_config=rc)
-        cfg = dataclasses.replace(cfg, cameras=cams or cfg.cameras)  # the env's cameras, where it has any
+        params, cfg, stats, delta = openpi.start_from(checkpoint, env, env_name, preset, H_m, asset_id)
     else:
         if data_stats is None:
             raise RunError(
@@ -708,12 +679,11 @@ def make_policy(
                 "from it) or --pi0-checkpoint"
             )
         params, stats = None, data_stats
-        shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m, cameras=cams)
-        cfg = pi0.make_config(preset, **shape)
-    if resume_dir and (saved := latest_extra(resume_dir)) is not None:
+        shape = dict(action_dim=env.action_dim, state_dim=env.state_dim, action_horizon=H_m)
+        cfg = pi0.make_config(preset, cameras=tuple(env.camera_names), **shape)
+    saved = latest_extra(resume_dir) if resume_dir else None
+    if saved is not None:  # a resumed run's own norm stats
         stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in saved["norm_stats"].items()}
-    if checkpoint:
-        stats = openpi.fit_stats(checkpoint, cfg, stats, env, os.path.isdir(os.path.join(checkpoint, "checkpoints")))
     if discrete_state is not None:
         if not cfg.pi05:
             raise RunError(
@@ -726,11 +696,6 @@ def make_policy(
         how = "written into the prompt (256 bins, assembled in jit)" if cfg.state_in_prompt else "not in the prompt"
         print(f"π₀.₅: the state is {how}; prompts of {cfg.max_token_len} tokens (--discrete-state to change)")
     table = pi0.make_prompt_table(prompts, pi0.make_tokenizer(tokenizer, cfg), cfg.state_in_prompt)
-    delta = 0
-    if checkpoint and env_name == "libero":
-        from common import libero
-
-        delta = libero.openpi_delta_dims(stats)
     io = pi0.EnvIO(cfg, table, stats, env.action_dim, delta, quantile=cfg.pi05, horizon=action_horizon)
     model = pi0.Pi0(cfg)
     return Policy(model, model.init(rng) if params is None else params, io, stats)
@@ -748,15 +713,3 @@ def latest_extra(run_dir: str) -> dict[str, Any] | None:
         return (
             None if step is None else mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
         )
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray | jax.Array):
-        return np.asarray(x).tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x

@@ -45,7 +45,8 @@ def parity(fixture_dir: str) -> dict[str, float]:
         tokens=jnp.asarray(ref["obs/tokenized_prompt"]),
         token_mask=jnp.asarray(ref["obs/tokenized_prompt_mask"]),
     )
-    v_t, prefix_out = jax.jit(model.joint)(params, obs, jnp.asarray(ref["x_t"]), jnp.asarray(ref["time"]))
+    joint = jax.jit(lambda p, *a: model.module.apply({"params": p}, *a))  # openpi's training pass: prefix + suffix
+    v_t, prefix_out = joint(params, obs, jnp.asarray(ref["x_t"]), jnp.asarray(ref["time"]))
     loss = jax.jit(model.flow_loss)(
         params,
         obs,

@@ -164,7 +164,7 @@ def test_critic_batches_from_the_cache(tmp_path):
     offline = data.make_chunks(episodes, 5, 0.99)
     obs = env.reset(seed=0)[0]
     buffer = data.ReplayBuffer(16, 5, 0.99)
-    run = runlog.Run.from_args(dataclasses.replace(args, run_dir=str(tmp_path / "run")), "acrlpd_pi0")
+    run = runlog.Run(dataclasses.replace(args, run_dir=str(tmp_path / "run")), "acrlpd_pi0")
     sample = ac.online_batches(nets, args, params["params"], offline, buffer, run, jax.random.key(0), bs=64)
     n = len(offline)
     rows = sample(np.random.default_rng(0), n)  # an empty buffer: every row from the prior data
@@ -186,7 +186,7 @@ def test_critic_batches_from_the_cache(tmp_path):
     _, step = envs.execute_chunk(env, obs, np.zeros((2, 5, 2), np.float32), 0.99)
     extras = {"obs_z": np.full((2, 74), 7.0), "chunk": np.full((2, 5, 2), 7.0)}
     extras.update(next_obs_z=np.full((2, 74), 8.0), next_cand=np.full((2, 2, 5, 2), 8.0))
-    buffer.add(obs, np.zeros((2, 5, 2), np.float32), step, extras=extras)
+    buffer.add(step, extras)
     b = sample(np.random.default_rng(0), 10)
     assert (b["obs_z"][5:] == 7).all() and (b["next_cand"][5:] == 8).all() and (b["chunk"][5:] == 7).all()
     assert (b["n_valid"][5:] == 5).all()

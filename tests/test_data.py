@@ -13,22 +13,20 @@ import pytest
 
 from common import envs, runlog
 from common.data import (
-    LEROBOT_IMAGE_SIZE,
     DatasetError,
     ReplayBuffer,
-    compute_norm_stats,
-    dataset_image_size,
     gather_obs,
     is_lerobot,
     is_minari,
     load_dataset,
     load_episodes,
-    load_lerobot,
-    load_npz,
     make_chunks,
     norm_stats,
 )
 from common.envs import PUSH_PROMPTS, ChunkStep, make_dataset
+from common.gymenv import load_npz
+from common.libero import dataset_image_size
+from common.openpi import LEROBOT_IMAGE_SIZE, load_lerobot
 
 G = 0.9
 
@@ -129,11 +127,12 @@ def test_termination_mid_episode_invalidates_later_steps(tmp_path) -> None:
     assert c.valid[0].tolist() == [True, True, False, False] and c.discounted_return[0] == pytest.approx(G)
 
 
-def test_sample_shapes_and_all_indices(chunks) -> None:
+def test_sample_shapes(chunks) -> None:
     b = chunks.sample(np.random.default_rng(0), 64)
     assert b["actions"].shape == (64, 3, 2) and b["obs"]["state"].shape == (64, 2) and b["valid"].shape == (64, 3)
     np.testing.assert_array_equal(b["actions"][:, 0], b["obs"]["state"])  # actions belong to their observation
-    assert sum(len(i) for i in chunks.all_indices(4)) == len(chunks)
+    only = chunks.sample(np.random.default_rng(0), 8, ("actions", "mask"))  # what is not asked for is not gathered
+    assert set(only) == {"actions", "mask"} and only["actions"].shape == (8, 3, 2)
 
 
 def test_push_round_trip(tmp_path) -> None:
@@ -151,8 +150,7 @@ def test_push_round_trip(tmp_path) -> None:
     ends = data.episode_starts + data.episode_lengths - 1
     assert data.terminals.sum() == data.terminals[ends].sum() == (~data.truncated).sum()
     assert (data.episode_lengths[data.truncated] == 80).all() and data.truncated.any() and (~data.truncated).any()
-    first3 = load_episodes(tmp_path, max_episodes=3)  # the writer's prompt order is kept without `prompts`
-    assert first3.episode_lengths.tolist() == data.episode_lengths[:3].tolist() and first3.prompts == PUSH_PROMPTS
+    assert load_episodes(tmp_path).prompts == PUSH_PROMPTS  # the writer's prompt order is kept without `prompts`
 
 
 def test_libero_layout(tmp_path) -> None:
@@ -174,8 +172,6 @@ def test_libero_layout(tmp_path) -> None:
     np.testing.assert_array_equal(data.obs["state"][0], [1, 1, 1, 2, 2, 2, 0, 0])
     np.testing.assert_array_equal(data.obs["images"]["base_0_rgb"], img[:, ::-1, ::-1])
     np.testing.assert_array_equal(data.obs["images"]["left_wrist_0_rgb"], (img + 1)[:, ::-1, ::-1])
-    assert list(load_episodes(tmp_path, image_keys=["base_0_rgb"]).obs["images"]) == ["base_0_rgb"]
-    assert load_episodes(tmp_path, image_keys=[]).obs["images"] == {}
 
 
 def test_bad_inputs(tmp_path) -> None:
@@ -194,8 +190,8 @@ def test_bad_inputs(tmp_path) -> None:
         f["data/demo_0/obs/joint_states"] = np.zeros((3, 7))
     with pytest.raises(DatasetError, match="joint_states"):
         load_episodes(tmp_path / "obs.h5")
-    with pytest.raises(DatasetError, match="shorter than min_length=3"):
-        load_episodes(write_demos(tmp_path / "short.h5", EPISODES), min_length=3)
+    with pytest.raises(DatasetError, match="an episode without steps"):
+        load_episodes(write_demos(tmp_path / "short.h5", [*EPISODES, {"rewards": [], "dones": []}]))
 
 
 def chunk_step(rewards, valid, terminated) -> ChunkStep:
@@ -211,48 +207,28 @@ def chunk_step(rewards, valid, terminated) -> ChunkStep:
         step_terminated=np.zeros((e, h), bool),
         step_truncated=np.zeros((e, h), bool),
         success=z,
-        subgoal=np.zeros((e, h), bool),
         final_obs=obs,
-        episode_return=np.full(e, np.nan, np.float32),
-        episode_length=np.zeros(e, np.int64),
     )
 
 
-def test_replay_buffer(chunks) -> None:
-    obs = {"state": np.zeros((3, 2), np.float32), "prompt_id": np.zeros(3, np.int32), "images": {}}
-    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs)
-    rng = np.random.default_rng(0)
+def test_replay_buffer() -> None:
+    """What a TD target reads of each chunk and the arrays a script cached when it acted (`extras`), wrapping around."""
+    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G)
     step = chunk_step([[0, 0, 1], [1, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 0, 0], [1, 1, 1]], [True, True, False])
-    buf.add(obs, np.ones((3, 3, 2), np.float32), step)
+    buf.add(step, {"z": np.ones((3, 5), np.float32)})
     np.testing.assert_allclose(buf.discounted_return[:3], [G**2, 1, 0], rtol=1e-6)
     assert buf.n_valid[:3].tolist() == [3, 1, 3]
-    assert buf.mask[:3].tolist() == [0, 0, 1] and (buf.next_obs["state"][:3] == 7).all()
-    buf.add(obs, np.full((3, 3, 2), 2, np.float32), step)  # wraps around: capacity 4
-    assert len(buf) == 4 and buf.actions[:, 0, 0].tolist() == [2, 2, 1, 2]
-    b = buf.sample(rng, 10)
-    offline = chunks.sample(rng, 2)
-    assert set(b) == set(offline) and b["obs"]["state"].shape == (10, 2)
-    assert b["actions"].shape == (10, 3, 2) and b["next_obs"]["images"] == {}
-
-
-def test_replay_buffer_without_observations() -> None:
-    """No obs example: only the chunk arrays and the extras are stored (acrlpd_pi0.py caches what its critic reads)."""
-    buf = ReplayBuffer(capacity=4, horizon=3, gamma=G)
-    step = chunk_step([[0, 0, 1], [1, 0, 0]], [[1, 1, 1], [1, 0, 0]], [True, False])
-    buf.add(None, np.ones((2, 3, 2), np.float32), step, extras={"z": np.ones((2, 5), np.float32)})
-    b = buf.sample(np.random.default_rng(0), 6)
-    assert "obs" not in b and "next_obs" not in b and b["actions"].shape == (6, 3, 2)
-    saved = buf.state_dict()
-    assert not any(k.startswith(("obs/", "next_obs/")) for k in saved) and saved["extras/z"].shape == (2, 5)
-    back = ReplayBuffer(capacity=4, horizon=3, gamma=G)
-    back.load_state_dict(saved)
-    np.testing.assert_equal(back.sample(np.random.default_rng(1), 6), buf.sample(np.random.default_rng(1), 6))
+    assert buf.mask[:3].tolist() == [0, 0, 1]
+    buf.add(step, {"z": np.full((3, 5), 2, np.float32)})  # wraps around: capacity 4
+    assert len(buf) == 4 and buf.extras["z"][:, 0].tolist() == [2, 2, 1, 2]
+    with pytest.raises(ValueError, match="horizon 3"):
+        buf.add(chunk_step(np.zeros((1, 2)), np.ones((1, 2)), [False]), {})
 
 
 def test_norm_stats_values() -> None:
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(1000, 3)).astype(np.float32)
     x[:, 2] = 1.0  # constant dimension
-    stats = compute_norm_stats(x)
+    stats = norm_stats(types.SimpleNamespace(obs={"state": x}, actions=x))["state"]
     assert set(stats) == {"mean", "std", "q01", "q99"} and all(v.dtype == np.float32 for v in stats.values())
     np.testing.assert_allclose(stats["mean"], x.mean(0), rtol=1e-5)
     np.testing.assert_allclose(stats["std"], x.std(0), rtol=1e-4, atol=1e-6)
@@ -264,92 +240,53 @@ def test_norm_stats_of_a_dataset_and_gather_obs(chunks) -> None:
     data = chunks.data
     stats = norm_stats(data)
     for key, x in (("state", data.obs["state"]), ("actions", data.actions)):
-        assert set(stats[key]) == {"mean", "std", "q01", "q99"}
-        for s, v in compute_norm_stats(x).items():
-            assert stats[key][s].dtype == np.float32
-            np.testing.assert_array_equal(stats[key][s], np.asarray(v, np.float32))
+        assert set(stats[key]) == {"mean", "std", "q01", "q99"} and stats[key]["mean"].dtype == np.float32
+        np.testing.assert_allclose(stats[key]["mean"], x.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(stats[key]["q99"], np.quantile(x, 0.99, axis=0), rtol=1e-6)
     rows = gather_obs(data.obs, np.array([4, 1]))
     assert rows["state"][:, 0].tolist() == [4, 1] and rows["prompt_id"].shape == (2,) and rows["images"] == {}
 
 
 def test_replay_buffer_state_round_trip() -> None:
     rng = np.random.default_rng(0)
-
-    def obs(e: int) -> dict:
-        images = {"cam": rng.integers(0, 255, (e, 4, 4, 3), dtype=np.uint8)}
-        return {
-            "state": rng.normal(size=(e, 2)).astype(np.float32),
-            "prompt_id": np.arange(e, dtype=np.int32),
-            "images": images,
-        }
-
     through_a_file = lambda d: runlog._unflatten(runlog._flatten(d))  # as a checkpoint's host file gives it back
-    buf = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
-    empty = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
+    buf = ReplayBuffer(capacity=5, horizon=3, gamma=G)
+    empty = ReplayBuffer(capacity=5, horizon=3, gamma=G)
     empty.load_state_dict(through_a_file(buf.state_dict()))
-    assert len(empty) == 0 and empty.actions is None  # an empty buffer comes back empty
+    assert len(empty) == 0 and empty.extras == {}  # an empty buffer comes back empty
     for _ in range(2):  # 6 transitions into 5 slots: the buffer wraps around
         step = chunk_step(rng.uniform(size=(3, 3)), [[1, 1, 1], [1, 1, 0], [1, 0, 0]], [False, True, False])
-        step.final_obs, step.subgoal = obs(3), rng.uniform(size=(3, 3)) < 0.5
         extras = {"head": rng.normal(size=(3, 4)).astype(np.float32), "cand": rng.normal(size=(3, 2, 3, 2))}
-        buf.add(obs(3), rng.normal(size=(3, 3, 2)).astype(np.float32), step, extras=extras)
+        buf.add(step, extras)
     saved = buf.state_dict()
-    back = ReplayBuffer(capacity=5, horizon=3, gamma=G, obs_example=obs(1))
+    back = ReplayBuffer(capacity=5, horizon=3, gamma=G)
     back.load_state_dict(through_a_file(saved))
     assert (len(back), back._next) == (len(buf), buf._next) == (5, 1)
-    np.testing.assert_equal(back.sample(np.random.default_rng(1), 8), buf.sample(np.random.default_rng(1), 8))
+    for k in ReplayBuffer.KEYS:
+        np.testing.assert_array_equal(getattr(back, k), getattr(buf, k))
     np.testing.assert_equal(back.extras, buf.extras)  # cached per-transition arrays come back too
     assert buf.extras["head"].shape == (5, 4) and buf.extras["cand"].dtype == np.float64
-    # the layout (a checkpoint's host file, buffer/...): flat names, the stored rows only
-    assert {"next", "obs/state", "obs/images/cam", "next_obs/prompt_id", "actions", "subgoal"} <= set(saved)
-    assert saved["obs/images/cam"].shape == (5, 4, 4, 3)
-    small = ReplayBuffer(capacity=4, horizon=3, gamma=G, obs_example=obs(1))
+    # the layout (a checkpoint's host file, buffer/...): the stored rows only
+    assert sorted(saved) == ["discounted_return", "extras", "mask", "n_valid", "next"]
+    assert sorted(saved["extras"]) == ["cand", "head"] and saved["extras"]["cand"].shape == (5, 2, 3, 2)
+    small = ReplayBuffer(capacity=4, horizon=3, gamma=G)
     with pytest.raises(ValueError, match="more than --buffer-size 4"):
         small.load_state_dict(saved)
 
 
-def test_td_only_buffer_keeps_what_a_td_target_reads() -> None:
+def test_replay_buffer_bytes() -> None:
     """acrlpd_pi0.py's buffer at the full π₀'s LIBERO sizes (width 2048, state padded to 32, H=10, A=7, --target-n 8):
-    the TD arrays and the critic's cache only, 19,172 bytes a chunk (README), against 19,507 with the unread per-step
-    arrays and 216,187 with o_t's and o_{t+H}'s two 128² cameras; the TD arrays as the full buffer computes them."""
+    the TD arrays and the critic's cache, 19,172 bytes a chunk (docs/results/libero.md)."""
     E, H, A, Z, N = 2, 10, 7, 2048 + 32, 8
-    rng = np.random.default_rng(0)
     extras = {
-        "obs_z": rng.normal(size=(E, Z)).astype(np.float32),
+        "obs_z": np.zeros((E, Z), np.float32),
         "chunk": np.zeros((E, H, A), np.float32),
         "next_obs_z": np.zeros((E, Z), np.float32),
         "next_cand": np.zeros((E, N, H, A), np.float32),
     }
-    cams = {c: np.zeros((E, 128, 128, 3), np.uint8) for c in ("base_0_rgb", "left_wrist_0_rgb")}
-    obs = {"state": np.zeros((E, 8), np.float32), "prompt_id": np.zeros(E, np.int32), "images": cams}
-    step = chunk_step(rng.uniform(size=(E, H)), np.r_[np.ones((1, H)), np.arange(H)[None] < 4], [False, True])
-    step.final_obs, step.subgoal = obs, np.zeros((E, H), bool)
-    sizes, bufs = [], []
-    for kw in (dict(td_only=True), {}, dict(obs_example=obs)):
-        buf = ReplayBuffer(capacity=8, horizon=H, gamma=G, **kw)
-        buf.add(obs, np.zeros((E, H, A), np.float32), step, extras=extras)
-        sizes.append(buf.bytes_per_transition())
-        bufs.append(buf)
-    assert sizes == [19_172, 19_507, 216_187]
-    td, full = bufs[0], bufs[1]
-    assert td.actions is None and td.rewards is None and td.return_to_go is None
-    for k in ("discounted_return", "n_valid", "mask"):
-        np.testing.assert_array_equal(getattr(td, k)[:E], getattr(full, k)[:E])
-    assert sorted(td.state_dict()) == [
-        "discounted_return",
-        "extras/chunk",
-        "extras/next_cand",
-        "extras/next_obs_z",
-        "extras/obs_z",
-        "mask",
-        "n_valid",
-        "next",
-    ]
-    back = ReplayBuffer(capacity=8, horizon=H, gamma=G, td_only=True)
-    back.load_state_dict(td.state_dict())
-    np.testing.assert_array_equal(back.extras["obs_z"][:E], extras["obs_z"])
-    with pytest.raises(ValueError, match="td_only buffer keeps no chunks"):
-        td.sample(rng, 2)
+    buf = ReplayBuffer(capacity=8, horizon=H, gamma=G)
+    buf.add(chunk_step(np.zeros((E, H)), np.ones((E, H)), [False, True]), extras)
+    assert buf.bytes_per_transition() == 19_172
 
 
 def _ogbench_layout(path: str, rewards: bool = False) -> None:

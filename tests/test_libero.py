@@ -73,12 +73,12 @@ def test_env_observation_truncation_and_masks(vec_env) -> None:
     before = obs["state"].copy()
     obs, reward, term, trunc, info = env.step(action, active=np.array([True, False]))
     assert obs["state"][0, 2] > before[0, 2] and np.array_equal(obs["state"][1], before[1])
-    assert not term.any() and not trunc.any() and info["episode_length"].tolist() == [1, 0]
+    assert not term.any() and not trunc.any() and env.elapsed.tolist() == [1, 0]
     for _ in range(2):
         obs, reward, term, trunc, info = env.step(action)
     # Env 0 reached its 3-step limit: a truncation, not a termination; env 1 is at 2 steps.
     assert trunc.tolist() == [True, False] and not term.any() and not info["success"].any()
-    assert reward.tolist() == [0.0, 0.0] and info["episode_length"].tolist() == [3, 2]
+    assert reward.tolist() == [0.0, 0.0] and env.elapsed.tolist() == [3, 2]
     # The settling steps (gripper -1) were opening the fingers; +1 reverses that: LIBERO's -1 = open, +1 = close.
     assert obs["state"][0, 6] < before[0, 6] - 1e-4
     obs = env.reset_where(np.array([True, False]))

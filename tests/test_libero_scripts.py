@@ -23,7 +23,7 @@ from conftest import robot_sentences, train_sentencepiece, write_openpi_checkpoi
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
 import flow_ppo  # noqa: E402
-from common import RunError, data, envs, openpi, pi0, runlog  # noqa: E402
+from common import RunError, envs, libero, openpi, pi0, runlog  # noqa: E402
 
 # One task, 8-step episodes, one settling step, the simulators in this process (no worker start-up; test_libero.py
 # covers the worker processes). Values as on the command line (`--env-kwargs task_ids [0] max_episode_steps 8 ...`),
@@ -133,7 +133,7 @@ def test_located_lists_every_path_and_uses_default_cache_paths(tmp_path, monkeyp
 
 
 def test_dataset_image_size_sets_the_render_size(libero_demo):
-    assert data.dataset_image_size(libero_demo.dir) == data.dataset_image_size(libero_demo.file) == libero_demo.size
+    assert libero.dataset_image_size(libero_demo.dir) == libero.dataset_image_size(libero_demo.file) == libero_demo.size
     env = envs.make_spec("libero", ENV_KW, libero_demo.dir).make(1, seed=0, evaluation=True)
     try:
         assert env.image_size == libero_demo.size and env.eval_mode and env.max_episode_steps == 8

@@ -43,7 +43,8 @@ sharded = jax.device_put(params, shardings)
 n_sharded = sum(len(s.spec) > 0 and any(a is not None for a in s.spec) for s in jax.tree.leaves(shardings))
 assert n_sharded > 10, n_sharded
 batch = mesh.shard_batch((obs, actions), m)
-loss, grads = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(mesh.replicated(m), shardings))(sharded, *batch)
+replicated = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec())
+loss, grads = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(replicated, shardings))(sharded, *batch)
 assert len(loss.sharding.device_set) == 8
 np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
 for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
@@ -88,7 +89,8 @@ def test_scan_updates_runs_k_steps_and_averages_info():
     np.testing.assert_allclose(state["w"], w, rtol=1e-6)
     np.testing.assert_allclose(info["mean"], batches.mean(), rtol=1e-6)
     np.testing.assert_allclose(info["noise"], np.mean(noises), rtol=1e-6)
-    placed = mesh.scan_updates(step, {"w": mesh.replicated(mesh.make_mesh(1))})({"w": jnp.float32(1.0)}, batches, rng)
+    replicated = jax.sharding.NamedSharding(mesh.make_mesh(1), PartitionSpec())
+    placed = mesh.scan_updates(step, {"w": replicated})({"w": jnp.float32(1.0)}, batches, rng)
     np.testing.assert_allclose(placed[0]["w"], state["w"])
 
 

@@ -103,7 +103,7 @@ np.testing.assert_equal(got["x"][:, 0], [0.1, 0.1, 1.1, 1.1, 1.1])
 assert mesh.agreed(0.1 + p) == 0.1 and mesh.agreed(f"run{p}") == "run0" and mesh.anywhere(p == 1)
 np.testing.assert_allclose(mesh.process_sum([1.0, p]), [2.0, 1.0])
 # acting on each process's rows: a global batch; sharded (2 rows on 2 local devices) or gathered (1 row)
-params = jax.device_put(np.float32(3.0), mesh.replicated(m))
+params = jax.device_put(np.float32(3.0), jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec()))
 act = mesh.host_local(jax.jit(lambda w, obs, key: (obs["s"] * w + jax.random.normal(key, obs["s"].shape))), m)
 for n in (2, 1):
     obs = {"s": np.arange(n * p, n * p + n, dtype=np.float32)[:, None]}  # rows 0..n-1 on process 0

@@ -82,7 +82,8 @@ def test_cached_candidates_match_joint_pass(pi05):
     t = jax.random.uniform(jax.random.key(3), (B, N))
     v_cached, _ = jax.jit(lambda p, o, x, t: model.velocity(p, model.prefix(p, o), x, t))(params, obs, x, t)
     tiled = jax.tree.map(lambda a: jnp.repeat(a, N, axis=0), obs)
-    v_joint, _ = jax.jit(model.joint)(params, tiled, x.reshape(B * N, H, A), t.reshape(B * N))
+    joint = jax.jit(lambda p, *a: model.module.apply({"params": p}, *a))  # openpi's pass: prefix + suffix at once
+    v_joint, _ = joint(params, tiled, x.reshape(B * N, H, A), t.reshape(B * N))
     np.testing.assert_allclose(v_cached.reshape(B * N, H, A), v_joint, rtol=1e-4, atol=1e-5)
     assert obs.image_masks["left_wrist_0_rgb"].sum() == 0 and obs.images["base_0_rgb"].shape == (B, 32, 32, 3)
 
@@ -93,8 +94,13 @@ def test_frozen_backbone_skips_vlm_gradients():
     params = model.init(jax.random.key(0))
     obs = batch_obs(config, 2, jax.random.key(1))
     actions = jnp.ones((2, config.action_horizon, config.action_dim))
-    loss = lambda p, frozen: model.flow_loss(p, obs, actions, jax.random.key(2), freeze_backbone=frozen).mean()
-    mask = model.backbone_mask(params)
+
+    def loss(p, frozen):  # a frozen backbone: the scripts stop the gradient at the prefix
+        prefix = model.prefix(p, obs)
+        prefix = jax.lax.stop_gradient(prefix) if frozen else prefix
+        return model.flow_loss(p, prefix, actions, jax.random.key(2)).mean()
+
+    mask = jax.tree.map(lambda label: label == "frozen", model.optimizer_labels(params, "train", True))
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     g_frozen, g_full = grad(params, True), grad(params, False)
     flat = lambda t: jax.tree.leaves(t)

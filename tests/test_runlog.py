@@ -40,8 +40,8 @@ def test_run_block_and_choices(tmp_path, capsys) -> None:
     runlog.check_choices(Args(mode="b-c"))
     with pytest.raises(ValueError, match="--mode 'd': choose one of"):
         runlog.check_choices(Args(mode="d"))
-    run = runlog.Run.from_args(args, "script")
-    run.progress(5, 10, "phase", 0, 0.0, loss=jnp.float32(0.25), q=1)  # device scalars are fine
+    run = runlog.Run(args, "script")
+    run.report(5, {"losses/loss": jnp.float32(0.25), "q": 1}, "phase", 10, (0, 0.0), ("losses/loss", "q"))  # on device
     assert "loss=0.25  q=1" in capsys.readouterr().out
     run.close()
     assert run.dir == str(tmp_path / "run") and json.load(open(tmp_path / "run" / "args.json"))["seed"] == 3
@@ -50,7 +50,7 @@ def test_run_block_and_choices(tmp_path, capsys) -> None:
 def test_load_pi0_from_a_run_folder(tmp_path) -> None:
     cfg = pi0.make_config("cpu", action_dim=2, state_dim=10, action_horizon=5)
     params = pi0.Pi0(cfg).init(jax.random.key(0))
-    run = runlog.Run(Args(), "script", name="script", env="push", seed=1, run_dir=str(tmp_path / "run"))
+    run = runlog.Run(Args(run_dir=str(tmp_path / "run")), "script")
     run.save(7, {"params": params, "other": jnp.zeros(3)}, {"norm_stats": stats(10, 2), "step": 7})
     run.close()
     got, got_cfg, got_stats = openpi.load_pi0(
@@ -61,7 +61,7 @@ def test_load_pi0_from_a_run_folder(tmp_path) -> None:
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(10, 2))
     assert got_stats["state"]["mean"].dtype == np.float32
     assert openpi.load_pi0(str(tmp_path / "run"), action_horizon=3)[1].max_token_len == 48  # the default
-    bad = runlog.Run(Args(), "script", name="script", env="push", seed=1, run_dir=str(tmp_path / "bad"))
+    bad = runlog.Run(Args(run_dir=str(tmp_path / "bad")), "script")
     bad.save(1, {"pi": params}, {"norm_stats": stats(10, 2)})  # π₀ under another key
     bad.close()
     with pytest.raises(ValueError, match="expected the π₀ params"):
@@ -96,7 +96,7 @@ def test_load_pi0_from_an_openpi_checkpoint(tmp_path) -> None:
 
 def test_resume_takes_the_runs_own_flags(tmp_path) -> None:
     run_dir = str(tmp_path / "run")
-    runlog.Run.from_args(Args(run_dir=run_dir, seed=3, mode="b-c"), "script").close()
+    runlog.Run(Args(run_dir=run_dir, seed=3, mode="b-c"), "script").close()
     back = runlog.resumed(Args(run_dir=run_dir, resume=True, track=True), "script")  # run flags may change
     assert (back.seed, back.mode, back.track, back.resume) == (3, "b-c", True, True)
     assert runlog.resumed(Args(run_dir=run_dir, resume=True, seed=3), "script").seed == 3  # given again: agrees
@@ -117,7 +117,7 @@ def test_save_restore_truncate_and_stop(tmp_path) -> None:
     """A checkpoint with host arrays comes back whole; metrics logged after it are dropped at the resume; a host-only
     save at the same step; SIGTERM: the next save exits with status 0."""
     run_dir, state = str(tmp_path / "run"), {"w": jnp.arange(3.0)}
-    run = runlog.Run.from_args(Args(run_dir=run_dir), "script")
+    run = runlog.Run(Args(run_dir=run_dir), "script")
     host = {"buffer": {"x": np.ones((2, 2))}, "loop": {"obs": {"state": np.zeros(2), "images": {}}}, "flags": [True]}
     for step in (1, 2):
         run.log(step, {"losses/a": step})
@@ -130,7 +130,7 @@ def test_save_restore_truncate_and_stop(tmp_path) -> None:
     ckpt = os.path.join(run_dir, "checkpoints")  # killed after saving step 2, before orbax dropped step 0
     shutil.copytree(os.path.join(ckpt, "1"), os.path.join(ckpt, "0"))
     shutil.copy(os.path.join(run_dir, "host", "1.p0.npz"), os.path.join(run_dir, "host", "0.p0.npz"))
-    back = runlog.Run.from_args(Args(run_dir=run_dir, resume=True), "script")
+    back = runlog.Run(Args(run_dir=run_dir, resume=True), "script")
     assert sorted(os.listdir(ckpt)) == ["1", "2"]  # pruned at the resume (keep=2), as an unkilled run would have
     step, got, extra, saved = back.restore(state)
     assert step == 2 and extra["n"] == 2 and saved["loop"]["obs"]["images"] == {} and not saved["flags"][0]
@@ -144,7 +144,7 @@ def test_save_restore_truncate_and_stop(tmp_path) -> None:
         back.save(3, state, {}, host)
     assert stop.value.code == 0 and signal.getsignal(signal.SIGTERM) is before  # handlers given back
     with pytest.raises(RunError, match="holds NaN or inf and was not saved"):
-        runlog.Run.from_args(Args(run_dir=str(tmp_path / "nan")), "script").save(1, {"w": jnp.full(2, jnp.nan)}, {})
+        runlog.Run(Args(run_dir=str(tmp_path / "nan")), "script").save(1, {"w": jnp.full(2, jnp.nan)}, {})
 
 
 def test_checkpoint_record_of_an_openpi_checkpoint(tmp_path) -> None:
