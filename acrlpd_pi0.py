@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, data, envs, mesh, pi0, runlog
+from common import RunError, data, envs, mesh, pi0, runlog, video
 
 
 @dataclass
@@ -47,11 +47,16 @@ class Args(runlog.RunArgs):
     eval_envs: int = 100
     """environments an evaluation plays its episodes on (at most --eval-episodes are used)"""
     log_every: int = 200
-    """log metrics every this many updates"""
+    """log metrics every this many updates (0: only at the end of each phase)"""
     eval_every: int = 0
-    """evaluate every this many updates; 0: only at the end of each phase"""
+    """evaluate every this many updates (0: only at the start and at the end of each phase)"""
     save_every: int = 2000
-    """checkpoint every this many updates, and at the end of each phase"""
+    """checkpoint every this many updates, and at the end of each phase and on SIGINT/SIGTERM (0: only then)"""
+    capture_video: bool = False
+    """write the first --video-episodes episodes of each evaluated policy as MP4 under <run>/videos (and to wandb
+    with --track); needs pip install -e '.[video]'"""
+    video_episodes: int = 2
+    """episodes recorded per evaluated policy with --capture-video"""
 
     # ---- model
     flow_steps: int = 5
@@ -180,11 +185,23 @@ CONFIGS = {
 def check(args: Args) -> Args:
     """The run's flags (a resumed run's own), LIBERO's inputs found in the caches; inconsistent flags refused."""
     args = runlog.prepared(args, "acrlpd_pi0", CONFIGS, data_with_checkpoint="optional")
-    if args.pi0_checkpoint and args.dataset is None:  # no prior data: RL online from π₀, no offline phase
+    if args.pi0_checkpoint and args.dataset is None and args.offline_steps > 0:  # no prior data: online from π₀
+        if args.offline_steps != runlog.configured(CONFIGS, args.env).offline_steps:  # given on the command line
+            raise RunError(
+                f"--offline-steps {args.offline_steps} needs prior data: pass --dataset, or leave the flag out to "
+                "run online only from --pi0-checkpoint"
+            )
+        print("--pi0-checkpoint without --dataset: no prior data, so no offline phase (--offline-steps 0)")
         args = dataclasses.replace(args, offline_steps=0)
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs", "bon")
     runlog.check_at_least(args, 1, "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
     runlog.check_at_least(args, 1, "eval_episodes", "eval_envs", "buffer_size")
+    runlog.check_at_least(args, 0, "video_episodes")
+    if args.capture_video:  # the writer is there before any work
+        video.require_writer()
+    runlog.check_at_least(args, 0, "image_size")
+    if not args.critic_hidden or min(args.critic_hidden) < 1:
+        raise RunError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: one width ≥ 1 per hidden layer")
     runlog.check_at_least(args, 0, "offline_steps", "online_steps", "learning_starts", "bon_slice", "topk")
     runlog.check_at_least(args, 0, "distill_weight", "actor_weight", "adapt_temp", "cql_weight")
     runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
@@ -526,19 +543,22 @@ def calibration(trace: envs.EvalTrace, gamma: float, prefix: str) -> dict:
     return out
 
 
-def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
+def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: runlog.Run, step: int) -> dict:
     """Best-of-N and plain π₀, each on the same --eval-episodes episodes every time (one `rng`): success, return and
-    the critic's calibration (its value of the chunks it chose vs the discounted return that followed); printed."""
+    the critic's calibration (its value of the chunks it chose vs the discounted return that followed); printed.
+    --capture-video: the first --video-episodes episodes of each written as videos (`run.log_videos`)."""
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    where.update(horizon=args.action_horizon, gamma=args.gamma)
+    where.update(horizon=args.action_horizon, gamma=args.gamma, record=args.video_episodes if args.capture_video else 0)
 
     def best_of(n, beta):  # the best of n chunks by mean − β·std: (obs, key) -> (chunk, its Q)
         return lambda obs, key: act(state, obs, key, n, beta)[:2]
 
     policies = {"": (f"BoN-{args.bon}", best_of(args.bon, args.act_pessimism)), "plain_": ("plain π₀", best_of(1, 0.0))}
+    videos = {"": f"bon{args.bon}", "plain_": "plain"}  # the policies' names in the videos' file names
     out, shown = {}, []
     for prefix, (name, policy) in policies.items():
         metrics, trace = envs.evaluate(spec, policy, rng, prefix=prefix, **where)
+        run.log_videos(step, videos[prefix], trace.videos)
         metrics.update(calibration(trace, args.gamma, prefix))
         out.update(metrics)
         q = f"Q pred {metrics[f'eval/{prefix}q_pred']:.3f} vs realised {metrics[f'eval/{prefix}q_realised']:.3f}"
@@ -557,6 +577,7 @@ def main(args: Args) -> dict:
     k_pi, k_critic, k_cache = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset, args.image_size)
     env = spec.make_share(args.num_envs, args.seed)  # this process's envs
+    envs.check_horizon(env, args.action_horizon, args.env)
     path = args.dataset
     if path is None and args.pi0_checkpoint is None:  # push: the demonstrator's data, generated on first use
         path = envs.default_dataset("push", image_size=args.image_size)
@@ -564,6 +585,7 @@ def main(args: Args) -> dict:
     if path is not None:
         episodes = data.load_dataset(path, env, spec.image_size)
         offline = data.make_chunks(episodes, args.action_horizon, args.gamma)
+        envs.check_batch(offline, args.batch_size, "--batch-size")
         stats, prompts = data.norm_stats(episodes), episodes.prompts
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
@@ -606,6 +628,10 @@ def main(args: Args) -> dict:
     keys = ("obs", "next_obs", "actions", "valid", "return_to_go", *TD_KEYS)
     total = args.offline_steps + args.online_steps
     results, info = {}, {}
+    if step == 0 and run.saved_step is None:  # π₀ (and the untrained critic's ranking) before any update
+        m = evaluate(act, state, args, spec, k_eval, "start, update 0", run, 0)
+        run.log(0, m)
+        results.update({f"start/{k}": v for k, v in m.items()})
     for phase, end in (("offline", args.offline_steps), ("online", total)):
         t_phase, s_phase = time.time(), step
         warm = 10 * len(buffer) // max(args.learning_starts, 1)  # tenths of the warm-up reported so far
@@ -657,14 +683,14 @@ def main(args: Args) -> dict:
                 run.report(step, m, phase, total, (s_phase, t_phase), SHOW)
             # ---- evaluate
             if runlog.crossed(prev, step, args.eval_every) and step != end:
-                run.log(step, evaluate(act, state, args, spec, k_eval, f"eval {step}"))
+                run.log(step, evaluate(act, state, args, spec, k_eval, f"eval {step}", run, step))
             # ---- save (SIGINT / SIGTERM: save here and exit)
             if (runlog.crossed(prev, step, args.save_every) or run.stopping) and step != end:
                 save(step)
-        if step > s_phase or (step == end == 0 and run.saved_step is None):  # the phase ran (or none: π₀'s start)
+        if step > s_phase:  # the phase ran: evaluate and save its end
             rate = (step - s_phase) / max(time.time() - t_phase, 1e-9)
             label = f"{phase} done, update {step}, {rate:.1f} updates/s"
-            m = evaluate(act, state, args, spec, k_eval, label)
+            m = evaluate(act, state, args, spec, k_eval, label, run, step)
             m[f"time/{phase}_updates_per_s"] = rate
             run.log(step, m)
             results.update({f"{p}/{k}": v for p in (phase, "final") for k, v in m.items()})

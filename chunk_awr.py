@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, data, envs, mesh, pi0, runlog
+from common import RunError, data, envs, mesh, pi0, runlog, video
 
 
 @dataclass
@@ -55,11 +55,16 @@ class Args(runlog.RunArgs):
     eval_envs: int = 100
     """environments an evaluation plays its episodes on (at most --eval-episodes are used)"""
     log_every: int = 200
-    """log metrics every this many updates"""
+    """log metrics every this many updates (0: only at the end of each phase)"""
     eval_every: int = 2000
-    """evaluate every this many policy updates, and at the start and end of π₀'s training"""
+    """evaluate every this many policy updates, and at the start and end of π₀'s training (0: only then)"""
     save_every: int = 2000
-    """checkpoint every this many updates, and at the end of each phase"""
+    """checkpoint every this many updates, and at the end of each phase and on SIGINT/SIGTERM (0: only then)"""
+    capture_video: bool = False
+    """write the first --video-episodes episodes of each evaluation as MP4 under <run>/videos (and to wandb with
+    --track); needs pip install -e '.[video]'"""
+    video_episodes: int = 2
+    """episodes recorded per evaluation with --capture-video"""
 
     # ---- model
     flow_steps: int = 4
@@ -146,7 +151,12 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size", "eval_envs", "flow_steps")
     runlog.check_at_least(args, 1, "action_horizon", "eval_episodes", "num_samples", "value_flow_steps")
     runlog.check_at_least(args, 0, "critic_steps", "policy_steps", "log_every", "eval_every", "save_every")
+    runlog.check_at_least(args, 0, "video_episodes")
+    if args.capture_video:  # the writer is there before any work
+        video.require_writer()
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
+    if not args.critic_hidden or min(args.critic_hidden) < 1:
+        raise RunError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: one width ≥ 1 per hidden layer")
     if args.beta < 0 or args.max_weight <= 0:
         raise RunError("--beta must be ≥ 0 and --max-weight > 0")
     if args.alpha < 0 or (args.alpha > 0 and args.value_loss != "sampled"):
@@ -369,14 +379,17 @@ def make_act(nets: Nets, args: Args):
     return jax.jit(sample)
 
 
-def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng) -> dict:
+def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, run: runlog.Run, step: int) -> dict:
     """The policy from one noise draw (scaled by --eval-noise), --eval-episodes spread over --eval-envs envs; the same
-    episodes (env seeds, noise: the same `rng`) at every evaluation."""
+    episodes (env seeds, noise: the same `rng`) at every evaluation. --capture-video: the first --video-episodes
+    written as videos (`run.log_videos`)."""
     t = time.time()
     policy = lambda obs, key: (act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    out, _ = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    where.update(record=args.video_episodes if args.capture_video else 0)
+    out, trace = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     out["time/eval_s"] = time.time() - t
+    run.log_videos(step, "pi0", trace.videos)
     return out
 
 
@@ -391,9 +404,11 @@ def main(args: Args) -> dict:
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
     env = spec.make(1, args.seed)  # only its spaces, cameras and prompts are needed here
     env.close()
+    envs.check_horizon(env, args.action_horizon, args.env)
     path = args.dataset or envs.default_dataset(env="push", noise="mixed", episodes=args.episodes)
     episodes = data.load_dataset(path, env, spec.image_size)
     chunks = data.make_chunks(episodes, args.action_horizon, args.gamma)
+    envs.check_batch(chunks, args.batch_size, "--batch-size")
     stats = data.norm_stats(episodes)
     policy = runlog.make_policy(
         env, episodes.prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags()
@@ -447,7 +462,7 @@ def main(args: Args) -> dict:
 
     def do_eval(step):
         nonlocal result, last_eval
-        result = evaluate(act, state, args, spec, k_eval)
+        result = evaluate(act, state, args, spec, k_eval, run, step)
         result["time/train_s"] = train_s
         run.log(step, result)
         last_eval = step

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, data, envs, mesh, pi0, runlog
+from common import RunError, data, envs, mesh, pi0, runlog, video
 
 
 @dataclass
@@ -47,11 +47,17 @@ class Args(runlog.RunArgs):
     eval_envs: int = 200
     """environments an evaluation plays its episodes on (at most --eval-episodes are used)"""
     log_every: int = 5
-    """log metrics every this many PPO iterations (BC: every 10× this many updates)"""
+    """log metrics every this many PPO iterations (BC: every 10× this many updates; 0: only at the end of each phase)"""
     eval_every: int = 20
-    """evaluate every this many PPO iterations, and at the start and end of PPO"""
+    """evaluate every this many PPO iterations, and at the start and end of PPO (0: only then)"""
     save_every: int = 50
-    """checkpoint every this many PPO iterations (BC: 10× this many updates), and at the end"""
+    """checkpoint every this many PPO iterations (BC: 10× this many updates), at the end and on SIGINT/SIGTERM (0:
+    only then)"""
+    capture_video: bool = False
+    """write the first --video-episodes episodes of each evaluation as MP4 under <run>/videos (and to wandb with
+    --track); needs pip install -e '.[video]'"""
+    video_episodes: int = 2
+    """episodes recorded per evaluation with --capture-video"""
 
     # ---- model
     flow_steps: int = 4
@@ -160,6 +166,9 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes", "eval_envs")
     runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp", "critic_warmup")
     runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
+    runlog.check_at_least(args, 0, "video_episodes")
+    if args.capture_video:  # the writer is there before any work
+        video.require_writer()
     runlog.check_ranges(args, gamma=(0, 1), lr=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
@@ -408,11 +417,14 @@ def make_act(nets: Nets, args: Args):
     return act, value_fn, eval_act
 
 
-def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str) -> dict:
-    """The ODE policy on the same episodes at every evaluation (one `rng`: env seeds, initial noise); printed."""
+def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: runlog.Run, step: int) -> dict:
+    """The ODE policy on the same episodes at every evaluation (one `rng`: env seeds, initial noise); printed.
+    --capture-video: the first --video-episodes written as videos (`run.log_videos`)."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    out, _ = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    where.update(record=args.video_episodes if args.capture_video else 0)
+    out, trace = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    run.log_videos(step, "pi0", trace.videos)
     print(f"[{label}] success {out['eval/success_rate']:.3f}", flush=True)
     return out
 
@@ -467,6 +479,7 @@ def main(args: Args) -> dict[str, float]:
     k_pi, k_noise, k_value = jax.random.split(k_init, 3)
     spec = envs.make_spec(args.env, args.env_kwargs, args.dataset)
     env = spec.make_share(args.num_envs, args.seed)  # this process's envs
+    envs.check_horizon(env, args.action_horizon, args.env)
     bc_steps, chunks, stats, prompts = args.bc_steps, None, None, env.prompts
     if args.pi0_checkpoint:  # a checkpoint is the start of PPO, with its own norm stats
         bc_steps = 0
@@ -474,6 +487,7 @@ def main(args: Args) -> dict[str, float]:
         path = args.dataset or envs.default_dataset("push")
         episodes = data.load_dataset(path, env, spec.image_size)
         chunks = data.make_chunks(episodes, args.action_horizon, args.gamma)
+        envs.check_batch(chunks, args.bc_batch_size, "--bc-batch-size")
         stats, prompts = data.norm_stats(chunks.data), chunks.prompts
     policy = runlog.make_policy(env, prompts, stats, k_pi, action_horizon=args.action_horizon, **args.pi0_flags())
     cfg = policy.model.config
@@ -514,7 +528,7 @@ def main(args: Args) -> dict[str, float]:
     final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
         if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
-            final = evaluate(eval_act, state, args, spec, k_eval, "start of PPO")
+            final = evaluate(eval_act, state, args, spec, k_eval, "start of PPO", run, step)
             run.log(step, final)
             final["eval/start_success_rate"] = final["eval/success_rate"]
             save(step)
@@ -556,7 +570,7 @@ def main(args: Args) -> dict[str, float]:
                 run.report(step, m, phase, total, (s_phase, t_phase), keys)
             # ---- evaluate
             if phase == "ppo" and (runlog.crossed(prev, step, args.eval_every, start) or last):
-                ev = evaluate(eval_act, state, args, spec, k_eval, f"eval, it {step - start}")
+                ev = evaluate(eval_act, state, args, spec, k_eval, f"eval, it {step - start}", run, step)
                 run.log(step, ev)
                 final.update(ev)
             # ---- save (SIGINT / SIGTERM: here; BC's last step is saved at the start of PPO)

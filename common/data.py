@@ -161,7 +161,8 @@ def load_episodes(dataset: str | Path, prompts: list[str] | None = None) -> Epis
         except OSError as e:  # a truncated file: h5py opens it, reading its index fails
             raise DatasetError(f"{path}: unreadable ({e}); the file looks truncated or still being written") from None
     if not plan or layout is None:
-        raise DatasetError(f"{files}: no episodes found under data/.")
+        where = ", ".join(str(f) for f in files)
+        raise DatasetError(f"{where}: no episodes found under data/ (robomimic/LIBERO layout: data/demo_<i>/actions)")
     n, lengths = sum(p[2] for p in plan), np.array([p[2] for p in plan], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     obs = {

@@ -39,6 +39,7 @@ PUSH_PROMPTS = [
     "push the block to the blue target",
 ]
 PUSH_CAMERA = "base_0_rgb"
+PUSH_COLOURS = [(220, 40, 40), (40, 170, 40), (40, 80, 230)]  # the targets, in the prompts' order
 MIXED_NOISES = (0.3, 0.6, 1.0)
 
 
@@ -182,13 +183,26 @@ class PushEnv:
 
     def render(self) -> np.ndarray:
         """Draw all envs as uint8 [E, s, s, 3] (y up): targets, then the brown block, then the dark agent."""
-        s = self.image_size or 64
+        return self._draw(np.arange(self.num_envs), self.image_size or 64)
+
+    def render_frames(self, idx: np.ndarray, size: int = 128) -> np.ndarray:
+        """Video frames uint8 [n, size, size, 3] of envs `idx`: `render`'s drawing, framed in the colour of the target
+        the prompt names."""
+        img = self._draw(idx, size)
+        edge = np.zeros((size, size), bool)
+        w = max(size // 32, 1)
+        edge[:w], edge[-w:], edge[:, :w], edge[:, -w:] = True, True, True, True
+        colour = np.array(PUSH_COLOURS, np.uint8)[self.prompt_id[idx]]  # [n,3]
+        return np.where(edge[None, :, :, None], colour[:, None, None], img)
+
+    def _draw(self, idx: np.ndarray, s: int) -> np.ndarray:
+        """uint8 [n, s, s, 3] of envs `idx`."""
         c = (np.arange(s) + 0.5) / s * 2 - 1
         xs, ys = c[None, None, :], -c[None, :, None]
-        img = np.full((self.num_envs, s, s, 3), 235, np.uint8)
-        colours = [(220, 40, 40), (40, 170, 40), (40, 80, 230)]
-        shapes = [(self.targets[:, i], self.success_radius, colours[i]) for i in range(3)]
-        shapes += [(self.block, self.block_radius, (140, 90, 40)), (self.agent, self.agent_radius, (30, 30, 30))]
+        img = np.full((len(idx), s, s, 3), 235, np.uint8)
+        shapes = [(self.targets[idx, i], self.success_radius, PUSH_COLOURS[i]) for i in range(3)]
+        shapes += [(self.block[idx], self.block_radius, (140, 90, 40))]
+        shapes += [(self.agent[idx], self.agent_radius, (30, 30, 30))]
         half_pixel = 1.0 / s  # keep small discs visible at low resolution
         for pos, radius, colour in shapes:
             d2 = (xs - pos[:, 0, None, None]) ** 2 + (ys - pos[:, 1, None, None]) ** 2
@@ -350,6 +364,19 @@ def make_env(name: str, num_envs: int, seed: int = 0, **kw: Any) -> Any:
     return GymVecEnv(name, num_envs, seed=seed, **kw)
 
 
+def check_horizon(env: Any, horizon: int, name: str) -> None:
+    """Refuse a chunk longer than the env's episodes (one chunk would end every episode)."""
+    steps = getattr(env, "max_episode_steps", None)
+    if steps and horizon > steps:
+        raise RunError(f"--action-horizon {horizon} is longer than an episode of {name} ({steps} steps): shorten it")
+
+
+def check_batch(chunks: Any, batch_size: int, flag: str) -> None:
+    """Say so when the prior data holds fewer chunks than a batch: batches then repeat chunks."""
+    if len(chunks) < batch_size:
+        print(f"note: the prior data has {len(chunks)} chunks, fewer than {flag} {batch_size}: batches repeat them")
+
+
 @dataclass(frozen=True)
 class EnvSpec:
     """Which environment a run uses (`make_spec` builds it from a script's flags): `name` ('push', 'libero' or a
@@ -362,14 +389,25 @@ class EnvSpec:
     reward: tuple[float, float] = (1.0, 0.0)  # (a, b): rewards a·r + b, the env's and the dataset's (`ScaledReward`)
     kept: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def make(self, num_envs: int, seed: int, evaluation: bool = False, first: int = 0, total: int | None = None) -> Any:
+    def make(
+        self,
+        num_envs: int,
+        seed: int,
+        evaluation: bool = False,
+        first: int = 0,
+        total: int | None = None,
+        render: bool = False,
+    ) -> Any:
         """`num_envs` envs, envs `first`.. of a run's `total` (default `num_envs`), each seeded by its index in the run.
         Evaluation envs: LIBERO's play the suite's fixed initial states; gymnasium's are made once and kept (their
-        workers take seconds to start; `evaluate` reseeds them, so a kept env plays what a new one would)."""
-        key = (num_envs, first, total)
+        workers take seconds to start; `evaluate` reseeds them, so a kept env plays what a new one would). `render`:
+        gymnasium's are made with render_mode="rgb_array" (for `render_frames`; push and LIBERO always can)."""
+        key = (num_envs, first, total, render)
         if evaluation and key in self.kept:
             return self.kept[key]
         kw = dict(self.kwargs, first=first, total=total or num_envs)
+        if render and self.name not in ("push", "libero"):
+            kw.setdefault("render_mode", "rgb_array")
         if self.name == "libero":  # rendered at the dataset's image size unless told; evaluation: fixed init states
             kw.update(dataset=self.dataset, eval_mode=kw.get("eval_mode", evaluation))
         env = make_env(self.name, num_envs, seed=seed, **kw)
@@ -406,16 +444,22 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
     env is made: a value that looks like JSON and does not parse; for push and libero a key they do not take."""
     kw = {k: _decode(k, v) for k, v in (env_kwargs or {}).items()}
     reward = (kw.pop("reward_scale", 1.0), kw.pop("reward_shift", 0.0))
-    if not all(isinstance(x, (int, float)) for x in reward) or reward[0] <= 0:
+    numbers = all(isinstance(x, (int, float)) and math.isfinite(x) for x in reward)
+    if not numbers or reward[0] <= 0:
         raise RunError(
-            f"--env-kwargs reward_scale {reward[0]} reward_shift {reward[1]}: numbers, the scale > 0 (r → "
+            f"--env-kwargs reward_scale {reward[0]} reward_shift {reward[1]}: finite numbers, the scale > 0 (r → "
             "scale·r + shift; a scale ≤ 0 would reverse or erase the task)"
         )
     if name in ("push", "libero"):
         target = PushEnv if name == "push" else importlib.import_module("common.libero").LiberoVecEnv
         takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed", "first", "total")]
-        if unknown := sorted(set(kw) - set(takes)):
+        takes += ["reward_scale", "reward_shift"]  # every env takes these (the rewards a·r + b)
+        unknown = sorted(set(kw) - set(takes))
+        if unknown:
             raise RunError(f"--env-kwargs {' '.join(unknown)}: {name} does not take it; it takes {', '.join(takes)}")
+    steps = kw.get("max_episode_steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise RunError(f"--env-kwargs max_episode_steps {steps}: a whole number of steps ≥ 1")
     if image_size:
         kw.setdefault("image_size", image_size)
     if name not in ("push", "libero") and dataset and "prompt" not in kw:  # the data's instruction, sent by the env
@@ -526,11 +570,53 @@ def resume_loop(env: Any, saved: dict[str, Any], seed: int) -> Obs:
 @dataclass
 class EvalTrace:
     """What an evaluation's envs did, for a script to measure more than success (e.g. a critic's calibration): the
-    rewards and episode ends of every step, and what `act` reported with each chunk (this process's envs)."""
+    rewards and episode ends of every step, what `act` reported with each chunk, and the recorded episodes' frames
+    (this process's envs)."""
 
     rewards: np.ndarray  # [T,E] every step's reward, 0 outside the evaluated episodes
     ends: np.ndarray  # [T,E] an episode ended (terminated or truncated) at this step
     chunks: list[tuple[int, np.ndarray, np.ndarray]]  # per chunk: (its first step, act's report [E], evaluated [E])
+    videos: list[tuple[np.ndarray, bool, int]] = field(default_factory=list)  # (frames [L+1,h,w,3] uint8, success, L)
+
+
+class _Recorder:
+    """`env` whose envs 0..count−1 draw their first episode (`render_frames`): its first observation, then one frame
+    per step they take, until the episode ends; the other envs never render."""
+
+    def __init__(self, env: Any, count: int):
+        self.env, self.count = env, count
+        self.frames: list[list[np.ndarray]] = [[] for _ in range(count)]
+        self.success = np.zeros(count, bool)
+        self.recording = np.zeros(count, bool)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the env's
+        return getattr(self.env, name)
+
+    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
+        out = self.env.reset(seed=seed)
+        self.frames = [[] for _ in range(self.count)]
+        self.success[:], self.recording[:] = False, True
+        self._draw(np.arange(self.count))
+        return out
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
+        obs, reward, term, trunc, info = self.env.step(actions, active=active)
+        n = self.count
+        stepped = self.recording & (True if active is None else np.asarray(active, bool)[:n])
+        self._draw(np.flatnonzero(stepped))
+        self.success |= stepped & np.asarray(info["success"], bool)[:n]
+        self.recording &= ~(stepped & (np.asarray(term, bool)[:n] | np.asarray(trunc, bool)[:n]))
+        return obs, reward, term, trunc, info
+
+    def _draw(self, idx: np.ndarray) -> None:
+        if len(idx):
+            for e, frame in zip(idx, self.env.render_frames(idx), strict=True):
+                self.frames[e].append(frame)
+
+    def videos(self) -> list[tuple[np.ndarray, bool, int]]:
+        """(frames [L+1,h,w,3], success, L) of each recorded episode (an unfinished one: its frames so far, failed)."""
+        done = ~self.recording
+        return [(np.stack(f), bool(s & d), len(f) - 1) for f, s, d in zip(self.frames, self.success, done, strict=True)]
 
 
 def evaluate(
@@ -545,20 +631,25 @@ def evaluate(
     gamma: float = 1.0,
     prefix: str = "",
     max_chunks: int | None = None,
+    record: int = 0,
 ) -> tuple[dict[str, float], EvalTrace]:
     """eval/{prefix}success_rate and eval/{prefix}return of a chunk policy over `episodes` episodes of `spec`'s
     evaluation envs: E = min(num_envs, episodes) envs (on several processes rounded up to a multiple of their number,
     each its share), env e playing episodes e, e + E, ...; chunks of `horizon` actions executed open loop. Every
     process returns the same numbers (`act` is then collective). An episode still running after `max_chunks` chunks
-    (None: one more than the time limit allows) counts as a failure with return 0. Also returns the `EvalTrace`.
+    (None: one more than the time limit allows) counts as a failure with return 0. Also returns the `EvalTrace`, with
+    the frames of the first `record` episodes (envs 0..record−1's first; this process's of them): only those envs
+    render, and none without `record`.
 
     act(obs, key) -> (actions [E,H,A] in env units, a report [E] or None: e.g. a critic's value of the chunk), a key
     split off `rng` per chunk.
     """
     E = -(-min(num_envs, episodes) // jax.process_count()) * jax.process_count()
     mine = mesh.process_rows(E)  # this process's envs of the E
-    env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E)
-    obs, _ = env.reset(seed=seed)
+    recorded = int(np.clip(min(record, E) - mine.start, 0, mine.stop - mine.start))  # this process's recorded envs
+    env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E, render=recorded > 0)
+    played = _Recorder(env, recorded) if recorded else env
+    obs, _ = played.reset(seed=seed)
     todo = (episodes - np.arange(E)[mine] + E - 1) // E  # episodes each env still has to play
     success = np.zeros(len(todo), bool)  # of each env's current episode (this process's envs)
     ret = np.zeros(len(todo))
@@ -571,7 +662,7 @@ def evaluate(
         live = todo > 0
         if report is not None:
             chunks.append((len(rewards), np.asarray(report), live))
-        obs, step = execute_chunk(env, obs, np.asarray(actions), gamma)
+        obs, step = execute_chunk(played, obs, np.asarray(actions), gamma)
         rewards += list(np.where(live, step.rewards.T, 0.0))  # H rows [E]
         ends += list((step.step_terminated | step.step_truncated).T)
         success = success | step.success
@@ -588,7 +679,8 @@ def evaluate(
         env.close()
     n_success, total = mesh.process_sum([n_success, total])
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
-    return out, EvalTrace(np.stack(rewards), np.stack(ends), chunks)
+    videos = played.videos() if recorded else []
+    return out, EvalTrace(np.stack(rewards), np.stack(ends), chunks, videos)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

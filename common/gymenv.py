@@ -78,9 +78,41 @@ class _Envs:
             out.append((np.asarray(obs, np.float32).reshape(-1), float(r), bool(te), bool(tr), ok))
         return tuple(np.array(x) for x in zip(*out, strict=True))
 
+    def render(self, idx: list[int], largest: list[int]) -> np.ndarray:
+        """`render()` of envs `idx` (made with render_mode="rgb_array"), every k-th pixel: sides ≤ `largest`."""
+        frames = [self.envs[i].render() for i in idx]
+        if frames[0] is None:
+            raise RunError("the env renders nothing: make it with render_mode='rgb_array'")
+        k = -(-max(frames[0].shape[:2]) // int(largest[0]))
+        return np.stack([np.asarray(f, np.uint8)[::k, ::k, :3] for f in frames])
+
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+def _unknown(env_id: str, why: str) -> RunError:
+    return RunError(
+        f"unknown environment {env_id!r} ({why}). Use 'push', 'libero', 'ogbench:<id>', or any gymnasium id registered "
+        "in this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import my_module first)."
+    )
+
+
+def check_env(env_id: str) -> None:
+    """Refuse, before any work, an id gymnasium cannot make or an env whose spaces the scripts cannot use: one env
+    made in this process and closed. An env that needs keyword arguments is left to `GymVecEnv` to check."""
+    try:
+        env = gym.make(env_id)
+    except TypeError:
+        return
+    except Exception as e:  # gymnasium's registration errors, or the module of 'module:EnvId' missing
+        if type(e).__name__ in UNKNOWN:
+            raise _unknown(env_id, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        raise RunError(f"{env_id}: gymnasium.make raised {type(e).__name__}: {e}") from None
+    try:
+        GymVecEnv._check_spaces(env_id, env.observation_space, env.action_space)
+    finally:
+        env.close()
 
 
 class GymVecEnv:
@@ -157,11 +189,7 @@ class GymVecEnv:
                     f"--env-kwargs {make_kwargs}: gymnasium.make({self.env_id!r}, ...) refused them ({e.message})"
                 ) from None
             if e.kind in UNKNOWN:
-                raise RunError(
-                    f"unknown environment {self.env_id!r} ({e.message}). Use 'push', 'libero', 'ogbench:<id>', or any "
-                    "gymnasium id registered in this Python (e.g. 'Pendulum-v1', or 'my_module:MyEnv-v0' to import "
-                    "my_module first)."
-                ) from None
+                raise _unknown(self.env_id, e.message) from None
             raise RunError(f"{self.env_id}: the env raised {e}") from None
 
     @staticmethod
@@ -217,6 +245,14 @@ class GymVecEnv:
             self._state[mine], reward[mine], term[mine], trunc[mine], success[mine] = obs, r, te, tr & ~te, ok
         info = {"success": success, "subgoal": np.zeros(e, bool)}
         return self._obs(), reward, term, trunc, info
+
+    def render_frames(self, idx: np.ndarray, largest: int = 256) -> np.ndarray:
+        """Video frames uint8 [n, h, w, 3] of envs `idx`, each env's `render()` (the envs made with
+        render_mode="rgb_array") at every k-th pixel, so that h, w ≤ `largest`; only those envs render."""
+        frames = {}
+        for mine, reply in self._call("render", np.asarray(idx), [np.full(self.num_envs, largest)]):
+            frames.update(zip(mine.tolist(), reply, strict=True))
+        return np.stack([frames[int(e)] for e in idx])
 
     def _obs(self) -> Obs:
         return {"state": self._state.copy(), "prompt_id": np.zeros(self.num_envs, np.int32), "images": {}}

@@ -324,6 +324,11 @@ class LiberoVecEnv:
             self._images[cam][e] = img
         return reward, done
 
+    def render_frames(self, idx: np.ndarray) -> np.ndarray:
+        """Video frames uint8 [n, s, 2s, 3] of envs `idx`: the two cameras of the last observation side by side,
+        upright (nothing is rendered again)."""
+        return np.concatenate([self._images[c][idx] for c in self.camera_names], axis=2)
+
     def _obs(self) -> Obs:
         images = {c: v.copy() for c, v in self._images.items()}
         return {"state": self._state.copy(), "prompt_id": self.prompt_id.copy(), "images": images}

@@ -118,7 +118,12 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
         raise RunError(
             "--env libero: not found in openpi's or LeRobot's cache (nothing is downloaded): "
             + "; ".join(lines)
-            + ". Pass the flags, or point OPENPI_DATA_HOME / HF_LEROBOT_HOME at the caches"
+            + ". Pass the flags, or point OPENPI_DATA_HOME / HF_LEROBOT_HOME at the caches. To fill them on a machine "
+            "with internet: in openpi's env, python -c \"from openpi.shared import download; "
+            "download.maybe_download('gs://openpi-assets/checkpoints/pi0_libero'); "
+            "download.maybe_download('gs://big_vision/paligemma_tokenizer.model')\" and, in LeRobot's, python -c "
+            "\"from lerobot.datasets.lerobot_dataset import LeRobotDataset; "
+            "LeRobotDataset('physical-intelligence/libero')\""
         )
     return dataclasses.replace(args, **found)
 
@@ -436,9 +441,10 @@ def load_pi0(
         )
     params = jax.tree.map(jnp.asarray, state["params"])
     record = extra.get("pi0", {})  # what the run's π₀ read (prompt length, state in the prompt), when recorded
-    cfg = config_from_params(
-        params, action_horizon=action_horizon, **{"max_token_len": 48, **(run_config or {}), **record}
-    )
+    run_config = dict(run_config or {})
+    if "state_proj" in params:  # the shapes fix π₀'s state input (an openpi π₀ pads the env's state to it)
+        run_config.pop("state_dim", None)
+    cfg = config_from_params(params, action_horizon=action_horizon, **{"max_token_len": 48, **run_config, **record})
     stats = {k: {s: np.asarray(x, np.float32) for s, x in v.items()} for k, v in extra["norm_stats"].items()}
     return params, cfg, stats
 

@@ -2,15 +2,19 @@
 on SIGINT/SIGTERM), one-line errors, and the π₀ a run starts from (`make_policy`).
 
 runs/<env>__<exp_name>__<seed>__<time>/
+    .lock            held (flock) by the process that runs in the folder (process 0 for all), for the run's life; it
+                     records that process (pid, host, start time) for a refused one to name it
     args.json        the Args the run started with (+ "_script"); `--resume` reads them back
     metrics.jsonl    one JSON object per log step: {"step": ..., "losses/...": ..., "eval/...": ...}
     checkpoints/     orbax CheckpointManager: {"state": train state pytree, "extra": JSON (norm stats, counters)}
     host/            <step>.p<i>.npz per checkpoint step and process: what lives on the host (replay buffer, env
                      state, observation), written before the orbax checkpoint of the same step
 
-A run folder belongs to one run. Every file is replaced atomically (a temporary file, then `os.replace`; orbax
-renames a step's folder), so a kill at any moment leaves the last complete checkpoint and its host file. Resuming
-truncates metrics.jsonl to the restored step: an interrupted and resumed run logs each step once.
+A run folder belongs to one run, and one process runs in it at a time: a second one (a --resume of a running run, a
+new run in a folder just taken) is refused with one line naming the first. Every file is replaced atomically (a
+temporary file, then `os.replace`; orbax renames a step's folder), so a kill at any moment leaves the last complete
+checkpoint and its host file. Resuming truncates metrics.jsonl to the restored step: an interrupted and resumed run
+logs each step once.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 import typing
 import warnings
+import weakref
 from typing import Any, Literal
 
 import jax
@@ -42,6 +50,7 @@ DATASET_KINDS = "prior data: robomimic/LIBERO HDF5, a LeRobot folder, an OGBench
 
 # flags a resumed run may change: where it runs and logs, not what it computes
 RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices", "eval_envs", "remat")
+RESUME_MAY_CHANGE += ("capture_video", "video_episodes")
 
 
 @dataclasses.dataclass
@@ -60,8 +69,8 @@ class RunArgs:
     """environment options as KEY VALUE pairs, JSON values (libero: suite, task_ids, image_size, max_episode_steps;
     any env: reward_scale A reward_shift B, rewards A·r + B in the env and the dataset)"""
     dataset: str | None = None
-    """prior data: robomimic/LIBERO HDF5 (a file or a folder of them) or a LeRobot dataset folder (parquet); push:
-    the script's demonstrator data, generated and cached on first use"""
+    """prior data: robomimic/LIBERO HDF5 (a file or a folder of them), a LeRobot dataset folder (parquet), an
+    OGBench/D4RL .npz or a Minari dataset folder; push: the demonstrator's data, generated and cached on first use"""
     pi0_checkpoint: str | None = None
     """openpi checkpoint directory (params + assets/norm stats) or a run folder of these scripts; None: the
     --pi0-preset trained from scratch"""
@@ -101,7 +110,8 @@ class RunArgs:
     def check_run(self, needs_data: bool = True) -> None:
         """Refuse a run block that cannot start, before any work: a `Literal` flag outside its choices, an env other
         than push (the only one with a default dataset) without --dataset when the run `needs_data`, paths that do
-        not exist or are of the wrong kind, a new run in a folder that holds something."""
+        not exist or are of the wrong kind, an --exp-name that is a path, a run folder that is a file, that another
+        process runs in, that holds a run (a new run) or that cannot be written (`check_run_folder`)."""
         check_choices(self)
         if needs_data and self.dataset is None and self.env != "push":
             raise RunError(f"--env {self.env}: pass --dataset ({DATASET_KINDS})")
@@ -117,11 +127,12 @@ class RunArgs:
             raise RunError(f"--tokenizer {self.tokenizer}: no such file (openpi's paligemma_tokenizer.model)")
         if self.fsdp_devices < 1:
             raise RunError(f"--fsdp-devices must be ≥ 1 (got {self.fsdp_devices})")
-        if not self.resume and self.run_dir and os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
+        if os.sep in self.exp_name or (os.altsep and os.altsep in self.exp_name) or self.exp_name in (".", ".."):
             raise RunError(
-                f"--run-dir {self.run_dir} is not empty (a run folder belongs to one run): continue that "
-                f"run with --resume --run-dir {self.run_dir}, or pick a new folder"
+                f"--exp-name {self.exp_name}: a name, not a path (no '{os.sep}', not '.' or '..'); it names the "
+                "run folder runs/<env>__<exp-name>__<seed>__<time>: pass --run-dir to put the run elsewhere"
             )
+        check_run_folder(self.run_dir, self.resume)
 
     def pi0_flags(self) -> dict[str, Any]:
         """The run block's flags that choose the π₀ a run starts from, as `make_policy`'s arguments; a resumed run's
@@ -138,6 +149,104 @@ class RunArgs:
             remat=self.remat,
             resume_dir=self.run_dir if self.resume else None,
         )
+
+
+LOCK_FILE = ".lock"  # in a run folder: held by the process that runs there (`lock_folder`)
+
+
+def check_run_folder(run_dir: str | None, resume: bool) -> None:
+    """Refuse, with one line and before any work, a run folder (`run_dir`, None: a new runs/<...> in the current
+    folder) that is a file, that another process runs in (its lock is held), that holds a run when this one is new,
+    or that cannot be created or written. Nothing in it is changed; only a file created and removed at once in the
+    folder to write in tells whether it can be written."""
+    label = f"--run-dir {run_dir}" if run_dir else "the run folder runs/<env>__<name>__<seed>__<time>"
+    folder, fix = run_dir or "runs", "pick a writable folder" if run_dir else "pass --run-dir in a writable folder"
+    if run_dir and os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"--run-dir {run_dir} is a file, not a folder: pick a folder (new, or empty)")
+    if run_dir and os.path.isdir(run_dir):
+        if who := holder(run_dir):
+            raise RunError(f"--run-dir {run_dir} is in use by {who}: wait for it to end, or pick another folder")
+        if not resume and [name for name in os.listdir(run_dir) if name != LOCK_FILE]:
+            raise RunError(
+                f"--run-dir {run_dir} is not empty (a run folder belongs to one run): continue that "
+                f"run with --resume --run-dir {run_dir}, or pick a new folder"
+            )
+    where = os.path.abspath(folder)  # the folder itself, or the nearest existing one it would be created in
+    while not os.path.lexists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise RunError(f"{label}: {where} is a file, not a folder: {fix}")
+    if why := _unwritable(where):
+        raise RunError(f"{label}: cannot write in {where} ({why}): {fix}")
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why a file cannot be created in `folder` (e.g. "read-only file system", "permission denied"), or None."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    try:  # what the access bits do not say (root on a folder it may not write, a network file system): try it
+        fd, path = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(path)
+    except OSError as e:
+        return (e.strerror or type(e).__name__).lower()
+    return None
+
+
+def holder(folder: str) -> str | None:
+    """The process that holds `folder`'s lock ("pid P on host H (script.py, started T)"), None when none does. Probes
+    with a shared lock, released at once: probes do not refuse each other, and nothing in the folder changes."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file: no run of these scripts took the folder
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _owner(fd)
+    finally:
+        os.close(fd)  # releases the probe's shared lock
+    return None
+
+
+def lock_folder(folder: str, script: str, label: str, wait: float = 1.0) -> int:
+    """Take `folder`'s lock for this process (an exclusive flock on its .lock, which then records this process) and
+    return the open file descriptor that holds it: the lock lasts until it is closed, or the process ends (the OS
+    releases it, kill -9 included). RunError naming the holder when another process holds it after `wait` seconds
+    (a probe's shared lock lasts microseconds)."""
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                who = _owner(fd)
+                os.close(fd)
+                raise RunError(f"{label} is in use by {who}: wait for it to end, or pick another folder") from None
+            time.sleep(0.05)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), script=script, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _owner(fd: int) -> str:
+    """The process a held lock file records (it writes itself there just after taking the lock: wait for it)."""
+    for _ in range(20):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            me = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {me['pid']} on host {me['host']} ({me['script']}.py, started {me['started']})"
+        time.sleep(0.05)
+    return "another process (which has not written its pid yet)"
 
 
 def resumed(args: Any, script: str, defaults: Any = None) -> Any:
@@ -223,6 +332,10 @@ def prepared(args: Any, script: str, configs: dict[str, Any], *, data_with_check
     there is some) or "unused"."""
     args = resumed(args, script, configured(configs, args.env))
     args = _located(args, data_with_checkpoint)
+    if args.env not in ("push", "libero"):  # the env id and its spaces first: what else the run needs depends on it
+        from common import gymenv
+
+        gymenv.check_env(args.env)
     named, base = configs.get(args.env, configs["gym"]), type(args)()
     changed = [f.name for f in dataclasses.fields(base) if getattr(named, f.name) != getattr(base, f.name)]
     changed = [name for name in changed if name != "env"]
@@ -247,23 +360,59 @@ class Run:
     """One run's folder (module docstring); --resume reopens it and `restore()` returns its last checkpoint. Until
     `close()` the first SIGINT or SIGTERM sets `stopping`: the next `save` then exits with status 0 and prints the
     resume command; a second signal acts as usual. On several processes every process saves and restores the orbax
-    checkpoint (a collective) and its own host file; process 0 alone writes args.json, metrics and progress lines."""
+    checkpoint (a collective) and its own host file; process 0 alone writes args.json, metrics and progress lines.
+    Process 0 holds the folder's lock (`lock_folder`) for all from before anything is written there until `close()`:
+    a second process on the folder is refused (RunError naming the first) with the folder as it was."""
 
     def __init__(self, args: RunArgs, script: str, keep: int = 2):
         self.script, self.resume, self.is_main = script, args.resume, jax.process_index() == 0
-        name, run_dir = args.exp_name or script, args.run_dir  # named --exp-name, or the script's name
-        if run_dir is None:  # a new folder of its own, even for two runs started in the same second
-            env = args.env.replace(":", "_").replace("/", "_")
-            base = os.path.join("runs", f"{env}__{name}__{args.seed}__{int(time.time())}")
-            run_dir = next(d for i in range(1000) if not os.path.exists(d := base + (f"_{i}" if i else "")))
-            run_dir = mesh.agreed(run_dir)  # process 0's clock and folders: one folder for all
+        name = args.exp_name or script  # named --exp-name, or the script's name
+        self._unlock: typing.Callable[[], Any] = lambda: None
+        # process 0 creates the folder and takes its lock, for all; every process gets its folder or its refusal
+        run_dir, refused = mesh.agreed(self._claim(args, name) if self.is_main else None)
+        if refused:
+            raise RunError(refused)
         self.dir = os.path.abspath(run_dir)
-        if not self.resume and os.path.isdir(self.dir) and os.listdir(self.dir):
-            raise RunError(f"--run-dir {run_dir} is not empty: continue it with --resume, or pick a new folder")
-        mesh.barrier("run folder checked")  # by every process, before process 0 writes into it
-        os.makedirs(self.dir, exist_ok=True)
+        try:
+            self._open(args, name, keep)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _claim(self, args: RunArgs, name: str) -> tuple[str, str | None]:
+        """(the run folder, None) once it exists and this process holds its lock; (the folder, why not) when it is
+        taken (another process holds it, a new run finds a run there) or cannot be created."""
+        run_dir = args.run_dir
+        try:
+            if run_dir is None:  # a new folder of its own, even for two runs started in the same second
+                env = args.env.replace(":", "_").replace("/", "_")
+                base = os.path.join("runs", f"{env}__{name}__{args.seed}__{int(time.time())}")
+                os.makedirs("runs", exist_ok=True)
+                run_dir = next(d for i in range(1000) if _created(d := base + (f"_{i}" if i else "")))
+            label, folder = f"--run-dir {run_dir}", os.path.abspath(run_dir)
+            others = lambda: [n for n in os.listdir(folder) if n != LOCK_FILE] if os.path.isdir(folder) else []
+            if not self.resume and others():  # a new run: refused before it creates anything there
+                who = holder(folder)
+                if who:
+                    return run_dir, f"{label} is in use by {who}: wait for it to end, or pick another folder"
+                return run_dir, f"{label} is not empty: continue it with --resume, or pick a new folder"
+            os.makedirs(folder, exist_ok=True)
+            fd = lock_folder(folder, self.script, label)
+            self._unlock = weakref.finalize(self, os.close, fd)  # at close(), or when the Run is dropped
+            if not self.resume and others():  # a run that took the folder and ended since
+                self._unlock()
+                return run_dir, f"{label} is not empty: continue it with --resume, or pick a new folder"
+        except RunError as e:
+            return run_dir, str(e)
+        except OSError as e:
+            return run_dir, f"--run-dir {run_dir}: cannot create the run folder ({_reason(e)}): pick a writable folder"
+        return run_dir, None
+
+    def _open(self, args: RunArgs, name: str, keep: int) -> None:
+        """The folder taken: args.json (a new run), wandb, the checkpoint manager, the signal handlers."""
+        os.makedirs(self.dir, exist_ok=True)  # by every process (process 0 created it)
         if self.is_main and not self.resume:
-            text = json.dumps({**dataclasses.asdict(args), "_script": script}, indent=2, default=str)
+            text = json.dumps({**dataclasses.asdict(args), "_script": self.script}, indent=2, default=str)
             atomic_write(os.path.join(self.dir, "args.json"), text.encode())
         self._metrics = None  # opened at the first log (after `restore` truncated it)
         self._wandb = None
@@ -334,6 +483,23 @@ class Run:
                 ) from e
         if self._wandb:
             self._wandb.log(row, step=int(step))
+
+    def log_videos(self, step: int, policy: str, videos: list[tuple[np.ndarray, bool, int]]) -> None:
+        """Write an evaluated `policy`'s recorded episodes (`envs.EvalTrace.videos`) as MP4 under videos/, named by
+        step, policy, episode and outcome (process 0: its envs'), and log them to wandb with --track."""
+        if not videos or not self.is_main:
+            return
+        from common import video
+
+        try:
+            paths = video.write_videos(os.path.join(self.dir, "videos"), step, policy, videos)
+        except OSError as e:
+            raise self._failed(f"writing videos in {self.dir}/videos failed ({_reason(e)}); {self._last_good()}") from e
+        if self._wandb:
+            import wandb
+
+            media = {f"videos/{policy}_ep{i}": wandb.Video(p, format="mp4") for i, p in enumerate(paths)}
+            self._wandb.log(media, step=int(step))
 
     def report(self, step: int, metrics: dict, phase: str, total: int, start: tuple[int, float], show: tuple) -> None:
         """`log` the metrics with the phase's rate since `start` = (step, time) and print a progress line (process 0)
@@ -488,6 +654,7 @@ class Run:
         if self._wandb:
             self._wandb.finish()
             self._wandb = None
+        self._unlock()  # the folder's lock: the run is over
 
 
 @contextlib.contextmanager
@@ -502,6 +669,15 @@ def one_line_errors():
     except KeyboardInterrupt:
         print("interrupted before the run saved anything", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+
+def _created(folder: str) -> bool:
+    """Create `folder` (its parent exists); False when it exists: another run's, even one started this very moment."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return False
+    return True
 
 
 def atomic_write(path: str, data: bytes | typing.Callable[[typing.BinaryIO], Any]) -> None:

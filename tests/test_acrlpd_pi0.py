@@ -63,8 +63,9 @@ def test_smoke(tmp_path, tiny_acrlpd_run):
 
     # online only: π₀ from that run folder and no prior data: no offline phase, π₀ evaluated at the start
     online_dir = str(tmp_path / "online")
-    out = ac.main(ac.Args(**tiny.ACRLPD, pi0_checkpoint=run_dir, run_dir=online_dir))
-    assert out["step"] == tiny.ACRLPD["online_steps"] and "offline/eval/success_rate" in out
+    online = {k: v for k, v in tiny.ACRLPD.items() if k != "offline_steps"}  # no prior data: the default becomes 0
+    out = ac.main(ac.Args(**online, pi0_checkpoint=run_dir, run_dir=online_dir))
+    assert out["step"] == tiny.ACRLPD["online_steps"] and "start/eval/success_rate" in out
     assert json.load(open(os.path.join(online_dir, "args.json")))["offline_steps"] == 0
     rows = [json.loads(line) for line in open(os.path.join(online_dir, "metrics.jsonl"))]
     assert rows[0]["step"] == 0 and "eval/success_rate" in rows[0] and not any("losses/bc" in r for r in rows)

@@ -182,6 +182,17 @@ def bad_inputs(data, finished, tmp):
         (chunk_awr, dict(run_dir=finished, resume=True), f"--run-dir {finished} is a run of acrlpd_pi0.py"),
         (fp, dict(resume=True, run_dir=None), "--resume needs --run-dir"),
         (ac, dict(run_dir=str(tmp), resume=True), "no args.json there"),
+        (ac, dict(pi0_checkpoint=finished, offline_steps=8), "--offline-steps 8 needs prior data: pass --dataset"),
+        (ac, dict(eval_episodes=0), "--eval-episodes must be ≥ 1"),
+        (ac, dict(env="nonsense"), "unknown environment 'nonsense'"),  # before asking for --dataset
+        (chunk_awr, dict(env="CartPole-v1"), "'CartPole-v1' has action space Discrete(2)"),
+        (ac, dict(critic_hidden=(0,)), "--critic-hidden 0: one width ≥ 1 per hidden layer"),
+        (chunk_awr, dict(critic_hidden=()), "--critic-hidden : one width ≥ 1 per hidden layer"),
+        (ac, dict(image_size=-3), "--image-size must be ≥ 0"),
+        (ac, dict(action_horizon=200), "--action-horizon 200 is longer than an episode of push (80 steps)"),
+        (fp, dict(env_kwargs={"max_episode_steps": "0"}), "--env-kwargs max_episode_steps 0: a whole number"),
+        (ac, dict(env_kwargs={"reward_scale": "NaN"}), "--env-kwargs reward_scale nan reward_shift 0.0: finite"),
+        (ac, dict(env_kwargs={"colour": "red"}), "it takes image_size, max_episode_steps, reward_scale, reward_shift"),
     ]
 
 
@@ -229,6 +240,16 @@ def test_command_line_errors_are_one_line(tmp_path, data):
     )
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --batch-size must be ≥ 1 (got 0)"]
     assert not os.path.exists(tmp_path / "x")
+    res = subprocess.run(  # once a crash after the offline phase: now refused before any work
+        [sys.executable, "acrlpd_pi0.py", "--eval-episodes", "0", "--run-dir", str(tmp_path / "y")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --eval-episodes must be ≥ 1 (got 0)"]
+    assert not os.path.exists(tmp_path / "y") and "Traceback" not in res.stdout
 
     no_cache = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1e9"}  # read the compile cache, write none
     cmd = flags({**ACRLPD, "online_steps": 0}) + ["--dataset", data["push"], "--run-dir", str(tmp_path / "full")]

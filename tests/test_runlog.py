@@ -61,6 +61,8 @@ def test_load_pi0_from_a_run_folder(tmp_path) -> None:
     jax.tree.map(np.testing.assert_array_equal, got_stats, stats(10, 2))
     assert got_stats["state"]["mean"].dtype == np.float32
     assert openpi.load_pi0(str(tmp_path / "run"), action_horizon=3)[1].max_token_len == 48  # the default
+    # π₀'s state input is what its shapes say (10 here), whatever the next run's env has (an openpi π₀ takes 32)
+    assert openpi.load_pi0(str(tmp_path / "run"), action_horizon=5, run_config={"state_dim": 7})[1].state_dim == 10
     bad = runlog.Run(Args(run_dir=str(tmp_path / "bad")), "script")
     bad.save(1, {"pi": params}, {"norm_stats": stats(10, 2)})  # π₀ under another key
     bad.close()
