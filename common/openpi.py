@@ -122,7 +122,7 @@ def located(args: Any, *, data_with_checkpoint: str = "needed") -> Any:
             "with internet: in openpi's env, python -c \"from openpi.shared import download; "
             "download.maybe_download('gs://openpi-assets/checkpoints/pi0_libero'); "
             "download.maybe_download('gs://big_vision/paligemma_tokenizer.model')\" and, in LeRobot's, python -c "
-            "\"from lerobot.datasets.lerobot_dataset import LeRobotDataset; "
+            '"from lerobot.datasets.lerobot_dataset import LeRobotDataset; '
             "LeRobotDataset('physical-intelligence/libero')\""
         )
     return dataclasses.replace(args, **found)

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,3 +172,26 @@ def test_a_run_folder_that_cannot_be_written_is_refused(tmp_path):
     assert as_file.read_bytes() == b"not a folder" and os.listdir(ro) == []
     with pytest.raises(RunError, match=f"--run-dir {as_file}/run: {as_file} is a file, not a folder: pick a writable"):
         Args(run_dir=f"{as_file}/run").check_run()
+
+
+def test_a_read_only_file_system_is_refused(tmp_path):
+    """The default run folder runs/<...> on a read-only file system (a read-only bind mount of the current folder,
+    in a mount namespace of its own): one line before any work. Skipped where mount namespaces are not allowed."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mount = f"mount --bind {ro} {ro} && mount -o remount,ro,bind {ro}"
+    allowed = shutil.which("unshare") and not subprocess.run(["unshare", "-m", "sh", "-c", mount]).returncode
+    if not allowed:
+        pytest.skip("no mount namespace here (unshare -m)")
+    proc = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", f'{mount} && cd {ro} && exec "$0" {ROOT}/chunk_awr.py', sys.executable],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    line = one_line(proc)
+    assert line == (
+        f"error: the run folder runs/<env>__<name>__<seed>__<time>: cannot write in {ro} (read-only file system): "
+        "pass --run-dir in a writable folder"
+    ), line
+    assert os.listdir(ro) == []
