@@ -135,6 +135,11 @@ class GymVecEnv:
         **make_kwargs: Any,
     ):
         workers = min(num_envs, os.cpu_count() or 1) if workers is None else min(workers, num_envs)
+        if make_kwargs.get("render_mode") and not os.environ.get("MUJOCO_GL"):  # MuJoCo envs (OGBench) render offscreen
+            from common.libero import setup_rendering
+
+            with contextlib.suppress(ImportError):  # no offscreen OpenGL: envs that draw without it still render
+                setup_rendering()  # MUJOCO_GL for this process and the workers it starts
         self.env_id, self.num_envs, self.seed, self.first, self.prompt = env_id, num_envs, seed, first, prompt
         counts = [len(r) for r in np.array_split(np.arange(num_envs), max(workers, 1))]
         self._where = [(w, i) for w, c in enumerate(counts) for i in range(c)]  # env -> (worker, index there)

@@ -181,13 +181,9 @@ def check_run_folder(run_dir: str | None, resume: bool) -> None:
 
 
 def _unwritable(folder: str) -> str | None:
-    """Why a file cannot be created in `folder` (e.g. "read-only file system", "permission denied"), or None."""
-    with contextlib.suppress(OSError):
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return "read-only file system"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return "permission denied"
-    try:  # what the access bits do not say (root on a folder it may not write, a network file system): try it
+    """Why a file cannot be created in `folder` (e.g. "read-only file system", "permission denied"), or None: tried,
+    since access bits do not tell everything (root, network file systems)."""
+    try:
         fd, path = tempfile.mkstemp(dir=folder, prefix=".write-test-")
         os.close(fd)
         os.remove(path)

@@ -103,15 +103,17 @@ def test_missing_writer(script, monkeypatch, tmp_path):
 
 
 def test_tiny_runs_videos_and_plot(tmp_path, small_push):
-    """Two seeds of the tiny flow_ppo.py run with --capture-video: the first 2 episodes of every evaluation as MP4
-    named by step, policy and outcome; then common.plot of the two folders (one config, two seeds: a band)."""
+    """Two seeds of the tiny flow_ppo.py run with --capture-video (the second with --track): the first 2 episodes of
+    every evaluation as MP4 named by step, policy and outcome, and in wandb; then common.plot of the two folders (one
+    config, two seeds: a band)."""
     import flow_ppo
 
     runs = [str(tmp_path / f"run{seed}") for seed in (1, 2)]
     for seed, run_dir in zip((1, 2), runs, strict=True):
-        flow_ppo.main(
-            flow_ppo.Args(**tiny.FLOW_PPO, dataset=small_push, run_dir=run_dir, seed=seed, capture_video=True)
-        )
+        flags = dict(dataset=small_push, run_dir=run_dir, seed=seed, track=seed == 2, capture_video=True)
+        flow_ppo.main(flow_ppo.Args(**tiny.FLOW_PPO, **flags))
+    logged = [f for _, _, files in os.walk(os.path.join(runs[1], "wandb")) for f in files if f.endswith(".mp4")]
+    assert len(logged) == len(os.listdir(os.path.join(runs[1], "videos")))
     with open(os.path.join(runs[0], "metrics.jsonl")) as f:
         evals = [r["step"] for r in map(json.loads, f) if "eval/success_rate" in r]
     names = sorted(os.listdir(os.path.join(runs[0], "videos")))
