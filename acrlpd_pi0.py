@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, data, envs, mesh, pi0, runlog, video
+from common import RunError, data, envs, mesh, pi0, runlog
 
 
 @dataclass
@@ -198,6 +198,8 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 1, "eval_episodes", "eval_envs", "buffer_size")
     runlog.check_at_least(args, 0, "video_episodes")
     if args.capture_video:  # the writer is there before any work
+        from common import video  # the video extra, imported only when asked for
+
         video.require_writer()
     runlog.check_at_least(args, 0, "image_size")
     if not args.critic_hidden or min(args.critic_hidden) < 1:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, data, envs, mesh, pi0, runlog, video
+from common import RunError, data, envs, mesh, pi0, runlog
 
 
 @dataclass
@@ -153,6 +153,8 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 0, "critic_steps", "policy_steps", "log_every", "eval_every", "save_every")
     runlog.check_at_least(args, 0, "video_episodes")
     if args.capture_video:  # the writer is there before any work
+        from common import video  # the video extra, imported only when asked for
+
         video.require_writer()
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
     if not args.critic_hidden or min(args.critic_hidden) < 1:

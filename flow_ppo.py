@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import RunError, data, envs, mesh, pi0, runlog, video
+from common import RunError, data, envs, mesh, pi0, runlog
 
 
 @dataclass
@@ -168,6 +168,8 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
     runlog.check_at_least(args, 0, "video_episodes")
     if args.capture_video:  # the writer is there before any work
+        from common import video  # the video extra, imported only when asked for
+
         video.require_writer()
     runlog.check_ranges(args, gamma=(0, 1), lr=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))

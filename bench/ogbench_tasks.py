@@ -1,7 +1,7 @@
 """Benchmark on OGBench tasks we did not write: the three scripts and BC from oracle data made with our own tooling.
 (Named ogbench_tasks: other bench scripts put bench/ on sys.path, where a bench/ogbench.py would shadow ogbench.)
 
-Per task, the dataset is made once with `python -m common.envs make-dataset --env ogbench:<task>` (cached under
+Per task, the dataset is made once with `python -m common make-dataset --env ogbench:<task>` (cached under
 $PI0RL_DATA, default ~/.cache/pi0rl): cube-single task 1 from the task recipe (OGBench's cube oracle aimed at the
 task's goal, its noisy-recipe noise at ξ ≤ 0.3: about half the episodes reach the goal), scene task 1 from OGBench's
 own "play" recipe (1001-step episodes of random sub-tasks, the task's rewards relabelled). Then, per seed, each run
@@ -85,7 +85,7 @@ def dataset(task: str) -> str:
     path = os.path.join(root, f"ogbench_{env_id}_{'_'.join(f.lstrip('-') for f in flags)}_seed0.npz")
     if not os.path.exists(path):
         os.makedirs(root, exist_ok=True)
-        cmd = [sys.executable, "-m", "common.envs", "make-dataset", "--env", f"ogbench:{env_id}", "--out", path, *flags]
+        cmd = [sys.executable, "-m", "common", "make-dataset", "--env", f"ogbench:{env_id}", "--out", path, *flags]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
     return path

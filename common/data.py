@@ -99,7 +99,7 @@ def hdf5_files(p: Path) -> list[Path]:
 def _dataset_files(path: str | Path) -> list[Path]:
     p = Path(path)
     if not p.exists():
-        raise DatasetError(f"{p}: no such file; check the path, or write one with `python -m common.envs make-dataset`")
+        raise DatasetError(f"{p}: no such file; check the path, or write one with `python -m common make-dataset`")
     if p.is_dir() and not hdf5_files(p):
         raise DatasetError(f"{p}: directory holds no .hdf5/.h5 files; point to a dataset file or folder.")
     return hdf5_files(p)
@@ -112,7 +112,7 @@ def _open(path: Path) -> h5py.File:
     except OSError as e:
         raise DatasetError(
             f"{path}: not a readable HDF5 file ({e}); is it empty, truncated or still being written? "
-            "Write it again (python -m common.envs make-dataset for push)"
+            "Write it again (python -m common make-dataset for push)"
         ) from None
 
 

@@ -13,7 +13,6 @@ ended inside a chunk is never stepped again. `info` holds bool[E] `success` and 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import json
@@ -579,46 +578,6 @@ class EvalTrace:
     videos: list[tuple[np.ndarray, bool, int]] = field(default_factory=list)  # (frames [L+1,h,w,3] uint8, success, L)
 
 
-class _Recorder:
-    """`env` whose envs 0..count−1 draw their first episode (`render_frames`): its first observation, then one frame
-    per step they take, until the episode ends; the other envs never render."""
-
-    def __init__(self, env: Any, count: int):
-        self.env, self.count = env, count
-        self.frames: list[list[np.ndarray]] = [[] for _ in range(count)]
-        self.success = np.zeros(count, bool)
-        self.recording = np.zeros(count, bool)
-
-    def __getattr__(self, name: str) -> Any:  # everything else is the env's
-        return getattr(self.env, name)
-
-    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
-        out = self.env.reset(seed=seed)
-        self.frames = [[] for _ in range(self.count)]
-        self.success[:], self.recording[:] = False, True
-        self._draw(np.arange(self.count))
-        return out
-
-    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
-        obs, reward, term, trunc, info = self.env.step(actions, active=active)
-        n = self.count
-        stepped = self.recording & (True if active is None else np.asarray(active, bool)[:n])
-        self._draw(np.flatnonzero(stepped))
-        self.success |= stepped & np.asarray(info["success"], bool)[:n]
-        self.recording &= ~(stepped & (np.asarray(term, bool)[:n] | np.asarray(trunc, bool)[:n]))
-        return obs, reward, term, trunc, info
-
-    def _draw(self, idx: np.ndarray) -> None:
-        if len(idx):
-            for e, frame in zip(idx, self.env.render_frames(idx), strict=True):
-                self.frames[e].append(frame)
-
-    def videos(self) -> list[tuple[np.ndarray, bool, int]]:
-        """(frames [L+1,h,w,3], success, L) of each recorded episode (an unfinished one: its frames so far, failed)."""
-        done = ~self.recording
-        return [(np.stack(f), bool(s & d), len(f) - 1) for f, s, d in zip(self.frames, self.success, done, strict=True)]
-
-
 def evaluate(
     spec: EnvSpec,
     act: Callable[[Obs, jax.Array], tuple[Any, Any]],
@@ -648,7 +607,11 @@ def evaluate(
     mine = mesh.process_rows(E)  # this process's envs of the E
     recorded = int(np.clip(min(record, E) - mine.start, 0, mine.stop - mine.start))  # this process's recorded envs
     env = spec.make(mine.stop - mine.start, seed, evaluation=True, first=mine.start, total=E, render=recorded > 0)
-    played = _Recorder(env, recorded) if recorded else env
+    played = env
+    if recorded:  # the recorded envs draw their frames
+        from common.video import Recorder
+
+        played = Recorder(env, recorded)
     obs, _ = played.reset(seed=seed)
     todo = (episodes - np.arange(E)[mine] + E - 1) // E  # episodes each env still has to play
     success = np.zeros(len(todo), bool)  # of each env's current episode (this process's envs)
@@ -681,44 +644,3 @@ def evaluate(
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
     videos = played.videos() if recorded else []
     return out, EvalTrace(np.stack(rewards), np.stack(ends), chunks, videos)
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> None:
-    """`python -m common.envs make-dataset --env push|ogbench:<id> --out FILE [--episodes N --noise X ...]`."""
-    from common import gymenv
-
-    parser = argparse.ArgumentParser(prog="python -m common.envs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    mk = sub.add_parser("make-dataset", help="write demonstrator episodes (push: HDF5; ogbench:<id>: OGBench's npz)")
-    mk.add_argument(
-        "--env", default="push", help="push, or ogbench:<OGBench id> (e.g. cube-single-singletask-task1-v0)"
-    )
-    mk.add_argument("--episodes", type=int, default=1000)
-    noise_help = "push: action noise std, or 'mixed' (0.3/0.6/1.0 in equal parts), default 0.6; OGBench: the recipe's "
-    mk.add_argument("--noise", default=None, help=noise_help + "noise level, default 0.1 (OGBench's)")
-    mk.add_argument("--out", required=True)
-    mk.add_argument("--image-size", type=int, default=0)
-    mk.add_argument("--seed", type=int, default=0)
-    gymenv.add_ogbench_flags(mk)
-    args = parser.parse_args(argv)
-    start = time.time()
-    try:
-        noise = args.noise if args.noise == "mixed" else float(args.noise or (0.1 if "ogbench:" in args.env else 0.6))
-    except ValueError:
-        raise SystemExit(f"--noise {args.noise}: a number ≥ 0 (push also takes 'mixed')") from None
-    if args.episodes < 1:
-        raise SystemExit(f"--episodes {args.episodes}: out of range (≥ 1)")
-    if noise != "mixed" and noise < 0:
-        raise SystemExit(f"--noise {args.noise}: out of range (≥ 0)")
-    if args.env.startswith("ogbench:"):
-        return gymenv.write_ogbench_dataset(args, noise)
-    path = make_dataset(args.out, args.env, args.episodes, noise, seed=args.seed, image_size=args.image_size)
-    with h5py.File(path, "r") as f:
-        rate, total = f["data"].attrs["success_rate"], f["data"].attrs["total"]
-    print(f"{args.episodes} episodes, {total} steps, demonstrator success {rate:.1%}, {time.time() - start:.1f}s")
-    print(f"-> {path}")
-
-
-if __name__ == "__main__":
-    main()

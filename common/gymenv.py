@@ -1,6 +1,6 @@
 """Gymnasium environments: any registered id (or "module:EnvId") with Box state observations and Box actions, its
 sub-envs in worker processes (`common.workers`); the readers of OGBench/D4RL npz files and Minari datasets; and
-OGBench's scripted oracles writing datasets in OGBench's npz layout (`python -m common.envs make-dataset --env
+OGBench's scripted oracles writing datasets in OGBench's npz layout (`python -m common make-dataset --env
 ogbench:<id>`).
 """
 
@@ -352,7 +352,7 @@ def _ogbench_rewards(path: str | os.PathLike, env_id: str, data: dict[str, np.nd
     if "qpos" not in data:
         raise DatasetError(
             f"{path}: no 'qpos' to relabel OGBench rewards from; write the file with "
-            "OGBench's generator or `python -m common.envs make-dataset`"
+            "OGBench's generator or `python -m common make-dataset`"
         )
     import gymnasium as gym
     from ogbench.relabel_utils import relabel_dataset
@@ -570,7 +570,7 @@ def make_ogbench_dataset(
 
 
 def add_ogbench_flags(parser: Any) -> None:
-    """The flags of OGBench's recipes in `python -m common.envs make-dataset`."""
+    """The flags of OGBench's recipes in `python -m common make-dataset`."""
     recipe_help = "OGBench: task (the single-task env, oracle aimed at its goal; cube tasks), or OGBench's own noisy / "
     recipe_help += "play data-collection recipes (episodes of --episode-steps)"
     parser.add_argument("--recipe", default="task", choices=OGBENCH_RECIPES, help=recipe_help)
@@ -579,7 +579,7 @@ def add_ogbench_flags(parser: Any) -> None:
 
 
 def write_ogbench_dataset(args: Any, noise: float | str) -> None:
-    """`python -m common.envs make-dataset --env ogbench:<id>`: the oracle's episodes written to `args.out` (npz)."""
+    """`python -m common make-dataset --env ogbench:<id>`: the oracle's episodes written to `args.out` (npz)."""
     start = time.time()
     if args.episode_steps < 1:
         raise SystemExit(f"--episode-steps {args.episode_steps}: out of range (≥ 1)")

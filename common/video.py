@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from typing import Any
 
 import numpy as np
 
 from common import RunError
+
+Obs = dict[str, Any]
 
 INSTALL = "pip install -e '.[video]'"
 SUCCESS, FAILURE, BAR = (40, 190, 70), (220, 40, 40), (40, 40, 40)
@@ -79,3 +82,43 @@ def write_videos(
         write_mp4(path, annotate(frames, success, step), fps)
         paths.append(path)
     return paths
+
+
+class Recorder:
+    """`env` whose envs 0..count−1 draw their first episode (`render_frames`): its first observation, then one frame
+    per step they take, until the episode ends; the other envs never render."""
+
+    def __init__(self, env: Any, count: int):
+        self.env, self.count = env, count
+        self.frames: list[list[np.ndarray]] = [[] for _ in range(count)]
+        self.success = np.zeros(count, bool)
+        self.recording = np.zeros(count, bool)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the env's
+        return getattr(self.env, name)
+
+    def reset(self, seed: int | None = None) -> tuple[Obs, dict]:
+        out = self.env.reset(seed=seed)
+        self.frames = [[] for _ in range(self.count)]
+        self.success[:], self.recording[:] = False, True
+        self._draw(np.arange(self.count))
+        return out
+
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> tuple:
+        obs, reward, term, trunc, info = self.env.step(actions, active=active)
+        n = self.count
+        stepped = self.recording & (True if active is None else np.asarray(active, bool)[:n])
+        self._draw(np.flatnonzero(stepped))
+        self.success |= stepped & np.asarray(info["success"], bool)[:n]
+        self.recording &= ~(stepped & (np.asarray(term, bool)[:n] | np.asarray(trunc, bool)[:n]))
+        return obs, reward, term, trunc, info
+
+    def _draw(self, idx: np.ndarray) -> None:
+        if len(idx):
+            for e, frame in zip(idx, self.env.render_frames(idx), strict=True):
+                self.frames[e].append(frame)
+
+    def videos(self) -> list[tuple[np.ndarray, bool, int]]:
+        """(frames [L+1,h,w,3], success, L) of each recorded episode (an unfinished one: its frames so far, failed)."""
+        done = ~self.recording
+        return [(np.stack(f), bool(s & d), len(f) - 1) for f, s, d in zip(self.frames, self.success, done, strict=True)]

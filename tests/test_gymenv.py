@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+import common.__main__ as cli
 from common import RunError, data, envs, gymenv, runlog
 
 OGBENCH = importlib.util.find_spec("ogbench") is not None
@@ -65,7 +66,7 @@ def test_ogbench_oracle_dataset_round_trip(tmp_path: object, capsys: pytest.Capt
     """make-dataset on OGBench's cube task writes OGBench's layout; reading it relabels the task's rewards (−1, 0 at
     the goal) with a termination at each success, and the vector env on 2 workers runs the same env."""
     out = os.path.join(tmp_path, "cube.npz")
-    envs.main(["make-dataset", "--env", CUBE, "--episodes", "3", "--noise", "0.1", "--out", out])
+    cli.main(["make-dataset", "--env", CUBE, "--episodes", "3", "--noise", "0.1", "--out", out])
     assert "3 episodes" in capsys.readouterr().out
     raw = np.load(out)
     assert {"observations", "actions", "terminals", "qpos", "qvel"} <= set(raw.files) and raw["terminals"].sum() == 3
@@ -77,9 +78,9 @@ def test_ogbench_oracle_dataset_round_trip(tmp_path: object, capsys: pytest.Capt
     assert (step.rewards == -1).all() and obs["state"].shape == (2, 28)
     env.close()
     with pytest.raises(SystemExit, match="exists"):
-        envs.main(["make-dataset", "--env", CUBE, "--episodes", "1", "--out", out])  # never overwritten
+        cli.main(["make-dataset", "--env", CUBE, "--episodes", "1", "--out", out])  # never overwritten
     with pytest.raises(SystemExit, match="recipe 'task' needs an OGBench cube single-task env"):
-        envs.main(["make-dataset", "--env", "ogbench:scene-singletask-task1-v0", "--out", out + "2.npz"])
+        cli.main(["make-dataset", "--env", "ogbench:scene-singletask-task1-v0", "--out", out + "2.npz"])
 
 
 class _Camera(gym.Env):
@@ -183,5 +184,5 @@ def _alive(pid: int) -> bool:
 def test_make_dataset_bad_values(tmp_path: object, flags: list[str], says: str) -> None:
     out = os.path.join(tmp_path, "d.npz")
     with pytest.raises(SystemExit, match=says):
-        envs.main(["make-dataset", "--env", CUBE, "--out", out, *flags])
+        cli.main(["make-dataset", "--env", CUBE, "--out", out, *flags])
     assert not os.path.exists(out)
