@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import acrlpd_pi0
+import common.__main__ as cli
 from common import RunError, runlog
 from common.envs import (
     PUSH_PROMPTS,
@@ -18,7 +19,6 @@ from common.envs import (
     evaluate,
     execute_chunk,
     loop_state,
-    main,
     make_env,
     make_spec,
     resume_loop,
@@ -160,7 +160,7 @@ def test_env_spec_decodes_env_kwargs() -> None:
 
 def test_cli_and_default_dataset(tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "d.h5"
-    main(["make-dataset", "--env", "push", "--episodes", "5", "--noise", "0.3", "--out", str(out)])
+    cli.main(["make-dataset", "--env", "push", "--episodes", "5", "--noise", "0.3", "--out", str(out)])
     assert "demonstrator success" in capsys.readouterr().out
     with h5py.File(out) as f:
         assert len(f["data"]) == 5 and f["data"].attrs["total"] == sum(len(g["actions"]) for g in f["data"].values())

@@ -4,7 +4,6 @@ the flag or the file, and leaves every run folder as it was (and no new one)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,7 +16,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from tiny import ACRLPD, RUNS, flags
+from tiny import ACRLPD, RUNS, flags, snapshot
 
 import acrlpd_pi0 as ac
 import chunk_awr
@@ -133,16 +132,6 @@ def test_killed_and_resumed_runs_log_what_an_uninterrupted_run_logs(tmp_path, da
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
-def snapshot(folder) -> dict:
-    """Every file under `folder`: size, modification time and content hash."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(root, name)
-            out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns, hashlib.sha1(open(p, "rb").read()).hexdigest())
-    return out
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, data):
     """A finished acrlpd_pi0 run on push (the folder the bad inputs must leave alone)."""

@@ -6,7 +6,6 @@ a path, are refused before any work."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny import ACRLPD
+from tiny import ACRLPD, snapshot
 
 import acrlpd_pi0 as ac
 from common import RunError, runlog
@@ -55,16 +54,6 @@ def hold():
             proc.kill()
         proc.wait()
         proc.stdout.close()
-
-
-def snapshot(folder: str) -> dict:
-    """Every file under `folder`: size, modification time and content hash."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(root, name)
-            out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns, hashlib.sha1(open(p, "rb").read()).hexdigest())
-    return out
 
 
 def run_folder(path) -> str:

@@ -2,6 +2,9 @@
 (tests/test_reliability.py): the same flags and data give the same XLA programs, so the persistent compilation cache
 compiles each once per suite. Each also sets flags the defaults leave off, so that they are run somewhere."""
 
+import hashlib
+import os
+
 ACRLPD = dict(
     offline_steps=8,
     online_steps=8,
@@ -75,4 +78,14 @@ def flags(args: dict) -> list[str]:
             out.append(f"--{name}" if v else f"--no-{name}")
         else:
             out += [f"--{name}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return out
+
+
+def snapshot(folder: str) -> dict:
+    """Every file under `folder`: size, modification time and content hash."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns, hashlib.sha1(open(p, "rb").read()).hexdigest())
     return out
