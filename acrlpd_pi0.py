@@ -52,11 +52,6 @@ class Args(runlog.RunArgs):
     """evaluate every this many updates (0: only at the start and at the end of each phase)"""
     save_every: int = 2000
     """checkpoint every this many updates, and at the end of each phase and on SIGINT/SIGTERM (0: only then)"""
-    capture_video: bool = False
-    """write the first --video-episodes episodes of each evaluated policy as MP4 under <run>/videos (and to wandb
-    with --track); needs pip install -e '.[video]'"""
-    video_episodes: int = 2
-    """episodes recorded per evaluated policy with --capture-video"""
 
     # ---- model
     flow_steps: int = 5
@@ -196,11 +191,6 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "online_batch_size", "utd", "num_envs", "bon")
     runlog.check_at_least(args, 1, "target_n", "num_qs", "action_horizon", "flow_steps", "target_flow_steps")
     runlog.check_at_least(args, 1, "eval_episodes", "eval_envs", "buffer_size")
-    runlog.check_at_least(args, 0, "video_episodes")
-    if args.capture_video:  # the writer is there before any work
-        from common import video  # the video extra, imported only when asked for
-
-        video.require_writer()
     runlog.check_at_least(args, 0, "image_size")
     if not args.critic_hidden or min(args.critic_hidden) < 1:
         raise RunError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: one width ≥ 1 per hidden layer")
@@ -550,7 +540,7 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: r
     the critic's calibration (its value of the chunks it chose vs the discounted return that followed); printed.
     --capture-video: the first --video-episodes episodes of each written as videos (`run.log_videos`)."""
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    where.update(horizon=args.action_horizon, gamma=args.gamma, record=args.video_episodes if args.capture_video else 0)
+    where.update(horizon=args.action_horizon, gamma=args.gamma, record=args.recorded_episodes)
 
     def best_of(n, beta):  # the best of n chunks by mean − β·std: (obs, key) -> (chunk, its Q)
         return lambda obs, key: act(state, obs, key, n, beta)[:2]

@@ -60,11 +60,6 @@ class Args(runlog.RunArgs):
     """evaluate every this many policy updates, and at the start and end of π₀'s training (0: only then)"""
     save_every: int = 2000
     """checkpoint every this many updates, and at the end of each phase and on SIGINT/SIGTERM (0: only then)"""
-    capture_video: bool = False
-    """write the first --video-episodes episodes of each evaluation as MP4 under <run>/videos (and to wandb with
-    --track); needs pip install -e '.[video]'"""
-    video_episodes: int = 2
-    """episodes recorded per evaluation with --capture-video"""
 
     # ---- model
     flow_steps: int = 4
@@ -151,11 +146,6 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 1, "updates_per_call", "batch_size", "critic_batch_size", "eval_envs", "flow_steps")
     runlog.check_at_least(args, 1, "action_horizon", "eval_episodes", "num_samples", "value_flow_steps")
     runlog.check_at_least(args, 0, "critic_steps", "policy_steps", "log_every", "eval_every", "save_every")
-    runlog.check_at_least(args, 0, "video_episodes")
-    if args.capture_video:  # the writer is there before any work
-        from common import video  # the video extra, imported only when asked for
-
-        video.require_writer()
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
     if not args.critic_hidden or min(args.critic_hidden) < 1:
         raise RunError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: one width ≥ 1 per hidden layer")
@@ -388,7 +378,7 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, run: runlog.Run, s
     t = time.time()
     policy = lambda obs, key: (act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    where.update(record=args.video_episodes if args.capture_video else 0)
+    where.update(record=args.recorded_episodes)
     out, trace = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     out["time/eval_s"] = time.time() - t
     run.log_videos(step, "pi0", trace.videos)

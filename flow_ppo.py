@@ -53,11 +53,6 @@ class Args(runlog.RunArgs):
     save_every: int = 50
     """checkpoint every this many PPO iterations (BC: 10× this many updates), at the end and on SIGINT/SIGTERM (0:
     only then)"""
-    capture_video: bool = False
-    """write the first --video-episodes episodes of each evaluation as MP4 under <run>/videos (and to wandb with
-    --track); needs pip install -e '.[video]'"""
-    video_episodes: int = 2
-    """episodes recorded per evaluation with --capture-video"""
 
     # ---- model
     flow_steps: int = 4
@@ -166,11 +161,6 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 1, "updates_per_call", "bc_batch_size", "action_horizon", "eval_episodes", "eval_envs")
     runlog.check_at_least(args, 0, "iterations", "bc_steps", "lr_ramp", "critic_warmup")
     runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
-    runlog.check_at_least(args, 0, "video_episodes")
-    if args.capture_video:  # the writer is there before any work
-        from common import video  # the video extra, imported only when asked for
-
-        video.require_writer()
     runlog.check_ranges(args, gamma=(0, 1), lr=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
@@ -424,7 +414,7 @@ def evaluate(eval_act, state, args: Args, spec: envs.EnvSpec, rng, label: str, r
     --capture-video: the first --video-episodes written as videos (`run.log_videos`)."""
     policy = lambda obs, key: (eval_act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    where.update(record=args.video_episodes if args.capture_video else 0)
+    where.update(record=args.recorded_episodes)
     out, trace = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
     run.log_videos(step, "pi0", trace.videos)
     print(f"[{label}] success {out['eval/success_rate']:.3f}", flush=True)

@@ -104,6 +104,11 @@ class RunArgs:
     """continue the run in --run-dir from its last checkpoint, with its own flags (args.json)"""
     fsdp_devices: int = 1
     """devices the parameters are sharded over (FSDP); the batch is split over all devices"""
+    capture_video: bool = False
+    """write the first --video-episodes episodes of each evaluated policy as MP4 under <run>/videos (and to wandb
+    with --track); needs pip install -e '.[video]'"""
+    video_episodes: int = 2
+    """episodes recorded per evaluated policy with --capture-video"""
     max_grad_norm: float = 1.0
     """global-norm clip of π₀'s gradient"""
 
@@ -132,7 +137,17 @@ class RunArgs:
                 f"--exp-name {self.exp_name}: a name, not a path (no '{os.sep}', not '.' or '..'); it names the "
                 "run folder runs/<env>__<exp-name>__<seed>__<time>: pass --run-dir to put the run elsewhere"
             )
+        check_at_least(self, 0, "video_episodes")
+        if self.capture_video:  # the writer is there before any work
+            from common import video  # the video extra, imported only when asked for
+
+            video.require_writer()
         check_run_folder(self.run_dir, self.resume)
+
+    @property
+    def recorded_episodes(self) -> int:
+        """Episodes an evaluation records per policy: --video-episodes with --capture-video, else none."""
+        return self.video_episodes if self.capture_video else 0
 
     def pi0_flags(self) -> dict[str, Any]:
         """The run block's flags that choose the π₀ a run starts from, as `make_policy`'s arguments; a resumed run's

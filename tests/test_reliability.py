@@ -219,26 +219,16 @@ def test_nan_loss_stops_at_the_next_log(tmp_path, data):
 def test_command_line_errors_are_one_line(tmp_path, data):
     """From the shell: one line on stderr (no traceback), exit status 2, and no run folder left behind; a full disk
     (writes beyond a file-size limit fail) while saving reads the same way."""
-    res = subprocess.run(
-        [sys.executable, "chunk_awr.py", "--batch-size", "0", "--run-dir", str(tmp_path / "x")],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --batch-size must be ≥ 1 (got 0)"]
-    assert not os.path.exists(tmp_path / "x")
-    res = subprocess.run(  # once a crash after the offline phase: now refused before any work
-        [sys.executable, "acrlpd_pi0.py", "--eval-episodes", "0", "--run-dir", str(tmp_path / "y")],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --eval-episodes must be ≥ 1 (got 0)"]
-    assert not os.path.exists(tmp_path / "y") and "Traceback" not in res.stdout
+    cases = [  # --eval-episodes 0 once crashed acrlpd after its offline phase: now refused before any work
+        ("chunk_awr.py", "--batch-size", "error: --batch-size must be ≥ 1 (got 0)"),
+        ("acrlpd_pi0.py", "--eval-episodes", "error: --eval-episodes must be ≥ 1 (got 0)"),
+    ]
+    for i, (script, flag, line) in enumerate(cases):
+        run_dir = tmp_path / f"x{i}"
+        cmd = [sys.executable, script, flag, "0", "--run-dir", str(run_dir)]
+        res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [line]
+        assert not os.path.exists(run_dir) and "Traceback" not in res.stdout
 
     no_cache = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1e9"}  # read the compile cache, write none
     cmd = flags({**ACRLPD, "online_steps": 0}) + ["--dataset", data["push"], "--run-dir", str(tmp_path / "full")]
