@@ -1,9 +1,14 @@
 """Test-wide settings: wandb never goes online, plots never open a window, and XLA compilations are cached on disk
-so a second run of the suite compiles little (the cache lives in ~/.cache/pi0rl/jax_cache, or $PI0RL_JAX_CACHE).
+(~/.cache/pi0rl/jax_cache, or $PI0RL_JAX_CACHE) for this process and every subprocess a test starts (the settings
+are environment variables, which they inherit), so each program is compiled once per suite and a second run of the
+suite compiles nothing.
 
-Most of a test is XLA compiling tiny programs that then run a few steps, so the tests compile without LLVM's
-optimisations (`--xla_backend_optimization_level=0`, in XLA_FLAGS: the subprocesses inherit it; `xla_flags` adds
-to it). Measured on 2 cores from a cold cache: test_smoke_and_ratio + test_remat_and_mixed_precision 92 s → 66 s."""
+Most of a test is JAX tracing, lowering and compiling tiny programs that then run a few steps. So the tests compile
+without LLVM's optimisations (`--xla_backend_optimization_level=0` in XLA_FLAGS; `xla_flags` adds to it), cache every
+program however fast it compiled, and lower without Python tracebacks in the programs' locations (a tiny acrlpd run
+in-process: 14.6 s → 11.5 s).
+
+The suite runs the slow tests first, so that the two workers of `-n 2` end together."""
 
 import os
 
@@ -11,6 +16,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MPLBACKEND", "Agg")
 O0 = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), O0]))
+CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
+os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=CACHE,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_TRACEBACK_IN_LOCATIONS_LIMIT="0",
+)
 
 
 def xla_flags(*flags: str) -> str:
@@ -19,11 +30,14 @@ def xla_flags(*flags: str) -> str:
 
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
-jax.config.update(
-    "jax_compilation_cache_dir", os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+assert jax.config.jax_compilation_cache_dir == CACHE
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Slow tests first (pytest-xdist hands them out in this order): a long test started last would run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # ----------------------------------------------------------------------------------------------------- LIBERO data
@@ -31,7 +45,6 @@ import json  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 LIBERO_SIZE = 32  # tiny renders keep the LIBERO tests fast; the mapping does not depend on the size
 LIBERO_STEPS = 10  # steps per recorded demo
@@ -184,12 +197,21 @@ def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: in
 
 
 @pytest.fixture(scope="session")
-def tiny_acrlpd_run(tmp_path_factory, small_push) -> tuple[str, dict]:
-    """(run folder, main's result) of the tiny acrlpd_pi0.py run of tests/tiny.py, made once: its smoke test reads
-    the result, the export and online-only tests start from the folder (read only)."""
+def tiny_runs(tmp_path_factory, small_push):
+    """`tiny_runs(script)`: (run folder, main's result) of the script's tiny run of tests/tiny.py on `small_push`,
+    made in-process once per test process and shared, read only, by every test that needs that run: the smoke tests,
+    the export, the killed-and-resumed and sharded runs' references, the folder that bad input must leave alone."""
+    import importlib
+
     import tiny
 
-    import acrlpd_pi0
+    done = {}
 
-    run_dir = str(tmp_path_factory.mktemp("acrlpd") / "run")
-    return run_dir, acrlpd_pi0.main(acrlpd_pi0.Args(**tiny.ACRLPD, dataset=small_push, run_dir=run_dir))
+    def run(script: str) -> tuple[str, dict]:
+        if script not in done:
+            module = importlib.import_module(script)
+            run_dir = str(tmp_path_factory.mktemp(script) / "run")
+            done[script] = run_dir, module.main(module.Args(**tiny.RUNS[script], dataset=small_push, run_dir=run_dir))
+        return done[script]
+
+    return run

@@ -17,7 +17,6 @@ import acrlpd_pi0 as ac
 from common import data, envs, pi0, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
 TINY = dict(
     batch_size=8,
     online_batch_size=8,
@@ -44,9 +43,9 @@ def host_file(run_dir) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def test_smoke(tmp_path, tiny_acrlpd_run):
+def test_smoke(tmp_path, tiny_runs):
     """Offline then online in-process (the same run killed and resumed from the command line: test_reliability.py)."""
-    run_dir, out = tiny_acrlpd_run
+    run_dir, out = tiny_runs("acrlpd_pi0")
     assert out["step"] == 16
     assert all(np.isfinite(out[k]) for k in ("losses/critic", "charts/q_target"))  # the online (critic-only) update
     assert np.isfinite(out["losses/distill"]) and np.isfinite(out["losses/bc"])  # π₀'s online update
@@ -245,23 +244,19 @@ def test_bad_flags_get_clear_errors(tmp_path):
     assert (gym.env, gym.bon, gym.target_n) == ("Pendulum-v1", ac.CONFIGS["gym"].bon, 4)
 
 
-@pytest.mark.slow  # ~70 s: two subprocesses at once; the 4-device one compiles both phases' sharded updates
-def test_sharded_run_matches_one_device(tmp_path, small_push):
+@pytest.mark.slow  # ~40 s: a subprocess on 4 forced devices compiles both phases' sharded updates
+def test_sharded_run_matches_one_device(tmp_path, small_push, tiny_runs):
     """4 forced CPU devices, --fsdp-devices 2 (batch split 2 × 2, large arrays sharded): the same losses as on one
     device, offline (the joint update) and online (critic updates on cached features), up to reduction order. The
-    one-device run is test_smoke's (its programs come from the persistent compilation cache)."""
-    rows, procs = {}, {}
-    for devices in (1, 4):  # both at once: compiling is single-threaded
-        cmd = [sys.executable, "acrlpd_pi0.py", "--fsdp-devices", str(min(devices, 2)), "--dataset", small_push]
-        cmd += ["--run-dir", str(tmp_path / f"d{devices}"), *tiny.flags(tiny.ACRLPD)]
-        env = {**os.environ, "WANDB_MODE": "offline", "JAX_COMPILATION_CACHE_DIR": CACHE}
-        env.update({"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")} if devices == 4 else {})
-        procs[devices] = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-        )
-    for devices, proc in procs.items():
-        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-        lines = [json.loads(line) for line in open(tmp_path / f"d{devices}" / "metrics.jsonl")]
+    one-device run is test_smoke's."""
+    cmd = [sys.executable, "acrlpd_pi0.py", "--fsdp-devices", "2", "--dataset", small_push]
+    cmd += ["--run-dir", str(tmp_path / "d4"), *tiny.flags(tiny.ACRLPD)]
+    env = {**os.environ, "WANDB_MODE": "offline", "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for devices, run_dir in ((1, tiny_runs("acrlpd_pi0")[0]), (4, str(tmp_path / "d4"))):
+        lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         rows[devices] = {r["step"]: r for r in lines if "losses/critic" in r}
     for step, key in ((4, "losses/bc"), (4, "losses/critic"), (12, "losses/critic"), (12, "charts/q_target")):
         got, want = rows[4][step][key], rows[1][step][key]

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tiny  # noqa: E402
 
 import chunk_awr  # noqa: E402
 from common import data, envs, pi0  # noqa: E402
@@ -44,11 +43,10 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_smoke(tmp_path, small_push):
+def test_smoke(tiny_runs):
     """The critic phase (TD on sub-goal chunk rewards), then the weighted flow-matching phase from the stored
     advantages (the same run killed and resumed from the command line: test_reliability.py)."""
-    run_dir = str(tmp_path / "run")
-    out = chunk_awr.main(chunk_awr.Args(**tiny.CHUNK_AWR, dataset=small_push, run_dir=run_dir))
+    run_dir, out = tiny_runs("chunk_awr")
     assert out["step"] == 20 and 0.0 <= out["eval/success_rate"] <= 1.0
     rows = _metrics(run_dir)
     losses = [r[k] for r in rows for k in ("losses/q", "losses/v", "losses/policy") if k in r]

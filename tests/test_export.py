@@ -45,9 +45,9 @@ def openpi_restore(params_dir: str) -> dict:
         return ckpt.restore(params_dir, ocp.args.PyTreeRestore(item=item, restore_args=args))["params"]
 
 
-def test_run_round_trip(tmp_path, tiny_acrlpd_run):
+def test_run_round_trip(tmp_path, tiny_runs):
     """A tiny acrlpd run exported: the same parameters, norm stats and sampled chunks as the run folder itself."""
-    run = tiny_acrlpd_run[0]
+    run = tiny_runs("acrlpd_pi0")[0]
     out = str(tmp_path / "export")
     line = export(run, out)
     assert "(π₀: " in line and "'push'" in line and out in line and "openpi needs a model config" in line

@@ -25,15 +25,7 @@ import tiny
 from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "offline",
-    "JAX_PLATFORMS": "cpu",
-    "JAX_COMPILATION_CACHE_DIR": CACHE,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-    "PYTHONUNBUFFERED": "1",
-}
+ENV = {**os.environ, "WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}  # + conftest's JAX_*
 TIMEOUT = 420  # s for one start of a run (both processes); a hung coordinator fails the test, never CI
 SHORT = ["--env-kwargs", "max_episode_steps", "10"]  # short episodes: resets, truncations, quick evaluations
 # tests/tiny.py's runs, stopped at the end of their first phase (the resumed run compiles only the second phase's

@@ -54,10 +54,10 @@ def test_chunk_awr_same_run_at_any_reward_scale(tmp_path, small_push, target):
     np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.slow  # ~2 min: two tiny runs through both phases and a third offline only, each compiling its own programs
-def test_acrlpd_same_run_at_any_reward_scale(tmp_path, small_push, monkeypatch):
+@pytest.mark.slow  # ~30 s: a tiny run through both phases and another offline only
+def test_acrlpd_same_run_at_any_reward_scale(tmp_path, small_push, monkeypatch, tiny_runs):
     flags = dict(tiny.ACRLPD, dataset=small_push)  # offline (π₀ + critic, CQL) and online (critic, π₀ distilled)
-    base = run(acrlpd_pi0, flags, tmp_path, "base", 1.0)
+    base = logged(tiny_runs("acrlpd_pi0")[0], ACRLPD_KEYS)  # these flags, rewards as they are
     scaled = run(acrlpd_pi0, flags, tmp_path, "scaled", 25.0, -0.5)  # γ = 0.95: G' = 34.5·G − 10
     assert len(base) >= 10
     np.testing.assert_allclose(scaled, base, rtol=2e-3, atol=1e-5)
