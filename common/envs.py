@@ -411,8 +411,8 @@ class EnvSpec:
             kw.update(dataset=self.dataset, eval_mode=kw.get("eval_mode", evaluation))
         env = make_env(self.name, num_envs, seed=seed, **kw)
         env = env if self.reward == (1.0, 0.0) else ScaledReward(env, *self.reward)
-        if evaluation and self.name not in ("push", "libero"):
-            self.kept[key] = env
+        if evaluation and self.name not in ("push", "libero"):  # LIBERO's not: a used simulator settles an init
+            self.kept[key] = env  # state ~3 mm of gripper away from a new one, and a resumed run starts with new ones
         return env
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ def test_matmul_flops_counts_scan_bodies_and_remat():
     assert remat == 4 * 5 * 2 * 4 * 8 * 8  # the forward once more in the backward pass
 
 
+@pytest.mark.slow  # ~17 s: bench/memory.py in a subprocess, its cases traced
 def test_memory_plan_cpu_preset(tmp_path):
     """Every function of a script compiled for 2 forced host devices from abstract inputs, with XLA's numbers."""
     cmd = [
@@ -63,6 +64,7 @@ def test_memory_plan_cpu_preset(tmp_path):
     assert "chunk_awr/policy_update" in out.stdout
 
 
+@pytest.mark.slow  # ~10-20 s: bench/gpu.py in a subprocess, every case compiled and timed
 def test_gpu_bench_cpu_preset(tmp_path):
     """bench/gpu.py's code path on the CPU: real arguments, timed calls, FLOPs; sharing the prefix among the N
     candidates runs N times fewer VLM passes than recomputing it (same chunks)."""

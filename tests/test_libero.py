@@ -94,6 +94,7 @@ def test_eval_schedule_plays_fixed_init_states_in_order(vec_env) -> None:
     assert env._next_episode(0)[0] == 0 and env._next_episode(1)[0] == 1
 
 
+@pytest.mark.slow  # ~20 s: the demo recorded from the real simulator (conftest)
 def test_libero_hdf5_recorded_from_the_simulator_reads_back(libero_demo) -> None:
     demo, steps = libero_demo.demo, libero_demo.steps  # recorded and written by the conftest fixture
     prompts = ["another task"]

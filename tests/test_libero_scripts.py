@@ -258,6 +258,7 @@ def test_chunk_awr(libero_demo, tmp_path, seen, in_caches):
     assert used["pi0_checkpoint"].endswith("pi05_libero") and used["model_horizon"] == 10
 
 
+@pytest.mark.slow  # ~35 s: openpi's pi0_libero loaded, PPO compiled, the real simulator
 def test_flow_ppo(libero_demo, tmp_path, seen, in_caches):
     """openpi's pi0_libero from the cache: PPO from it, no BC, so no data looked for."""
     run_dir = str(tmp_path / "run")

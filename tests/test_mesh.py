@@ -53,6 +53,7 @@ print("SHARDED_OK", n_sharded)
 """
 
 
+@pytest.mark.slow  # ~20 s: a subprocess on 4 forced devices compiling π₀'s sharded loss and gradients
 def test_fsdp_loss_and_grads_match_single_device():
     env = {
         **os.environ,

@@ -38,6 +38,7 @@ def test_openpi_parity(name):
         assert err <= openpi_parity.TOLERANCES[key], (name, key, err)
 
 
+@pytest.mark.slow  # ~11 s: tests/openpi_parity.py from the shell, over every fixture
 def test_parity_script_cli():
     path = fixture("openpi_pi0_tiny")
     out = subprocess.run(

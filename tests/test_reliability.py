@@ -203,6 +203,7 @@ def test_nan_loss_stops_at_the_next_log(tmp_path, data):
     assert os.listdir(tmp_path / "a" / "checkpoints") == [] and signal.getsignal(signal.SIGINT) is handler
 
 
+@pytest.mark.slow  # ~17 s: three scripts started from the shell, one saving into a full disk
 def test_command_line_errors_are_one_line(tmp_path, data):
     """From the shell: one line on stderr (no traceback), exit status 2, and no run folder left behind; a full disk
     (writes beyond a file-size limit fail) while saving reads the same way."""

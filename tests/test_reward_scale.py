@@ -45,6 +45,7 @@ def run(module, flags: dict, tmp_path, name: str, scale: float, shift: float = 0
     return logged(run_dir, {chunk_awr: AWR_KEYS, acrlpd_pi0: ACRLPD_KEYS, flow_ppo: PPO_KEYS}[module])
 
 
+@pytest.mark.slow  # ~12 s each: two tiny runs
 @pytest.mark.parametrize("target", ["mc", "td"])
 def test_chunk_awr_same_run_at_any_reward_scale(tmp_path, small_push, target):
     flags = dict(tiny.CHUNK_AWR, reward="return", critic_target=target, dataset=small_push)
@@ -67,6 +68,7 @@ def test_acrlpd_same_run_at_any_reward_scale(tmp_path, small_push, monkeypatch, 
     assert len(raw) >= 4 and not np.allclose(raw, base[: len(raw)], rtol=2e-3, atol=1e-5)
 
 
+@pytest.mark.slow  # ~17 s: three tiny runs
 def test_flow_ppo_same_run_at_any_reward_scale(tmp_path, small_push):
     flags = dict(tiny.FLOW_PPO, iterations=3, dataset=small_push)
     base = run(flow_ppo, flags, tmp_path, "base", 1.0, -1.0)  # a cost per step: rewards in the tiny run's episodes

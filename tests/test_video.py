@@ -102,6 +102,7 @@ def test_missing_writer(script, monkeypatch, tmp_path):
     assert not os.path.exists(run_dir)
 
 
+@pytest.mark.slow  # ~17 s: two tiny runs recording videos, the plot from the shell
 def test_tiny_runs_videos_and_plot(tmp_path, small_push):
     """Two seeds of the tiny flow_ppo.py run with --capture-video (the second with --track): the first 2 episodes of
     every evaluation as MP4 named by step, policy and outcome, and in wandb; then common.plot of the two folders (one
