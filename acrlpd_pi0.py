@@ -12,6 +12,9 @@ Method: Li, Zhou and Levine, "Reinforcement Learning with Action Chunking" (2025
     chunk step run on cached arrays (50/50 prior/online), and π₀'s action expert learns inside the acting call, from
     its prefix pass: flow matching on the chunks best-of-N chose (--distill-weight), −Q through the Euler steps
     (--actor-weight), BC on prior data as the anchor.
+  - π₀'s action expert and projections act as θ̄, the average of their weights over the updates (θ̄ ← d·θ̄ + (1 − d)·θ,
+    --ema-decay d; openpi's EMA): best-of-N, evaluations, the π₀ chunks in the critic's targets and the export; the
+    gradients act on θ. The VLM is not averaged: the critic reads its features, from the one VLM pass that BC trains.
 Evaluations log best-of-N and plain π₀ and the critic's calibration (eval/*q_pred vs eval/*q_realised).
 
   python acrlpd_pi0.py                                   # push, CPU π₀ preset, offline then online, < 10 min
@@ -72,6 +75,9 @@ class Args(runlog.RunArgs):
     """offline updates per jitted call (lax.scan)"""
     lr: float = 1e-3
     """π₀ learning rate"""
+    ema_decay: float = 0.99
+    """d of θ̄ ← d·θ̄ + (1 − d)·θ, the average of π₀'s action expert and projections that acts (0: off, θ acts); 0.99
+    averages over ~100 updates, a fifth of the ~500 π₀ updates of push's online phase"""
     gamma: float = 0.95
     """per-step discount"""
     bc_weight: float = 1.0
@@ -207,6 +213,8 @@ def check(args: Args) -> Args:
         raise RunError(f"--learning-starts {args.learning_starts} > --buffer-size {args.buffer_size}: never updates")
     if args.bon_slice and args.bon % args.bon_slice:
         raise RunError(f"--bon-slice {args.bon_slice} must divide --bon {args.bon}")
+    if not 0 <= args.ema_decay < 1:
+        raise RunError(f"--ema-decay must be in [0, 1): 0 turns the average off (got {args.ema_decay})")
     if not 0 <= args.online_fraction <= 1:
         raise RunError(f"--online-fraction must be in [0, 1] (got {args.online_fraction})")
     return args
@@ -353,17 +361,16 @@ def actor_loss(nets: Nets, params, cparams, prefix, rng, args: Args):
     return -q_values(nets, jax.lax.stop_gradient(cparams), critic_obs(prefix), act).mean()
 
 
-def joint_loss(train, batch, rng, target_cparams, nets: Nets, args: Args):
-    """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + actor term) -> (loss, info)."""
+def joint_loss(train, batch, rng, target_cparams, policy, nets: Nets, args: Args):
+    """Offline: BC (flow matching, weighted by valid) + the critic's TD (+ CQL, + actor term), the critic's π₀ chunks
+    from `policy`, the weights that act (`acting_params`) -> (loss, info)."""
     k_flow, k_next, k_cand, k_target, k_actor = jax.random.split(rng, 5)
     prefix = nets.pi.prefix(train["params"], nets.io.observe(batch["obs"]))  # the one VLM pass for o_t
     prefix = jax.lax.stop_gradient(prefix) if args.freeze_backbone else prefix
     bc, info_bc = bc_loss(train["params"], prefix, batch, k_flow, nets)
-    frozen = jax.lax.stop_gradient(train)  # the critic's inputs and targets never train π₀
-    next_z, next_cand = encode(nets, args, frozen["params"], batch["next_obs"], k_next)
-    cand = nets.pi.sample_n(
-        frozen["params"], jax.lax.stop_gradient(prefix), k_cand, args.target_n, args.target_flow_steps
-    )
+    frozen, policy = jax.lax.stop_gradient((train, policy))  # the critic's inputs and targets never train π₀
+    next_z, next_cand = encode(nets, args, policy, batch["next_obs"], k_next)
+    cand = nets.pi.sample_n(policy, jax.lax.stop_gradient(prefix), k_cand, args.target_n, args.target_flow_steps)
     chunk = nets.io.to_model(batch["actions"], batch["obs"]["state"])  # [B,H_m,A_m]: the data chunk in π₀'s form
     cb = {k: batch[k] for k in (*TD_KEYS, "return_to_go")}  # the critic's batch
     cb.update(obs_z=critic_obs(prefix), chunk=nets.io.executed(chunk), cand=nets.io.executed(cand))
@@ -395,6 +402,17 @@ def pi_loss(params, prefix, chosen, bc_batch, cparams, rng, nets: Nets, args: Ar
 
 
 # ----------------------------------------------------------------------------------------------------- update
+def expert_part(nets: Nets, params):
+    """π₀'s weights outside the VLM (action expert, projections): what trains online and what θ̄ averages."""
+    return pi0.trained_part(params, nets.pi.optimizer_labels(params, "train", freeze_backbone=True))
+
+
+def acting_params(state):
+    """π₀'s weights that act (best-of-N, evaluations, the critic's π₀ chunks, export): θ with θ̄ in place when kept.
+    The VLM's weights are θ's in both: the prefix pass, and the critic's features, are the same."""
+    return pi0.overlaid(state["params"], state["ema"]) if state["ema"] else state["params"]
+
+
 def make_optimizers(args: Args, nets: Nets, params):
     """π₀ offline: clipped Adam (under --freeze-backbone the VLM's parameters get zero updates); π₀ online: the same
     with the VLM always frozen (the critic reads its features), its own Adam state; critic: Adam."""
@@ -411,7 +429,7 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
     def joint(state, batch, rng):
         train = {"params": state["params"], "critic": state["critic"]}
         grad_fn = jax.value_and_grad(joint_loss, has_aux=True)
-        (_, info), g = grad_fn(train, batch, rng, state["target_critic"], nets, args)
+        (_, info), g = grad_fn(train, batch, rng, state["target_critic"], acting_params(state), nets, args)
         updates, opt = tx.update(g["params"], state["opt"], state["params"])
         c_updates, critic_opt = critic_tx.update(g["critic"], state["critic_opt"], state["critic"])
         critic = optax.apply_updates(state["critic"], c_updates)
@@ -419,6 +437,8 @@ def make_update(nets: Nets, args: Args, tx, critic_tx):
         target = optax.incremental_update(critic, state["target_critic"], args.tau)
         new = {**state, "params": params, "opt": opt}
         new.update(critic=critic, critic_opt=critic_opt, target_critic=target)
+        if state["ema"]:  # θ̄ ← d·θ̄ + (1 − d)·θ
+            new["ema"] = optax.incremental_update(expert_part(nets, params), state["ema"], 1 - args.ema_decay)
         return new, info
 
     def critic_only(state, batch, rng):  # batch: cached critic views and chunks (`encode`), no π₀ pass
@@ -487,11 +507,12 @@ def make_act(nets: Nets, args: Args, pi_tx):
     def act(state, obs, rng, n: int, beta: float, topk: int = 0, learning: bool = False):
         """Best of n by mean − β·std (n = 1: plain π₀) -> env-unit chunk [B,H,A], critic mean [B], and the buffer's
         cache: critic view [B,W+S], executed chunk [B,H,A]; `learning`: and (prefix, chunk [B,H_m,A_m], spread [B])."""
-        prefix = nets.pi.prefix(state["params"], nets.io.observe(obs))  # the one VLM pass
+        params = acting_params(state)  # θ̄
+        prefix = nets.pi.prefix(params, nets.io.observe(obs))  # the one VLM pass
         temp = jnp.exp(state["temp"]["log"]) if state["temp"] else 1.0  # --topk's temperature (online acting only)
         slice_ = args.bon_slice if n == args.bon else 0
         chunk, q, spread = best_of_n(
-            nets, state["params"], state["critic"], prefix, rng, n, args.flow_steps, beta, slice_, topk, temp
+            nets, params, state["critic"], prefix, rng, n, args.flow_steps, beta, slice_, topk, temp
         )
         q = nets.ret[0] + nets.ret[1] * q  # reward units (the evaluations' calibration)
         rows = (nets.io.to_env(chunk, obs["state"]), q, critic_obs(prefix), nets.io.executed(chunk))
@@ -514,7 +535,10 @@ def make_act(nets: Nets, args: Args, pi_tx):
         updates, opt = pi_tx.update(g, state["pi_opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         info.update({"charts/sample_log_std": h, "charts/select_temp": jnp.exp(temp["log"])})
-        return {**state, "params": params, "pi_opt": opt, "temp": temp}, info, *rows
+        new = {**state, "params": params, "pi_opt": opt, "temp": temp}
+        if state["ema"]:  # θ̄ ← d·θ̄ + (1 − d)·θ
+            new["ema"] = optax.incremental_update(expert_part(nets, params), state["ema"], 1 - args.ema_decay)
+        return new, info, *rows
 
     return act, jax.jit(act_learn, donate_argnums=0)
 
@@ -591,6 +615,7 @@ def main(args: Args) -> dict:
         state["pi_opt"] = pi_tx.init(policy.params)
         state["temp"] = {"log": jnp.log(args.select_temp), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}
     state.update(critic_opt=critic_tx.init(critic), target_critic=jax.tree.map(jnp.copy, critic))
+    state["ema"] = jax.tree.map(jnp.copy, expert_part(nets, policy.params)) if args.ema_decay > 0 else {}  # θ̄
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))
     n_pi = pi0.param_count(state["params"]) / 1e6
     n_critic = pi0.param_count(state["critic"]) / args.num_qs / 1e3
@@ -628,7 +653,7 @@ def main(args: Args) -> dict:
         t_phase, s_phase = time.time(), step
         warm = 10 * len(buffer) // max(args.learning_starts, 1)  # tenths of the warm-up reported so far
         if phase == "online" and step < end:  # the VLM is frozen from here: encode the prior data once
-            sample_online = online_batches(nets, args, state["params"], offline, buffer, run, k_cache)
+            sample_online = online_batches(nets, args, acting_params(state), offline, buffer, run, k_cache)
             print(f"critic cache of {len(offline or ())} offline chunks ready in {time.time() - t_phase:.0f}s")
         while step < end:
             key = jax.random.fold_in(jax.random.fold_in(k_run, step), len(buffer))  # warm-up steps add no updates
@@ -650,7 +675,7 @@ def main(args: Args) -> dict:
                 else:
                     chunk, _, obs_z, executed = act(state, obs, k_act, args.bon, args.act_pessimism)
                 next_obs, cs = envs.execute_chunk(env, obs, np.asarray(chunk), args.gamma)
-                next_z, next_cand = encode_next(state["params"], cs.final_obs, k_next)  # o_{t+H}, before any reset
+                next_z, next_cand = encode_next(acting_params(state), cs.final_obs, k_next)  # o_{t+H}, before a reset
                 extras = {"obs_z": obs_z, "chunk": executed, "next_obs_z": next_z, "next_cand": next_cand}
                 cs, extras = mesh.all_rows(jax.device_get((cs, extras)))  # every process's envs: one buffer for all
                 buffer.add(cs, extras)

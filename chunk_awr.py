@@ -15,7 +15,8 @@ H-step action chunks as in Li, Zhou and Levine, "Reinforcement Learning with Act
   with the data's return mean and std, and s is the advantages' std over the dataset (two-phase; joint: the batch),
   so β is in units of the advantages' spread: rewards a·r (a > 0) give the same run, a shift b the same run up to
   the b·Σγ^k its episodes' lengths add. Q and V read [sg(π₀ prefix features), state], Q also the chunk in π₀'s
-  action space (relative to the state where π₀'s is); the policy is π₀.
+  action space (relative to the state where π₀'s is); the policy is π₀, evaluated and exported as the average θ̄ of
+  its weights over the updates (θ̄ ← d·θ̄ + (1 − d)·θ, --ema-decay d; openpi's EMA), trained as θ.
 Schedules: --schedule two-phase (default) trains Q and V first on the frozen initial π₀'s features, computes the
 advantage of every dataset chunk once, then trains π₀ by weighted flow matching at BC speed (by default the
 weights pick the chunks, P(i) ∝ w_i, and the loss gets w ≡ 1: the same objective with a full effective batch;
@@ -66,6 +67,8 @@ class Args(runlog.RunArgs):
     """Euler steps when acting"""
     eval_noise: float = 0.0
     """scale of the initial flow noise at evaluation (0: the deterministic policy)"""
+    eval_raw: bool = False
+    """with --ema-decay: evaluate the last update's weights too (eval/raw_*: the run that --ema-decay 0 would make)"""
     episodes: int = 1500
     """default push dataset size (split evenly over noise 0.3/0.6/1.0)"""
 
@@ -88,6 +91,9 @@ class Args(runlog.RunArgs):
     """π₀ learning rate"""
     weight_decay: float = 1e-4
     """π₀'s AdamW weight decay"""
+    ema_decay: float = 0.999
+    """d of π₀'s weights averaged over its updates, θ̄ ← d·θ̄ + (1 − d)·θ (openpi's EMA): evaluations, the sampled
+    value target and the exported π₀ are θ̄; gradients and AdamW act on θ (0: off, the last update's weights)"""
     gamma: float = 0.99
     """per-step discount"""
     critic_hidden: tuple[int, ...] = (256, 256)
@@ -149,6 +155,8 @@ def check(args: Args) -> Args:
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
     if not args.critic_hidden or min(args.critic_hidden) < 1:
         raise RunError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: one width ≥ 1 per hidden layer")
+    if not 0 <= args.ema_decay < 1:
+        raise RunError(f"--ema-decay must be in [0, 1): 0 turns the average off (got {args.ema_decay})")
     if args.beta < 0 or args.max_weight <= 0:
         raise RunError("--beta must be ≥ 0 and --max-weight > 0")
     if args.alpha < 0 or (args.alpha > 0 and args.value_loss != "sampled"):
@@ -283,9 +291,10 @@ def policy_loss(params, prefix, batch, adv, rng, nets: Nets, args: Args):
     return loss, info
 
 
-def total_loss(train, batch, rng, phase: str, nets: Nets, args: Args):
+def total_loss(train, batch, rng, policy, phase: str, nets: Nets, args: Args):
     """critic (two-phase 1, on precomputed views), policy (two-phase 2, advantages from the table) or joint (all of
-    L_Q + λ_V L_V + λ_π L_π on one VLM pass, advantages from the current critics). -> (loss, info)."""
+    L_Q + λ_V L_V + λ_π L_π on one VLM pass, advantages from the current critics); `policy`: the weights that act
+    (`acting_params`), whose chunks the sampled value target averages over. -> (loss, info)."""
     k_pi, k_v = jax.random.split(rng)
     params, critic = train["params"], train["critic"]
     batch = dict(batch)
@@ -300,7 +309,7 @@ def total_loss(train, batch, rng, phase: str, nets: Nets, args: Args):
             if k in batch and f"{k}_z" not in batch:
                 nxt = nets.pi.prefix(params, nets.io.observe(batch[k]))
                 batch[f"{k}_z"] = critic_obs(nxt.features, nxt.state)
-        v_target = value_target(params, critic, prefix, k_v, nets, args) if args.value_loss == "sampled" else None
+        v_target = value_target(policy, critic, prefix, k_v, nets, args) if args.value_loss == "sampled" else None
         loss, info = critic_loss(critic, batch, v_target, nets, args)
     if phase in ("policy", "joint"):
         if phase == "joint":  # A = min Q̄ − V on this batch, from the current critics
@@ -316,6 +325,11 @@ def total_loss(train, batch, rng, phase: str, nets: Nets, args: Args):
 
 
 # ----------------------------------------------------------------------------------------------------- update
+def acting_params(state):
+    """π₀'s weights that act (evaluations, sampled targets, export): the average θ̄ when kept, else the last θ."""
+    return pi0.overlaid(state["params"], state["ema"]) if state["ema"] else state["params"]
+
+
 def make_optimizers(args: Args):
     """π₀: clipped AdamW; critics: Adam."""
     adamw = optax.adamw(args.lr, weight_decay=args.weight_decay)
@@ -330,12 +344,15 @@ def make_update(nets: Nets, args: Args, tx, critic_tx, shardings):
     def step(state, batch, rng, phase: str):
         train = {"params": state["params"], "critic": {k: state["critic"][k] for k in ("q", "v")}}
         train["critic"]["target_q"] = state["target_critic"]
-        (_, info), g = jax.value_and_grad(total_loss, has_aux=True)(train, batch, rng, phase, nets, args)
+        policy = jax.lax.stop_gradient(acting_params(state))
+        (_, info), g = jax.value_and_grad(total_loss, has_aux=True)(train, batch, rng, policy, phase, nets, args)
         new = dict(state)
         if phase in ("policy", "joint"):
             updates, new["opt"] = tx.update(g["params"], state["opt"], state["params"])
             new["params"] = optax.apply_updates(state["params"], updates)
             info["charts/grad_norm"] = optax.tree.norm(g["params"])
+            if args.ema_decay > 0:  # θ̄ ← d·θ̄ + (1 − d)·θ
+                new["ema"] = optax.incremental_update(new["params"], state["ema"], 1 - args.ema_decay)
         if phase in ("critic", "joint"):
             g_critic = {k: g["critic"][k] for k in ("q", "v")}
             updates, new["critic_opt"] = critic_tx.update(g_critic, state["critic_opt"], state["critic"])
@@ -376,12 +393,18 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, run: runlog.Run, s
     episodes (env seeds, noise: the same `rng`) at every evaluation. --capture-video: the first --video-episodes
     written as videos (`run.log_videos`)."""
     t = time.time()
-    policy = lambda obs, key: (act(state["params"], obs, key), None)
     where = dict(episodes=args.eval_episodes, num_envs=args.eval_envs, seed=args.seed + 10_000)
-    where.update(record=args.recorded_episodes)
-    out, trace = envs.evaluate(spec, policy, rng, horizon=args.action_horizon, gamma=args.gamma, **where)
+    where.update(record=args.recorded_episodes, horizon=args.action_horizon, gamma=args.gamma)
+    weights = {"": acting_params(state)}
+    if args.eval_raw and state["ema"]:
+        weights["raw_"] = state["params"]
+    out = {}
+    for prefix, params in weights.items():
+        policy = lambda obs, key, params=params: (act(params, obs, key), None)
+        metrics, trace = envs.evaluate(spec, policy, rng, prefix=prefix, **where)
+        run.log_videos(step, f"pi0{'_raw' if prefix else ''}", trace.videos)
+        out.update(metrics)
     out["time/eval_s"] = time.time() - t
-    run.log_videos(step, "pi0", trace.videos)
     return out
 
 
@@ -419,6 +442,7 @@ def main(args: Args) -> dict:
     tx, critic_tx = make_optimizers(args)
     state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
     state["target_critic"] = jax.tree.map(jnp.copy, q)
+    state["ema"] = jax.tree.map(jnp.copy, params) if args.ema_decay > 0 else {}  # θ̄, sharded as θ
     state["adv"] = jnp.zeros(len(chunks), jnp.float32)  # A of every dataset chunk, set after the critic phase
     shardings = mesh.fsdp_sharding(state, dev_mesh)  # π₀ and its moments sharded; the critics small: replicated
     state = jax.device_put(state, shardings)

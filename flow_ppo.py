@@ -12,7 +12,8 @@ t=0, δ = 1/K) is a product of Gaussians, and PPO (Schulman et al. 2017) optimis
       −(x + (1−t)·v)/t); one random step per chunk is stochastic, the others are the ODE; log π = that step's Gaussian.
 Rollouts run chunks open loop in vectorised envs (old and new log-likelihoods both from `chain_logprob`: the first
 ratio is 1); GAE(γ^H, λ) over chunk steps; clipped PPO (optional dual clip); a clipped value loss on a value head over
-the detached prefix features, in running-return units (--norm-value); evaluation uses the deterministic ODE.
+the detached prefix features, in running-return units (--norm-value); evaluation uses the deterministic ODE. The BC
+warm start averages π₀'s weights over its updates (--ema-decay, openpi's EMA) and PPO starts from that average.
 
   python flow_ppo.py                                     # push, CPU π₀ preset, BC warm start then PPO, < 10 min
   python flow_ppo.py --env libero --no-freeze-backbone   # GPUs: openpi's pi0_libero from its cache, no BC
@@ -65,6 +66,9 @@ class Args(runlog.RunArgs):
     """BC batch size"""
     bc_lr: float = 1e-3
     """BC learning rate"""
+    ema_decay: float = 0.999
+    """d of π₀'s weights averaged over the BC updates, θ̄ ← d·θ̄ + (1 − d)·θ (openpi's EMA); PPO starts from θ̄, and from
+    there θ̄ = θ: the rollouts must come from the weights whose log-likelihoods the ratio assumes (0: off)"""
     updates_per_call: int = 10
     """BC updates per jitted call (lax.scan)"""
 
@@ -163,6 +167,8 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
     runlog.check_ranges(args, gamma=(0, 1), lr=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
+    if not 0 <= args.ema_decay < 1:
+        raise RunError(f"--ema-decay must be in [0, 1): 0 turns the average off (got {args.ema_decay})")
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
         raise RunError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.noise_method == "flow_sde" and args.flow_steps < 2:
@@ -341,7 +347,10 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
     def bc_step(state, batch, rng):
         (_, info), g = jax.value_and_grad(bc_objective, has_aux=True)(state["params"], batch, rng)
         updates, bc_opt = bc_tx.update(g, state["bc_opt"], state["params"])
-        return {**state, "params": optax.apply_updates(state["params"], updates), "bc_opt": bc_opt}, info
+        new = {**state, "params": optax.apply_updates(state["params"], updates), "bc_opt": bc_opt}
+        if state["ema"]:  # θ̄ ← d·θ̄ + (1 − d)·θ
+            new["ema"] = optax.incremental_update(new["params"], state["ema"], 1 - args.ema_decay)
+        return new, info
 
     def minibatch_step(carry, mb):
         state, stopped = carry
@@ -380,6 +389,8 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
         out["charts/kl_stopped"], out["charts/explained_variance"] = stopped.astype(jnp.float32), explained
         out["charts/return_mean"], out["charts/return_std"] = ret.mean(), jnp.sqrt(state["ret_stats"]["var"])
+        if state["ema"]:  # in PPO θ̄ = θ: what acts, is evaluated and is exported is what PPO trained
+            state = {**state, "ema": state["params"]}
         return state, out
 
     return mesh.scan_updates(bc_step), jax.jit(ppo_update, donate_argnums=0)
@@ -489,8 +500,10 @@ def main(args: Args) -> dict[str, float]:
     train = {"params": policy.params, "heads": {**heads, "value": nets.value_head.init(k_value, *z)}}
     tx, bc_tx = make_optimizers(args, nets, train)
     state = {**train, "opt": tx.init(train), "bc_opt": {}}
+    state["ema"] = {}  # θ̄, the BC updates' average of π₀'s weights (all of them train in BC), sharded as θ
     if bc_steps:
         state["bc_opt"] = bc_tx.init(train["params"])
+        state["ema"] = jax.tree.map(jnp.copy, train["params"]) if args.ema_decay > 0 else {}
     state["ret_stats"] = {"mean": jnp.zeros(()), "var": jnp.ones(()), "count": jnp.zeros(())}  # --norm-value's
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))  # FSDP: π₀ and its moments sharded
     print(f"π₀ {pi0.param_count(state['params']) / 1e6:.2f}M params; {bc_steps} BC updates, {args.iterations} PPO its")
@@ -520,6 +533,8 @@ def main(args: Args) -> dict[str, float]:
     final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
         if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
+            if state["ema"]:  # PPO starts from BC's average θ̄
+                state = {**state, "params": jax.tree.map(jnp.copy, state["ema"])}
             final = evaluate(eval_act, state, args, spec, k_eval, "start of PPO", run, step)
             run.log(step, final)
             final["eval/start_success_rate"] = final["eval/success_rate"]

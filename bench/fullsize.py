@@ -220,6 +220,7 @@ def acrlpd_cases(setup: Setup, ab: Abstract) -> list[Case]:
         )
         temp = {"log": jnp.zeros(()), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}
         state = {"params": params, "opt": tx.init(params), "pi_opt": pi_tx.init(params), "temp": temp, "critic": critic}
+        state["ema"] = jax.tree.map(jnp.copy, m.expert_part(nets, params)) if args.ema_decay > 0 else {}
         return {**state, "critic_opt": critic_tx.init(critic), "target_critic": critic}
 
     state = ab.state(init, jax.random.key(0))
@@ -281,6 +282,7 @@ def chunk_awr_cases(setup: Setup, ab: Abstract) -> list[Case]:
         q = jax.vmap(lambda k: nets.q.init(k, x)["params"])(jax.random.split(k_q, 2))
         critic = {"q": q, "v": nets.v.init(k_v, jnp.zeros((1, z_width)))["params"]}
         state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
+        state["ema"] = jax.tree.map(jnp.copy, params) if args.ema_decay > 0 else {}
         return {**state, "target_critic": q, "adv": jnp.zeros(270_000, jnp.float32)}  # LIBERO's ~270k chunks
 
     state = ab.state(init, jax.random.key(0))
@@ -331,7 +333,7 @@ def flow_ppo_cases(setup: Setup, ab: Abstract) -> list[Case]:
     def init(key):  # as flow_ppo.main starting from a π₀ checkpoint (no BC steps: no BC optimizer state)
         train = train_init(key)
         stats = {"mean": jnp.zeros(()), "var": jnp.ones(()), "count": jnp.zeros(())}  # --norm-value's
-        return {**train, "opt": tx.init(train), "bc_opt": {}, "ret_stats": stats}
+        return {**train, "opt": tx.init(train), "bc_opt": {}, "ema": {}, "ret_stats": stats}
 
     state = ab.state(init, jax.random.key(0))
     row = data.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))

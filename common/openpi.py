@@ -414,8 +414,9 @@ def load_pi0(
 ) -> tuple[pi0.Params, pi0.Pi0Config, dict[str, dict[str, np.ndarray]]]:
     """(π₀ parameters, config, norm stats) of a --pi0-checkpoint. An openpi checkpoint directory: the prompt's form
     from `checkpoint_record`, else openpi's defaults (π₀.₅: 200 tokens with the state in them; π₀: 48). A run
-    folder: its last checkpoint's state["params"] and extra["norm_stats"], the config read off the shapes, what the
-    run recorded and `run_config` (what the shapes leave open; 48 prompt tokens by default)."""
+    folder: its last checkpoint's state["params"] (with the average state["ema"] in place, where the run kept one) and
+    extra["norm_stats"], the config read off the shapes, what the run recorded and `run_config` (what the shapes leave
+    open; 48 prompt tokens by default)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         params, cfg = load_openpi_params(path, action_horizon=action_horizon, max_token_len=48)
@@ -440,6 +441,8 @@ def load_pi0(
             f"folder of these scripts); found state keys {list(state) if isinstance(state, dict) else type(state)}"
         )
     params = jax.tree.map(jnp.asarray, state["params"])
+    if state.get("ema"):  # the run averaged π₀'s weights (--ema-decay): the average is its policy
+        params = pi0.overlaid(params, jax.tree.map(jnp.asarray, state["ema"]))
     record = extra.get("pi0", {})  # what the run's π₀ read (prompt length, state in the prompt), when recorded
     run_config = dict(run_config or {})
     if "state_proj" in params:  # the shapes fix π₀'s state input (an openpi π₀ pads the env's state to it)

@@ -24,6 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -662,6 +663,22 @@ class Pi0:
 
 def param_count(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def trained_part(params: Params, labels: Params | None = None) -> Params:
+    """The leaves of `params` that train, nested as in `params`: all of them without `labels`, else those whose label
+    (`Pi0.optimizer_labels`) is not "frozen". What an average of the weights (--ema-decay) needs to keep."""
+    if labels is None:
+        return params
+    flat, kind = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(labels)
+    return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if kind[k] != "frozen"})
+
+
+def overlaid(params: Params, part: Params) -> Params:
+    """`params` with the leaves of `part` (a `trained_part`, e.g. the averaged weights) in their place."""
+    flat = flax.traverse_util.flatten_dict(params)
+    flat.update(flax.traverse_util.flatten_dict(part))
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs

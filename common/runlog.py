@@ -51,6 +51,8 @@ DATASET_KINDS = "prior data: robomimic/LIBERO HDF5, a LeRobot folder, an OGBench
 # flags a resumed run may change: where it runs and logs, not what it computes
 RESUME_MAY_CHANGE = ("resume", "run_dir", "track", "wandb_project", "fsdp_devices", "eval_envs", "remat")
 RESUME_MAY_CHANGE += ("capture_video", "video_episodes")
+# flags added since runs were first saved, and the value that gives a run saved without them its old behaviour
+ADDED_FLAGS = {"ema_decay": 0.0}
 
 
 @dataclasses.dataclass
@@ -302,7 +304,7 @@ def resumed(args: Any, script: str, defaults: Any = None) -> Any:
             default = f.default_factory()
         else:
             default = f.default
-        given, value = getattr(args, name), saved.get(name, default)
+        given, value = getattr(args, name), saved.get(name, ADDED_FLAGS.get(name, default))
         value = tuple(value) if isinstance(value, list) else value
         if name in RESUME_MAY_CHANGE:
             value = given

@@ -14,7 +14,7 @@ import tiny
 from conftest import xla_flags
 
 import acrlpd_pi0 as ac
-from common import data, envs, pi0, runlog
+from common import data, envs, openpi, pi0, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
@@ -59,6 +59,12 @@ def test_smoke(tmp_path, tiny_runs):
     assert z["buffer/extras/obs_z"].shape[0] == 2 * 5 and z["buffer/extras/next_cand"].shape[1:] == (2, 5, 2)
     assert not any(k.startswith(("buffer/obs/", "buffer/next_obs/")) for k in z)  # the critic reads only the cache
     assert z["loop/env/agent"].shape == (2, 2) and z["loop/obs/state"].shape == (2, 10)  # where the envs were
+    # θ̄ averages the action expert and projections, not the VLM; the run's π₀ (export, --pi0-checkpoint) acts with it
+    state = tiny.last_state(run_dir)
+    assert "embedder" not in state["ema"]["PaliGemma"]["llm"] and "final_norm_1" in state["ema"]["PaliGemma"]["llm"]
+    assert not np.allclose(state["ema"]["action_out_proj"]["kernel"], state["params"]["action_out_proj"]["kernel"])
+    want = pi0.overlaid(state["params"], state["ema"])
+    jax.tree.map(np.testing.assert_array_equal, openpi.load_pi0(run_dir, 5)[0], want)
 
     # online only: π₀ from that run folder and no prior data: no offline phase, π₀ evaluated at the start
     online_dir = str(tmp_path / "online")

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tiny  # noqa: E402
+
 import chunk_awr  # noqa: E402
-from common import data, envs, pi0  # noqa: E402
+from common import data, envs, openpi, pi0  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
@@ -52,6 +55,11 @@ def test_smoke(tiny_runs):
     losses = [r[k] for r in rows for k in ("losses/q", "losses/v", "losses/policy") if k in r]
     assert losses and all(math.isfinite(x) for x in losses) and max(r["step"] for r in rows) == 20
     assert any("losses/policy" in r for r in rows) and os.path.isdir(os.path.join(run_dir, "checkpoints"))
+    # --ema-decay 0.8: θ̄ is evaluated and exported, θ evaluated too (--eval-raw)
+    assert all("eval/raw_success_rate" in r for r in rows if "eval/success_rate" in r)
+    state = tiny.last_state(run_dir)
+    assert not np.allclose(state["ema"]["state_proj"]["kernel"], state["params"]["state_proj"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, openpi.load_pi0(run_dir, 5)[0], state["ema"])
 
 
 def test_check():
@@ -144,7 +152,9 @@ def _setup(beta: float):
 def test_beta_zero_is_exactly_bc():
     nets, args, train, batch = _setup(beta=0.0)
     rng = jax.random.key(7)
-    _, info = chunk_awr.total_loss(train, batch, rng, "policy", nets, args)  # the AWR update's own code path
+    _, info = chunk_awr.total_loss(
+        train, batch, rng, train["params"], "policy", nets, args
+    )  # the AWR update's own code path
     k_pi, _ = jax.random.split(rng)
     obs = nets.io.observe(batch["obs"])
     per_step = nets.pi.flow_loss(train["params"], obs, nets.io.to_model(batch["actions"]), k_pi)  # [B,H]
@@ -154,8 +164,32 @@ def test_beta_zero_is_exactly_bc():
     assert float(info["charts/weight_mean"]) == 1.0 and float(info["charts/weight_max"]) == 1.0
     # with β > 0 the same batch gives a different (weighted) loss
     nets2, args2, train2, _ = _setup(beta=20.0)
-    _, info2 = chunk_awr.total_loss(train2, batch, rng, "policy", nets2, args2)
+    _, info2 = chunk_awr.total_loss(train2, batch, rng, train2["params"], "policy", nets2, args2)
     assert float(info2["losses/policy"]) != pytest.approx(bc, rel=1e-4)
+
+
+def test_the_average_of_pi0s_weights_follows_each_policy_update():
+    """θ̄ ← d·θ̄ + (1 − d)·θ after every π₀ update (θ the updated weights), untouched by the critic's updates; what
+    acts (`acting_params`) is θ̄, or θ when no average is kept."""
+    nets, args, train, batch = _setup(beta=1.0)
+    args = dataclasses.replace(args, ema_decay=0.9)
+    tx, critic_tx = chunk_awr.make_optimizers(args)
+    params, critic = train["params"], {k: train["critic"][k] for k in ("q", "v")}
+    ema = jax.tree.map(lambda x: x + 0.5, params)  # an average away from θ
+    state = {"params": params, "opt": tx.init(params), "critic": critic, "critic_opt": critic_tx.init(critic)}
+    state.update(target_critic=train["critic"]["target_q"], adv=jnp.zeros(6), ema=ema)
+    updates = chunk_awr.make_update(nets, args, tx, critic_tx, None)
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], batch)  # one update: [1,B,...]
+    copy = lambda tree: jax.tree.map(np.array, tree)  # the update donates its input state
+    before = copy(state)
+    after, _ = updates["policy"](jax.tree.map(jnp.asarray, before), stacked, jax.random.key(3))
+    assert not np.allclose(after["params"]["state_proj"]["kernel"], before["params"]["state_proj"]["kernel"])
+    want = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, before["ema"], after["params"])
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), after["ema"], want)
+    jax.tree.map(np.testing.assert_array_equal, chunk_awr.acting_params(after), after["ema"])
+    critic_step, _ = updates["critic"](jax.tree.map(jnp.asarray, before), stacked, jax.random.key(3))
+    jax.tree.map(np.testing.assert_array_equal, critic_step["ema"], before["ema"])
+    assert chunk_awr.acting_params({**before, "ema": {}}) is before["params"]
 
 
 def test_twin_critics_are_two_networks_read_in_pi0_action_form():
@@ -169,7 +203,7 @@ def test_twin_critics_are_two_networks_read_in_pi0_action_form():
     chunks = nets.io.executed(nets.io.to_model(batch["actions"], batch["obs"]["state"]))
     qs = chunk_awr.q_values(nets, q, z, chunks)  # [2,B]
     assert qs.shape == (2, 6) and not np.allclose(qs[0], qs[1])
-    _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), "critic", nets, args)
+    _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), train["params"], "critic", nets, args)
     want = float(jnp.mean(jnp.square(qs - batch["return_to_go"][None])))  # Monte Carlo target, both members
     assert float(info["losses/q"]) == pytest.approx(want, rel=1e-5)
 
@@ -185,7 +219,7 @@ def test_mc_target_bootstraps_past_a_time_limit():
     batch = batch | {"end_obs": end_obs, "return_to_go": np.full(6, np.nan, np.float32)}
     batch["return_to_end"] = rng.uniform(-2, 0, 6).astype(np.float32)
     batch["end_discount"] = np.array([0.9, 0.5, 0.0, 0.0, 0.3, 1.0], np.float32)
-    _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), "critic", nets, args)
+    _, info = chunk_awr.total_loss(train, batch, jax.random.key(0), train["params"], "critic", nets, args)
     params, critic = train["params"], train["critic"]
     prefix = nets.pi.prefix(params, nets.io.observe(batch["obs"]))
     z = chunk_awr.critic_obs(prefix.features, prefix.state)

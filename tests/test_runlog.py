@@ -63,6 +63,18 @@ def test_load_pi0_from_a_run_folder(tmp_path) -> None:
     assert openpi.load_pi0(str(tmp_path / "run"), action_horizon=3)[1].max_token_len == 48  # the default
     # π₀'s state input is what its shapes say (10 here), whatever the next run's env has (an openpi π₀ takes 32)
     assert openpi.load_pi0(str(tmp_path / "run"), action_horizon=5, run_config={"state_dim": 7})[1].state_dim == 10
+    # a run that kept an average θ̄ of part of π₀ (--ema-decay): θ̄ is its π₀, the other leaves θ's
+    model = pi0.Pi0(cfg)
+    ema = jax.tree.map(lambda x: x + 1.0, pi0.trained_part(params, model.optimizer_labels(params, "train", True)))
+    assert "embedder" not in ema["PaliGemma"]["llm"] and "final_norm_1" in ema["PaliGemma"]["llm"]
+    avg = runlog.Run(Args(run_dir=str(tmp_path / "avg")), "script")
+    avg.save(3, {"params": params, "ema": ema}, {"norm_stats": stats(10, 2), "step": 3})
+    avg.close()
+    got = openpi.load_pi0(str(tmp_path / "avg"), action_horizon=5, run_config={"cameras": ()})[0]
+    jax.tree.map(np.testing.assert_array_equal, got, pi0.overlaid(params, ema))
+    np.testing.assert_array_equal(got["state_proj"]["kernel"], params["state_proj"]["kernel"] + 1.0)
+    embedder = got["PaliGemma"]["llm"]["embedder"]  # the VLM's leaves, not averaged: θ's
+    jax.tree.map(np.testing.assert_array_equal, embedder, params["PaliGemma"]["llm"]["embedder"])
     bad = runlog.Run(Args(run_dir=str(tmp_path / "bad")), "script")
     bad.save(1, {"pi": params}, {"norm_stats": stats(10, 2)})  # π₀ under another key
     bad.close()
@@ -111,6 +123,10 @@ def test_resume_takes_the_runs_own_flags(tmp_path) -> None:
     with pytest.raises(RunError, match="another version of script.py .flags this one does not have: --retired-flag"):
         runlog.resumed(Args(run_dir=run_dir, resume=True), "script")
     json.dump(saved, open(os.path.join(run_dir, "args.json"), "w"))
+    # a flag added since the run was saved (runlog.ADDED_FLAGS) takes the value of the run's old behaviour
+    with_ema = dataclasses.make_dataclass("WithEma", [("ema_decay", float, 0.999)], bases=(Args,))
+    assert runlog.resumed(with_ema(run_dir=run_dir, resume=True), "script").ema_decay == 0.0
+    assert with_ema(run_dir=run_dir).ema_decay == 0.999  # a new run: the default
     with pytest.raises(RunError, match="is not empty"):
         Args(run_dir=run_dir).check_run()
 

@@ -43,6 +43,8 @@ CHUNK_AWR = dict(
     save_every=5,
     reward="subgoal",
     critic_target="td",
+    ema_decay=0.8,
+    eval_raw=True,
     beta=5.0,
     max_weight=10.0,
     remat="dots_saveable",
@@ -89,3 +91,12 @@ def snapshot(folder: str) -> dict:
             p = os.path.join(root, name)
             out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns, hashlib.sha1(open(p, "rb").read()).hexdigest())
     return out
+
+
+def last_state(run_dir: str) -> dict:
+    """The train state of a run folder's last checkpoint, as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(run_dir, "checkpoints")) as mgr:
+        out = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out["state"]

@@ -1,0 +1,125 @@
+"""Benchmark: π₀'s weights averaged (--ema-decay) against the last update's weights, in chunk_awr.py's default run.
+
+Gradients and AdamW act on the raw weights θ whatever the average does, so one run with --eval-raw evaluates both
+policies on the same episodes: eval/success_rate is the average θ̄ (--ema-decay d), eval/raw_success_rate is θ, the
+policy a run with --ema-decay 0 evaluates (the same updates, data order and evaluation episodes). For each seed and
+method (AWR; BC is --beta 0) it prints the end success and the standard deviation of the last five evaluations of
+both, and writes bench/results/ema<tag>.json and ema<tag>.png (success against policy updates).
+
+  python bench/ema.py                                    # push, AWR and BC, seeds 1-3 (~40 min on 2 cores)
+  python bench/ema.py --seeds 1 --methods bc --extra=--policy-steps=4000   # quick look
+  python bench/ema.py --extra=--env=cube-single-v0 --extra=--dataset=PATH --tag _cube   # another task's data
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import chunk_awr  # noqa: E402
+from common import runlog  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class BenchArgs:
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds; each runs every method"""
+    methods: tuple[Literal["awr", "bc"], ...] = ("awr", "bc")
+    """awr (chunk_awr.py's default) and bc (--beta 0)"""
+    ema_decay: float = chunk_awr.Args.ema_decay
+    """the average's d (chunk_awr.py's default)"""
+    last: int = 5
+    """evaluations at the end whose standard deviation is reported"""
+    extra: list[str] = field(default_factory=list)
+    """more chunk_awr.py flags, each as --extra=--flag=value"""
+    tag: str = ""
+    """suffix of the result files"""
+
+
+def curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """(policy update, success) of every evaluation of a run: "ema" (θ̄, eval/success_rate) and "raw" (θ)."""
+    out = {"ema": [], "raw": []}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "eval/raw_success_rate" in row:
+                out["ema"].append((row["step"], row["eval/success_rate"]))
+                out["raw"].append((row["step"], row["eval/raw_success_rate"]))
+    return out
+
+
+def summary(curve: list[tuple[int, float]], last: int) -> dict[str, float]:
+    tail = [s for _, s in curve[-last:]]
+    return {
+        "start": curve[0][1],
+        "end": curve[-1][1],
+        "last_mean": float(np.mean(tail)),
+        "last_std": float(np.std(tail)),
+    }
+
+
+def report(results: list[dict], b: BenchArgs) -> None:
+    print(f"\n--ema-decay {b.ema_decay} against 0 (the raw weights), chunk_awr.py {' '.join(b.extra)}")
+    print(
+        f"{'seed':>4} {'method':>6} | {'end θ̄':>6} {'end θ':>6} | {f'std last {b.last} θ̄':>14} {'θ':>6} | {'wall s':>6}"
+    )
+    for r in results:
+        e, w = r["ema"], r["raw"]
+        print(
+            f"{r['seed']:>4} {r['method']:>6} | {e['end']:>6.2f} {w['end']:>6.2f} | {e['last_std']:>14.3f} "
+            f"{w['last_std']:>6.3f} | {r['wall_s']:>6.0f}"
+        )
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"ema{b.tag}.json"), "w") as f:
+        json.dump({"args": vars(b), "runs": results}, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in results})
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for i, r in enumerate(x for x in results if x["method"] == method):
+            for kind, style in (("ema", "-o"), ("raw", ":s")):
+                c = r["curves"][kind]
+                label = f"seed {r['seed']}, {'θ̄ (--ema-decay ' + str(b.ema_decay) + ')' if kind == 'ema' else 'θ (0)'}"
+                ax.plot([x[0] for x in c], [x[1] for x in c], style, ms=3, color=f"C{i}", label=label)
+        ax.set_xlabel("updates (critic then policy)")
+        ax.set_ylabel("success rate")
+        ax.set_title(f"chunk_awr.py {method} on {' '.join(b.extra) or 'push'}: averaged vs raw weights", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, f"ema{b.tag}.png"), dpi=120)
+
+
+def main(b: BenchArgs) -> None:
+    results = []
+    for seed in b.seeds:
+        for method in b.methods:
+            t = time.time()
+            run_dir = os.path.join("runs", f"bench_ema{b.tag}_{method}_{seed}_{int(t)}")
+            argv = [f"--seed={seed}", f"--ema-decay={b.ema_decay}", "--eval-raw", f"--run-dir={run_dir}", *b.extra]
+            if method == "bc":
+                argv.append("--beta=0")
+            with runlog.one_line_errors():
+                out = chunk_awr.main(runlog.cli(chunk_awr.Args, chunk_awr.CONFIGS, argv))
+            c = curves(out["run_dir"])
+            result = {"seed": seed, "method": method, "argv": argv, "wall_s": time.time() - t, "curves": c}
+            result.update({k: summary(v, b.last) for k, v in c.items()})
+            results.append(result)
+            report(results, b)  # partial results are kept after every run
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))
