@@ -3,10 +3,11 @@
 Gradients and AdamW act on the raw weights θ whatever the average does, so one run with --eval-raw evaluates both
 policies on the same episodes: eval/success_rate is the average θ̄ (--ema-decay d), eval/raw_success_rate is θ, the
 policy a run with --ema-decay 0 evaluates (the same updates, data order and evaluation episodes). For each seed and
-method (AWR; BC is --beta 0) it prints the end success and the standard deviation of the last five evaluations of
-both, and writes bench/results/ema<tag>.json and ema<tag>.png (success against policy updates).
+method (AWR; BC is --beta 0) it prints the end success, and the standard deviation and the swing (mean change from
+one evaluation to the next) of the last five evaluations of both; it writes bench/results/ema<tag>.json and
+ema<tag>.png (success against updates).
 
-  python bench/ema.py                                    # push, AWR and BC, seeds 1-3 (~40 min on 2 cores)
+  python bench/ema.py                                    # push, AWR and BC, seeds 1-3 (~50 min on 2 cores)
   python bench/ema.py --seeds 1 --methods bc --extra=--policy-steps=4000   # quick look
   python bench/ema.py --extra=--env=cube-single-v0 --extra=--dataset=PATH --tag _cube   # another task's data
 """
@@ -59,25 +60,22 @@ def curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def summary(curve: list[tuple[int, float]], last: int) -> dict[str, float]:
-    tail = [s for _, s in curve[-last:]]
-    return {
-        "start": curve[0][1],
-        "end": curve[-1][1],
-        "last_mean": float(np.mean(tail)),
-        "last_std": float(np.std(tail)),
-    }
+    """start, end, and over the last `last` evaluations: mean, standard deviation (trend included) and swing (the mean
+    absolute change from one evaluation to the next)."""
+    tail = np.array([s for _, s in curve[-last:]])
+    out = {"start": curve[0][1], "end": curve[-1][1], "last_mean": float(tail.mean()), "last_std": float(tail.std())}
+    return out | {"last_swing": float(np.abs(np.diff(tail)).mean()) if len(tail) > 1 else 0.0}
 
 
 def report(results: list[dict], b: BenchArgs) -> None:
     print(f"\n--ema-decay {b.ema_decay} against 0 (the raw weights), chunk_awr.py {' '.join(b.extra)}")
-    print(
-        f"{'seed':>4} {'method':>6} | {'end θ̄':>6} {'end θ':>6} | {f'std last {b.last} θ̄':>14} {'θ':>6} | {'wall s':>6}"
-    )
+    head = f"{'end θ̄':>6} {'θ':>5} | {f'std of last {b.last} θ̄':>16} {'θ':>5} | {'swing θ̄':>8} {'θ':>5}"
+    print(f"{'seed':>4} {'method':>6} | {head} | {'wall s':>6}")
     for r in results:
         e, w = r["ema"], r["raw"]
         print(
-            f"{r['seed']:>4} {r['method']:>6} | {e['end']:>6.2f} {w['end']:>6.2f} | {e['last_std']:>14.3f} "
-            f"{w['last_std']:>6.3f} | {r['wall_s']:>6.0f}"
+            f"{r['seed']:>4} {r['method']:>6} | {e['end']:>6.2f} {w['end']:>5.2f} | {e['last_std']:>16.3f} "
+            f"{w['last_std']:>5.3f} | {e['last_swing']:>8.3f} {w['last_swing']:>5.3f} | {r['wall_s']:>6.0f}"
         )
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"ema{b.tag}.json"), "w") as f:
@@ -88,6 +86,7 @@ def report(results: list[dict], b: BenchArgs) -> None:
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in results})
+    env = next((x.split("=", 1)[1] for x in b.extra if x.startswith("--env=")), "push")
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         for i, r in enumerate(x for x in results if x["method"] == method):
@@ -97,7 +96,7 @@ def report(results: list[dict], b: BenchArgs) -> None:
                 ax.plot([x[0] for x in c], [x[1] for x in c], style, ms=3, color=f"C{i}", label=label)
         ax.set_xlabel("updates (critic then policy)")
         ax.set_ylabel("success rate")
-        ax.set_title(f"chunk_awr.py {method} on {' '.join(b.extra) or 'push'}: averaged vs raw weights", fontsize=9)
+        ax.set_title(f"chunk_awr.py {method} on {env}: averaged vs raw weights", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"ema{b.tag}.png"), dpi=120)
