@@ -8,14 +8,15 @@ one evaluation to the next) of the last five evaluations of both; it writes benc
 ema<tag>.png (success against updates).
 
   python bench/ema.py                                    # push, AWR and BC, seeds 1-3 (~50 min on 2 cores)
-  python bench/ema.py --seeds 1 --methods bc --extra=--policy-steps=4000   # quick look
-  python bench/ema.py --extra=--env=cube-single-v0 --extra=--dataset=PATH --tag _cube   # another task's data
+  python bench/ema.py --seeds 1 --methods bc --extra="--policy-steps 4000"   # quick look
+  python bench/ema.py --extra="--env ID --dataset PATH --eval-episodes 50" --tag _cube   # another task's data
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ class BenchArgs:
     """the average's d (chunk_awr.py's default)"""
     last: int = 5
     """evaluations at the end whose standard deviation is reported"""
-    extra: list[str] = field(default_factory=list)
-    """more chunk_awr.py flags, each as --extra=--flag=value"""
+    extra: str = ""
+    """more chunk_awr.py flags, one string split like a shell line: --extra="--env ID --dataset PATH" """
     tag: str = ""
     """suffix of the result files"""
 
@@ -68,7 +69,7 @@ def summary(curve: list[tuple[int, float]], last: int) -> dict[str, float]:
 
 
 def report(results: list[dict], b: BenchArgs) -> None:
-    print(f"\n--ema-decay {b.ema_decay} against 0 (the raw weights), chunk_awr.py {' '.join(b.extra)}")
+    print(f"\n--ema-decay {b.ema_decay} against 0 (the raw weights), chunk_awr.py {b.extra}")
     head = f"{'end θ̄':>6} {'θ':>5} | {f'std of last {b.last} θ̄':>16} {'θ':>5} | {'swing θ̄':>8} {'θ':>5}"
     print(f"{'seed':>4} {'method':>6} | {head} | {'wall s':>6}")
     for r in results:
@@ -86,7 +87,8 @@ def report(results: list[dict], b: BenchArgs) -> None:
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in results})
-    env = next((x.split("=", 1)[1] for x in b.extra if x.startswith("--env=")), "push")
+    flags = shlex.split(b.extra)
+    env = flags[flags.index("--env") + 1] if "--env" in flags[:-1] else "push"
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         for i, r in enumerate(x for x in results if x["method"] == method):
@@ -108,7 +110,8 @@ def main(b: BenchArgs) -> None:
         for method in b.methods:
             t = time.time()
             run_dir = os.path.join("runs", f"bench_ema{b.tag}_{method}_{seed}_{int(t)}")
-            argv = [f"--seed={seed}", f"--ema-decay={b.ema_decay}", "--eval-raw", f"--run-dir={run_dir}", *b.extra]
+            argv = [f"--seed={seed}", f"--ema-decay={b.ema_decay}", "--eval-raw", f"--run-dir={run_dir}"]
+            argv += shlex.split(b.extra)
             if method == "bc":
                 argv.append("--beta=0")
             with runlog.one_line_errors():
