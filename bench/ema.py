@@ -98,7 +98,7 @@ def report(results: list[dict], b: BenchArgs) -> None:
                 ax.plot([x[0] for x in c], [x[1] for x in c], style, ms=3, color=f"C{i}", label=label)
         ax.set_xlabel("updates (critic then policy)")
         ax.set_ylabel("success rate")
-        ax.set_title(f"chunk_awr.py {method} on {env}: averaged vs raw weights", fontsize=9)
+        ax.set_title(f"chunk_awr.py {method} on {env}\naveraged θ̄ against raw θ", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"ema{b.tag}.png"), dpi=120)
