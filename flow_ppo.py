@@ -67,8 +67,8 @@ class Args(runlog.RunArgs):
     bc_lr: float = 1e-3
     """BC learning rate"""
     ema_decay: float = 0.999
-    """d of π₀'s weights averaged over the BC updates, θ̄ ← d·θ̄ + (1 − d)·θ (openpi's EMA); PPO starts from θ̄, and from
-    there θ̄ = θ: the rollouts must come from the weights whose log-likelihoods the ratio assumes (0: off)"""
+    """d of π₀'s weights averaged over the BC updates, θ̄ ← d·θ̄ + (1 − d)·θ (openpi's EMA); PPO starts from θ̄ and keeps
+    no average: the rollouts must come from the weights whose log-likelihoods the ratio assumes (0: off)"""
     updates_per_call: int = 10
     """BC updates per jitted call (lax.scan)"""
 
@@ -389,8 +389,6 @@ def make_update(nets: Nets, args: Args, tx, bc_tx):
         out["charts/first_ratio_dev"] = info["charts/ratio_max_dev"][0, 0]  # first minibatch of the first epoch
         out["charts/kl_stopped"], out["charts/explained_variance"] = stopped.astype(jnp.float32), explained
         out["charts/return_mean"], out["charts/return_std"] = ret.mean(), jnp.sqrt(state["ret_stats"]["var"])
-        if state["ema"]:  # in PPO θ̄ = θ: what acts, is evaluated and is exported is what PPO trained
-            state = {**state, "ema": state["params"]}
         return state, out
 
     return mesh.scan_updates(bc_step), jax.jit(ppo_update, donate_argnums=0)
@@ -500,7 +498,7 @@ def main(args: Args) -> dict[str, float]:
     train = {"params": policy.params, "heads": {**heads, "value": nets.value_head.init(k_value, *z)}}
     tx, bc_tx = make_optimizers(args, nets, train)
     state = {**train, "opt": tx.init(train), "bc_opt": {}}
-    state["ema"] = {}  # θ̄, the BC updates' average of π₀'s weights (all of them train in BC), sharded as θ
+    state["ema"] = {}  # θ̄, the BC updates' average of π₀'s weights (all of them train in BC), sharded as θ; BC only
     if bc_steps:
         state["bc_opt"] = bc_tx.init(train["params"])
         state["ema"] = jax.tree.map(jnp.copy, train["params"]) if args.ema_decay > 0 else {}
@@ -513,6 +511,8 @@ def main(args: Args) -> dict[str, float]:
     # ---- restore: the train state, counters, and on the host the envs and the episodes since the last log
     step, obs, ep_success = 0, env.reset(seed=args.seed)[0], []
     counts = {"charts/env_steps": 0, "time/ppo_s": 0.0}  # continued across resumes (ppo_s: --time-budget-s)
+    if (run.saved_step or 0) >= bc_steps:  # saved in PPO: θ̄ became θ at its start
+        state["ema"] = {}
     restored = run.restore(state)
     if restored is not None:
         step, state, extra, host = restored
@@ -533,8 +533,8 @@ def main(args: Args) -> dict[str, float]:
     final, info, first_dev = {}, {}, 0.0
     for phase, end in (("bc", bc_steps), ("ppo", total)):
         if phase == "ppo" and step == bc_steps != run.saved_step:  # the start of PPO (BC or the checkpoint), saved
-            if state["ema"]:  # PPO starts from BC's average θ̄
-                state = {**state, "params": jax.tree.map(jnp.copy, state["ema"])}
+            if state["ema"]:  # PPO starts from BC's average θ̄, and keeps no average
+                state = {**state, "params": state["ema"], "ema": {}}
             final = evaluate(eval_act, state, args, spec, k_eval, "start of PPO", run, step)
             run.log(step, final)
             final["eval/start_success_rate"] = final["eval/success_rate"]

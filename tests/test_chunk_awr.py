@@ -152,9 +152,8 @@ def _setup(beta: float):
 def test_beta_zero_is_exactly_bc():
     nets, args, train, batch = _setup(beta=0.0)
     rng = jax.random.key(7)
-    _, info = chunk_awr.total_loss(
-        train, batch, rng, train["params"], "policy", nets, args
-    )  # the AWR update's own code path
+    # the AWR update's own code path
+    _, info = chunk_awr.total_loss(train, batch, rng, train["params"], "policy", nets, args)
     k_pi, _ = jax.random.split(rng)
     obs = nets.io.observe(batch["obs"])
     per_step = nets.pi.flow_loss(train["params"], obs, nets.io.to_model(batch["actions"]), k_pi)  # [B,H]
