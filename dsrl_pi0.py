@@ -72,8 +72,9 @@ class Args(runlog.RunArgs):
     """BC trains only the action expert and the projections"""
 
     # ---- algorithm
-    critic: Literal["aliased", "noise"] = "aliased"
-    """aliased: DSRL-NA, Q^A on chunks by TD and Q^W distilled from it; noise: DSRL-SAC, Q^W on the executed noise"""
+    critic: Literal["noise", "aliased"] = "noise"
+    """noise: DSRL-SAC, Q^W by TD on the executed noise; aliased: DSRL-NA, Q^A on chunks by TD and Q^W distilled
+    from it (on push it learned less in the same time: docs/results/dsrl.md)"""
     offline_steps: int = 10_000
     """BC (flow-matching) updates of π₀ on the prior data before going online (0 with --pi0-checkpoint)"""
     online_steps: int = 16_000
@@ -92,6 +93,9 @@ class Args(runlog.RunArgs):
     """s: the noise policy's w lies in (−s, s) per dim (π₀ was trained from N(0, I))"""
     alias_n: int = 4
     """--critic aliased: noise-chunk pairs per observation that Q^W learns Q^A on (the executed one and N(0, I) ones)"""
+    alias_from: Literal["policy", "prior"] = "policy"
+    """--critic aliased: where the pairs' other noises come from when acting: π^W(· | o), where the actor queries Q^W,
+    or N(0, I), π₀'s prior (the prior data's pairs: always N(0, I))"""
     num_qs: int = 2
     """ensemble size of each critic"""
     q_agg: Literal["min2", "mean"] = "min2"
@@ -106,8 +110,9 @@ class Args(runlog.RunArgs):
     """noise policy learning rate"""
     temp_lr: float = 3e-4
     """learning rate of log α"""
-    init_temp: float = 0.1
-    """α at the start"""
+    init_temp: float = 0.01
+    """α at the start: the entropy bonus adds about α·|log π^W|/(1 − γ^H) to Q, in critic units where returns have
+    std 1; 0.1 makes it ~5 on push (10 noise dims) and drowns the reward until α has fallen"""
     target_entropy: float = -0.5
     """SAC's entropy target, per noise dim (−0.5: jaxrl2's −dim/2)"""
     tau: float = 0.005
@@ -283,15 +288,20 @@ def noise_shape(nets: Nets) -> tuple[int, int]:
     return nets.io.horizon, nets.pi.config.action_dim
 
 
+def squash(mean, log_std, eps, scale: float):
+    """The tanh-Gaussian's sample and log-density: u = mean + std·ε, w = s·tanh(u) -> w [B,D], log π(w) [B], the
+    change of variables |dw/du| = s·(1 − tanh²u) per dim included."""
+    u = mean + jnp.exp(log_std) * eps
+    log_n = -0.5 * jnp.square(eps) - log_std - 0.5 * math.log(2 * math.pi)  # log N(u; mean, std²)
+    log_det = math.log(scale) + 2 * (math.log(2) - u - jax.nn.softplus(-2 * u))  # log s(1 − tanh²u), stable
+    return scale * jnp.tanh(u), (log_n - log_det).sum(-1)
+
+
 def sample_noise(nets: Nets, aparams, obs_z, rng, scale: float):
-    """w ~ π^W(· | o) by reparameterisation: w = s·tanh(mean + std·ε) -> w [B,H,A_m], log π^W(w | o) [B] (the tanh
-    and the scale's change of variables included)."""
+    """w ~ π^W(· | o) by reparameterisation -> w [B,H,A_m] in (−s, s), log π^W(w | o) [B]."""
     mean, log_std = nets.actor.apply({"params": aparams}, obs_z)  # [B,D]
-    u = mean + jnp.exp(log_std) * jax.random.normal(rng, mean.shape)
-    log_n = -0.5 * jnp.square((u - mean) / jnp.exp(log_std)) - log_std - 0.5 * math.log(2 * math.pi)
-    log_det = jnp.log(scale) + jnp.log(1 - jnp.square(jnp.tanh(u)) + 1e-6)  # |dw/du| = s·(1 − tanh²u)
-    w = scale * jnp.tanh(u)
-    return w.reshape(-1, *noise_shape(nets)), (log_n - log_det).sum(-1)
+    w, logp = squash(mean, log_std, jax.random.normal(rng, mean.shape), scale)
+    return w.reshape(-1, *noise_shape(nets)), logp
 
 
 def mean_noise(nets: Nets, aparams, obs_z, scale: float):
@@ -514,9 +524,15 @@ def make_act(nets: Nets, args: Args):
         else:
             w = jax.random.normal(k_w, (B, *noise_shape(nets)))
         w = w[:, None]  # [B,1,H,A_m]
-        if how == "sample" and args.critic == "aliased":  # the executed noise first, then N(0, I) ones
-            extra = jax.random.normal(k_alias, (B, args.alias_n - 1, *noise_shape(nets)))
-            w = jnp.concatenate([w, extra], 1)  # [B,M,H,A_m]
+        if how == "sample" and args.critic == "aliased":  # the executed noise first, then --alias-from ones
+            M = args.alias_n - 1
+            if args.alias_from == "policy":
+                z_rep = jnp.repeat(obs_z, M, axis=0)  # [B·M,W+S]
+                extra = sample_noise(nets, state["actor"], z_rep, k_alias, args.noise_scale)[0]
+                extra = extra.reshape(B, M, *noise_shape(nets))
+            else:
+                extra = jax.random.normal(k_alias, (B, M, *noise_shape(nets)))
+            w = jnp.concatenate([w, extra], 1)  # [B,M+1,H,A_m]
         chunks = steered(nets, params, prefix, w, args.flow_steps)  # [B,M,H_m,A_m]
         q = q_values(nets, state["noise_critic"], obs_z, w[:, :1])[:, :, 0].mean(0)  # [B]
         q = nets.ret[0] + nets.ret[1] * q  # reward units (the evaluations' calibration)

@@ -7,10 +7,11 @@ import pytest
 
 import acrlpd_pi0
 import chunk_awr
+import dsrl_pi0
 import flow_ppo
 from common import runlog
 
-SCRIPTS = (acrlpd_pi0, chunk_awr, flow_ppo)
+SCRIPTS = (acrlpd_pi0, chunk_awr, flow_ppo, dsrl_pi0)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)

@@ -98,7 +98,7 @@ def test_pixel_observations_refused() -> None:
 
 @pytest.mark.skipif(not OGBENCH, reason="ogbench not installed")
 @pytest.mark.slow  # 30-70 s each under the suite's load: a whole tiny run, compiled, with real MuJoCo envs in workers
-@pytest.mark.parametrize("script", ["acrlpd_pi0", "chunk_awr", "flow_ppo"])
+@pytest.mark.parametrize("script", ["acrlpd_pi0", "chunk_awr", "flow_ppo", "dsrl_pi0"])
 def test_scripts_run_on_ogbench(script: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: object) -> None:
     """Each script's tiny run (tests/tiny.py) through an `ogbench:` id, on oracle data written by make-dataset and
     read back from OGBench's npz layout, with its envs in worker processes (~40 s each, most of it compiling)."""

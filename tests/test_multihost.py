@@ -35,8 +35,13 @@ FLAGS = {
     "acrlpd_pi0": tiny.flags(tiny.ACRLPD) + SHORT + ["--save-every", "8"],
     "chunk_awr": tiny.flags(tiny.CHUNK_AWR) + SHORT,
     "flow_ppo": tiny.flags(tiny.FLOW_PPO) + SHORT + ["--noise-method", "flow_noise", "--ent-coef", "0.01"],
+    "dsrl_pi0": tiny.flags(tiny.DSRL) + SHORT + ["--save-every", "8"],
 }
-HOST_FILES = {"acrlpd_pi0", "flow_ppo"}  # the scripts with host state (envs, replay buffer) in their checkpoints
+HOST_FILES = {
+    "acrlpd_pi0",
+    "flow_ppo",
+    "dsrl_pi0",
+}  # the scripts with host state (envs, replay buffer) in their checkpoints
 
 
 def free_port() -> int:

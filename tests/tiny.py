@@ -67,7 +67,30 @@ FLOW_PPO = dict(
     freeze_backbone=False,
     dual_clip=3.0,
 )
-RUNS = {"acrlpd_pi0": ACRLPD, "chunk_awr": CHUNK_AWR, "flow_ppo": FLOW_PPO}
+DSRL = dict(
+    offline_steps=8,
+    online_steps=8,
+    batch_size=8,
+    online_batch_size=8,
+    updates_per_call=4,
+    utd=2,
+    learning_starts=4,
+    eval_episodes=3,
+    num_envs=2,
+    log_every=4,
+    save_every=4,
+    num_qs=3,
+    critic_hidden=(16,),
+    actor_hidden=(16,),
+    flow_steps=2,
+    critic="aliased",
+    alias_n=3,
+    noise_scale=1.2,
+    online_fraction=0.5,
+    q_agg="mean",
+    ema_decay=0.8,
+)
+RUNS = {"acrlpd_pi0": ACRLPD, "chunk_awr": CHUNK_AWR, "flow_ppo": FLOW_PPO, "dsrl_pi0": DSRL}
 
 
 def flags(args: dict) -> list[str]:
