@@ -35,10 +35,11 @@ sys.path.insert(0, ROOT)
 
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
+import dsrl_pi0  # noqa: E402
 import flow_ppo  # noqa: E402
 from common import data, mesh, pi0, runlog  # noqa: E402
 
-SCRIPTS = ("acrlpd_pi0", "chunk_awr", "flow_ppo")
+SCRIPTS = ("acrlpd_pi0", "chunk_awr", "flow_ppo", "dsrl_pi0")
 MODEL_HORIZON = {"pi0": 50, "pi05": 10, "cpu": 10}  # openpi's pi0_libero / pi05_libero chunks
 PROMPTS = ["put both the alphabet soup and the tomato sauce in the basket", "open the middle drawer of the cabinet"]
 
@@ -350,6 +351,59 @@ def flow_ppo_cases(setup: Setup, ab: Abstract) -> list[Case]:
     ]
 
 
+def dsrl_cases(setup: Setup, ab: Abstract) -> list[Case]:
+    """dsrl_pi0 online from a π₀ checkpoint (the libero config: no BC, π₀ frozen): the SAC update on cached views and
+    noises, and acting (one prefix pass, the noise policy, π₀'s chain from its noise)."""
+    m = dsrl_pi0
+    args = script_args(m, setup)
+    env = libero_env(setup.preset)
+    model, io = policy(setup, env, args.action_horizon)
+    cfg = model.config
+    dims = args.action_horizon * cfg.action_dim
+    nets = m.Nets(model, io, m.Critic(tuple(args.critic_hidden)), m.NoisePolicy(tuple(args.actor_hidden), dims))
+    obs_dim = cfg.vlm.width + (cfg.state_dim or cfg.action_dim)
+    _, sac_tx = m.make_optimizers(args, nets, jax.eval_shape(model.init, jax.random.key(0)))
+
+    def init(key):  # as dsrl_pi0.main builds its state from a checkpoint
+        k_pi, k_q, k_actor = jax.random.split(key, 3)
+        q = jax.vmap(lambda k: nets.critic.init(k, jnp.zeros((1, obs_dim + dims)))["params"])
+        sac = {"noise_critic": q(jax.random.split(k_q, args.num_qs)), "critic": {}, "log_alpha": jnp.zeros(())}
+        sac["actor"] = nets.actor.init(k_actor, jnp.zeros((1, obs_dim)))["params"]
+        state = {"params": model.init(k_pi), "opt": {}, "ema": {}, **sac}
+        state.update({f"{k}_opt": sac_tx[k].init(sac[k]) for k in m.SAC_KEYS})
+        return {**state, "target_critic": {}, "target_noise_critic": sac["noise_critic"]}
+
+    state = ab.state(init, jax.random.key(0))
+    row = data.make_chunks(episode(env), args.action_horizon, args.gamma).get(np.array([0]))
+    cached = {k: row[k] for k in m.TD_KEYS}
+    view = jax.ShapeDtypeStruct((1, obs_dim), jnp.float32)
+    cached.update(
+        obs_z=view, next_obs_z=view, noise=jax.ShapeDtypeStruct((1, args.action_horizon, cfg.action_dim), jnp.float32)
+    )
+    cached["chunk"] = jax.ShapeDtypeStruct((1, args.action_horizon, env.action_dim), jnp.float32)
+    _, sac_update = m.make_update(nets, args, None, sac_tx)
+    act = m.make_act(nets, args)
+    own = dict(init=init, state=state)
+    return [
+        Case(
+            "dsrl_pi0/sac_update",
+            sac_update,
+            (state, ab.batch(cached, setup.batch, stacked=True), ab.key()),
+            {},
+            setup.batch,
+            **own,
+        ),
+        Case(
+            "dsrl_pi0/act",
+            act,
+            (state, ab.batch(row["obs"], setup.act_batch), ab.key()),
+            {"how": "sample"},
+            setup.act_batch,
+            **own,
+        ),
+    ]
+
+
 def matmul_flops(case: Case) -> float:
     """The FLOPs of every matrix product a call of `case` runs (dot_general: 2·M·N·K; convolutions likewise), counted
     on its jaxpr with each scan body × its length and each remat's recomputation included where the jaxpr has it.
@@ -380,7 +434,7 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
-CASES = {"acrlpd_pi0": acrlpd_cases, "chunk_awr": chunk_awr_cases, "flow_ppo": flow_ppo_cases}
+CASES = {"acrlpd_pi0": acrlpd_cases, "chunk_awr": chunk_awr_cases, "flow_ppo": flow_ppo_cases, "dsrl_pi0": dsrl_cases}
 
 
 def cases(script: str, setup: Setup) -> list[Case]:

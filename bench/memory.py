@@ -42,6 +42,7 @@ MAIN_UPDATE = {
     "acrlpd_pi0": "acrlpd_pi0/joint_update",
     "chunk_awr": "chunk_awr/policy_update",
     "flow_ppo": "flow_ppo/ppo_update",
+    "dsrl_pi0": "dsrl_pi0/sac_update",
 }  # the update that trains π₀: the one that limits B
 
 

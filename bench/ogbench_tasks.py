@@ -12,6 +12,7 @@ measured):
 - chunk_awr: chunk_awr.py (its defaults)
 - flow_ppo:  flow_ppo.py (BC warm start, then PPO)
 - acrlpd:    acrlpd_pi0.py, best-of-N and plain π₀ (offline, then online with π₀ trained)
+- dsrl:      dsrl_pi0.py, the steered and plain π₀ (BC, then the noise policy online with π₀ frozen)
 
 It prints start → end success per run, wall time, update rate and the peak memory of the run's process tree
 (workers included), and writes bench/results/ogbench<--tag>.json.
@@ -52,6 +53,7 @@ RUNS = {
     "chunk_awr": ("chunk_awr.py", []),
     "flow_ppo": ("flow_ppo.py", []),
     "acrlpd": ("acrlpd_pi0.py", ["--num-qs", "2", "--utd", "8"]),
+    "dsrl": ("dsrl_pi0.py", []),
 }
 
 
@@ -71,6 +73,8 @@ class Bench:
     """envs (acting and evaluation)"""
     acrlpd_rates: tuple[float, float] = (9.0, 14.0)
     """assumed acrlpd offline π₀+critic and online critic updates/s on 2 cores, to turn the budget into steps"""
+    dsrl_rates: tuple[float, float] = (50.0, 15.0)
+    """assumed dsrl BC and online SAC updates/s on 2 cores (30% of the budget BC, 70% online)"""
     extra: list[str] = field(default_factory=list)
     """more flags for every run, each item split like a shell line: --extra="--beta 1.5 --eval-every 500" (tyro
     keeps only the last of repeated --extra=… flags)"""
@@ -98,6 +102,10 @@ def budget(run: str, b: Bench) -> list[str]:
         return ["--time-budget-s", str(train_s * 0.85), "--eval-every", "1000"]
     if run == "flow_ppo":
         return ["--time-budget-s", str(train_s * 0.7), "--eval-every", "20"]  # an evaluation: ~12 s on cube
+    if run == "dsrl":
+        bc, sac = b.dsrl_rates
+        steps = ["--offline-steps", str(int(train_s * 0.3 * bc)), "--online-steps", str(int(train_s * 0.7 * sac))]
+        return [*steps, "--eval-every", "0"]
     offline, online = b.acrlpd_rates
     return [
         "--offline-steps",

@@ -32,6 +32,7 @@ LIBERO_REPO = "physical-intelligence/libero"  # openpi's LIBERO data on the Hugg
 # and that pi05_libero was trained without the state in its prompt (discrete_state_input=False)
 OPENPI_LIBERO = {"pi0_libero": {"action_horizon": 50}, "pi05_libero": {"action_horizon": 10, "discrete_state": False}}
 EXPORT_RECORD = "pi0rl.json"  # beside an exported openpi checkpoint: how its prompts are made (openpi ignores it)
+NOISE_POLICY = "noise_policy"  # beside it, for a run that steers π₀ through its noise: <NOISE_POLICY>.npz and .json
 FULL_VOCAB = 257_152  # PaliGemma's vocabulary: openpi's model configs assume it
 
 
@@ -601,6 +602,11 @@ def export(src: str, out_dir: str, asset_id: str | None = None) -> str:
         runlog.atomic_write(os.path.join(tmp, "assets", asset_id, "norm_stats.json"), _stats_json(stats).encode())
         record = {"max_token_len": cfg.max_token_len, "discrete_state": cfg.state_in_prompt, "action_horizon": horizon}
         runlog.atomic_write(os.path.join(tmp, EXPORT_RECORD), json.dumps(record, indent=2).encode())
+        steering = noise_policy(src, run) if run_folder else None
+        if steering is not None:
+            weights, about = steering
+            runlog.atomic_write(os.path.join(tmp, f"{NOISE_POLICY}.npz"), lambda f: np.savez(f, **weights))
+            runlog.atomic_write(os.path.join(tmp, f"{NOISE_POLICY}.json"), json.dumps(about, indent=2).encode())
         os.replace(tmp, out)  # onto a missing or empty folder only: never over what someone put there meanwhile
     except Exception as e:  # a full disk, a folder that appeared: one line
         raise RunError(f"writing {out} failed ({runlog._reason(e)}); nothing was written there") from e
@@ -617,6 +623,8 @@ def export(src: str, out_dir: str, asset_id: str | None = None) -> str:
         f"{out}; use it here with --pi0-checkpoint {out} --asset-id {asset_id}, in openpi as a TrainConfig's "
         f"checkpoint dir (weights: CheckpointWeightLoader('{out}/params'))"
     )
+    if steering is not None:
+        line += f"; and the noise policy that steers it ({NOISE_POLICY}.npz / .json: openpi serves π₀ alone)"
     if cfg.vocab_size != FULL_VOCAB or not cfg.cameras:
         cams = "no cameras" if not cfg.cameras else f"ViT {cfg.vit.width}×{cfg.vit.depth}"
         line += (
@@ -624,6 +632,28 @@ def export(src: str, out_dir: str, asset_id: str | None = None) -> str:
             f"{cams}, Gemma head dim {cfg.vlm.head_dim}, {cfg.vlm.num_heads} heads)"
         )
     return line
+
+
+def noise_policy(src: str, run: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """A run's noise policy (the train state's "actor", a run of dsrl_pi0.py): its weights, flat names, and what
+    serving it needs to know; None for a run without one."""
+    if "noise_scale" not in run:
+        return None
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(src, "checkpoints")) as mgr:
+        state = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    about = {
+        "input": "concat(π₀'s pooled prefix features, π₀'s normalised state), as dsrl_pi0.critic_obs",
+        "output": "mean and log std (clipped to [-5, 2]) of a Gaussian over the flattened [action_horizon, action_dim]",
+        "act": "w = noise_scale * tanh(mean) (deterministic) or of a sample; π₀'s noise is w on the first "
+        "action_horizon steps of its chunk and 0 on the rest",
+        "action_horizon": run["action_horizon"],
+        "noise_scale": run["noise_scale"],
+        "actor_hidden": list(run["actor_hidden"]),
+        "layers": "Dense -> LayerNorm -> GELU per hidden width, then two Dense heads (flax names in the npz keys)",
+    }
+    return runlog._flatten(jax.device_get(state["actor"])), about
 
 
 @dataclasses.dataclass

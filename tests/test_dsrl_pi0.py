@@ -8,10 +8,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tiny
 
 import dsrl_pi0 as ds
-from common import data, envs, openpi, pi0, runlog
+from common import RunError, data, envs, openpi, pi0, runlog
 
 
 def host_file(run_dir) -> dict:
@@ -47,6 +48,17 @@ def test_smoke(tmp_path, tiny_runs):
     jax.tree.map(
         np.testing.assert_array_equal, openpi.load_pi0(run_dir, 5)[0], pi0.overlaid(state["params"], state["ema"])
     )
+
+    # the export: π₀ (θ̄) as an openpi checkpoint, and the noise policy beside it
+    exported = str(tmp_path / "export")
+    assert "noise policy" in openpi.main(openpi.Args(run_dir, exported))
+    jax.tree.map(np.testing.assert_array_equal, openpi.load_pi0(exported, 5)[0], openpi.load_pi0(run_dir, 5)[0])
+    with np.load(os.path.join(exported, "noise_policy.npz")) as f:
+        weights = {k: f[k] for k in f.files}
+    want = runlog._flatten(state["actor"])
+    assert weights.keys() == want.keys() and all(np.array_equal(weights[k], want[k]) for k in want)
+    about = json.load(open(os.path.join(exported, "noise_policy.json")))
+    assert about["noise_scale"] == tiny.DSRL["noise_scale"] and about["action_horizon"] == 5
 
     # online only, --critic noise: π₀ from that run folder, no prior data, no BC phase, no θ̄
     online_dir = str(tmp_path / "online")
@@ -214,3 +226,19 @@ def test_prior_rows_from_the_cache(tmp_path):
     again = ds.online_batches(nets, args, params, offline, buffer, run, jax.random.key(5), bs=64)
     np.testing.assert_array_equal(again(np.random.default_rng(0), n)["alias_noise"], rows["alias_noise"])
     run.close()
+
+
+def test_inconsistent_flags_refused_in_one_line(tmp_path):
+    """Flags that cannot work together stop in check(), before any work, with the flag and the fix."""
+    cases = [
+        (dict(critic="noise", online_fraction=0.5), "--critic noise learns only from executed noises"),
+        (dict(q_agg="min2", num_qs=1), "--q-agg min2 needs --num-qs >= 2"),
+        (dict(actor_hidden=()), "--actor-hidden : one width ≥ 1 per hidden layer"),
+        (dict(noise_scale=0.0), "--noise-scale and --init-temp must be > 0"),
+        (dict(learning_starts=10, buffer_size=5), "--learning-starts 10 > --buffer-size 5"),
+    ]
+    for flags, says in cases:
+        with pytest.raises(RunError) as e:
+            ds.check(ds.Args(**{**flags, "run_dir": str(tmp_path / "never")}))
+        assert says in str(e.value) and "\n" not in str(e.value), (flags, str(e.value))
+        assert not os.path.exists(tmp_path / "never")
