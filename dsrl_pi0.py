@@ -6,21 +6,23 @@ and learns a noise policy π^W(w | o) that picks w, so the RL action is π₀'s 
   - The noise policy: a tanh-Gaussian MLP on [stop_gradient(π₀ prefix features), state] -> w ∈ (−s, s)^{H×A_m}
     (--noise-scale s), π₀'s noise for the H executed steps of its chunk; the steps π₀ predicts and the env never
     executes start from 0. Acting: one prefix pass, w from π^W, π₀'s K Euler steps from w, the chunk's H steps run.
-  - --critic aliased (DSRL-NA): Q^A(o, a) on executed chunks learns the chunked n-step TD target
+  - --critic noise (DSRL-SAC, the default, as dsrl_pi0's π₀ code): Q^W(o, w) learns the chunked n-step soft TD
+    target on the executed noise w,
       y = Σ_{k<H} γ^k r_{t+k} + γ^n · mask · (Q̄^W(o_{t+H}, w′) − α log π^W(w′ | o_{t+H})),  w′ ~ π^W(o_{t+H}),
-    and Q^W(o, w) learns Q^A(o, π₀(o, w)) by regression on noise-chunk pairs that π₀ produced when the observation was
-    acted on (or encoded, for the prior data): the executed pair and --alias-n − 1 more from w ~ N(0, I). Every noise
-    that π₀ maps to the same chunk gets the same value (the aliasing), and any chunk with a return, prior data's
-    included, trains Q^A. The backup reads Q^W at o_{t+H}, which equals Q^A(o_{t+H}, π₀(o_{t+H}, w′)) where the
-    distillation holds, so no π₀ pass runs inside an update.
-    --critic noise (DSRL-SAC, as dsrl_pi0's π₀ code): Q^W(o, w) learns that TD target directly on the executed noise.
+    n the valid steps, Q̄^W the target ensemble aggregated by --q-agg.
+  - --critic aliased (DSRL-NA): Q^A(o, a) on executed chunks learns that target, and Q^W(o, w) learns Q^A(o, π₀(o, w))
+    by regression on noise-chunk pairs that π₀ produced when the observation was acted on (or encoded, for the prior
+    data): the executed pair and --alias-n − 1 more (--alias-from). Every noise that π₀ maps to the same chunk gets
+    the same value (the aliasing), and any chunk with a return, prior data's included, trains Q^A. The backup reads
+    Q^W at o_{t+H}, which equals Q^A(o_{t+H}, π₀(o_{t+H}, w′)) where the distillation holds, so no π₀ pass runs
+    inside an update.
   - The actor maximises Q^W(o, w) − α log π^W(w | o) through w's reparameterisation; α tunes itself to an entropy of
     --target-entropy per noise dim (SAC). Critic values are in critic units (return − μ)/σ, μ, σ the prior data's.
   - π₀ comes from --pi0-checkpoint, or from --offline-steps of flow matching (BC) on the prior data first, with its
     weights averaged (θ̄ ← d·θ̄ + (1 − d)·θ, --ema-decay d); θ̄ is the π₀ that the noise policy steers, frozen.
-  - Online: one jitted call per env chunk step acts in every env; --utd updates of the critics, the actor and α run
-    on cached arrays (the views and noise-chunk pairs stored when acting; --online-fraction of each batch from the
-    buffer, the rest from the prior data where --critic aliased can use it).
+  - Online, per env chunk step: one jitted acting call in every env, o_{t+H}'s view, then --utd updates of the
+    critics, the actor and α in one jitted scan on cached arrays (the views and noise-chunk pairs stored when acting;
+    --online-fraction of each batch from the buffer, the rest from the prior data where --critic aliased uses it).
 Evaluations log the steered π₀ (w = s·tanh(mean)) and plain π₀ (w ~ N(0, I)), and Q^W's calibration.
 
   python dsrl_pi0.py                                     # push, CPU π₀ preset: BC, then DSRL online, < 10 min
