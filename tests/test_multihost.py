@@ -136,7 +136,8 @@ def rows(run_dir: str) -> list[dict]:
 
 def evaluations(out: str) -> list[str]:
     """The evaluation results a process printed, without its label ([... N updates/s] is its own clock)."""
-    lines = [line for line in out.splitlines() if ("success" in line or "BoN-" in line) and "steps/s" not in line]
+    marks = ("success", "BoN-", "plain π₀")  # chunk_awr and flow_ppo; acrlpd_pi0; dsrl_pi0
+    lines = [line for line in out.splitlines() if any(m in line for m in marks) and "steps/s" not in line]
     return [re.sub(r"^\[[^]]*\] ", "", line) for line in lines]  # not the progress lines: process 0 alone prints them
 
 
