@@ -22,6 +22,7 @@ from conftest import robot_sentences, train_sentencepiece, write_openpi_checkpoi
 
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
+import dsrl_pi0  # noqa: E402
 import flow_ppo  # noqa: E402
 from common import RunError, envs, libero, openpi, pi0, runlog  # noqa: E402
 
@@ -194,6 +195,40 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
     ]
     assert buf["extras/chunk"].shape == (2, 4, 7) and buf["extras/obs_z"].shape[0] == 2
     assert buf["extras/next_cand"].shape == (2, 2, 4, 7)  # the critic's cache: 2 π₀ chunks at o_{t+H}, executed part
+
+
+@pytest.mark.slow  # ~60 s: the real LIBERO simulator built and rendered for the online phase and two evaluations
+def test_dsrl_pi0(libero_demo, tmp_path, seen, in_caches):
+    """openpi's pi0_libero steered as the libero config runs it: no BC, π₀ frozen, the noise policy learned online."""
+    run_dir = str(tmp_path / "run")
+    args = runlog.configured(
+        dsrl_pi0.CONFIGS,
+        "libero",
+        env_kwargs=ENV_32,
+        run_dir=run_dir,
+        online_steps=4,  # 2 chunk steps in the simulator, each followed by 2 SAC updates
+        model_horizon=10,
+        action_horizon=4,
+        utd=2,
+        learning_starts=0,
+        online_batch_size=4,
+        num_envs=1,
+        eval_episodes=1,
+        buffer_size=64,
+        log_every=2,
+        critic_hidden=(16,),
+        actor_hidden=(16,),
+        flow_steps=2,
+    )
+    out = dsrl_pi0.main(args)
+    assert out["step"] == 4 and "online/eval/success_rate" in out and "start/eval/plain_success_rate" in out
+    check_run(run_dir, seen, libero_demo, ("losses/noise_critic", "losses/actor", "charts/q_target"), ENV_32)
+    used = json.load(open(os.path.join(run_dir, "args.json")))
+    assert used["offline_steps"] == 0 and used["pi0_checkpoint"].endswith("checkpoints/pi0_libero")
+    with np.load(os.path.join(run_dir, "host", "4.p0.npz")) as z:
+        buf = {k[7:]: z[k] for k in z.files if k.startswith("buffer/")}
+    assert not any(k.startswith(("obs/", "next_obs/")) for k in buf)  # no camera images: never read online
+    assert buf["extras/noise"].shape == (2, 4, 8) and buf["extras/chunk"].shape == (2, 4, 7)  # π₀'s 8 dims, env's 7
 
 
 def write_lerobot(folder, demo: dict, episodes: int = 2) -> str:
