@@ -543,22 +543,6 @@ def make_act(nets: Nets, args: Args, pi_tx):
     return act, jax.jit(act_learn, donate_argnums=0)
 
 
-def calibration(trace: envs.EvalTrace, gamma: float, prefix: str) -> dict:
-    """The critic's calibration over every chunk chosen in an evaluated episode: its value of the chunk (q_pred)
-    against the discounted return that followed until the episode's end (q_realised), and their gap."""
-    togo = np.zeros_like(trace.rewards)  # [T,E]: every step's discounted return to its episode's end
-    acc = np.zeros(trace.rewards.shape[1])
-    for t in range(len(togo) - 1, -1, -1):
-        acc = trace.rewards[t] + gamma * np.where(trace.ends[t], 0.0, acc)
-        togo[t] = acc
-    pred = np.concatenate([q[live] for _, q, live in trace.chunks])
-    real = np.concatenate([togo[t][live] for t, _, live in trace.chunks])
-    pred, real, n = mesh.process_sum([pred.sum(), real.sum(), len(pred)])  # every process's envs
-    out = {f"eval/{prefix}q_pred": float(pred / n), f"eval/{prefix}q_realised": float(real / n)}
-    out[f"eval/{prefix}q_gap"] = float((pred - real) / n)
-    return out
-
-
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: runlog.Run, step: int) -> dict:
     """Best-of-N and plain π₀, each on the same --eval-episodes episodes every time (one `rng`): success, return and
     the critic's calibration (its value of the chunks it chose vs the discounted return that followed); printed.
@@ -575,7 +559,7 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: r
     for prefix, (name, policy) in policies.items():
         metrics, trace = envs.evaluate(spec, policy, rng, prefix=prefix, **where)
         run.log_videos(step, videos[prefix], trace.videos)
-        metrics.update(calibration(trace, args.gamma, prefix))
+        metrics.update(envs.calibration(trace, args.gamma, prefix))
         out.update(metrics)
         q = f"Q pred {metrics[f'eval/{prefix}q_pred']:.3f} vs realised {metrics[f'eval/{prefix}q_realised']:.3f}"
         shown.append(f"{name} {metrics[f'eval/{prefix}success_rate']:.1%} ({q})")

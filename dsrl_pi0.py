@@ -76,7 +76,7 @@ class Args(runlog.RunArgs):
     # ---- algorithm
     critic: Literal["noise", "aliased"] = "noise"
     """noise: DSRL-SAC, Q^W by TD on the executed noise; aliased: DSRL-NA, Q^A on chunks by TD and Q^W distilled
-    from it (on push it learned less in the same time: docs/results/dsrl.md)"""
+    from it (how the two compare: docs/results/dsrl.md)"""
     offline_steps: int = 10_000
     """BC (flow-matching) updates of π₀ on the prior data before going online (0 with --pi0-checkpoint)"""
     online_steps: int = 16_000
@@ -547,22 +547,6 @@ def make_act(nets: Nets, args: Args):
     return act
 
 
-def calibration(trace: envs.EvalTrace, gamma: float, prefix: str) -> dict:
-    """Q^W's calibration over every chunk chosen in an evaluated episode: its value of the chosen noise (q_pred)
-    against the discounted return that followed until the episode's end (q_realised), and their gap."""
-    togo = np.zeros_like(trace.rewards)  # [T,E]: every step's discounted return to its episode's end
-    acc = np.zeros(trace.rewards.shape[1])
-    for t in range(len(togo) - 1, -1, -1):
-        acc = trace.rewards[t] + gamma * np.where(trace.ends[t], 0.0, acc)
-        togo[t] = acc
-    pred = np.concatenate([q[live] for _, q, live in trace.chunks])
-    real = np.concatenate([togo[t][live] for t, _, live in trace.chunks])
-    pred, real, n = mesh.process_sum([pred.sum(), real.sum(), len(pred)])  # every process's envs
-    out = {f"eval/{prefix}q_pred": float(pred / n), f"eval/{prefix}q_realised": float(real / n)}
-    out[f"eval/{prefix}q_gap"] = float((pred - real) / n)
-    return out
-
-
 def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: runlog.Run, step: int) -> dict:
     """The steered π₀ (w = s·tanh(mean)) and plain π₀ (w ~ N(0, I)), each on the same --eval-episodes episodes
     every time (one `rng`): success, return and Q^W's calibration; printed. --capture-video: the first
@@ -578,7 +562,7 @@ def evaluate(act, state, args: Args, spec: envs.EnvSpec, rng, label: str, run: r
     for prefix, (name, how) in policies.items():
         metrics, trace = envs.evaluate(spec, policy(how), rng, prefix=prefix, **where)
         run.log_videos(step, "steered" if how == "mean" else "plain", trace.videos)
-        metrics.update(calibration(trace, args.gamma, prefix))
+        metrics.update(envs.calibration(trace, args.gamma, prefix))
         out.update(metrics)
         q = f"Q pred {metrics[f'eval/{prefix}q_pred']:.3f} vs realised {metrics[f'eval/{prefix}q_realised']:.3f}"
         shown.append(f"{name} {metrics[f'eval/{prefix}success_rate']:.1%} ({q})")

@@ -644,3 +644,20 @@ def evaluate(
     out = {f"eval/{prefix}success_rate": float(n_success / episodes), f"eval/{prefix}return": float(total / episodes)}
     videos = played.videos() if recorded else []
     return out, EvalTrace(np.stack(rewards), np.stack(ends), chunks, videos)
+
+
+def calibration(trace: EvalTrace, gamma: float, prefix: str = "") -> dict[str, float]:
+    """A critic's calibration over every chunk an evaluation reported a value for (`EvalTrace.chunks`, act's report):
+    the mean value (eval/{prefix}q_pred) against the mean discounted return that followed each chunk until its
+    episode's end (eval/{prefix}q_realised), and their gap; summed over every process's envs."""
+    togo = np.zeros_like(trace.rewards)  # [T,E]: every step's discounted return to its episode's end
+    acc = np.zeros(trace.rewards.shape[1])
+    for t in range(len(togo) - 1, -1, -1):
+        acc = trace.rewards[t] + gamma * np.where(trace.ends[t], 0.0, acc)
+        togo[t] = acc
+    pred = np.concatenate([q[live] for _, q, live in trace.chunks])
+    real = np.concatenate([togo[t][live] for t, _, live in trace.chunks])
+    pred, real, n = mesh.process_sum([pred.sum(), real.sum(), len(pred)])  # every process's envs
+    out = {f"eval/{prefix}q_pred": float(pred / n), f"eval/{prefix}q_realised": float(real / n)}
+    out[f"eval/{prefix}q_gap"] = float((pred - real) / n)
+    return out

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-import acrlpd_pi0
 import common.__main__ as cli
 from common import RunError, runlog
 from common.envs import (
     PUSH_PROMPTS,
     PushDemonstrator,
     PushEnv,
+    calibration,
     default_dataset,
     evaluate,
     execute_chunk,
@@ -218,7 +218,7 @@ def test_evaluate_counts_each_env_s_episodes_and_calibration(monkeypatch) -> Non
 
     g = 0.5
     out, trace = evaluate(spec, act, jax.random.key(0), episodes=3, num_envs=2, seed=0, horizon=2, gamma=g, prefix="p_")
-    out.update(acrlpd_pi0.calibration(trace, g, "p_"))  # what acrlpd_pi0.py measures of its critic
+    out.update(calibration(trace, g, "p_"))  # what acrlpd_pi0.py and dsrl_pi0.py measure of their critics
     # 2 envs for 3 episodes: env 0 plays two (chunks of 2 and 1 steps each), env 1 one; 4 chunks in all
     assert made == [2] and next(values) == 50.0
     # successes: the first episode of each env, not env 0's second; every return is 3
