@@ -1,22 +1,25 @@
-"""Learning benchmark for acrlpd_pi0.py: best-of-N and plain-π₀ success over offline and online training (π₀ trained
-online), 2 seeds.
+"""Learning benchmark for acrlpd_pi0.py: best-of-N and plain π₀ at the offline end, at their lowest in the online
+phase, and at the online end, per seed.
 
-Each seed runs `acrlpd_pi0.py` in a subprocess with a wall-clock budget (--minutes, default 20 per seed; the issue
-allows 60); its metrics.jsonl is read back whether the run finished or was stopped, so a partial run still prints
-what it measured.
-Update counts come from the budget and assumed update rates (--rate for the offline joint π₀ + critic updates,
---online-rate for the online critic updates on cached features, π₀'s update included; the default run prints them as
-time/*_updates_per_s).
+Each seed runs `python acrlpd_pi0.py --seed S` plus --extra in a subprocess (its own wall clock, start-up included):
+by default the default run, exactly as a user types it. Its metrics.jsonl is read back whether the run finished or
+was stopped, so a partial run still prints what it measured.
 
-  python bench/acrlpd.py                                  # 2 seeds × 20 min
-  python bench/acrlpd.py --minutes 60 --eval-every 8000   # the largest budget the issue allows
-Writes bench/results/acrlpd.json and bench/results/acrlpd.png.
+For every seed and both policies (best-of-N, plain π₀) the table gives the offline end, the lowest evaluation after
+the first quarter of the online phase ("low"; an evaluation needs --eval-every, the default run only evaluates at
+each phase's end), the online end, and the online end minus the offline end ("gain").
+
+  python bench/acrlpd.py                                            # push, the default run, seeds 1-3
+  python bench/acrlpd.py --extra="--eval-every 2000" --tag _trace   # the same runs, evaluated during the online phase
+  python bench/acrlpd.py --minutes 30 --seeds 1 2                   # a 30-minute budget turned into update counts
+Writes bench/results/acrlpd<tag>.json and bench/results/acrlpd<tag>.png.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -30,128 +33,128 @@ OUT = os.path.join(ROOT, "bench", "results")
 
 @dataclass
 class Bench:
-    seeds: tuple[int, ...] = (1, 2)
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """seeds to run, one after the other"""
-    minutes: float = 20.0
-    """wall-clock budget per seed (training and evaluation); the issue allows up to 60"""
-    rate: float = 27.0
-    """assumed offline updates/s (π₀ and critic together), to turn the budget into update counts"""
-    online_rate: float = 75.0
-    """assumed online critic updates/s (cached features; includes acting in 64 envs, π₀'s update and the warm-up)"""
+    minutes: float = 0.0
+    """0: the default run's update counts; > 0: a wall-clock budget per seed turned into update counts by --rate,
+    --online-rate and --offline-share"""
+    rate: float = 18.0
+    """with --minutes: assumed offline updates/s (π₀ and critic together)"""
+    online_rate: float = 50.0
+    """with --minutes: assumed online critic updates/s (acting, π₀'s update and the warm-up included)"""
     offline_share: float = 0.6
-    """share of the wall time spent offline"""
-    eval_every: int = 4000
-    """updates between evaluations (the curve's resolution)"""
-    eval_episodes: int = 100
-    """episodes per evaluation"""
-    extra: list[str] = field(default_factory=list)
-    """more acrlpd_pi0.py flags, e.g. --extra --q-agg min2"""
+    """with --minutes: share of the wall time spent offline"""
+    extra: str = ""
+    """more acrlpd_pi0.py flags, one string split like a shell line: --extra="--eval-every 2000 --q-agg min2" """
+    tag: str = ""
+    """suffix of the result files"""
 
 
-def read_curve(run_dir: str) -> dict:
-    rows = []
+def read_run(run_dir: str) -> dict:
+    """A run's evaluations (step, best-of-N, plain π₀, the critic's calibration), its phase lengths and update rates."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        rows = [json.loads(line) for line in open(path)]
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    args = json.load(open(os.path.join(run_dir, "args.json")))
     evals = [r for r in rows if "eval/success_rate" in r]
     rates = {k: r[k] for r in rows for k in r if k.startswith("time/") and k.endswith("updates_per_s")}
-    keys = (
-        "success_rate",
-        "plain_success_rate",
-        "q_pred",
-        "q_realised",
-        "plain_q_pred",
-        "plain_q_realised",
-    )
-    return {"step": [r["step"] for r in evals], **{k: [r.get(f"eval/{k}") for r in evals] for k in keys}, **rates}
+    return {
+        "offline_steps": args["offline_steps"],
+        "online_steps": args["online_steps"],
+        "step": [r["step"] for r in evals],
+        "success": [r["eval/success_rate"] for r in evals],
+        "plain": [r.get("eval/plain_success_rate") for r in evals],
+        "q_pred": [r.get("eval/q_pred") for r in evals],
+        "q_realised": [r.get("eval/q_realised") for r in evals],
+        **rates,
+    }
+
+
+def phases(step: list[int], curve: list[float | None], offline_steps: int, online_steps: int) -> dict:
+    """Offline end, lowest evaluation after the first quarter of the online phase, online end (None where not
+    evaluated): the numbers issue 39's targets are stated in."""
+    total = offline_steps + online_steps
+    at = dict(zip(step, curve, strict=True))
+    quarter = offline_steps + online_steps / 4
+    late = [v for s, v in zip(step, curve, strict=True) if s >= quarter and v is not None]
+    start = at.get(offline_steps)
+    end = at.get(total)
+    gain = end - start if end is not None and start is not None else None
+    return {"offline_end": start, "online_low": min(late, default=None), "online_end": end, "gain": gain}
+
+
+def summary_rows(runs: list[dict], label_plain: str = "plain") -> list[str]:
+    """The per-seed table of `phases` for best-of-N and plain π₀ (shared with bench/ogbench_tasks.py)."""
+    pct = lambda v: "    - " if v is None else f"{v:6.0%}"  # noqa: E731
+    pts = lambda v: "     - " if v is None else f"{100 * v:+6.0f}"  # noqa: E731
+    lines = [f"{'seed':>4} {'policy':>7} | {'offline':>7} {'low':>6} {'end':>6} {'gain':>7}"]
+    for r in runs:
+        for name, key in (("BoN", "success"), (label_plain, "plain")):
+            p = phases(r["step"], r[key], r["offline_steps"], r["online_steps"])
+            lines.append(
+                f"{r['seed']:>4} {name:>7} | {pct(p['offline_end']):>7} {pct(p['online_low'])} {pct(p['online_end'])} "
+                f"{pts(p['gain'])}"
+            )
+    return lines
 
 
 def main(b: Bench) -> dict:
     os.makedirs(OUT, exist_ok=True)
-    seconds = b.minutes * 60 * 0.85  # ~15% of the wall time goes to compilation and evaluation
-    offline = int(seconds * b.offline_share * b.rate)
-    online = int(seconds * (1 - b.offline_share) * b.online_rate)
-    results = {
-        "bench": vars(b) | {"seeds": list(b.seeds)},
-        "offline_steps": offline,
-        "online_steps": online,
-        "runs": {},
-    }
+    steps = []
+    if b.minutes > 0:
+        seconds = b.minutes * 60 * 0.85  # ~15% of the wall time goes to compilation and evaluation
+        offline = int(seconds * b.offline_share * b.rate)
+        online = int(seconds * (1 - b.offline_share) * b.online_rate)
+        steps = ["--offline-steps", str(offline), "--online-steps", str(online)]
+    results = {"bench": vars(b), "runs": []}
     for seed in b.seeds:
-        run_dir = os.path.join(ROOT, "runs", f"bench_acrlpd_{seed}_{int(time.time())}")
-        cmd = [
-            sys.executable,
-            "acrlpd_pi0.py",
-            "--seed",
-            str(seed),
-            "--run-dir",
-            run_dir,
-            "--offline-steps",
-            str(offline),
-            "--online-steps",
-            str(online),
-            "--eval-every",
-            str(b.eval_every),
-            "--eval-episodes",
-            str(b.eval_episodes),
-            *b.extra,
-        ]
+        run_dir = os.path.join(ROOT, "runs", f"bench_acrlpd{b.tag}_{seed}_{int(time.time())}")
+        cmd = [sys.executable, "acrlpd_pi0.py", "--seed", str(seed), "--run-dir", run_dir, *steps]
+        cmd += shlex.split(b.extra)
         print(" ".join(cmd), flush=True)
         t0 = time.time()
         try:
-            subprocess.run(cmd, cwd=ROOT, timeout=b.minutes * 60 * 1.3, env={**os.environ, "WANDB_MODE": "offline"})
-            status = "finished"
+            limit = max(b.minutes, 30) * 60 * 1.5
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=limit, env={**os.environ, "WANDB_MODE": "offline"})
+            status = "finished" if proc.returncode == 0 else f"exit {proc.returncode}"
         except subprocess.TimeoutExpired:
             status = "stopped at the time limit (partial)"
         except KeyboardInterrupt:
             status = "interrupted (partial)"
-        curve = read_curve(run_dir) | {"wall_s": time.time() - t0, "status": status, "run_dir": run_dir}
-        results["runs"][seed] = curve
-        report(results, offline)
+        run = {"seed": seed, "cmd": cmd, "status": status, "wall_s": time.time() - t0, "run_dir": run_dir}
+        results["runs"].append(run | read_run(run_dir))
+        report(results, b)
         if status.startswith("interrupted"):
             break
     return results
 
 
-def report(results: dict, offline: int) -> None:
-    print(f"\n{'seed':>4} {'update':>7} {'phase':>7} {'BoN':>6} {'plain':>6} {'Q pred':>7} {'realised':>8}")
-    for seed, c in results["runs"].items():
-        for i, s in enumerate(c["step"]):
-            f = lambda v: "  -  " if v is None else f"{v:.1%}" if v <= 1.0 else f"{v:.2f}"
-            print(
-                f"{seed:>4} {s:>7} {'offline' if s <= offline else 'online':>7} {f(c['success_rate'][i]):>6} "
-                f"{f(c['plain_success_rate'][i]):>6} "
-                f"{c['q_pred'][i]:>7.3f} {c['q_realised'][i]:>8.3f}"
-            )
-        off = [p for s, p in zip(c["step"], c["plain_success_rate"], strict=True) if s <= offline]
-        fin, plain = (c["success_rate"][-1], c["plain_success_rate"][-1]) if c["success_rate"] else (None, None)
-        gain = f"BoN {fin:.1%}, plain π₀ {(plain - max(off)) * 100:+.1f} points" if fin is not None and off else "n/a"
+def report(results: dict, b: Bench) -> None:
+    print(f"\nacrlpd_pi0.py {b.extra}".rstrip())
+    print("\n".join(summary_rows(results["runs"])))
+    for r in results["runs"]:
         print(
-            f"seed {seed}: {c['status']}, wall {c['wall_s'] / 60:.1f} min, offline "
-            f"{c.get('time/offline_updates_per_s', float('nan')):.1f} upd/s, online "
-            f"{c.get('time/online_updates_per_s', float('nan')):.1f} upd/s; final {gain} over the best offline plain π₀"
+            f"seed {r['seed']}: {r['status']}, {r['wall_s'] / 60:.1f} min, {r['offline_steps']} offline updates at "
+            f"{r.get('time/offline_updates_per_s', float('nan')):.1f}/s, {r['online_steps']} online at "
+            f"{r.get('time/online_updates_per_s', float('nan')):.1f}/s"
         )
-    with open(os.path.join(OUT, "acrlpd.json"), "w") as fh:
+    with open(os.path.join(OUT, f"acrlpd{b.tag}.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for seed, c in results["runs"].items():
-            ax.plot(c["step"], c["success_rate"], "-o", label=f"best-of-N, seed {seed}")
-            ax.plot(c["step"], c["plain_success_rate"], "--s", label=f"plain π₀, seed {seed}")
-        ax.axvline(offline, color="grey", lw=1)
-        ax.text(offline, 0.02, " online →", color="grey")
-        ax.set(xlabel="updates", ylabel="success rate", title="acrlpd_pi0 on push", ylim=(0, 1))
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(OUT, "acrlpd.png"), dpi=120)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(results["runs"]):
+        ax.plot(r["step"], r["success"], "-o", color=f"C{i}", label=f"best-of-N, seed {r['seed']}")
+        ax.plot(r["step"], r["plain"], "--s", color=f"C{i}", label=f"plain π₀, seed {r['seed']}")
+        ax.axvline(r["offline_steps"], color="grey", lw=1)
+    ax.set(xlabel="updates (offline, then online critic updates)", ylabel="success rate", ylim=(0, 1))
+    ax.set_title(f"acrlpd_pi0.py {b.extra}".rstrip(), fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, f"acrlpd{b.tag}.png"), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

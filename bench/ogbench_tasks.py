@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 import tyro
+from acrlpd import summary_rows  # bench/acrlpd.py, beside this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results")
@@ -80,6 +81,9 @@ class Bench:
     keeps only the last of repeated --extra=… flags)"""
     tag: str = ""
     """suffix of the results file (bench/results/ogbench<tag>.json)"""
+    report: str | None = None
+    """print the tables of a results file written before (its runs' folders are read again where they still exist)
+    and run nothing"""
 
 
 def dataset(task: str) -> str:
@@ -106,15 +110,9 @@ def budget(run: str, b: Bench) -> list[str]:
         bc, sac = b.dsrl_rates
         steps = ["--offline-steps", str(int(train_s * 0.3 * bc)), "--online-steps", str(int(train_s * 0.7 * sac))]
         return [*steps, "--eval-every", "0"]
-    offline, online = b.acrlpd_rates
-    return [
-        "--offline-steps",
-        str(int(train_s * 0.5 * offline)),
-        "--online-steps",
-        str(int(train_s * 0.5 * online)),
-        "--eval-every",
-        "0",
-    ]
+    offline, online = (int(train_s * 0.5 * rate) for rate in b.acrlpd_rates)
+    every = max(online // 4, 1)  # about five online evaluations: its lowest one is what bench/acrlpd.py reports
+    return ["--offline-steps", str(offline), "--online-steps", str(online), "--eval-every", str(every)]
 
 
 class PeakMemory(threading.Thread):
@@ -148,10 +146,25 @@ def read(run_dir: str) -> dict:
     evals = [r for r in rows if "eval/success_rate" in r]
     rates = {k: r[k] for r in rows for k in r if k.startswith("time/") and k.endswith("_per_s")}
     plain = [r.get("eval/plain_success_rate") for r in evals]
-    return dict(step=[r["step"] for r in evals], success=[r["eval/success_rate"] for r in evals], plain=plain, **rates)
+    args = (
+        json.load(open(os.path.join(run_dir, "args.json")))
+        if os.path.exists(os.path.join(run_dir, "args.json"))
+        else {}
+    )
+    phases = {k: args[k] for k in ("offline_steps", "online_steps") if k in args}
+    return dict(
+        step=[r["step"] for r in evals], success=[r["eval/success_rate"] for r in evals], plain=plain, **rates, **phases
+    )
 
 
 def main(b: Bench) -> dict:
+    if b.report is not None:
+        results = json.load(open(b.report))
+        for r in results["runs"]:
+            if os.path.exists(os.path.join(r["run_dir"], "metrics.jsonl")):
+                r.update(read(r["run_dir"]))
+        report(results, tag=None)
+        return results
     try:
         extra = [word for item in b.extra for word in shlex.split(item)]
     except ValueError as e:  # an unclosed quote
@@ -211,7 +224,8 @@ def main(b: Bench) -> dict:
     return results
 
 
-def report(results: dict, tag: str = "") -> None:
+def report(results: dict, tag: str | None = "") -> None:
+    """Print the table (and write bench/results/ogbench<tag>.json unless tag is None)."""
     head = ("task", 6), ("run", 10), ("seed", 4), ("start", 6), ("end", 6), ("best", 6), ("wall", 6), ("upd/s", 12)
     print("\n" + " ".join(f"{h:>{w}}" for h, w in head) + "    peak")
     for r in results["runs"]:
@@ -226,8 +240,13 @@ def report(results: dict, tag: str = "") -> None:
                 f"{r['task']:>6} {r['run'] + name:>10} {r['seed']:>4} {pct(first)} {pct(last)} {pct(best)} "
                 f"{r['wall_s'] / 60:5.1f}m {rates:>12} {r['peak_mb'] / 1024:6.1f}G  {r['status']}"
             )
-    with open(os.path.join(OUT, f"ogbench{tag}.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+    phased = [r for r in results["runs"] if r["run"] == "acrlpd" and "online_steps" in r]
+    if phased:  # offline end, lowest after the online phase's first quarter, online end (bench/acrlpd.py)
+        print("\nacrlpd, best-of-N and plain π₀ by phase:")
+        print("\n".join(summary_rows(phased)))
+    if tag is not None:
+        with open(os.path.join(OUT, f"ogbench{tag}.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """bench/memory.py and bench/gpu.py on the CPU preset (their full-size runs: README, "Memory and speed at full size"),
-and the FLOP count their utilisations rest on."""
+the FLOP count their utilisations rest on, and the phase summary of bench/acrlpd.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import acrlpd  # noqa: E402
 import fullsize  # noqa: E402
 import gpu  # noqa: E402
 
@@ -84,3 +85,22 @@ def test_full_size_cases_trace(script):
     bench/fullsize.py builds fit what each script's functions read."""
     for case in fullsize.cases(script, fullsize.Setup(preset="pi0", batch=8, act_batch=2)):
         assert fullsize.matmul_flops(case) > 0 or "critic" in case.name
+
+
+def test_acrlpd_phase_summary():
+    """Offline end, lowest evaluation from the online phase's first quarter on, online end and gain; None where a run
+    did not evaluate (the default run evaluates only at each phase's end, a stopped run has no online end)."""
+    step = [0, 1000, 2000, 2500, 3000, 4000, 5000, 6000]  # 2000 offline + 4000 online updates
+    bon = [0.0, 0.3, 0.6, 0.2, 0.5, 0.7, 0.65, 0.8]
+    p = acrlpd.phases(step, bon, 2000, 4000)
+    assert p["offline_end"] == 0.6 and p["online_end"] == 0.8
+    assert p["online_low"] == 0.5  # 2500 is inside the first quarter (2000 + 4000 / 4 = 3000): not counted
+    assert abs(p["gain"] - 0.2) < 1e-9
+    p = acrlpd.phases([0, 2000, 6000], [0.0, 0.4, None], 2000, 4000)  # plain π₀ not evaluated at the end
+    assert p["online_end"] is None and p["gain"] is None and p["online_low"] is None
+    p = acrlpd.phases([0, 2000, 4000], [0.0, 0.4, 0.3], 2000, 4000)  # stopped halfway
+    assert p["online_end"] is None and p["online_low"] == 0.3
+    run = {"seed": 7, "step": step, "success": bon, "plain": [None] * len(step), "offline_steps": 2000}
+    rows = acrlpd.summary_rows([run | {"online_steps": 4000}])
+    assert rows[1].split() == ["7", "BoN", "|", "60%", "50%", "80%", "+20"]
+    assert rows[2].split() == ["7", "plain", "|", "-", "-", "-", "-"]
