@@ -77,7 +77,7 @@ class Args(runlog.RunArgs):
     """π₀ learning rate"""
     ema_decay: float = 0.99
     """d of θ̄ ← d·θ̄ + (1 − d)·θ, the average of π₀'s action expert and projections that acts (0: off, θ acts); 0.99
-    averages over ~100 updates, a fifth of the ~500 π₀ updates of push's online phase"""
+    averages over ~100 updates, a tenth of the 1,000 π₀ updates of push's online phase"""
     gamma: float = 0.95
     """per-step discount"""
     bc_weight: float = 1.0
@@ -117,8 +117,9 @@ class Args(runlog.RunArgs):
     """the --topk temperature (its start with --adapt-temp)"""
     adapt_temp: float = 0.0
     """rate of the --topk temperature's log rising while π₀'s sample log-std is below its online start (0: fixed)"""
-    utd: int = 32
-    """online critic updates per env chunk step, run in one jitted scan"""
+    utd: int = 16
+    """online critic updates per env chunk step, run in one jitted scan; π₀ learns once per chunk step, so π₀ has
+    --online-steps / --utd online updates"""
     learning_starts: int = 32_000
     """online chunks collected before the first online critic update (fitted to a tiny buffer the critic over-fits)"""
     online_batch_size: int = 256
@@ -145,7 +146,7 @@ CONFIGS = {
         num_qs=2,
         target_n=1,
         bon=8,
-        utd=32,
+        utd=16,  # π₀ learns once per acting call: 16,000 / 16 = 1,000 online π₀ updates
         learning_starts=32_000,
     ),
     "libero": Args(
