@@ -146,11 +146,8 @@ def read(run_dir: str) -> dict:
     evals = [r for r in rows if "eval/success_rate" in r]
     rates = {k: r[k] for r in rows for k in r if k.startswith("time/") and k.endswith("_per_s")}
     plain = [r.get("eval/plain_success_rate") for r in evals]
-    args = (
-        json.load(open(os.path.join(run_dir, "args.json")))
-        if os.path.exists(os.path.join(run_dir, "args.json"))
-        else {}
-    )
+    args_path = os.path.join(run_dir, "args.json")  # absent where a run stopped at a bad flag
+    args = json.load(open(args_path)) if os.path.exists(args_path) else {}
     phases = {k: args[k] for k in ("offline_steps", "online_steps") if k in args}
     return dict(
         step=[r["step"] for r in evals], success=[r["eval/success_rate"] for r in evals], plain=plain, **rates, **phases

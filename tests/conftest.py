@@ -177,6 +177,13 @@ def robot_sentences(rng: np.random.Generator, n: int = 400) -> list[str]:
     return out
 
 
+def host_file(run_dir) -> dict:
+    """The arrays of a run's last checkpoint's host file (replay buffer, env state), flat names."""
+    step = max(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")))
+    with np.load(os.path.join(run_dir, "host", f"{step}.p0.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
 def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: int = 0) -> str:
     """A π₀ of `config` (random weights) in openpi's checkpoint layout: folder/params (orbax, {"params": tree}) and
     folder/assets/<asset_id>/norm_stats.json ({"norm_stats": {"state": {...}, "actions": {...}}})."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
-from conftest import xla_flags
+from conftest import host_file, xla_flags
 
 import acrlpd_pi0 as ac
 from common import data, envs, openpi, pi0, runlog
@@ -34,13 +34,6 @@ TINY = dict(
     target_flow_steps=2,
     flow_steps=2,
 )
-
-
-def host_file(run_dir) -> dict:
-    """The arrays of the last checkpoint's host file (replay buffer, env state), flat names."""
-    step = max(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")))
-    with np.load(os.path.join(run_dir, "host", f"{step}.p0.npz")) as z:
-        return {k: z[k] for k in z.files}
 
 
 def test_smoke(tmp_path, tiny_runs):

@@ -10,16 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
+from conftest import host_file
 
 import dsrl_pi0 as ds
 from common import RunError, data, envs, openpi, pi0, runlog
-
-
-def host_file(run_dir) -> dict:
-    """The arrays of the last checkpoint's host file (replay buffer, env state), flat names."""
-    step = max(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")))
-    with np.load(os.path.join(run_dir, "host", f"{step}.p0.npz")) as z:
-        return {k: z[k] for k in z.files}
 
 
 def test_smoke(tmp_path, tiny_runs):

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("libero")
 
-from conftest import robot_sentences, train_sentencepiece, write_openpi_checkpoint  # noqa: E402
+from conftest import host_file, robot_sentences, train_sentencepiece, write_openpi_checkpoint  # noqa: E402
 
 import acrlpd_pi0  # noqa: E402
 import chunk_awr  # noqa: E402
@@ -31,6 +31,23 @@ from common import RunError, envs, libero, openpi, pi0, runlog  # noqa: E402
 # decoded as JSON by envs.make_spec.
 ENV_KW = {"task_ids": "[0]", "max_episode_steps": "8", "num_steps_wait": "1", "async_envs": "false"}
 ENV_32 = {**ENV_KW, "image_size": "32"}  # renders at the tiny checkpoint's and the data's size
+# the online phase of acrlpd_pi0's and dsrl_pi0's LIBERO tests: 2 chunk steps in the simulator, each followed by 2
+# critic updates; π₀ predicts 10 actions, the first 4 are executed (openpi's pi0_libero: 50 and 5)
+ONLINE_32 = dict(
+    env_kwargs=ENV_32,
+    online_steps=4,
+    utd=2,
+    learning_starts=0,
+    model_horizon=10,
+    action_horizon=4,
+    online_batch_size=4,
+    num_envs=1,
+    eval_episodes=1,
+    buffer_size=64,
+    log_every=2,
+    critic_hidden=(16,),
+    flow_steps=2,
+)
 CAMERAS = ["base_0_rgb", "left_wrist_0_rgb"]
 
 
@@ -150,26 +167,14 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
     args = runlog.configured(
         acrlpd_pi0.CONFIGS,
         "libero",
-        env_kwargs=ENV_32,
+        **ONLINE_32,
         run_dir=run_dir,
-        offline_steps=2,  # one joint update call, the prior data encoded for the critic, then 2 chunk steps in the
-        online_steps=4,  # simulator, each followed by 2 critic updates
-        model_horizon=10,  # π₀ predicts 10 actions, the first 4 are executed (openpi's pi0_libero: 50 and 5)
-        action_horizon=4,
-        utd=2,
-        learning_starts=0,
+        offline_steps=2,  # one joint update call, the prior data encoded for the critic, then ONLINE_32's online phase
         batch_size=4,
-        online_batch_size=4,
-        num_envs=1,
-        eval_episodes=1,
-        buffer_size=64,
-        log_every=2,
         num_qs=2,
-        critic_hidden=(16,),
         bon=2,
         target_n=2,
         target_flow_steps=2,
-        flow_steps=2,
         act_pessimism=0.0,  # two evaluations (best-of-N, plain π₀) instead of three
     )
     out = acrlpd_pi0.main(args)
@@ -180,8 +185,7 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
     assert used["tokenizer"] == os.path.join(in_caches["OPENPI_DATA_HOME"], "big_vision/paligemma_tokenizer.model")
     assert used["dataset"] == os.path.join(in_caches["HF_LEROBOT_HOME"], "physical-intelligence/libero")
     assert used["pi0_preset"] == "pi0" and seen["state_in_prompt"] is False
-    with np.load(os.path.join(run_dir, "host", "6.p0.npz")) as z:  # the online chunks: the critic's view only
-        buf = {k[7:]: z[k] for k in z.files if k.startswith("buffer/")}
+    buf = {k[7:]: v for k, v in host_file(run_dir).items() if k.startswith("buffer/")}  # the critic's view only
     assert not any(k.startswith(("obs/", "next_obs/")) for k in buf)  # no camera images: never read online
     assert sorted(buf) == [
         "discounted_return",
@@ -201,32 +205,13 @@ def test_acrlpd_pi0(libero_demo, tmp_path, seen, in_caches):
 def test_dsrl_pi0(libero_demo, tmp_path, seen, in_caches):
     """openpi's pi0_libero steered as the libero config runs it: no BC, π₀ frozen, the noise policy learned online."""
     run_dir = str(tmp_path / "run")
-    args = runlog.configured(
-        dsrl_pi0.CONFIGS,
-        "libero",
-        env_kwargs=ENV_32,
-        run_dir=run_dir,
-        online_steps=4,  # 2 chunk steps in the simulator, each followed by 2 SAC updates
-        model_horizon=10,
-        action_horizon=4,
-        utd=2,
-        learning_starts=0,
-        online_batch_size=4,
-        num_envs=1,
-        eval_episodes=1,
-        buffer_size=64,
-        log_every=2,
-        critic_hidden=(16,),
-        actor_hidden=(16,),
-        flow_steps=2,
-    )
+    args = runlog.configured(dsrl_pi0.CONFIGS, "libero", **ONLINE_32, run_dir=run_dir, actor_hidden=(16,))
     out = dsrl_pi0.main(args)
     assert out["step"] == 4 and "online/eval/success_rate" in out and "start/eval/plain_success_rate" in out
     check_run(run_dir, seen, libero_demo, ("losses/noise_critic", "losses/actor", "charts/q_target"), ENV_32)
     used = json.load(open(os.path.join(run_dir, "args.json")))
     assert used["offline_steps"] == 0 and used["pi0_checkpoint"].endswith("checkpoints/pi0_libero")
-    with np.load(os.path.join(run_dir, "host", "4.p0.npz")) as z:
-        buf = {k[7:]: z[k] for k in z.files if k.startswith("buffer/")}
+    buf = {k[7:]: v for k, v in host_file(run_dir).items() if k.startswith("buffer/")}
     assert not any(k.startswith(("obs/", "next_obs/")) for k in buf)  # no camera images: never read online
     assert buf["extras/noise"].shape == (2, 4, 8) and buf["extras/chunk"].shape == (2, 4, 7)  # π₀'s 8 dims, env's 7
 
