@@ -98,6 +98,10 @@ def summary_rows(runs: list[dict], label_plain: str = "plain") -> list[str]:
 
 
 def main(b: Bench) -> dict:
+    try:
+        extra = shlex.split(b.extra)
+    except ValueError as e:  # an unclosed quote
+        raise SystemExit(f"--extra {b.extra!r}: {e}; give the flags as one shell-quoted line") from None
     os.makedirs(OUT, exist_ok=True)
     steps = []
     if b.minutes > 0:
@@ -109,7 +113,7 @@ def main(b: Bench) -> dict:
     for seed in b.seeds:
         run_dir = os.path.join(ROOT, "runs", f"bench_acrlpd{b.tag}_{seed}_{int(time.time())}")
         cmd = [sys.executable, "acrlpd_pi0.py", "--seed", str(seed), "--run-dir", run_dir, *steps]
-        cmd += shlex.split(b.extra)
+        cmd += extra
         print(" ".join(cmd), flush=True)
         t0 = time.time()
         try:

@@ -156,6 +156,8 @@ def read(run_dir: str) -> dict:
 
 def main(b: Bench) -> dict:
     if b.report is not None:
+        if not os.path.isfile(b.report):
+            raise SystemExit(f"--report {b.report}: no such file; give a results file, e.g. bench/results/ogbench.json")
         results = json.load(open(b.report))
         for r in results["runs"]:
             if os.path.exists(os.path.join(r["run_dir"], "metrics.jsonl")):
