@@ -16,8 +16,8 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MPLBACKEND", "Agg")
-O0 = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), O0]))
+FAST_COMPILE = ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), *FAST_COMPILE]))
 CACHE = os.environ.get("PI0RL_JAX_CACHE", os.path.expanduser("~/.cache/pi0rl/jax_cache"))
 os.environ.update(
     JAX_COMPILATION_CACHE_DIR=CACHE,
@@ -37,11 +37,43 @@ import pytest  # noqa: E402
 assert jax.config.jax_compilation_cache_dir == CACHE
 
 
-# ----------------------------------------------------------------------------------------------------- LIBERO data
+# ----------------------------------------------------------------------------------------------------- made once
+import fcntl  # noqa: E402
 import json  # noqa: E402
+import pickle  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory):
+    """`once(name, make)`: make(folder) -> a picklable value, made once per test session however many pytest-xdist
+    workers ask for it: the first makes it in <suite>/<name>/ under a file lock, the others wait for it and read the
+    pickled value (a session fixture would be made once per worker: the tiny runs, the LIBERO demo and caches twice)."""
+    base = tmp_path_factory.getbasetemp()
+    suite = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' basetemps are its children
+    memo = {}
+
+    def get(name: str, make):
+        if name not in memo:
+            with open(suite / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if `make` raises
+                done = suite / f"{name}.pkl"
+                if not done.exists():
+                    (suite / name).mkdir()
+                    value = make(suite / name)
+                    with open(suite / f"{name}.tmp", "wb") as f:
+                        pickle.dump(value, f)
+                    os.replace(suite / f"{name}.tmp", done)
+                with open(done, "rb") as f:
+                    memo[name] = pickle.load(f)
+        return memo[name]
+
+    return get
+
+
+# ----------------------------------------------------------------------------------------------------- LIBERO data
 
 LIBERO_SIZE = 32  # tiny renders keep the LIBERO tests fast; the mapping does not depend on the size
 LIBERO_STEPS = 10  # steps per recorded demo
@@ -109,25 +141,27 @@ def _write_libero_hdf5(path, demo: dict, num_demos: int = 2) -> None:
 
 
 @pytest.fixture(scope="session")
-def libero_demo(tmp_path_factory) -> SimpleNamespace:
+def libero_demo(once) -> SimpleNamespace:
     """One demo recorded from the real simulator (32x32 renders, LIBERO_STEPS steps), written twice as a LIBERO
     HDF5 file in its own folder: `.demo` (the raw arrays), `.dir` (pass as --dataset), `.file`, `.steps`, `.size`."""
     pytest.importorskip("libero")
-    demo = _record_libero_demo(LIBERO_STEPS, seed=0)
-    folder = tmp_path_factory.mktemp("libero_data")
-    _write_libero_hdf5(folder / "libero_spatial_demo.hdf5", demo)
-    return SimpleNamespace(
-        demo=demo, dir=str(folder), file=str(folder / "libero_spatial_demo.hdf5"), steps=LIBERO_STEPS, size=LIBERO_SIZE
-    )
+
+    def make(folder) -> SimpleNamespace:
+        demo = _record_libero_demo(LIBERO_STEPS, seed=0)
+        _write_libero_hdf5(folder / "libero_spatial_demo.hdf5", demo)
+        file = str(folder / "libero_spatial_demo.hdf5")
+        return SimpleNamespace(demo=demo, dir=str(folder), file=file, steps=LIBERO_STEPS, size=LIBERO_SIZE)
+
+    return once("libero_data", make)
 
 
 # ----------------------------------------------------------------------------------------------------- push data
 @pytest.fixture(scope="session")
-def small_push(tmp_path_factory) -> str:
+def small_push(once) -> str:
     """16 demonstrator episodes of push (the tiny runs of tests/tiny.py train on it)."""
     from common import envs
 
-    return envs.make_dataset(str(tmp_path_factory.mktemp("push") / "push16.h5"), "push", 16, 0.6, seed=3)
+    return once("push", lambda folder: envs.make_dataset(str(folder / "push16.h5"), "push", 16, 0.6, seed=3))
 
 
 # ----------------------------------------------------------------------------------------------------- openpi caches
@@ -201,21 +235,18 @@ def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: in
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory, small_push):
+def tiny_runs(once, small_push):
     """`tiny_runs(script)`: (run folder, main's result) of the script's tiny run of tests/tiny.py on `small_push`,
-    made in-process once per test process and shared, read only, by every test that needs that run: the smoke tests,
-    the export, the killed-and-resumed and sharded runs' references, the folder that bad input must leave alone."""
+    made in-process once per test session (`once`) and shared, read only, by every test that needs that run: the smoke
+    tests, the export, the killed-and-resumed and sharded runs' references, the folder that bad input must leave
+    alone."""
     import importlib
 
     import tiny
 
-    done = {}
+    def make(script: str, folder) -> tuple[str, dict]:
+        module = importlib.import_module(script)
+        run_dir = str(folder / "run")
+        return run_dir, module.main(module.Args(**tiny.RUNS[script], dataset=small_push, run_dir=run_dir))
 
-    def run(script: str) -> tuple[str, dict]:
-        if script not in done:
-            module = importlib.import_module(script)
-            run_dir = str(tmp_path_factory.mktemp(script) / "run")
-            done[script] = run_dir, module.main(module.Args(**tiny.RUNS[script], dataset=small_push, run_dir=run_dir))
-        return done[script]
-
-    return run
+    return lambda script: once(f"tiny_{script}", lambda folder: make(script, folder))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 import tiny
 from conftest import host_file
 
@@ -131,21 +132,26 @@ def test_sac_target_by_hand():
 
 
 def test_noise_policy_log_density():
-    """log π^W(w | o) of `sample_noise` against the density of w = s·tanh(u), u ~ N(mean, std²), computed apart: the
-    Gaussian's log-density of u minus log |det ∂w/∂u| from the full Jacobian (jax.jacfwd); and a
-    1-D policy's density integrates to 1 over (−s, s)."""
+    """log π^W(w | o) of `sample_noise` against the density of w = s·tanh(u), u ~ N(mean, std²), computed apart in
+    float64 (|u| reaches 6.5 here, where float32's 1 − tanh²u has lost its digits): the Gaussian's log-density of u
+    minus log |det ∂w/∂u| from the full Jacobian by central differences; and a 1-D policy's density integrates to 1
+    over (−s, s)."""
     nets, args, _, train, _, _ = make_nets(noise_scale=1.7)
     z = jax.random.normal(jax.random.key(7), (3, 74))
     w, logp = ds.sample_noise(nets, train["actor"], z, jax.random.key(8), args.noise_scale)
     assert w.shape == (3, 5, 2) and np.abs(np.asarray(w)).max() < 1.7
     mean, log_std = nets.actor.apply({"params": train["actor"]}, z)
-    u = mean + jnp.exp(log_std) * jax.random.normal(jax.random.key(8), mean.shape)  # the reparameterisation's u
-    np.testing.assert_allclose(np.asarray(w).reshape(3, -1), np.asarray(1.7 * jnp.tanh(u)), atol=1e-6)
+    eps = np.asarray(jax.random.normal(jax.random.key(8), mean.shape), np.float64)  # the reparameterisation's ε
+    mean, std = np.asarray(mean, np.float64), np.exp(np.asarray(log_std, np.float64))
+    u = mean + std * eps  # [B,D]
+    np.testing.assert_allclose(np.asarray(w).reshape(3, -1), 1.7 * np.tanh(u), atol=1e-6)
     for b in range(3):
-        gauss = jax.scipy.stats.norm.logpdf(u[b], mean[b], jnp.exp(log_std[b])).sum()
-        jac = jax.jacfwd(lambda u: 1.7 * jnp.tanh(u))(u[b])  # [D,D]
-        want = gauss - jnp.linalg.slogdet(jac)[1]
-        np.testing.assert_allclose(float(logp[b]), float(want), rtol=1e-3, atol=1e-3)
+        gauss = scipy.stats.norm.logpdf(u[b], mean[b], std[b]).sum()
+        h = 1e-6 * np.eye(u.shape[1])
+        jac = np.stack([(1.7 * np.tanh(u[b] + e) - 1.7 * np.tanh(u[b] - e)) / 2e-6 for e in h], 1)  # [D,D]
+        want = gauss - np.linalg.slogdet(jac)[1]
+        np.testing.assert_allclose(float(logp[b]), want, rtol=1e-4, atol=1e-4)
+    mean, log_std = nets.actor.apply({"params": train["actor"]}, z)
     np.testing.assert_allclose(
         ds.mean_noise(nets, train["actor"], z, 1.7).reshape(3, -1), 1.7 * np.tanh(mean), atol=1e-6
     )

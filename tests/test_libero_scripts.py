@@ -93,11 +93,14 @@ def tiny_openpi_config(pi05: bool) -> pi0.Pi0Config:
     return pi0.make_config("cpu", pi05=pi05, cameras=pi0.CAMERAS, vit=vit, vocab_size=320, action_dim=8, state_dim=None)
 
 
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory, libero_demo) -> dict:
+@pytest.fixture(scope="session")
+def caches(once, libero_demo) -> dict:
     """openpi's and LeRobot's caches as an openpi user has them after openpi's LIBERO example: the environment
-    variables that point at them (set with monkeypatch by each test)."""
-    root = tmp_path_factory.mktemp("caches")
+    variables that point at them (set with monkeypatch by each test). Made once per test session."""
+    return once("libero_caches", lambda root: make_caches(root, libero_demo.demo))
+
+
+def make_caches(root, demo: dict) -> dict:
     openpi, lerobot = root / "openpi", root / "lerobot"
     rng = np.random.default_rng(0)
     train_sentencepiece(openpi / "big_vision" / "paligemma_tokenizer.model", robot_sentences(rng), vocab_size=320)
@@ -112,7 +115,7 @@ def caches(tmp_path_factory, libero_demo) -> dict:
         write_openpi_checkpoint(
             folder, tiny_openpi_config(pi05), {"state": stat(8), "actions": stat(7)}, "physical-intelligence/libero"
         )
-    write_lerobot(lerobot / "physical-intelligence" / "libero", libero_demo.demo)
+    write_lerobot(lerobot / "physical-intelligence" / "libero", demo)
     return {"OPENPI_DATA_HOME": str(openpi), "HF_LEROBOT_HOME": str(lerobot)}
 
 
