@@ -4,13 +4,16 @@ are environment variables, which they inherit), so each program is compiled once
 suite compiles nothing.
 
 Most of a test is JAX tracing, lowering and compiling tiny programs that then run a few steps. So the tests compile
-without LLVM's optimisations (`--xla_backend_optimization_level=0` in XLA_FLAGS; `xla_flags` adds to it), cache every
-program however fast it compiled, and lower without Python tracebacks in the programs' locations (a tiny acrlpd run
-in-process: 14.6 s → 11.5 s).
+without LLVM's optimisations (`--xla_backend_optimization_level=0`) and with XLA's older CPU fusion emitters, which
+compile tiny programs faster than the MLIR-based ones (`--xla_cpu_use_fusion_emitters=false`; both in XLA_FLAGS,
+which `xla_flags` adds to), cache every program however fast it compiled, and lower without Python tracebacks in the
+programs' locations. The flags change how XLA compiles, not what a program computes: floating-point results may
+differ in their last bits from a run without them, so compare runs made under the same flags.
 
-The tests run in file order: from a cold cache, the in-process tiny runs near the start (tests/test_acrlpd_pi0.py)
-compile the programs that the later subprocesses then read from the cache (slow tests first took 16.2 min instead
-of 14.0, the subprocesses compiling the same programs at once)."""
+The tests run in file order (pytest-xdist hands them out in it; the slow ones first, or work stealing, measured
+slower): from a cold cache, the in-process tiny runs near the start (tests/test_acrlpd_pi0.py) compile the programs
+that the later subprocesses then read from the cache. A session fixture that takes seconds is made once per suite,
+not once per worker (`once`)."""
 
 import os
 
