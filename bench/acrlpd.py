@@ -97,11 +97,17 @@ def summary_rows(runs: list[dict], label_plain: str = "plain") -> list[str]:
     return lines
 
 
-def main(b: Bench) -> dict:
+def split_extra(text: str) -> list[str]:
+    """--extra split like a shell line; an unclosed quote stops with one line, before any run (the other benches
+    use this too)."""
     try:
-        extra = shlex.split(b.extra)
-    except ValueError as e:  # an unclosed quote
-        raise SystemExit(f"--extra {b.extra!r}: {e}; give the flags as one shell-quoted line") from None
+        return shlex.split(text)
+    except ValueError as e:
+        raise SystemExit(f"--extra {text!r}: {e}; give the flags as one shell-quoted line") from None
+
+
+def main(b: Bench) -> dict:
+    extra = split_extra(b.extra)
     os.makedirs(OUT, exist_ok=True)
     steps = []
     if b.minutes > 0:

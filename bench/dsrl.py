@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import tyro
+from acrlpd import split_extra  # bench/acrlpd.py, beside this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -87,10 +88,11 @@ def report(results: list[dict], b: BenchArgs) -> None:
 
 
 def main(b: BenchArgs) -> None:
+    extra = split_extra(b.extra)  # before any run
     results = []
     for seed in b.seeds:
         run_dir = os.path.join(ROOT, "runs", f"bench_dsrl{b.tag}_{seed}_{int(time.time())}")
-        cmd = [sys.executable, "dsrl_pi0.py", "--seed", str(seed), "--run-dir", run_dir, *shlex.split(b.extra)]
+        cmd = [sys.executable, "dsrl_pi0.py", "--seed", str(seed), "--run-dir", run_dir, *extra]
         print(" ".join(cmd), flush=True)
         t = time.time()
         subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "WANDB_MODE": "offline"})

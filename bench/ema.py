@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import tyro
+from acrlpd import split_extra  # bench/acrlpd.py, beside this file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import chunk_awr  # noqa: E402
@@ -105,13 +106,14 @@ def report(results: list[dict], b: BenchArgs) -> None:
 
 
 def main(b: BenchArgs) -> None:
+    extra = split_extra(b.extra)  # before any run
     results = []
     for seed in b.seeds:
         for method in b.methods:
             t = time.time()
             run_dir = os.path.join("runs", f"bench_ema{b.tag}_{method}_{seed}_{int(t)}")
             argv = [f"--seed={seed}", f"--ema-decay={b.ema_decay}", "--eval-raw", f"--run-dir={run_dir}"]
-            argv += shlex.split(b.extra)
+            argv += extra
             if method == "bc":
                 argv.append("--beta=0")
             with runlog.one_line_errors():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import tyro
-from acrlpd import summary_rows  # bench/acrlpd.py, beside this file
+from acrlpd import split_extra, summary_rows  # bench/acrlpd.py, beside this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results")
@@ -164,10 +163,7 @@ def main(b: Bench) -> dict:
                 r.update(read(r["run_dir"]))
         report(results, tag=None)
         return results
-    try:
-        extra = [word for item in b.extra for word in shlex.split(item)]
-    except ValueError as e:  # an unclosed quote
-        raise SystemExit(f"--extra {b.extra}: {e}; give the flags as one shell-quoted line") from None
+    extra = [word for item in b.extra for word in split_extra(item)]
     os.makedirs(OUT, exist_ok=True)
     results: dict = {"bench": vars(b), "runs": []}
     for task in b.tasks:
