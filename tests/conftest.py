@@ -44,6 +44,7 @@ assert jax.config.jax_compilation_cache_dir == CACHE
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
+import shutil  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -53,7 +54,8 @@ import numpy as np  # noqa: E402
 def once(tmp_path_factory):
     """`once(name, make)`: make(folder) -> a picklable value, made once per test session however many pytest-xdist
     workers ask for it: the first makes it in <suite>/<name>/ under a file lock, the others wait for it and read the
-    pickled value (a session fixture would be made once per worker: the tiny runs, the LIBERO demo and caches twice)."""
+    pickled value (a session fixture would be made once per worker: the tiny runs, the LIBERO demo and caches twice).
+    A `make` that raised leaves no value: the next asker starts again from an empty folder."""
     base = tmp_path_factory.getbasetemp()
     suite = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' basetemps are its children
     memo = {}
@@ -64,6 +66,7 @@ def once(tmp_path_factory):
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if `make` raises
                 done = suite / f"{name}.pkl"
                 if not done.exists():
+                    shutil.rmtree(suite / name, ignore_errors=True)  # what a `make` that raised left
                     (suite / name).mkdir()
                     value = make(suite / name)
                     with open(suite / f"{name}.tmp", "wb") as f:
@@ -77,7 +80,6 @@ def once(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------- LIBERO data
-
 LIBERO_SIZE = 32  # tiny renders keep the LIBERO tests fast; the mapping does not depend on the size
 LIBERO_STEPS = 10  # steps per recorded demo
 

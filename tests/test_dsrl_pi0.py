@@ -142,16 +142,15 @@ def test_noise_policy_log_density():
     assert w.shape == (3, 5, 2) and np.abs(np.asarray(w)).max() < 1.7
     mean, log_std = nets.actor.apply({"params": train["actor"]}, z)
     eps = np.asarray(jax.random.normal(jax.random.key(8), mean.shape), np.float64)  # the reparameterisation's ε
-    mean, std = np.asarray(mean, np.float64), np.exp(np.asarray(log_std, np.float64))
-    u = mean + std * eps  # [B,D]
+    mean64, std64 = np.asarray(mean, np.float64), np.exp(np.asarray(log_std, np.float64))
+    u = mean64 + std64 * eps  # [B,D]
     np.testing.assert_allclose(np.asarray(w).reshape(3, -1), 1.7 * np.tanh(u), atol=1e-6)
     for b in range(3):
-        gauss = scipy.stats.norm.logpdf(u[b], mean[b], std[b]).sum()
+        gauss = scipy.stats.norm.logpdf(u[b], mean64[b], std64[b]).sum()
         h = 1e-6 * np.eye(u.shape[1])
         jac = np.stack([(1.7 * np.tanh(u[b] + e) - 1.7 * np.tanh(u[b] - e)) / 2e-6 for e in h], 1)  # [D,D]
         want = gauss - np.linalg.slogdet(jac)[1]
         np.testing.assert_allclose(float(logp[b]), want, rtol=1e-4, atol=1e-4)
-    mean, log_std = nets.actor.apply({"params": train["actor"]}, z)
     np.testing.assert_allclose(
         ds.mean_noise(nets, train["actor"], z, 1.7).reshape(3, -1), 1.7 * np.tanh(mean), atol=1e-6
     )
