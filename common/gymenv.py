@@ -515,8 +515,8 @@ def make_ogbench_dataset(
             episode: dict[str, list] = {k: [] for k in frames}
             done, success = False, False
             while not done:
-                if rng.uniform() < p_random:
-                    action = env.action_space.sample()
+                if rng.uniform() < p_random:  # from `rng`: OGBench's action space is a new (unseeded) Box each time
+                    action = rng.uniform(env.action_space.low, env.action_space.high)
                 else:
                     action = np.array(agent.select_action(ob, info))
                     if recipe != "play":

@@ -136,9 +136,17 @@ class LiberoTaskEnv:
     `reset(task, init_state)` and `step(action)` return `(raw_obs, reward, done)`; raw_obs is robosuite's dict.
     """
 
-    def __init__(self, tasks: list[tuple[str, str, str]], image_size: int, horizon: int, max_cached_tasks: int = 1):
+    def __init__(
+        self,
+        tasks: list[tuple[str, str, str]],
+        image_size: int,
+        horizon: int,
+        max_cached_tasks: int = 1,
+        fast_render: bool = False,
+    ):
         setup_rendering()
         self.tasks, self.image_size, self.horizon, self.max_cached = tasks, image_size, horizon, max_cached_tasks
+        self.fast_render = fast_render
         self.envs: dict[int, Any] = {}
         self.env: Any = None
 
@@ -156,6 +164,8 @@ class LiberoTaskEnv:
                 horizon=self.horizon,
                 hard_reset=False,
             )
+            if self.fast_render:
+                _render_without_msaa_and_reflections(self.envs[task].env.sim)
         else:
             self.envs[task] = self.envs.pop(task)  # most recently used last
         return self.envs[task]
@@ -177,6 +187,19 @@ class LiberoTaskEnv:
         for env in self.envs.values():
             env.close()
         self.envs.clear()
+
+
+def _render_without_msaa_and_reflections(sim: Any) -> None:
+    """Rebuild robosuite's offscreen MuJoCo context without multisampling, and turn reflections off in its scene (in
+    software OpenGL, Mesa's llvmpipe, most of a step's time is rendering the two cameras)."""
+    import mujoco
+
+    ctx = sim._render_context_offscreen
+    ctx.gl_ctx.make_current()
+    sim.model.vis.quality.offsamples = 0
+    ctx.con.free()
+    ctx._set_mujoco_context_and_buffers()  # as robosuite's own update_offscreen_size remakes it
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
 
 
 def _compact(raw: dict, reward: float, done: bool) -> tuple:
@@ -205,8 +228,11 @@ class LiberoVecEnv:
     `MAX_EPISODE_STEPS`) after `num_steps_wait` settling steps. `eval_mode` plays the suite's fixed init states in
     order (`LiberoVecEnv.eval_schedule`). `async_envs` runs each simulator in its own process; each process keeps
     up to `max_cached_tasks` built tasks (about 1.6 GB each), rebuilding one (seconds) when it switches task.
-    These are envs `first`.. of a run's `total` (default `num_envs`; `envs.EnvSpec.make_share`): env e is the run's
-    env first + e in the task and init-state schedules, and draws its init states from its own generator.
+    `fast_render` renders without multisampling and reflections, which most of a step's time goes to in software
+    OpenGL (EGL or OSMesa on a machine without a GPU): for smoke runs and tests on a CPU; the images differ from
+    LIBERO's data (rendered with both), so leave it off to train or evaluate a policy. These are envs `first`.. of a
+    run's `total` (default `num_envs`; `envs.EnvSpec.make_share`): env e is the run's env first + e in the task and
+    init-state schedules, and draws its init states from its own generator.
     """
 
     action_dim, state_dim = 7, 8
@@ -224,6 +250,7 @@ class LiberoVecEnv:
         max_episode_steps: int | None = None,
         async_envs: bool = True,
         max_cached_tasks: int = 1,
+        fast_render: bool = False,
         first: int = 0,
         total: int | None = None,
     ):
@@ -256,6 +283,7 @@ class LiberoVecEnv:
         # The raw env raises after its horizon: keep it beyond our limit (settling steps included).
         horizon = self.max_episode_steps + num_steps_wait + 10
         sim = dict(tasks=self.tasks, image_size=image_size, horizon=horizon, max_cached_tasks=max_cached_tasks)
+        sim.update(fast_render=bool(fast_render))
         setup_rendering()  # before the workers start: they inherit MUJOCO_GL
         self._pool = Pool("common.libero:_Sim", "LIBERO", processes=async_envs, quiet=True)  # stdout: LIBERO's chatter
         self._closed = False

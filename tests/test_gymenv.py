@@ -70,6 +70,10 @@ def test_ogbench_oracle_dataset_round_trip(tmp_path: object, capsys: pytest.Capt
     assert "3 episodes" in capsys.readouterr().out
     raw = np.load(out)
     assert {"observations", "actions", "terminals", "qpos", "qvel"} <= set(raw.files) and raw["terminals"].sum() == 3
+    again = os.path.join(tmp_path, "again.npz")  # the same seed (default 0) writes the same episodes
+    cli.main(["make-dataset", "--env", CUBE, "--episodes", "3", "--noise", "0.1", "--out", again])
+    for k, v in np.load(again).items():
+        np.testing.assert_array_equal(v, raw[k], err_msg=k)
     env = envs.make_env(CUBE, 2, seed=0)
     read = data.load_dataset(out, env)
     assert set(np.unique(read.rewards)) <= {-1.0, 0.0} and read.terminals.sum() == (read.rewards == 0).sum() >= 1
@@ -96,6 +100,9 @@ def test_pixel_observations_refused() -> None:
         gymenv.GymVecEnv("PixelsOnly-v0", 1, workers=0)
 
 
+SHORT = {"max_episode_steps": "20"}  # evaluations of 20-step episodes (cube's are 200 steps): the run, not the task
+
+
 @pytest.mark.skipif(not OGBENCH, reason="ogbench not installed")
 @pytest.mark.slow  # 30-70 s each under the suite's load: a whole tiny run, compiled, with real MuJoCo envs in workers
 @pytest.mark.parametrize("script", ["acrlpd_pi0", "chunk_awr", "flow_ppo", "dsrl_pi0"])
@@ -112,7 +119,7 @@ def test_scripts_run_on_ogbench(script: str, tmp_path_factory: pytest.TempPathFa
         gymenv.make_ogbench_dataset(part, CUBE, episodes=3, noise=0.1)
         os.replace(part, out)
     module = importlib.import_module(script)
-    flags = dict(tiny.RUNS[script], dataset=str(out), run_dir=str(tmp_path / "run"))
+    flags = dict(tiny.RUNS[script], dataset=str(out), run_dir=str(tmp_path / "run"), env_kwargs=SHORT)
     result = module.main(runlog.configured(module.CONFIGS, CUBE, **flags))  # the scripts' "gym" config
     evals = [v for k, v in result.items() if k.endswith("eval/success_rate")]  # acrlpd: offline/ and online
     assert evals and all(0.0 <= v <= 1.0 for v in evals) and os.path.exists(tmp_path / "run" / "metrics.jsonl")

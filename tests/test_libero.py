@@ -49,7 +49,7 @@ def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPat
 def vec_env():
     pytest.importorskip("libero")
     env = libero.make_libero_env(
-        num_envs=2, seed=0, task_ids=[0, 1], image_size=SIZE, num_steps_wait=2, max_episode_steps=3
+        num_envs=2, seed=0, task_ids=[0, 1], image_size=SIZE, num_steps_wait=2, max_episode_steps=3, fast_render=True
     )
     yield env
     env.close()

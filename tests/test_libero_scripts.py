@@ -27,9 +27,16 @@ import flow_ppo  # noqa: E402
 from common import RunError, envs, libero, openpi, pi0, runlog  # noqa: E402
 
 # One task, 8-step episodes, one settling step, the simulators in this process (no worker start-up; test_libero.py
-# covers the worker processes). Values as on the command line (`--env-kwargs task_ids [0] max_episode_steps 8 ...`),
-# decoded as JSON by envs.make_spec.
-ENV_KW = {"task_ids": "[0]", "max_episode_steps": "8", "num_steps_wait": "1", "async_envs": "false"}
+# covers the worker processes), rendered without multisampling and reflections (faster in software OpenGL).
+# Values as on the command line (`--env-kwargs task_ids [0] max_episode_steps 8 ...`), decoded as JSON by
+# envs.make_spec.
+ENV_KW = {
+    "task_ids": "[0]",
+    "max_episode_steps": "8",
+    "num_steps_wait": "1",
+    "async_envs": "false",
+    "fast_render": "true",
+}
 ENV_32 = {**ENV_KW, "image_size": "32"}  # renders at the tiny checkpoint's and the data's size
 # the online phase of acrlpd_pi0's and dsrl_pi0's LIBERO tests: 2 chunk steps in the simulator, each followed by 2
 # critic updates; π₀ predicts 10 actions, the first 4 are executed (openpi's pi0_libero: 50 and 5)
