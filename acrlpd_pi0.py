@@ -598,7 +598,8 @@ def main(args: Args) -> dict:
     state = {"params": policy.params, "opt": tx.init(policy.params), "critic": critic, "pi_opt": {}, "temp": {}}
     if learns:  # π₀'s online optimiser state, and --topk's temperature
         state["pi_opt"] = pi_tx.init(policy.params)
-        state["temp"] = {"log": jnp.log(args.select_temp), "target": jnp.zeros(()), "set": jnp.zeros((), bool)}
+        log_temp = jnp.log(jnp.float32(args.select_temp))  # not weak-typed: the update returns float32 (compile once)
+        state["temp"] = {"log": log_temp, "target": jnp.zeros(()), "set": jnp.zeros((), bool)}
     state.update(critic_opt=critic_tx.init(critic), target_critic=jax.tree.map(jnp.copy, critic))
     state["ema"] = jax.tree.map(jnp.copy, expert_part(nets, policy.params)) if args.ema_decay > 0 else {}  # θ̄
     state = jax.device_put(state, mesh.fsdp_sharding(state, dev_mesh))

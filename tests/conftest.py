@@ -41,6 +41,7 @@ assert jax.config.jax_compilation_cache_dir == CACHE
 
 
 # ----------------------------------------------------------------------------------------------------- made once
+import collections  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
@@ -241,17 +242,30 @@ def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: in
 
 @pytest.fixture(scope="session")
 def tiny_runs(once, small_push):
-    """`tiny_runs(script)`: (run folder, main's result) of the script's tiny run of tests/tiny.py on `small_push`,
-    made in-process once per test session (`once`) and shared, read only, by every test that needs that run: the smoke
-    tests, the export, the killed-and-resumed and sharded runs' references, the folder that bad input must leave
-    alone."""
+    """`tiny_runs(script)`: (run folder, main's result, how often XLA compiled each program name during the run) of
+    the script's tiny run of tests/tiny.py on `small_push`, made in-process once per test session (`once`) and shared,
+    read only, by every test that needs that run: the smoke tests, the export, the killed-and-resumed and sharded
+    runs' references, the folder that bad input must leave alone."""
     import importlib
 
     import tiny
 
-    def make(script: str, folder) -> tuple[str, dict]:
+    def make(script: str, folder) -> tuple[str, dict, dict]:
         module = importlib.import_module(script)
         run_dir = str(folder / "run")
-        return run_dir, module.main(module.Args(**tiny.RUNS[script], dataset=small_push, run_dir=run_dir))
+        COMPILED.clear()
+        out = module.main(module.Args(**tiny.RUNS[script], dataset=small_push, run_dir=run_dir))
+        return run_dir, out, dict(COMPILED)
 
     return lambda script: once(f"tiny_{script}", lambda folder: make(script, folder))
+
+
+COMPILED: collections.Counter = collections.Counter()  # program name -> XLA compilations (cache hits included)
+
+
+def _count_compiles(event: str, duration: float, fun_name: str = "", **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        COMPILED[fun_name] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
