@@ -244,8 +244,8 @@ def write_openpi_checkpoint(folder, config, stats: dict, asset_id: str, seed: in
 def tiny_runs(once, small_push):
     """`tiny_runs(script)`: (run folder, main's result, how often XLA compiled each program name during the run) of
     the script's tiny run of tests/tiny.py on `small_push`, made in-process once per test session (`once`) and shared,
-    read only, by every test that needs that run: the smoke tests, the export, the killed-and-resumed and sharded
-    runs' references, the folder that bad input must leave alone."""
+    read only, by every test that needs that run: the smoke tests, the export, the killed-and-resumed, sharded and
+    several-process runs' references, the folder that bad input must leave alone."""
     import importlib
 
     import tiny

@@ -40,8 +40,9 @@ def test_smoke(tmp_path, tiny_runs):
     """Offline then online in-process (the same run killed and resumed from the command line: test_reliability.py)."""
     run_dir, out, compiled = tiny_runs("acrlpd_pi0")
     assert out["step"] == 16
-    # jit once: the offline joint and online critic updates, π₀'s online update and the save check, each compiled once
-    assert (compiled["jit(update)"], compiled["jit(act_learn)"], compiled["jit(_finite)"]) == (2, 1, 1), compiled
+    # jit once: the offline joint and online critic updates and π₀'s online update each compiled once, the save check
+    # at most once (a module-level function: an earlier run in this process may have compiled it for these shapes)
+    assert (compiled["jit(update)"], compiled["jit(act_learn)"]) == (2, 1) and compiled.get("jit(_finite)", 0) <= 1
     assert all(np.isfinite(out[k]) for k in ("losses/critic", "charts/q_target"))  # the online (critic-only) update
     assert np.isfinite(out["losses/distill"]) and np.isfinite(out["losses/bc"])  # π₀'s online update
     assert os.path.exists(os.path.join(run_dir, "critic_cache.p0.npz"))  # the prior data's target chunks

@@ -21,7 +21,7 @@ def test_smoke(tmp_path, tiny_runs):
     """BC then DSRL-NA online in-process (killed and resumed from the command line: test_reliability.py), then DSRL-SAC
     online only from that run folder's π₀."""
     run_dir, out, compiled = tiny_runs("dsrl_pi0")
-    assert (compiled["jit(update)"], compiled["jit(_finite)"]) == (2, 1), compiled  # jit once: BC's and online's
+    assert compiled["jit(update)"] == 2 and compiled.get("jit(_finite)", 0) <= 1, compiled  # jit once (test_acrlpd_pi0)
     assert out["step"] == tiny.DSRL["offline_steps"] + tiny.DSRL["online_steps"]
     for k in ("losses/critic", "losses/noise_critic", "losses/actor", "losses/alpha", "charts/q_target"):
         assert np.isfinite(out[k]), k  # the online SAC update

@@ -40,8 +40,8 @@ def logged(run_dir: str, keys: tuple[str, ...]) -> np.ndarray:
 
 def run(module, flags: dict, tmp_path, name: str, scale: float, shift: float = 0.0) -> np.ndarray:
     run_dir = str(tmp_path / name)
-    kwargs = {"reward_scale": str(scale), "reward_shift": str(shift)}
-    module.main(module.Args(**flags, env_kwargs=kwargs, run_dir=run_dir))
+    kwargs = {**flags.get("env_kwargs", {}), "reward_scale": str(scale), "reward_shift": str(shift)}
+    module.main(module.Args(**{**flags, "env_kwargs": kwargs}, run_dir=run_dir))
     return logged(run_dir, {chunk_awr: AWR_KEYS, acrlpd_pi0: ACRLPD_KEYS, flow_ppo: PPO_KEYS}[module])
 
 

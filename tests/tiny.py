@@ -1,11 +1,15 @@
 """The tiny runs that the script tests share, in-process (tests/test_<script>.py) and from the command line
 (tests/test_reliability.py): the same flags and data give the same XLA programs, so the persistent compilation cache
-compiles each once per suite. Each also sets flags the defaults leave off, so that they are run somewhere."""
+compiles each once per suite. Each also sets flags the defaults leave off, so that they are run somewhere. acrlpd's,
+chunk_awr's and dsrl's play 10-step episodes (resets and time limits inside the runs; tests/test_multihost.py runs them
+on 2 processes and compares with these)."""
 
 import hashlib
 import os
 
+SHORT = {"max_episode_steps": "10"}  # --env-kwargs max_episode_steps 10
 ACRLPD = dict(
+    env_kwargs=SHORT,
     offline_steps=8,
     online_steps=8,
     batch_size=8,
@@ -31,6 +35,7 @@ ACRLPD = dict(
     adapt_temp=0.1,
 )
 CHUNK_AWR = dict(
+    env_kwargs=SHORT,
     critic_steps=10,
     policy_steps=10,
     eval_episodes=2,
@@ -68,6 +73,7 @@ FLOW_PPO = dict(
     dual_clip=3.0,
 )
 DSRL = dict(
+    env_kwargs=SHORT,
     offline_steps=8,
     online_steps=8,
     batch_size=8,
@@ -94,13 +100,16 @@ RUNS = {"acrlpd_pi0": ACRLPD, "chunk_awr": CHUNK_AWR, "flow_ppo": FLOW_PPO, "dsr
 
 
 def flags(args: dict) -> list[str]:
-    """Args fields as command-line flags: {"num_qs": 3, "critic_hidden": (16,), "freeze_backbone": False} ->
-    --num-qs 3 --critic-hidden 16 --no-freeze-backbone."""
+    """Args fields as command-line flags: {"num_qs": 3, "critic_hidden": (16,), "freeze_backbone": False,
+    "env_kwargs": {"max_episode_steps": "10"}} -> --num-qs 3 --critic-hidden 16 --no-freeze-backbone --env-kwargs
+    max_episode_steps 10."""
     out = []
     for k, v in args.items():
         name = k.replace("_", "-")
         if isinstance(v, bool):
             out.append(f"--{name}" if v else f"--no-{name}")
+        elif isinstance(v, dict):
+            out += [f"--{name}", *(str(x) for kv in v.items() for x in kv)]
         else:
             out += [f"--{name}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
     return out
