@@ -27,18 +27,17 @@ from conftest import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "offline", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}  # + conftest's JAX_*
 TIMEOUT = 420  # s for one start of a run (both processes); a hung coordinator fails the test, never CI
-SHORT = ["--env-kwargs", "max_episode_steps", "10"]  # short episodes: resets, truncations, quick evaluations
-# tests/tiny.py's runs (10-step episodes), stopped at the end of their first phase (the resumed run compiles only the
-# second phase's programs); the reference is the in-process tiny run (conftest's `tiny_runs`) where the flags are the
-# same. flow_ppo with a learned noise head and an entropy bonus, so that PPO updates π₀ even without a success in the
-# rollouts (its policy and value losses are then 0): its reference is a process of its own
+# tests/tiny.py's runs with 10-step episodes (resets, truncations, quick evaluations), stopped at the end of their first
+# phase (the resumed run compiles only the second phase's programs); where the flags are the tiny run's own, the
+# reference is that in-process run (conftest's `tiny_runs`). flow_ppo with a learned noise head and an entropy bonus,
+# so that PPO updates π₀ even without a success in the rollouts (its policy and value losses are then 0): its
+# reference is a process of its own
 FLAGS = {
     "acrlpd_pi0": tiny.flags(tiny.ACRLPD),
     "chunk_awr": tiny.flags(tiny.CHUNK_AWR),
-    "flow_ppo": tiny.flags(tiny.FLOW_PPO) + SHORT + ["--noise-method", "flow_noise", "--ent-coef", "0.01"],
+    "flow_ppo": tiny.flags({**tiny.FLOW_PPO, "env_kwargs": tiny.SHORT, "noise_method": "flow_noise", "ent_coef": 0.01}),
     "dsrl_pi0": tiny.flags(tiny.DSRL),
 }
-SHARED_REFERENCE = {"acrlpd_pi0", "chunk_awr", "dsrl_pi0"}  # FLAGS are tiny.RUNS' own
 HOST_FILES = {
     "acrlpd_pi0",
     "flow_ppo",
@@ -150,7 +149,7 @@ def evaluations(out: str) -> list[str]:
 def test_two_processes_stopped_and_resumed_match_one(tmp_path, small_push, tiny_runs, script):
     flags = FLAGS[script] + ["--dataset", small_push]
     one, two = tmp_path / "one", tmp_path / "two"
-    if script in SHARED_REFERENCE:
+    if FLAGS[script] == tiny.flags(tiny.RUNS[script]):
         one, procs = tiny_runs(script)[0], [None]  # made before the 2 processes start: they compete with nothing
     else:
         procs = start(script, str(one), flags, 1, str(one))
