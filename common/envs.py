@@ -451,11 +451,16 @@ def make_spec(name: str, env_kwargs: dict[str, str], dataset: str | None = None,
         )
     if name in ("push", "libero"):
         target = PushEnv if name == "push" else importlib.import_module("common.libero").LiberoVecEnv
-        takes = [p for p in inspect.signature(target).parameters if p not in ("num_envs", "seed", "first", "total")]
+        params = inspect.signature(target).parameters
+        takes = [p for p in params if p not in ("num_envs", "seed", "first", "total")]
         takes += ["reward_scale", "reward_shift"]  # every env takes these (the rewards a·r + b)
         unknown = sorted(set(kw) - set(takes))
         if unknown:
             raise RunError(f"--env-kwargs {' '.join(unknown)}: {name} does not take it; it takes {', '.join(takes)}")
+        switches = [k for k in kw if k in params and isinstance(params[k].default, bool)]  # e.g. libero's async_envs
+        for k in switches:
+            if not isinstance(kw[k], bool):
+                raise RunError(f"--env-kwargs {k} {env_kwargs[k]}: true or false")
     steps = kw.get("max_episode_steps")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise RunError(f"--env-kwargs max_episode_steps {steps}: a whole number of steps ≥ 1")

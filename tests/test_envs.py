@@ -150,6 +150,12 @@ def test_env_spec_decodes_env_kwargs() -> None:
     assert spec.kwargs == {"max_episode_steps": 5, "render_mode": "rgb_array"} and spec.image_size == 0
     with pytest.raises(RunError, match="--env-kwargs name: push does not take it; it takes image_size"):
         make_spec("push", {"name": "x"})  # push and libero: their constructor's keywords only
+    with pytest.raises(RunError, match="--env-kwargs fast_render maybe: true or false"):
+        make_spec("libero", {"fast_render": "maybe"})  # a switch (a bool default) takes JSON's true / false only
+    assert make_spec("libero", {"fast_render": "true", "async_envs": "false"}).kwargs == {
+        "fast_render": True,
+        "async_envs": False,
+    }
     with pytest.raises(RunError, match=r"--env-kwargs task_ids \[0,3: not valid JSON"):
         make_spec("Pendulum-v1", {"task_ids": "[0,3"})  # looks like JSON, is not
     env = make_spec("push", {"max_episode_steps": "5"}, image_size=16).make(2, seed=0)
