@@ -10,12 +10,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import acrlpd  # noqa: E402
+import ema  # noqa: E402
 import fullsize  # noqa: E402
 import gpu  # noqa: E402
 
@@ -104,3 +106,18 @@ def test_acrlpd_phase_summary():
     rows = acrlpd.summary_rows([run | {"online_steps": 4000}])
     assert rows[1].split() == ["7", "BoN", "|", "60%", "50%", "80%", "+20"]
     assert rows[2].split() == ["7", "plain", "|", "-", "-", "-", "-"]
+
+
+def test_ema_summary():
+    """The last five's standard deviation counts a steady climb; the detrended one does not; the drop is the fall
+    below the best evaluation before it; the floor is one evaluation's binomial noise at their mean."""
+    climb = [(i * 1000, s) for i, s in enumerate([0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8])]
+    out = ema.summary(climb, 5, 100)
+    assert out["end"] == 0.8 and abs(out["last_mean"] - 0.6) < 1e-9
+    assert abs(out["last_std"] - np.std([0.4, 0.5, 0.6, 0.7, 0.8])) < 1e-9 and out["last_detrended_std"] < 1e-9
+    assert out["last_drop"] == 0.0 and abs(out["last_swing"] - 0.1) < 1e-9
+    assert abs(out["floor"] - np.sqrt(0.6 * 0.4 / 100)) < 1e-9
+    zigzag = [(i * 1000, s) for i, s in enumerate([0.5, 0.7, 0.4, 0.6, 0.5])]
+    out = ema.summary(zigzag, 5, 2000)
+    assert abs(out["last_drop"] - 0.3) < 1e-9 and out["last_detrended_std"] > 0.1
+    assert abs(out["last_swing"] - 0.2) < 1e-9 and out["floor"] < 0.012
