@@ -155,8 +155,7 @@ def check(args: Args) -> Args:
     runlog.check_ranges(args, gamma=(0, 1), tau=(0, 1), expectile=(0, 1), lr=(0, None), critic_lr=(0, None))
     if not args.critic_hidden or min(args.critic_hidden) < 1:
         raise RunError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: one width ≥ 1 per hidden layer")
-    if not 0 <= args.ema_decay < 1:
-        raise RunError(f"--ema-decay must be in [0, 1): 0 turns the average off (got {args.ema_decay})")
+    runlog.check_ema(args.ema_decay, args.policy_steps, "policy updates")
     if args.beta < 0 or args.max_weight <= 0:
         raise RunError("--beta must be ≥ 0 and --max-weight > 0")
     if args.alpha < 0 or (args.alpha > 0 and args.value_loss != "sampled"):

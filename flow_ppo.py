@@ -167,8 +167,7 @@ def check(args: Args) -> Args:
     runlog.check_at_least(args, 0, "log_every", "eval_every", "save_every")
     runlog.check_ranges(args, gamma=(0, 1), lr=(0, None), bc_lr=(0, None), value_lr=(0, None))
     runlog.check_ranges(args, min_std=(0, args.max_std))
-    if not 0 <= args.ema_decay < 1:
-        raise RunError(f"--ema-decay must be in [0, 1): 0 turns the average off (got {args.ema_decay})")
+    runlog.check_ema(args.ema_decay, args.bc_steps, "BC updates")
     if (n := args.num_envs * args.num_steps) % args.num_minibatches:
         raise RunError(f"num_envs × num_steps ({n}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.noise_method == "flow_sde" and args.flow_steps < 2:

@@ -804,6 +804,20 @@ def check_at_least(args: Any, minimum: int, *names: str) -> None:
             raise RunError(f"--{name.replace('_', '-')} must be ≥ {minimum} (got {getattr(args, name)})")
 
 
+def check_ema(decay: float, updates: int, what: str) -> None:
+    """--ema-decay d: refused outside [0, 1) (0: no average); a warning when the run's `updates` averaged updates (named
+    `what`) leave more than 5% of the starting weights in the average, d^updates: θ̄ lags θ by about 1/(1 − d) updates,
+    and evaluations and the export use θ̄."""
+    if not 0 <= decay < 1:
+        raise RunError(f"--ema-decay must be in [0, 1): 0 turns the average off (got {decay})")
+    if decay > 0 and updates > 0 and decay**updates > 0.05:
+        print(
+            f"warning: --ema-decay {decay} averages over about {1 / (1 - decay):,.0f} updates; "
+            f"after {updates:,} {what} the average still holds {decay**updates:.0%} of the starting weights and lags "
+            f"the trained ones: lower it (e.g. --ema-decay {1 - 3 / updates:.4g}) or train longer"
+        )
+
+
 def check_ranges(args: Any, **ranges: tuple[float, float | None]) -> None:
     """Raise RunError naming the flag when a float field `name` of `args` is outside lo < value ≤ hi (hi None: no
     upper bound), e.g. `check_ranges(args, gamma=(0, 1), lr=(0, None))`."""

@@ -178,3 +178,18 @@ def test_checkpoint_record_of_an_openpi_checkpoint(tmp_path) -> None:
     assert args.model_horizon == 50 and args.pi0_preset == "cpu"
     given = runlog.RunArgs(pi0_checkpoint=str(tmp_path / "pi0_libero"), model_horizon=5)
     assert openpi.located(given).model_horizon == 5
+
+
+def test_check_ema(capsys):
+    """--ema-decay outside [0, 1) is refused; a run too short for its average (d^updates > 5%: the average still holds
+    that much of the starting weights) is warned about, with a decay that fits; the defaults and no average are not."""
+    with pytest.raises(RunError, match=r"--ema-decay must be in \[0, 1\)"):
+        runlog.check_ema(1.0, 14_000, "policy updates")
+    runlog.check_ema(0.999, 14_000, "policy updates")  # chunk_awr's default: 0.999^14000 < 1e-6
+    runlog.check_ema(0.999, 0, "BC updates")  # flow_ppo from a checkpoint: no BC, no average
+    runlog.check_ema(0.0, 10, "policy updates")
+    assert capsys.readouterr().out == ""
+    runlog.check_ema(0.999, 2000, "policy updates")
+    out = capsys.readouterr().out
+    assert "still holds 14% of the starting weights" in out and "--ema-decay 0.9985" in out
+    assert 0.9985**2000 < 0.05  # the decay it suggests leaves 5% of them
