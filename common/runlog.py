@@ -814,7 +814,7 @@ def check_ema(decay: float, updates: int, what: str) -> None:
         print(
             f"warning: --ema-decay {decay} averages over about {1 / (1 - decay):,.0f} updates; "
             f"after {updates:,} {what} the average still holds {decay**updates:.0%} of the starting weights and lags "
-            f"the trained ones: lower it (e.g. --ema-decay {1 - 3 / updates:.4g}) or train longer"
+            f"the trained ones: lower it (e.g. --ema-decay {max(0.0, 1 - 3 / updates):.4g}) or train longer"
         )
 
 

@@ -193,3 +193,5 @@ def test_check_ema(capsys):
     out = capsys.readouterr().out
     assert "still holds 14% of the starting weights" in out and "--ema-decay 0.9985" in out
     assert 0.9985**2000 < 0.05  # the decay it suggests leaves 5% of them
+    runlog.check_ema(0.5, 2, "BC updates")  # too few updates for any average: it suggests none
+    assert "--ema-decay 0)" in capsys.readouterr().out
