@@ -214,7 +214,9 @@ def check(args: Args) -> Args:
         raise RunError(f"--learning-starts {args.learning_starts} > --buffer-size {args.buffer_size}: never updates")
     if args.bon_slice and args.bon % args.bon_slice:
         raise RunError(f"--bon-slice {args.bon_slice} must divide --bon {args.bon}")
-    runlog.check_ema(args.ema_decay, args.offline_steps + args.online_steps, "offline and online steps")
+    runlog.check_ema(
+        args.ema_decay, args.offline_steps + args.online_steps // args.utd, "offline and online π₀ updates"
+    )
     if not 0 <= args.online_fraction <= 1:
         raise RunError(f"--online-fraction must be in [0, 1] (got {args.online_fraction})")
     return args

@@ -139,7 +139,8 @@ def main(b: BenchArgs) -> None:
             saved = json.load(f)
         ran = BenchArgs(**saved["args"] | {"last": b.last, "report_only": False})  # the flags it ran with
         for r in saved["runs"]:
-            r.update({k: summary(v, ran.last, eval_episodes(r["argv"])) for k, v in r["curves"].items()})
+            episodes = eval_episodes(r["argv"])
+            r.update({k: summary(v, ran.last, episodes) for k, v in r["curves"].items()})
         return report(saved["runs"], ran)
     results = []
     for seed in b.seeds:
@@ -151,10 +152,11 @@ def main(b: BenchArgs) -> None:
             if method == "bc":
                 argv.append("--beta=0")
             with runlog.one_line_errors():
-                out = chunk_awr.main(runlog.cli(chunk_awr.Args, chunk_awr.CONFIGS, argv))
+                args = runlog.cli(chunk_awr.Args, chunk_awr.CONFIGS, argv)
+                out = chunk_awr.main(args)
             c = curves(out["run_dir"])
             result = {"seed": seed, "method": method, "argv": argv, "wall_s": time.time() - t, "curves": c}
-            result.update({k: summary(v, b.last, eval_episodes(argv)) for k, v in c.items()})
+            result.update({k: summary(v, b.last, args.eval_episodes) for k, v in c.items()})
             results.append(result)
             report(results, b)  # partial results are kept after every run
 
